@@ -1,0 +1,661 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * pkttrace: follow each packet through the stack of the traced network
+ * namespaces and emit one record per packet when its traversal ends.
+ *
+ * Attach points (all observe only; none changes a verdict):
+ *   tp_btf  netif_receive_skb, net_dev_queue, kfree_skb, consume_skb,
+ *           skb_copy_datagram_iovec, fib_table_lookup, fib6_table_lookup
+ *   netfilter links  nf_obs_N at chosen priorities of each hook (user space
+ *           knows which priority slot N was attached at)
+ *   TCX / cls_bpf  tc_ingress, tc_egress (return TCX_NEXT == TC_ACT_UNSPEC)
+ *
+ * A packet is identified by its struct sk_buff pointer while it is in
+ * flight; the record lives in the `inflight` hash until the packet is
+ * transmitted, delivered, consumed or freed.  Records whose end is never
+ * seen are aged out by user space, so none is lost without being counted.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+#include "pkttrace.h"
+
+#define NF_ACCEPT 1
+#define TCX_NEXT (-1)          /* == TC_ACT_UNSPEC for classic cls_bpf */
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define NFPROTO_IPV4 2
+#define NFPROTO_IPV6 10
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+/* Route lookups older than this are not attributed to a new packet: the
+ * lookup for a locally generated packet happens just before LOCAL_OUT. */
+#define ROUTE_MAX_AGE_NS (10 * 1000 * 1000ULL)
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Set by user space between open and load; see struct pt_config. */
+const volatile struct pt_config cfg = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192); /* resized by user space before load */
+	__type(key, __u64);
+	__type(value, struct pt_record);
+} inflight SEC(".maps");
+
+/* A record is too big for the BPF stack: build new ones here. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_record);
+} scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PT_STAT__MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_route_buf);
+} route_buf SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} id_seq SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20); /* resized by user space before load */
+} events SEC(".maps");
+
+extern void *bpf_cast_to_kern_ctx(void *) __ksym;
+
+/* Addresses, protocol and ports read from an IP header. */
+struct pkt_info {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 family;
+	__u8 proto;
+	__u8 tos;
+};
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline bool netns_traced(__u32 ino)
+{
+	for (int i = 0; i < PT_MAX_NETNS; i++) {
+		if (i >= cfg.n_netns)
+			break;
+		if (cfg.netns_ino[i] == ino)
+			return true;
+	}
+	return false;
+}
+
+static __always_inline __u8 family_of_ethertype(__u16 proto_be)
+{
+	if (proto_be == bpf_htons(ETH_P_IP))
+		return 4;
+	if (proto_be == bpf_htons(ETH_P_IPV6))
+		return 6;
+	return 0;
+}
+
+/* Parse the IP header at kernel address l3.  Returns 0 on success. */
+static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info *pi)
+{
+	const void *l4;
+
+	__builtin_memset(pi, 0, sizeof(*pi));
+	if (family == 4) {
+		struct iphdr iph;
+
+		if (bpf_probe_read_kernel(&iph, sizeof(iph), l3) || iph.version != 4)
+			return -1;
+		pi->family = 4;
+		pi->proto = iph.protocol;
+		pi->tos = iph.tos;
+		__builtin_memcpy(pi->saddr, &iph.saddr, 4);
+		__builtin_memcpy(pi->daddr, &iph.daddr, 4);
+		/* ports only in the first fragment */
+		if (iph.frag_off & bpf_htons(0x1fff))
+			return 0;
+		l4 = l3 + iph.ihl * 4;
+	} else if (family == 6) {
+		struct ipv6hdr ip6;
+
+		if (bpf_probe_read_kernel(&ip6, sizeof(ip6), l3) || ip6.version != 6)
+			return -1;
+		pi->family = 6;
+		pi->proto = ip6.nexthdr; /* extension headers are not walked */
+		pi->tos = (ip6.priority << 4) | (ip6.flow_lbl[0] >> 4);
+		__builtin_memcpy(pi->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(pi->daddr, &ip6.daddr, 16);
+		l4 = l3 + sizeof(ip6);
+	} else {
+		return -1;
+	}
+	if (pi->proto == IPPROTO_TCP || pi->proto == IPPROTO_UDP) {
+		__be16 ports[2];
+
+		if (!bpf_probe_read_kernel(ports, sizeof(ports), l4)) {
+			pi->sport = bpf_ntohs(ports[0]);
+			pi->dport = bpf_ntohs(ports[1]);
+		}
+	}
+	return 0;
+}
+
+static __always_inline const void *skb_l3(const struct sk_buff *skb)
+{
+	return BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, network_header);
+}
+
+static __always_inline bool addr_match(const __u8 *a, const __u8 *net, const __u8 *mask)
+{
+	__u64 a0, a1, n0, n1, m0, m1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&n0, net, 8);
+	__builtin_memcpy(&n1, net + 8, 8);
+	__builtin_memcpy(&m0, mask, 8);
+	__builtin_memcpy(&m1, mask + 8, 8);
+	return (a0 & m0) == n0 && (a1 & m1) == n1;
+}
+
+/* Criteria an IP header satisfies (PT_F_SRC/DST/PROTO/PORT). */
+static __always_inline __u8 match_header(const struct pkt_info *pi)
+{
+	__u32 f = cfg.filter;
+	__u8 m = 0;
+
+	if ((f & PT_F_SRC) && pi->family == cfg.src_family &&
+	    addr_match(pi->saddr, (const __u8 *)cfg.src_addr, (const __u8 *)cfg.src_mask))
+		m |= PT_F_SRC;
+	if ((f & PT_F_DST) && pi->family == cfg.dst_family &&
+	    addr_match(pi->daddr, (const __u8 *)cfg.dst_addr, (const __u8 *)cfg.dst_mask))
+		m |= PT_F_DST;
+	if ((f & PT_F_PROTO) && pi->proto == cfg.proto)
+		m |= PT_F_PROTO;
+	if ((f & PT_F_PORT) && (pi->sport == cfg.port || pi->dport == cfg.port) &&
+	    (pi->proto == IPPROTO_TCP || pi->proto == IPPROTO_UDP))
+		m |= PT_F_PORT;
+	return m;
+}
+
+/* Criteria that the mark and devices at one stage satisfy. */
+static __always_inline __u8 match_stage(__u32 mark, __u32 in_ifindex, __u32 out_ifindex)
+{
+	__u32 f = cfg.filter;
+	__u8 m = 0;
+
+	if ((f & PT_F_MARK) && (mark & cfg.mark_mask) == cfg.mark_value)
+		m |= PT_F_MARK;
+	if ((f & PT_F_IFACE) && cfg.ifindex &&
+	    (in_ifindex == cfg.ifindex || out_ifindex == cfg.ifindex))
+		m |= PT_F_IFACE;
+	return m;
+}
+
+static __always_inline __u64 next_id(void)
+{
+	__u32 zero = 0;
+	__u64 *seq = bpf_map_lookup_elem(&id_seq, &zero);
+
+	if (!seq)
+		return 0;
+	*seq += 1;
+	return (*seq << 8) | (bpf_get_smp_processor_id() & 0xff);
+}
+
+static __always_inline struct pt_record *rec_lookup(const void *skb)
+{
+	__u64 key = (__u64)skb;
+
+	return bpf_map_lookup_elem(&inflight, &key);
+}
+
+/* Start a record for a packet first seen now.  NULL if the table is full. */
+static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
+						 const struct pkt_info *pi, __u64 now)
+{
+	__u64 key = (__u64)skb;
+	__u32 zero = 0;
+	struct pt_record *r = bpf_map_lookup_elem(&scratch, &zero);
+
+	if (!r)
+		return NULL;
+	/* Only the header is reset: stages past n_stages are never read. */
+	__builtin_memset(r, 0, offsetof(struct pt_record, stages));
+	r->id = next_id();
+	r->first_ts = now;
+	r->last_ts = now;
+	r->netns = netns;
+	__builtin_memcpy(r->saddr, pi->saddr, 16);
+	__builtin_memcpy(r->daddr, pi->daddr, 16);
+	r->sport = pi->sport;
+	r->dport = pi->dport;
+	r->family = pi->family;
+	r->proto = pi->proto;
+	r->match = match_header(pi);
+	if (bpf_map_update_elem(&inflight, &key, r, BPF_NOEXIST)) {
+		stat_inc(PT_STAT_CREATE_FAILED);
+		return NULL;
+	}
+	stat_inc(PT_STAT_CREATED);
+	return bpf_map_lookup_elem(&inflight, &key);
+}
+
+static __always_inline struct pt_stage *stage_add(struct pt_record *r, __u8 kind, __u64 ts)
+{
+	__u32 n = r->n_stages;
+	struct pt_stage *s;
+
+	if (n >= PT_MAX_STAGES) {
+		if (!(r->flags & PT_REC_TRUNCATED)) {
+			r->flags |= PT_REC_TRUNCATED;
+			stat_inc(PT_STAT_TRUNCATED);
+		}
+		return NULL;
+	}
+	s = &r->stages[n & (PT_MAX_STAGES - 1)];
+	__builtin_memset(s, 0, sizeof(*s));
+	s->ts = ts;
+	s->kind = kind;
+	s->family = r->family;
+	r->n_stages = n + 1;
+	if (ts > r->last_ts)
+		r->last_ts = ts;
+	return s;
+}
+
+/* The packet's traversal ended: emit it if it matched, and forget it. */
+static __always_inline void rec_finish(const void *skb, struct pt_record *r, __u8 fate)
+{
+	__u64 key = (__u64)skb;
+	__u32 n = r->n_stages;
+
+	r->fate = fate;
+	if ((r->match & cfg.filter) != cfg.filter) {
+		stat_inc(PT_STAT_FILTERED);
+	} else if (cfg.emit) {
+		/* Send only the stages used: most paths need a third of them. */
+		if (n > PT_MAX_STAGES)
+			n = PT_MAX_STAGES;
+		if (bpf_ringbuf_output(&events, r,
+				       offsetof(struct pt_record, stages) + n * sizeof(struct pt_stage), 0))
+			stat_inc(PT_STAT_LOST);
+		else
+			stat_inc(PT_STAT_EMITTED);
+	}
+	bpf_map_delete_elem(&inflight, &key);
+}
+
+/* ---- route lookups: buffered per CPU, attributed at the next stage ---- */
+
+static __always_inline void route_push(__u8 family, __u32 table, __s32 err, __u32 oif, __u32 mark)
+{
+	__u32 zero = 0;
+	struct pt_route_buf *b = bpf_map_lookup_elem(&route_buf, &zero);
+	__u64 now = bpf_ktime_get_ns();
+	__u32 n;
+
+	if (!b)
+		return;
+	n = b->n;
+	if (n && now - b->ev[0].ts > ROUTE_MAX_AGE_NS)
+		n = 0; /* nobody claimed those: not ours */
+	if (n >= PT_MAX_ROUTE) {
+		stat_inc(PT_STAT_ROUTE_DROPPED);
+		return;
+	}
+	b->ev[n & (PT_MAX_ROUTE - 1)] = (struct pt_route_ev){
+		.ts = now, .table = table, .err = err, .oif = oif, .mark = mark, .family = family,
+	};
+	b->n = n + 1;
+}
+
+/* Move the lookups made since `since` on this CPU into the record. */
+static __always_inline void route_take(struct pt_record *r, __u8 kind, __u64 since)
+{
+	__u32 zero = 0;
+	struct pt_route_buf *b = bpf_map_lookup_elem(&route_buf, &zero);
+	__u32 n;
+
+	if (!b || !b->n)
+		return;
+	n = b->n;
+	for (int i = 0; i < PT_MAX_ROUTE; i++) {
+		struct pt_route_ev *ev = &b->ev[i];
+		struct pt_stage *s;
+
+		if (i >= n)
+			break;
+		if (ev->ts < since || ev->family != r->family)
+			continue;
+		/* a locally generated packet is routed before its first hook */
+		if (ev->ts < r->first_ts)
+			r->first_ts = ev->ts;
+		s = stage_add(r, kind, ev->ts);
+		if (!s)
+			break;
+		s->ifindex = ev->oif;
+		s->mark = ev->mark;
+		s->aux = ev->table;
+		s->aux2 = ev->err;
+	}
+	b->n = 0;
+}
+
+SEC("tp_btf/fib_table_lookup")
+int BPF_PROG(on_fib_lookup, u32 tb_id, const struct flowi4 *flp,
+	     const struct fib_nh_common *nhc, int err)
+{
+	__u32 oif = 0;
+
+	if (nhc) {
+		struct net_device *dev = BPF_CORE_READ(nhc, nhc_dev);
+
+		/* the flow has no netns; the result device does */
+		if (dev) {
+			if (!netns_traced(BPF_CORE_READ(dev, nd_net.net, ns.inum)))
+				return 0;
+			oif = BPF_CORE_READ(dev, ifindex);
+		}
+	}
+	route_push(4, tb_id, err, oif, BPF_CORE_READ(flp, __fl_common.flowic_mark));
+	return 0;
+}
+
+SEC("tp_btf/fib6_table_lookup")
+int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *res,
+	     struct fib6_table *table, const struct flowi6 *flp)
+{
+	struct net_device *dev;
+	__u32 oif = 0;
+	__s32 err = 0;
+	__u8 type;
+
+	if (!netns_traced(BPF_CORE_READ(net, ns.inum)))
+		return 0;
+	dev = BPF_CORE_READ(res, nh, nh_common.nhc_dev);
+	if (dev)
+		oif = BPF_CORE_READ(dev, ifindex);
+	/* fib6 reports failures as route types; map them to errnos like fib4 */
+	type = BPF_CORE_READ(res, fib6_type);
+	if (type == RTN_UNREACHABLE)
+		err = -101; /* ENETUNREACH */
+	else if (type == RTN_PROHIBIT)
+		err = -13;  /* EACCES */
+	else if (type == RTN_BLACKHOLE)
+		err = -22;  /* EINVAL */
+	route_push(6, table ? BPF_CORE_READ(table, tb6_id) : 0, err, oif,
+		   BPF_CORE_READ(flp, __fl_common.flowic_mark));
+	return 0;
+}
+
+/* ---- netfilter observers ---- */
+
+static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
+{
+	const struct nf_hook_state *state = ctx->state;
+	struct sk_buff *skb = ctx->skb;
+	__u8 hook = BPF_CORE_READ(state, hook);
+	__u8 pf = BPF_CORE_READ(state, pf);
+	__u8 family = pf == NFPROTO_IPV4 ? 4 : pf == NFPROTO_IPV6 ? 6 : 0;
+	__u32 in = BPF_CORE_READ(state, in, ifindex);
+	__u32 out = BPF_CORE_READ(state, out, ifindex);
+	__u32 mark = BPF_CORE_READ(skb, mark);
+	__u64 now = bpf_ktime_get_ns();
+	const void *l3 = skb_l3(skb);
+	struct pt_record *r;
+	struct pt_stage *s;
+	struct pkt_info pi;
+	__u8 kind;
+
+	if (!family || hook > 4)
+		return NF_ACCEPT;
+	kind = PT_STAGE_PREROUTING + hook; /* enum order follows NF_INET_* */
+	r = rec_lookup(skb);
+	if (!r) {
+		/* links are per netns: only traced namespaces reach here */
+		if (parse_l3(l3, family, &pi))
+			return NF_ACCEPT;
+		r = rec_new(skb, BPF_CORE_READ(state, net, ns.inum), &pi, now);
+		if (!r)
+			return NF_ACCEPT;
+	} else if ((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT)) & ~r->match) {
+		/* NAT may have rewritten addresses or ports: match again */
+		if (!parse_l3(l3, family, &pi))
+			r->match |= match_header(&pi);
+	}
+	if (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD || kind == PT_STAGE_OUTPUT)
+		route_take(r, slot == 0 ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
+			   r->n_stages ? r->last_ts : now - ROUTE_MAX_AGE_NS);
+	if (kind == PT_STAGE_INPUT)
+		r->seen |= PT_SEEN_INPUT;
+	else if (kind == PT_STAGE_FORWARD)
+		r->seen |= PT_SEEN_FORWARD;
+	else if (kind == PT_STAGE_OUTPUT)
+		r->seen |= PT_SEEN_OUTPUT;
+	if (in && !r->in_ifindex)
+		r->in_ifindex = in;
+	if (out)
+		r->out_ifindex = out;
+	r->match |= match_stage(mark, in, out);
+	s = stage_add(r, kind, now);
+	if (!s)
+		return NF_ACCEPT;
+	s->ifindex = out ? out : in;
+	s->aux = in;
+	s->mark = mark;
+	s->slot = slot;
+	/* DSCP/ECN byte: IPv4 TOS, or the IPv6 traffic class split over two bytes */
+	if (family == 4) {
+		bpf_probe_read_kernel(&s->tos, 1, l3 + 1);
+	} else {
+		__u8 b[2] = {};
+
+		bpf_probe_read_kernel(b, 2, l3);
+		s->tos = (b[0] << 4) | (b[1] >> 4);
+	}
+	return NF_ACCEPT;
+}
+
+/* One program per priority slot, so each observation says where it was made
+ * (netfilter links carry no cookie).  Section "netfilter" is unknown to
+ * libbpf 1.1: user space sets the program type before load. */
+#define NF_OBS(N)                                              \
+	SEC("netfilter")                                       \
+	int nf_obs_##N(struct bpf_nf_ctx *ctx)                 \
+	{                                                      \
+		return nf_observe(ctx, N);                     \
+	}
+NF_OBS(0)
+NF_OBS(1)
+NF_OBS(2)
+NF_OBS(3)
+NF_OBS(4)
+NF_OBS(5)
+NF_OBS(6)
+NF_OBS(7)
+
+/* ---- device-level tracepoints ---- */
+
+SEC("tp_btf/netif_receive_skb")
+int BPF_PROG(on_rx, struct sk_buff *skb)
+{
+	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	__u32 netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
+	__u8 family = family_of_ethertype(BPF_CORE_READ(skb, protocol));
+	__u64 now = bpf_ktime_get_ns();
+	__u32 ifindex, mark;
+	struct pt_record *r;
+	struct pt_stage *s;
+	struct pkt_info pi;
+
+	if (!family || !netns_traced(netns))
+		return 0;
+	ifindex = BPF_CORE_READ(dev, ifindex);
+	mark = BPF_CORE_READ(skb, mark);
+	r = rec_lookup(skb);
+	if (!r) {
+		/* the network header is not reset yet here; data is at L3 */
+		if (parse_l3(BPF_CORE_READ(skb, data), family, &pi))
+			return 0;
+		r = rec_new(skb, netns, &pi, now);
+		if (!r)
+			return 0;
+	}
+	if (!r->in_ifindex)
+		r->in_ifindex = ifindex;
+	r->match |= match_stage(mark, ifindex, 0);
+	s = stage_add(r, PT_STAGE_RX, now);
+	if (s) {
+		s->ifindex = ifindex;
+		s->mark = mark;
+	}
+	return 0;
+}
+
+SEC("tp_btf/net_dev_queue")
+int BPF_PROG(on_dev_queue, struct sk_buff *skb)
+{
+	struct pt_record *r = rec_lookup(skb);
+	__u32 ifindex, mark;
+	struct pt_stage *s;
+
+	if (!r)
+		return 0;
+	ifindex = BPF_CORE_READ(skb, dev, ifindex);
+	mark = BPF_CORE_READ(skb, mark);
+	r->out_ifindex = ifindex;
+	r->match |= match_stage(mark, 0, ifindex);
+	s = stage_add(r, PT_STAGE_TX, bpf_ktime_get_ns());
+	if (s) {
+		s->ifindex = ifindex;
+		s->mark = mark;
+	}
+	rec_finish(skb, r, (r->seen & PT_SEEN_FORWARD) ? PT_FATE_FORWARDED : PT_FATE_SENT);
+	return 0;
+}
+
+SEC("tp_btf/kfree_skb")
+int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+{
+	struct pt_record *r = rec_lookup(skb);
+	struct pt_stage *s;
+
+	if (!r)
+		return 0;
+	r->drop_reason = reason;
+	r->drop_location = (__u64)location;
+	s = stage_add(r, PT_STAGE_DROP, bpf_ktime_get_ns());
+	if (s) {
+		s->ifindex = BPF_CORE_READ(skb, dev, ifindex);
+		s->mark = BPF_CORE_READ(skb, mark);
+	}
+	rec_finish(skb, r, PT_FATE_DROPPED);
+	return 0;
+}
+
+SEC("tp_btf/consume_skb")
+int BPF_PROG(on_consume_skb, struct sk_buff *skb)
+{
+	struct pt_record *r = rec_lookup(skb);
+	struct pt_stage *s;
+
+	if (!r)
+		return 0;
+	if (!(r->seen & PT_SEEN_INPUT)) {
+		rec_finish(skb, r, PT_FATE_CONSUMED);
+		return 0;
+	}
+	/* consumed by the local stack after INPUT (ICMP echo, TCP ACK, ...) */
+	s = stage_add(r, PT_STAGE_DELIVER, bpf_ktime_get_ns());
+	if (s)
+		s->mark = BPF_CORE_READ(skb, mark);
+	rec_finish(skb, r, PT_FATE_DELIVERED);
+	return 0;
+}
+
+SEC("tp_btf/skb_copy_datagram_iovec")
+int BPF_PROG(on_copy_datagram, const struct sk_buff *skb, int len)
+{
+	struct pt_record *r = rec_lookup(skb);
+	struct pt_stage *s;
+
+	if (!r)
+		return 0;
+	r->pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(r->comm, sizeof(r->comm));
+	s = stage_add(r, PT_STAGE_DELIVER, bpf_ktime_get_ns());
+	if (s)
+		s->mark = BPF_CORE_READ(skb, mark);
+	rec_finish(skb, r, PT_FATE_DELIVERED);
+	return 0;
+}
+
+/* ---- tc ---- */
+
+static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
+{
+	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
+	__u64 now = bpf_ktime_get_ns();
+	struct pt_record *r = rec_lookup(skb);
+	struct pt_stage *s;
+
+	if (!r) {
+		struct pkt_info pi;
+		__u8 family = family_of_ethertype(ctx->protocol);
+
+		/* programs are attached to traced namespaces' devices only */
+		if (!family || parse_l3(skb_l3(skb), family, &pi))
+			return;
+		r = rec_new(skb, BPF_CORE_READ(skb, dev, nd_net.net, ns.inum), &pi, now);
+		if (!r)
+			return;
+	}
+	r->match |= match_stage(ctx->mark, kind == PT_STAGE_TC_INGRESS ? ctx->ifindex : 0,
+				kind == PT_STAGE_TC_EGRESS ? ctx->ifindex : 0);
+	s = stage_add(r, kind, now);
+	if (s) {
+		s->ifindex = ctx->ifindex;
+		s->mark = ctx->mark;
+	}
+}
+
+SEC("tc")
+int tc_ingress(struct __sk_buff *ctx)
+{
+	tc_observe(ctx, PT_STAGE_TC_INGRESS);
+	return TCX_NEXT;
+}
+
+SEC("tc")
+int tc_egress(struct __sk_buff *ctx)
+{
+	tc_observe(ctx, PT_STAGE_TC_EGRESS);
+	return TCX_NEXT;
+}

@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * The one definition of everything the BPF programs share with user space:
+ * the load-time config, the per-packet record, the stage kinds and the
+ * counters.  Fixed-width types only, so the Python mirror (tracer/events.py)
+ * is exact; tests/unit/test_btf_mirror.py checks that mirror against the
+ * BTF of the built object, so a change here that is not made there fails CI.
+ */
+#ifndef PKTTRACE_H
+#define PKTTRACE_H
+
+#define PT_MAX_STAGES 32   /* stages kept per packet; more are counted, not kept */
+#define PT_MAX_NETNS 8     /* network namespaces traced at once */
+#define PT_MAX_ROUTE 4     /* route lookups buffered per CPU between two stages */
+#define PT_NF_SLOTS 8      /* netfilter observer programs per hook (see nf_obs_N) */
+
+/* What a stage is.  The numbers are part of the record format. */
+enum pt_stage_kind {
+	PT_STAGE_RX = 1,          /* net:netif_receive_skb in a traced netns */
+	PT_STAGE_TC_INGRESS = 2,  /* TCX / cls_bpf ingress observer */
+	PT_STAGE_PREROUTING = 3,  /* netfilter observers, by hook */
+	PT_STAGE_INPUT = 4,
+	PT_STAGE_FORWARD = 5,
+	PT_STAGE_OUTPUT = 6,
+	PT_STAGE_POSTROUTING = 7,
+	PT_STAGE_ROUTE = 8,       /* fib lookup attributed to the packet */
+	PT_STAGE_REROUTE = 9,     /* fib lookup inside LOCAL_OUT (mark/daddr changed) */
+	PT_STAGE_TC_EGRESS = 10,
+	PT_STAGE_TX = 11,         /* net:net_dev_queue: handed to the device */
+	PT_STAGE_DELIVER = 12,    /* read by a process, or consumed after INPUT */
+	PT_STAGE_DROP = 13,       /* skb:kfree_skb */
+};
+
+/* How a record ended (struct pt_record.fate). */
+enum pt_fate {
+	PT_FATE_NONE = 0,         /* still in flight (never emitted like this) */
+	PT_FATE_FORWARDED = 1,
+	PT_FATE_DELIVERED = 2,
+	PT_FATE_SENT = 3,
+	PT_FATE_DROPPED = 4,
+	PT_FATE_CONSUMED = 5,     /* consume_skb before any local delivery was seen */
+};
+
+/* struct pt_record.seen: which hooks the packet crossed, for the fate */
+#define PT_SEEN_INPUT   (1u << 0)
+#define PT_SEEN_FORWARD (1u << 1)
+#define PT_SEEN_OUTPUT  (1u << 2)
+
+/* Filter criteria.  A packet is shown when every active criterion matched at
+ * some stage of its path (not necessarily the same stage): a mark set late
+ * still shows the stages before it, and a NATed packet still matches the
+ * address it had before translation. */
+#define PT_F_MARK  (1u << 0)
+#define PT_F_SRC   (1u << 1)
+#define PT_F_DST   (1u << 2)
+#define PT_F_PROTO (1u << 3)
+#define PT_F_PORT  (1u << 4)
+#define PT_F_IFACE (1u << 5)
+
+/* Flags in struct pt_record.flags */
+#define PT_REC_TRUNCATED (1u << 0)  /* more than PT_MAX_STAGES stages */
+
+/* Per-CPU counters (array index).  Every packet that is not shown is counted
+ * in exactly one of FILTERED, LOST, CREATE_FAILED or aged out (user space). */
+enum pt_stat {
+	PT_STAT_CREATED = 0,       /* records started */
+	PT_STAT_EMITTED = 1,       /* records written to the ring buffer */
+	PT_STAT_FILTERED = 2,      /* records ended without matching the filter */
+	PT_STAT_LOST = 3,          /* ring buffer full: record lost */
+	PT_STAT_CREATE_FAILED = 4, /* in-flight table full: packet not traced */
+	PT_STAT_TRUNCATED = 5,     /* records that hit PT_MAX_STAGES */
+	PT_STAT_ROUTE_DROPPED = 6, /* route lookups not kept (per-CPU buffer full) */
+	PT_STAT__MAX = 8,
+};
+
+struct pt_config {
+	__u32 netns_ino[PT_MAX_NETNS]; /* traced namespaces by inode number */
+	__u32 n_netns;
+	__u32 filter;                  /* PT_F_* criteria that are active */
+	__u32 mark_value;
+	__u32 mark_mask;
+	__u8 src_addr[16];             /* CIDR criteria; family 4 or 6 */
+	__u8 src_mask[16];
+	__u8 dst_addr[16];
+	__u8 dst_mask[16];
+	__u8 src_family;
+	__u8 dst_family;
+	__u8 proto;                    /* IPPROTO_* */
+	__u8 emit;                     /* 1: write matching records to the ring buffer */
+	__u16 port;                    /* host order; matches sport or dport */
+	__u16 _pad0;
+	__u32 ifindex;                 /* PT_F_IFACE: device in the traced netns */
+};
+
+struct pt_stage {
+	__u64 ts;       /* bpf_ktime_get_ns() */
+	__u32 ifindex;  /* device at this stage: out if known, else in */
+	__u32 mark;     /* skb->mark when this stage saw the packet */
+	__u32 aux;      /* route: table id; netfilter: in-ifindex; tc: 0 */
+	__s32 aux2;     /* route: error (0 or -errno); tc: 0 */
+	__u8 kind;      /* enum pt_stage_kind */
+	__u8 slot;      /* netfilter: observer slot (user space knows its priority) */
+	__u8 tos;       /* IPv4 TOS / IPv6 traffic class */
+	__u8 family;    /* 4 or 6 */
+	__u32 _pad;
+};
+
+struct pt_record {
+	__u64 id;                 /* unique per traversal: (per-CPU counter << 8) | cpu */
+	__u64 first_ts;
+	__u64 last_ts;
+	__u64 drop_location;      /* kernel address for kfree_skb */
+	__u32 netns;              /* inode of the netns the packet was seen in */
+	__u32 drop_reason;        /* enum skb_drop_reason value */
+	__u32 in_ifindex;
+	__u32 out_ifindex;
+	__u8 saddr[16];           /* addresses and ports at first sight */
+	__u8 daddr[16];
+	__u16 sport;              /* host order */
+	__u16 dport;
+	__u8 family;              /* 4 or 6 */
+	__u8 proto;
+	__u8 fate;                /* enum pt_fate */
+	__u8 n_stages;
+	__u8 match;               /* PT_F_* criteria matched so far */
+	__u8 seen;                /* PT_SEEN_* */
+	__u8 flags;               /* PT_REC_* */
+	__u8 _pad0;
+	__u32 pid;                /* process that read it (deliver) */
+	char comm[16];
+	struct pt_stage stages[PT_MAX_STAGES];
+};
+
+/* A route lookup waiting, per CPU, for the packet it belongs to. */
+struct pt_route_ev {
+	__u64 ts;
+	__u32 table;
+	__s32 err;
+	__u32 oif;        /* result device */
+	__u32 mark;       /* flow mark used for the lookup */
+	__u8 family;
+	__u8 _pad[7];
+};
+
+struct pt_route_buf {
+	__u32 n;
+	__u32 _pad;
+	struct pt_route_ev ev[PT_MAX_ROUTE];
+};
+
+#endif /* PKTTRACE_H */

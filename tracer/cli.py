@@ -1,0 +1,252 @@
+"""The `pkttrace` command: a thin layer over tracer.session and friends.
+
+Bad input becomes one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import click
+
+from . import filters, netns
+from .filters import FilterError, PacketFilter
+
+EXIT_USAGE = 2
+
+
+class UsageFailure(click.ClickException):
+    """Wrong input: one line, exit 2."""
+    exit_code = EXIT_USAGE
+
+    def show(self, file=None) -> None:
+        click.echo(f"pkttrace: {self.format_message()}", err=True)
+
+
+class RuntimeFailure(click.ClickException):
+    """The kernel or the machine could not do it: one line, exit 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"pkttrace: {self.format_message()}", err=True)
+
+
+def _parse(fn, value, *args):
+    try:
+        return fn(value, *args) if value is not None else None
+    except FilterError as e:
+        raise UsageFailure(str(e)) from None
+
+
+def build_filter(mark, src, dst, proto, port, iface, ns) -> PacketFilter:
+    ifindex = None
+    if iface is not None:
+        try:
+            ifindex = netns.ifindex(ns, iface)
+        except netns.NetnsError as e:
+            raise UsageFailure(str(e)) from None
+    return PacketFilter(
+        mark=_parse(filters.parse_mark, mark),
+        src=_parse(filters.parse_cidr, src),
+        dst=_parse(filters.parse_cidr, dst),
+        proto=_parse(filters.parse_proto, proto),
+        port=_parse(filters.parse_port, port),
+        ifindex=ifindex,
+    )
+
+
+def _check_netns(names: tuple[str, ...]) -> list[str | None]:
+    out: list[str | None] = []
+    for n in names or (None,):
+        if n is not None and not netns.exists(n):
+            raise UsageFailure(f"unknown network namespace {n!r} (see `ip netns list`)")
+        out.append(n)
+    return out
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise UsageFailure("not root: pkttrace needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON)")
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--netns", "netns_names", multiple=True, metavar="NAME",
+              help="Trace this named network namespace (repeatable; default: the current one).")
+@click.option("--mark", metavar="VALUE[/MASK]", help="Packets whose mark matches at any stage, e.g. 0x1 or 0x10/0xf0.")
+@click.option("--src", metavar="CIDR", help="Source address or network.")
+@click.option("--dst", metavar="CIDR", help="Destination address or network.")
+@click.option("--proto", metavar="tcp|udp|icmp|icmpv6|N", help="IP protocol.")
+@click.option("--port", metavar="N", help="TCP/UDP source or destination port.")
+@click.option("--iface", metavar="NAME", help="Packets received or sent on this device (in the traced netns).")
+@click.option("-c", "--count", type=click.IntRange(min=1), help="Stop after N packets.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per packet per line.")
+@click.option("--tc", "tc_mode", type=click.Choice(["auto", "tcx", "classic", "off"]), default="auto",
+              show_default=True, help="How to observe tc ingress/egress.")
+@click.option("--age-after", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
+              help="Report a packet as 'unknown' when its end is not seen within this time.")
+@click.pass_context
+def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, duration, as_json, tc_mode, age_after):
+    """Show the path each packet really takes through the Linux network stack.
+
+    \b
+    Examples:
+      pkttrace --mark 0x1                 # packets marked 0x1 at any stage
+      pkttrace --netns ptlab-rtr --proto icmp -c 5
+      pkttrace --dst 10.0.0.0/8 --port 53 --json
+      pkttrace doctor                     # what this kernel supports
+      pkttrace lab up                     # a netns lab to try it on
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    # validate everything the user typed before asking for root
+    ns_list = _check_netns(netns_names)
+    pf = build_filter(mark, src, dst, proto, port, iface, ns_list[0])
+    _require_root()
+    from .session import TraceOptions
+    opts = TraceOptions(netns=ns_list, filter=pf, tc=tc_mode, age_after=age_after)
+    run_trace(opts, count=count, duration=duration, as_json=as_json)
+
+
+def run_trace(opts, count=None, duration=None, as_json=False) -> None:
+    from .output import Printer, summary
+    from .session import TraceError, Tracer
+    tracer = Tracer(opts)
+    try:
+        tracer.start()
+    except TraceError as e:
+        raise RuntimeFailure(str(e)) from None
+    # SIGTERM ends the trace like Ctrl-C, with the summary
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    printer = Printer(sys.stdout, as_json)
+    where = ", ".join(n or "current netns" for n in opts.netns)
+    click.echo(f"pkttrace: tracing {where} ({len(tracer.attachments)} probes, ready in "
+               f"{tracer.ready_s * 1000:.0f} ms); Ctrl-C to stop", err=True)
+    try:
+        for pkt in tracer.packets(count=count, duration=duration):
+            printer.packet(pkt)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        sys.stderr.close()
+    finally:
+        c = tracer.counters()
+        tracer.close()
+        click.echo(f"pkttrace: {summary(c)}", err=True)
+
+
+@main.command()
+def doctor():
+    """Check what this kernel offers and what pkttrace will use.
+
+    \b
+    Example:
+      pkttrace doctor
+    """
+    from . import doctor as doc
+    checks = doc.run()
+    for c in checks:
+        click.echo(c.line())
+    if all(c.ok or not c.required for c in checks):
+        click.echo(doc.plan(checks))
+    else:
+        raise RuntimeFailure("this kernel cannot run pkttrace (see FAIL lines above)")
+
+
+@main.group()
+def lab():
+    """A netns lab (client — router — server) to see pkttrace work.
+
+    \b
+    Example:
+      pkttrace lab up && pkttrace --netns ptlab-rtr
+    """
+
+
+def _lab(prefix):
+    from .lab import Lab, LabError
+    try:
+        return Lab(prefix)
+    except LabError as e:
+        raise UsageFailure(str(e)) from None
+
+
+_prefix = click.option("--prefix", default="ptlab", show_default=True, help="Name prefix of the lab's namespaces.")
+
+
+@lab.command("up")
+@_prefix
+@click.option("--no-rules", is_flag=True, help="Do not load the demo iptables rules.")
+def lab_up(prefix, no_rules):
+    """Create the lab namespaces, links, addresses and demo rules.
+
+    \b
+    Example:
+      pkttrace lab up --prefix demo
+    """
+    from .lab import LabError
+    _require_root()
+    lb = _lab(prefix)
+    try:
+        lb.up(rules=not no_rules)
+    except LabError as e:
+        raise RuntimeFailure(str(e)) from None
+    click.echo(f"lab up: {lb.client} — {lb.router} — {lb.server}; trace with: pkttrace --netns {lb.router}")
+
+
+@lab.command("down")
+@_prefix
+def lab_down(prefix):
+    """Remove the lab's namespaces (and everything in them).
+
+    \b
+    Example:
+      pkttrace lab down
+    """
+    _require_root()
+    _lab(prefix).down()
+    click.echo("lab down")
+
+
+@lab.command("status")
+@_prefix
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+def lab_status(prefix, as_json):
+    """Show the lab's namespaces, links, addresses and rules.
+
+    \b
+    Example:
+      pkttrace lab status --json
+    """
+    import json
+    st = _lab(prefix).status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    for ns, info in st["namespaces"].items():
+        click.echo(f"{ns}: {'present' if info['exists'] else 'absent'}")
+        for ifname, li in (info.get("links") or {}).items():
+            click.echo(f"  {ifname:<6} {'up' if li.get('up') else 'down':<5} {' '.join(li.get('addresses', []))}")
+    click.echo(f"demo rules: {'present' if st.get('rules') else 'absent'}")
+
+
+def run(argv=None) -> int:
+    """Console entry point: click's errors become one line too."""
+    try:
+        main.main(args=argv, prog_name="pkttrace", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        if isinstance(e, click.UsageError):
+            click.echo(f"pkttrace: {e.format_message()}", err=True)
+            return EXIT_USAGE
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

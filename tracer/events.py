@@ -1,0 +1,173 @@
+"""Python mirror of bpf/pkttrace.h.
+
+The C header is the definition; this mirror is checked member by member
+against the BTF of the built object (tests/unit/test_btf_mirror.py), so a
+field added in C and forgotten here fails the tests instead of decoding
+garbage.
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+
+PT_MAX_STAGES = 32
+PT_MAX_NETNS = 8
+PT_MAX_ROUTE = 4
+PT_NF_SLOTS = 8
+
+u8, u16, u32, s32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64
+
+
+class StageKind(enum.IntEnum):
+    RX = 1
+    TC_INGRESS = 2
+    PREROUTING = 3
+    INPUT = 4
+    FORWARD = 5
+    OUTPUT = 6
+    POSTROUTING = 7
+    ROUTE = 8
+    REROUTE = 9
+    TC_EGRESS = 10
+    TX = 11
+    DELIVER = 12
+    DROP = 13
+
+    @property
+    def label(self) -> str:
+        """The stage name in output (JSON `stage`)."""
+        return self.name.lower()
+
+
+# netfilter hook number (NF_INET_*) -> stage kind; the enum follows their order
+HOOK_STAGES = (StageKind.PREROUTING, StageKind.INPUT, StageKind.FORWARD,
+               StageKind.OUTPUT, StageKind.POSTROUTING)
+NF_STAGES = frozenset(HOOK_STAGES)
+
+
+class Fate(enum.IntEnum):
+    NONE = 0
+    FORWARDED = 1
+    DELIVERED = 2
+    SENT = 3
+    DROPPED = 4
+    CONSUMED = 5
+
+
+SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT = 1, 2, 4
+F_MARK, F_SRC, F_DST, F_PROTO, F_PORT, F_IFACE = 1, 2, 4, 8, 16, 32
+REC_TRUNCATED = 1
+
+
+class Stat(enum.IntEnum):
+    CREATED = 0
+    EMITTED = 1
+    FILTERED = 2
+    LOST = 3
+    CREATE_FAILED = 4
+    TRUNCATED = 5
+    ROUTE_DROPPED = 6
+
+
+PT_STAT_MAX = 8
+
+
+class PtConfig(ctypes.Structure):
+    _fields_ = [
+        ("netns_ino", u32 * PT_MAX_NETNS),
+        ("n_netns", u32),
+        ("filter", u32),
+        ("mark_value", u32),
+        ("mark_mask", u32),
+        ("src_addr", u8 * 16),
+        ("src_mask", u8 * 16),
+        ("dst_addr", u8 * 16),
+        ("dst_mask", u8 * 16),
+        ("src_family", u8),
+        ("dst_family", u8),
+        ("proto", u8),
+        ("emit", u8),
+        ("port", u16),
+        ("_pad0", u16),
+        ("ifindex", u32),
+    ]
+
+
+class PtStage(ctypes.Structure):
+    _fields_ = [
+        ("ts", u64),
+        ("ifindex", u32),
+        ("mark", u32),
+        ("aux", u32),
+        ("aux2", s32),
+        ("kind", u8),
+        ("slot", u8),
+        ("tos", u8),
+        ("family", u8),
+        ("_pad", u32),
+    ]
+
+
+class PtRecord(ctypes.Structure):
+    _fields_ = [
+        ("id", u64),
+        ("first_ts", u64),
+        ("last_ts", u64),
+        ("drop_location", u64),
+        ("netns", u32),
+        ("drop_reason", u32),
+        ("in_ifindex", u32),
+        ("out_ifindex", u32),
+        ("saddr", u8 * 16),
+        ("daddr", u8 * 16),
+        ("sport", u16),
+        ("dport", u16),
+        ("family", u8),
+        ("proto", u8),
+        ("fate", u8),
+        ("n_stages", u8),
+        ("match", u8),
+        ("seen", u8),
+        ("flags", u8),
+        ("_pad0", u8),
+        ("pid", u32),
+        ("comm", ctypes.c_char * 16),
+        ("stages", PtStage * PT_MAX_STAGES),
+    ]
+
+
+class PtRouteEv(ctypes.Structure):
+    _fields_ = [
+        ("ts", u64),
+        ("table", u32),
+        ("err", s32),
+        ("oif", u32),
+        ("mark", u32),
+        ("family", u8),
+        ("_pad", u8 * 7),
+    ]
+
+
+class PtRouteBuf(ctypes.Structure):
+    _fields_ = [("n", u32), ("_pad", u32), ("ev", PtRouteEv * PT_MAX_ROUTE)]
+
+
+RECORD_HEADER_SIZE = PtRecord.stages.offset
+STAGE_SIZE = ctypes.sizeof(PtStage)
+
+# C struct name -> mirror, for the BTF check
+MIRRORS = {
+    "pt_config": PtConfig,
+    "pt_stage": PtStage,
+    "pt_record": PtRecord,
+    "pt_route_ev": PtRouteEv,
+    "pt_route_buf": PtRouteBuf,
+}
+
+
+def decode_record(buf: bytes) -> PtRecord:
+    """A ring-buffer record (header + n_stages stages) as a PtRecord."""
+    rec = PtRecord()
+    n = min(len(buf), ctypes.sizeof(PtRecord))
+    ctypes.memmove(ctypes.addressof(rec), buf, n)
+    return rec

@@ -1,0 +1,141 @@
+"""Packet filters: parse what the user typed, and fill the BPF config.
+
+Filters run in the kernel.  A packet is shown when every given criterion
+matched at some stage of its path, so `--mark 0x1` also shows the stages
+before the mangle rule that set the mark, and `--src` still matches a packet
+after SNAT rewrote its source.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from . import events
+
+PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+
+
+class FilterError(ValueError):
+    """A filter value that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Mark:
+    value: int
+    mask: int = 0xFFFFFFFF
+
+    def __str__(self) -> str:
+        return f"{self.value:#x}" if self.mask == 0xFFFFFFFF else f"{self.value:#x}/{self.mask:#x}"
+
+
+def _u32(text: str, what: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise FilterError(f"invalid {what} {text!r}: expected a number such as 0x1 or 16") from None
+    if not 0 <= v <= 0xFFFFFFFF:
+        raise FilterError(f"invalid {what} {text!r}: must fit in 32 bits")
+    return v
+
+
+def parse_mark(text: str) -> Mark:
+    """VALUE[/MASK], like iptables' --mark."""
+    value, _, mask = text.partition("/")
+    v = _u32(value, "mark")
+    m = _u32(mask, "mark mask") if mask else 0xFFFFFFFF
+    if v & ~m:
+        raise FilterError(f"invalid mark {text!r}: value has bits outside the mask")
+    return Mark(v, m)
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise FilterError(f"invalid address or CIDR {text!r}: expected e.g. 10.0.0.0/8 or 2001:db8::1") from None
+
+
+def parse_proto(text: str) -> int:
+    t = text.lower()
+    if t in PROTOS:
+        return PROTOS[t]
+    try:
+        v = int(t, 0)
+    except ValueError:
+        raise FilterError(f"invalid protocol {text!r}: expected tcp, udp, icmp, icmpv6 or a number 0-255") from None
+    if not 0 <= v <= 255:
+        raise FilterError(f"invalid protocol {text!r}: a number must be 0-255")
+    return v
+
+
+def parse_port(text: str | int) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise FilterError(f"invalid port {text!r}: expected 1-65535") from None
+    if not 1 <= v <= 65535:
+        raise FilterError(f"invalid port {text!r}: expected 1-65535")
+    return v
+
+
+@dataclass(frozen=True)
+class PacketFilter:
+    mark: Mark | None = None
+    src: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    proto: int | None = None
+    port: int | None = None
+    ifindex: int | None = None  # resolved from --iface in the traced netns
+
+    @property
+    def flags(self) -> int:
+        f = 0
+        f |= events.F_MARK if self.mark is not None else 0
+        f |= events.F_SRC if self.src is not None else 0
+        f |= events.F_DST if self.dst is not None else 0
+        f |= events.F_PROTO if self.proto is not None else 0
+        f |= events.F_PORT if self.port is not None else 0
+        f |= events.F_IFACE if self.ifindex is not None else 0
+        return f
+
+    def fill(self, cfg: events.PtConfig) -> None:
+        """Write the criteria into the BPF config struct."""
+        cfg.filter = self.flags
+        if self.mark is not None:
+            cfg.mark_value, cfg.mark_mask = self.mark.value, self.mark.mask
+        for net, fam, addr, mask in ((self.src, "src_family", "src_addr", "src_mask"),
+                                     (self.dst, "dst_family", "dst_addr", "dst_mask")):
+            if net is None:
+                continue
+            setattr(cfg, fam, net.version)
+            # pre-masked, zero-padded to 16 bytes like the record's addresses
+            a = net.network_address.packed.ljust(16, b"\0")
+            m = net.netmask.packed.ljust(16, b"\0")
+            getattr(cfg, addr)[:] = list(a)
+            getattr(cfg, mask)[:] = list(m)
+        if self.proto is not None:
+            cfg.proto = self.proto
+        if self.port is not None:
+            cfg.port = self.port
+        if self.ifindex is not None:
+            cfg.ifindex = self.ifindex
+
+    def matches(self, pkt) -> bool:
+        """The kernel's rule, in Python, for recorded data (unit tests, replays)."""
+        def any_addr(net, attr):
+            return any(ipaddress.ip_address(a).version == net.version and ipaddress.ip_address(a) in net
+                       for a in pkt.addresses(attr))
+        if self.mark is not None and not any(
+                (s.mark & self.mark.mask) == self.mark.value for s in pkt.stages):
+            return False
+        if self.src is not None and not any_addr(self.src, "src"):
+            return False
+        if self.dst is not None and not any_addr(self.dst, "dst"):
+            return False
+        if self.proto is not None and pkt.proto != self.proto:
+            return False
+        if self.port is not None and self.port not in (pkt.sport, pkt.dport):
+            return False
+        if self.ifindex is not None and not any(s.ifindex == self.ifindex for s in pkt.stages):
+            return False
+        return True

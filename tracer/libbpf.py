@@ -1,0 +1,430 @@
+"""A small ctypes layer over the system libbpf (libbpf.so.1, 1.1 on Debian 12).
+
+Only what pkttrace needs: open an object, fill its `const volatile` config,
+set program types libbpf 1.1 does not know (netfilter), load, attach
+tracepoints, create netfilter and TCX links with the bpf() syscall (libbpf
+1.1 has no helpers for them), read maps, read the ring buffer, and look up
+types in BTF.  Every failure becomes a BpfError with one readable line.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import select
+import struct
+from typing import Iterator
+
+# Program and attach types from include/uapi/linux/bpf.h (stable ABI numbers).
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_PROG_TYPE_NETFILTER = 32
+BPF_NETFILTER = 45
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_F_BEFORE = 1 << 3
+BPF_F_AFTER = 1 << 4
+BPF_LINK_CREATE = 28
+BPF_OBJ_GET_INFO_BY_FD = 15
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+
+# BTF kinds (include/uapi/linux/btf.h)
+BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_STRUCT = 1, 2, 3, 4
+BTF_KIND_ENUM, BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST = 6, 8, 9, 10
+BTF_KIND_ENUM64 = 19
+
+_RINGBUF_BUSY = 1 << 31
+_RINGBUF_DISCARD = 1 << 30
+_RINGBUF_HDR = 8
+
+
+class BpfError(Exception):
+    """A libbpf or bpf() failure, as one line a user can act on."""
+
+
+def _errmsg(what: str, err: int, hint: str = "") -> str:
+    err = abs(err)
+    name = errno.errorcode.get(err, str(err))
+    msg = f"{what}: {os.strerror(err)} ({name})"
+    return f"{msg}; {hint}" if hint else msg
+
+
+_lib = None
+_libc = ctypes.CDLL(None, use_errno=True)
+_log: list[str] = []
+
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+@_PRINT_FN
+def _print_cb(level, fmt, args):
+    # x86_64/aarch64 pass va_list by pointer, so vsnprintf can format it here.
+    buf = ctypes.create_string_buffer(1024)
+    _libc.vsnprintf(buf, len(buf), fmt, ctypes.c_void_p(args))
+    _log.append(buf.value.decode(errors="replace").rstrip())
+    del _log[:-200]  # keep the tail: the verifier's last lines say why
+    return 0
+
+
+def lib():
+    """Load libbpf.so.1 once and declare the functions we call."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        L = ctypes.CDLL(name, use_errno=True)
+    except OSError as e:
+        raise BpfError(f"cannot load libbpf ({name}): {e}; install libbpf1") from None
+    P, I, U, S = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p
+    sigs = {
+        "libbpf_set_print": (P, [_PRINT_FN]),
+        "libbpf_get_error": (ctypes.c_long, [P]),
+        "bpf_object__open_file": (P, [S, P]),
+        "bpf_object__load": (I, [P]),
+        "bpf_object__close": (None, [P]),
+        "bpf_object__btf": (P, [P]),
+        "bpf_object__find_program_by_name": (P, [P, S]),
+        "bpf_object__find_map_by_name": (P, [P, S]),
+        "bpf_object__next_program": (P, [P, P]),
+        "bpf_program__name": (S, [P]),
+        "bpf_program__set_type": (I, [P, I]),
+        "bpf_program__set_expected_attach_type": (I, [P, I]),
+        "bpf_program__set_autoload": (I, [P, ctypes.c_bool]),
+        "bpf_program__fd": (I, [P]),
+        "bpf_program__attach": (P, [P]),
+        "bpf_link__destroy": (I, [P]),
+        "bpf_link__fd": (I, [P]),
+        "bpf_map__fd": (I, [P]),
+        "bpf_map__set_max_entries": (I, [P, U]),
+        "bpf_map__initial_value": (P, [P, ctypes.POINTER(ctypes.c_size_t)]),
+        "bpf_map_lookup_elem": (I, [I, P, P]),
+        "bpf_map_update_elem": (I, [I, P, P, ctypes.c_uint64]),
+        "bpf_map_delete_elem": (I, [I, P]),
+        "bpf_map_get_next_key": (I, [I, P, P]),
+        "libbpf_num_possible_cpus": (I, []),
+        "btf__load_vmlinux_btf": (P, []),
+        "btf__free": (None, [P]),
+        "btf__find_by_name_kind": (ctypes.c_int32, [P, S, U]),
+        "btf__type_by_id": (P, [P, U]),
+        "btf__name_by_offset": (S, [P, U]),
+        "btf__resolve_size": (ctypes.c_long, [P, U]),
+    }
+    for fn, (res, args) in sigs.items():
+        f = getattr(L, fn)
+        f.restype, f.argtypes = res, args
+    L.libbpf_set_print(_print_cb)
+    _lib = L
+    return L
+
+
+def _last_log(n: int = 3) -> str:
+    lines = [ln for ln in _log if ln.strip()]
+    return " | ".join(lines[-n:])
+
+
+def bpf_syscall(cmd: int, attr: ctypes.Array) -> int:
+    """bpf(cmd, attr, size); returns the result or raises OSError."""
+    r = _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+
+
+def _link_create(prog_fd: int, target: int, attach_type: int, flags: int, extra: bytes) -> int:
+    # union bpf_attr, link_create: prog_fd, target, attach_type, flags, then
+    # the per-type union at offset 16 (8-byte aligned).
+    attr = (ctypes.c_ubyte * 64)()
+    struct.pack_into("=IIII", attr, 0, prog_fd, target, attach_type, flags)
+    ctypes.memmove(ctypes.byref(attr, 16), extra, len(extra))
+    return bpf_syscall(BPF_LINK_CREATE, attr)
+
+
+def link_netfilter(prog_fd: int, pf: int, hooknum: int, priority: int) -> int:
+    """A netfilter link in the calling thread's netns; returns its fd."""
+    return _link_create(prog_fd, 0, BPF_NETFILTER, 0, struct.pack("=IIiI", pf, hooknum, priority, 0))
+
+
+def link_tcx(prog_fd: int, ifindex: int, attach_type: int, flags: int = 0) -> int:
+    """A TCX link on ifindex (in the calling thread's netns); returns its fd."""
+    return _link_create(prog_fd, ifindex, attach_type, flags, struct.pack("=IIQ", 0, 0, 0))
+
+
+class Program:
+    def __init__(self, obj: "BpfObject", ptr: int):
+        self._obj, self.ptr = obj, ptr
+        self.name = lib().bpf_program__name(ptr).decode()
+
+    def set_type(self, prog_type: int, attach_type: int | None = None) -> None:
+        lib().bpf_program__set_type(self.ptr, prog_type)
+        if attach_type is not None:
+            lib().bpf_program__set_expected_attach_type(self.ptr, attach_type)
+
+    def set_autoload(self, on: bool) -> None:
+        lib().bpf_program__set_autoload(self.ptr, on)
+
+    @property
+    def fd(self) -> int:
+        return lib().bpf_program__fd(self.ptr)
+
+    def attach(self) -> "Link":
+        """Attach by section (tp_btf/...): an fd-owned link."""
+        p = lib().bpf_program__attach(self.ptr)
+        if not p:
+            raise BpfError(_errmsg(f"attach {self.name}", ctypes.get_errno(), _last_log(1)))
+        return Link(p)
+
+
+class Link:
+    """A libbpf link; destroying it (or process exit) detaches."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def close(self) -> None:
+        if self.ptr:
+            lib().bpf_link__destroy(self.ptr)
+            self.ptr = None
+
+
+class Map:
+    def __init__(self, obj: "BpfObject", ptr: int, name: str):
+        self._obj, self.ptr, self.name = obj, ptr, name
+
+    @property
+    def fd(self) -> int:
+        return lib().bpf_map__fd(self.ptr)
+
+    def set_max_entries(self, n: int) -> None:
+        if lib().bpf_map__set_max_entries(self.ptr, n):
+            raise BpfError(_errmsg(f"resize map {self.name}", ctypes.get_errno()))
+
+    def initial_value(self) -> ctypes.c_void_p:
+        size = ctypes.c_size_t()
+        p = lib().bpf_map__initial_value(self.ptr, ctypes.byref(size))
+        if not p:
+            raise BpfError(f"map {self.name} has no initial value")
+        return p, size.value
+
+    def lookup(self, key, value) -> bool:
+        return lib().bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value)) == 0
+
+    def delete(self, key) -> bool:
+        return lib().bpf_map_delete_elem(self.fd, ctypes.byref(key)) == 0
+
+    def keys(self, key_type) -> Iterator:
+        """Iterate keys; entries deleted meanwhile are simply skipped."""
+        cur, nxt = None, key_type()
+        while True:
+            r = lib().bpf_map_get_next_key(self.fd, ctypes.byref(cur) if cur is not None else None,
+                                           ctypes.byref(nxt))
+            if r:
+                return
+            yield key_type.from_buffer_copy(nxt)
+            cur = key_type.from_buffer_copy(nxt)
+
+    def percpu_u64(self, index: int) -> list[int]:
+        """Per-CPU array of u64: the values of one index on every CPU."""
+        ncpu = possible_cpus()
+        vals = (ctypes.c_uint64 * ncpu)()
+        key = ctypes.c_uint32(index)
+        if lib().bpf_map_lookup_elem(self.fd, ctypes.byref(key), vals):
+            raise BpfError(_errmsg(f"read map {self.name}", ctypes.get_errno()))
+        return list(vals)
+
+
+def possible_cpus() -> int:
+    n = lib().libbpf_num_possible_cpus()
+    if n <= 0:
+        raise BpfError(_errmsg("count possible CPUs", n))
+    return n
+
+
+class BpfObject:
+    """An opened (then loaded) BPF object file."""
+
+    def __init__(self, path: str):
+        L = lib()
+        _log.clear()
+        ptr = L.bpf_object__open_file(os.fsencode(path), None)
+        err = L.libbpf_get_error(ptr)
+        if not ptr or err:
+            raise BpfError(_errmsg(f"open {path}", err or ctypes.get_errno(), _last_log(1)))
+        self.ptr = ptr
+        self.loaded = False
+
+    def program(self, name: str) -> Program:
+        p = lib().bpf_object__find_program_by_name(self.ptr, name.encode())
+        if not p:
+            raise BpfError(f"no program {name!r} in the BPF object")
+        return Program(self, p)
+
+    def programs(self) -> list[Program]:
+        out, p = [], None
+        while True:
+            p = lib().bpf_object__next_program(self.ptr, p)
+            if not p:
+                return out
+            out.append(Program(self, p))
+
+    def map(self, name: str) -> Map:
+        p = lib().bpf_object__find_map_by_name(self.ptr, name.encode())
+        if not p:
+            raise BpfError(f"no map {name!r} in the BPF object")
+        return Map(self, p, name)
+
+    def btf(self) -> "Btf":
+        p = lib().bpf_object__btf(self.ptr)
+        if not p:
+            raise BpfError("the BPF object has no BTF (built without -g?)")
+        return Btf(p, owned=False)
+
+    def load(self) -> None:
+        _log.clear()
+        r = lib().bpf_object__load(self.ptr)
+        if r:
+            hint = _last_log(3)
+            if abs(r) == errno.EPERM:
+                hint = "pkttrace needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON); " + hint
+            raise BpfError(_errmsg("load BPF programs", r, hint))
+        self.loaded = True
+
+    def close(self) -> None:
+        if self.ptr:
+            lib().bpf_object__close(self.ptr)
+            self.ptr = None
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size_or_type", ctypes.c_uint32)]
+
+
+class _BtfMember(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32), ("offset", ctypes.c_uint32)]
+
+
+class _BtfEnum(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("val", ctypes.c_int32)]
+
+
+class Btf:
+    """Type lookups in kernel or object BTF."""
+
+    def __init__(self, ptr: int, owned: bool = True):
+        self.ptr, self.owned = ptr, owned
+
+    @classmethod
+    def vmlinux(cls) -> "Btf":
+        p = lib().btf__load_vmlinux_btf()
+        if not p or lib().libbpf_get_error(p):
+            raise BpfError("cannot read kernel BTF (/sys/kernel/btf/vmlinux): "
+                           "pkttrace needs a kernel built with CONFIG_DEBUG_INFO_BTF")
+        return cls(p)
+
+    def close(self) -> None:
+        if self.owned and self.ptr:
+            lib().btf__free(self.ptr)
+        self.ptr = None
+
+    def _type(self, tid: int) -> _BtfType:
+        p = lib().btf__type_by_id(self.ptr, tid)
+        return _BtfType.from_address(p)
+
+    def _name(self, off: int) -> str:
+        return (lib().btf__name_by_offset(self.ptr, off) or b"").decode()
+
+    def find(self, name: str, kind: int) -> int | None:
+        tid = lib().btf__find_by_name_kind(self.ptr, name.encode(), kind)
+        return tid if tid > 0 else None
+
+    def enum(self, name: str) -> dict[int, str]:
+        """value -> member name of an enum (e.g. skb_drop_reason)."""
+        tid = self.find(name, BTF_KIND_ENUM)
+        if tid is None:
+            return {}
+        t = self._type(tid)
+        vlen = t.info & 0xFFFF
+        base = ctypes.addressof(t) + ctypes.sizeof(_BtfType)
+        out = {}
+        for i in range(vlen):
+            e = _BtfEnum.from_address(base + i * ctypes.sizeof(_BtfEnum))
+            out[e.val] = self._name(e.name_off)
+        return out
+
+    def struct_layout(self, name: str) -> dict[str, tuple[int, int]]:
+        """member name -> (byte offset, byte size) of a struct."""
+        tid = self.find(name, BTF_KIND_STRUCT)
+        if tid is None:
+            raise BpfError(f"no struct {name} in BTF")
+        t = self._type(tid)
+        kflag = t.info >> 31
+        vlen = t.info & 0xFFFF
+        base = ctypes.addressof(t) + ctypes.sizeof(_BtfType)
+        out = {}
+        for i in range(vlen):
+            m = _BtfMember.from_address(base + i * ctypes.sizeof(_BtfMember))
+            bits = m.offset & 0xFFFFFF if kflag else m.offset
+            out[self._name(m.name_off)] = (bits // 8, lib().btf__resolve_size(self.ptr, m.type))
+        return out
+
+    def struct_size(self, name: str) -> int:
+        tid = self.find(name, BTF_KIND_STRUCT)
+        if tid is None:
+            raise BpfError(f"no struct {name} in BTF")
+        return lib().btf__resolve_size(self.ptr, tid)
+
+    def has_type(self, name: str, kind: int) -> bool:
+        return self.find(name, kind) is not None
+
+
+class RingBuffer:
+    """Reads a BPF ring buffer map by mmap, in batches.
+
+    libbpf's ring_buffer__poll calls back once per record; through ctypes
+    that costs microseconds each.  The ring is simple enough to read here:
+    a consumer page we write, a producer page, and the data area mapped
+    twice so a record never wraps.
+    """
+
+    def __init__(self, map_fd: int, size: int):
+        self.fd, self.size, self.mask = map_fd, size, size - 1
+        page = mmap.PAGESIZE
+        self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._data = memoryview(self._prod)[page:]
+        self._ep = select.epoll()
+        self._ep.register(map_fd, select.EPOLLIN)
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until the kernel signals data (or timeout seconds)."""
+        if not self.pending():
+            self._ep.poll(timeout)
+
+    def pending(self) -> bool:
+        return struct.unpack_from("=Q", self._cons)[0] < struct.unpack_from("=Q", self._prod)[0]
+
+    def drain(self, max_records: int = 1 << 16) -> list[bytes]:
+        """Copy out up to max_records committed records and release them."""
+        cons = struct.unpack_from("=Q", self._cons)[0]
+        prod = struct.unpack_from("=Q", self._prod)[0]
+        out = []
+        data, mask = self._data, self.mask
+        while cons < prod and len(out) < max_records:
+            off = cons & mask
+            hdr = struct.unpack_from("=I", data, off)[0]
+            if hdr & _RINGBUF_BUSY:
+                break  # reserved, not committed yet
+            ln = hdr & ~(_RINGBUF_BUSY | _RINGBUF_DISCARD)
+            if not hdr & _RINGBUF_DISCARD:
+                out.append(bytes(data[off + _RINGBUF_HDR: off + _RINGBUF_HDR + ln]))
+            cons += (ln + _RINGBUF_HDR + 7) & ~7
+        struct.pack_into("=Q", self._cons, 0, cons)
+        return out
+
+    def close(self) -> None:
+        self._ep.close()
+        self._data.release()
+        self._prod.close()
+        self._cons.close()

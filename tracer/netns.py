@@ -1,0 +1,140 @@
+"""Small helpers for named network namespaces (the ones `ip netns` manages).
+
+Switching namespaces is done with libc ``setns(2)`` through ctypes, because
+Python 3.11 has no ``os.setns``.  ``setns(CLONE_NEWNET)`` only moves the
+*calling thread*, so :func:`entered` is safe to use from any thread as long
+as the code inside the ``with`` block stays on that thread.  Sockets created
+inside the block keep their namespace after the thread switches back, which
+is what the lab and the tracer rely on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+NETNS_DIR = "/run/netns"
+SELF_NETNS = "/proc/self/ns/net"
+CLONE_NEWNET = 0x40000000
+
+_libc: ctypes.CDLL | None = None
+
+
+class NetnsError(Exception):
+    """A one-line, human readable network namespace problem."""
+
+
+def _get_libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def _check_name(name: str) -> None:
+    # Refuse anything that could escape NETNS_DIR before touching the disk.
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise NetnsError(f"invalid network namespace name {name!r}")
+
+
+def path(name: str) -> str:
+    """Path of the bind mount that keeps named netns *name* alive."""
+    _check_name(name)
+    return os.path.join(NETNS_DIR, name)
+
+
+def exists(name: str) -> bool:
+    try:
+        return os.path.exists(path(name))
+    except NetnsError:
+        return False
+
+
+def _unknown(name: str) -> NetnsError:
+    return NetnsError(f"unknown network namespace {name!r} (see `ip netns list`)")
+
+
+def inode(name: str | None) -> int:
+    """Inode number identifying the netns (what BPF sees as net->ns.inum)."""
+    target = SELF_NETNS if name is None else path(name)
+    try:
+        return os.stat(target).st_ino
+    except FileNotFoundError:
+        raise _unknown(name) from None
+    except OSError as e:
+        raise NetnsError(f"cannot stat {target}: {e.strerror}") from None
+
+
+def _setns(fd: int, what: str) -> None:
+    if _get_libc().setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise NetnsError(f"setns into {what} failed: {os.strerror(err)}")
+
+
+@contextmanager
+def entered(name: str | None) -> Iterator[None]:
+    """Run the block with the calling thread inside netns *name*.
+
+    ``None`` means "stay where you are", so callers can pass an optional
+    namespace straight through.
+    """
+    if name is None:
+        yield
+        return
+    target = path(name)
+    # Open both fds before switching so a failure leaves us untouched.
+    orig = os.open(SELF_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise _unknown(name) from None
+        except OSError as e:
+            raise NetnsError(f"cannot open {target}: {e.strerror}") from None
+        try:
+            _setns(fd, f"network namespace {name!r}")
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            _setns(orig, "the original network namespace")
+    finally:
+        os.close(orig)
+
+
+def _ipr():
+    # Imported lazily so modules that only need inode()/entered() do not pay
+    # for (or require) pyroute2.
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+def links(ns: str | None) -> dict[int, str]:
+    """ifindex -> ifname for every link in netns *ns* (None = current)."""
+    if ns is not None and not exists(ns):
+        raise _unknown(ns)
+    # The netlink socket is bound to the netns it was created in, so it is
+    # enough to create it inside entered() and use it afterwards.
+    with entered(ns):
+        ipr = _ipr()
+    with ipr:
+        return {msg["index"]: msg.get("IFLA_IFNAME") for msg in ipr.get_links()}
+
+
+def ifindex(name_ns: str | None, ifname: str) -> int:
+    """ifindex of *ifname* inside netns *name_ns* (None = current)."""
+    if name_ns is not None and not exists(name_ns):
+        raise _unknown(name_ns)
+    with entered(name_ns):
+        ipr = _ipr()
+    with ipr:
+        found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        where = "the current network namespace" if name_ns is None else f"network namespace {name_ns!r}"
+        raise NetnsError(f"no interface {ifname!r} in {where}")
+    return found[0]

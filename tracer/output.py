@@ -1,0 +1,85 @@
+"""Sinks: packets as readable blocks, or as JSON lines for tools."""
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+from .paths import Packet, Stage
+from .session import Counters
+
+
+def _endpoint(addr: str, port: int | None, family: str) -> str:
+    if port is None:
+        return addr
+    return f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
+
+
+def _time(t_ns: int) -> str:
+    if t_ns < 1_000_000:
+        return f"+{t_ns / 1000:.1f}µs"
+    return f"+{t_ns / 1e6:.3f}ms"
+
+
+def _mark(m: int | None) -> str:
+    return f"{m:#x}"
+
+
+def _detail(s: Stage) -> str:
+    parts = []
+    if s.observations:
+        if s.mark_out != s.mark:
+            parts.append(f"mark {_mark(s.mark)}→{_mark(s.mark_out)}")
+        elif s.mark:
+            parts.append(f"mark {_mark(s.mark)}")
+        if s.tos_out != s.tos:
+            parts.append(f"tos {s.tos:#04x}→{s.tos_out:#04x}")
+    elif s.lookups:
+        tables = " → ".join(lk.table for lk in s.lookups)
+        last = s.lookups[-1]
+        res = f"error {last.err}" if last.err else (f"dev {last.dev}" if last.dev else "")
+        parts.append(f"table {tables}" + (f" → {res}" if res else ""))
+        if last.mark:
+            parts.append(f"mark {_mark(last.mark)}")
+    elif s.mark:
+        parts.append(f"mark {_mark(s.mark)}")
+    return "  ".join(parts)
+
+
+def format_packet(p: Packet) -> str:
+    head = (f"#{p.id} {p.family} {p.proto} {_endpoint(p.src, p.sport, p.family)} → "
+            f"{_endpoint(p.dst, p.dport, p.family)}  {p.fate.upper()}")
+    if p.netns:
+        head += f"  netns {p.netns}"
+    lines = [head]
+    for s in p.path:
+        dev = f"{s.in_dev}→{s.dev}" if s.in_dev and s.dev and s.in_dev != s.dev else (s.dev or "")
+        lines.append(f"  {_time(s.t_ns):>11}  {s.stage:<12} {dev:<14} {_detail(s)}".rstrip())
+    if p.drop:
+        lines.append(f"  dropped: {p.drop['reason']} at {p.drop['location']}"
+                     + (f" (after {p.drop['last_hook']})" if p.drop.get("last_hook") else ""))
+    if p.process:
+        lines.append(f"  read by {p.process['comm']} (pid {p.process['pid']})")
+    if p.fate == "unknown":
+        lines.append("  end not seen: aged out")
+    if p.truncated:
+        lines.append("  (path truncated: more stages than one record holds)")
+    return "\n".join(lines)
+
+
+def format_json(p: Packet) -> str:
+    return json.dumps(p.to_json(), separators=(",", ":"))
+
+
+def summary(c: Counters) -> str:
+    """The closing line: nothing lost silently."""
+    return (f"{c.shown} packets shown, {c.filtered} filtered out, {c.lost} lost (ring buffer full), "
+            f"{c.create_failed} not traced (in-flight table full), {c.aged_out} aged out")
+
+
+class Printer:
+    def __init__(self, out: TextIO, as_json: bool):
+        self.out, self.as_json = out, as_json
+
+    def packet(self, p: Packet) -> None:
+        self.out.write((format_json(p) if self.as_json else format_packet(p) + "\n") + "\n")
+        self.out.flush()

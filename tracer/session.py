@@ -1,0 +1,288 @@
+"""The tracing session: load the BPF object, attach, and yield packets.
+
+    with Tracer(TraceOptions(netns=["ptlab-rtr"], filter=PacketFilter(mark=Mark(1)))) as t:
+        for pkt in t.packets(duration=5):
+            print(pkt.fate, pkt.stage_names())
+
+This is the library API; the CLI is a thin layer over it.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Iterator
+
+from . import events, libbpf, netns, paths, probes
+from .events import PtConfig, PtRecord, Stat
+from .filters import PacketFilter
+
+OBJECT_ENV = "PKTTRACE_BPF_OBJECT"
+
+
+class TraceError(Exception):
+    """Tracing cannot start or continue; the message says why."""
+
+
+def object_path() -> str:
+    """The built BPF object: $PKTTRACE_BPF_OBJECT, the package's copy, or a source build."""
+    env = os.environ.get(OBJECT_ENV)
+    if env:
+        return env
+    pkg = resources.files("tracer") / "data" / "pkttrace.bpf.o"
+    if pkg.is_file():
+        return str(pkg)
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf", "pkttrace.bpf.o")
+    if os.path.isfile(src):
+        return src
+    raise TraceError("BPF object not found: reinstall pkttrace (pip install .) or run `make -C bpf`")
+
+
+@dataclass
+class TraceOptions:
+    netns: list[str | None] = field(default_factory=lambda: [None])  # None = current netns
+    filter: PacketFilter = field(default_factory=PacketFilter)
+    emit: bool = True                  # False: count only (no per-packet records)
+    max_inflight: int = 8192           # packets followed at once
+    ringbuf_bytes: int = 8 << 20
+    age_after: float = 5.0             # seconds without a stage before a record is aged out
+    tc: str = "auto"                   # auto | tcx | classic | off
+
+
+@dataclass
+class Counters:
+    created: int = 0
+    emitted: int = 0
+    filtered: int = 0
+    lost: int = 0                      # ring buffer full
+    create_failed: int = 0             # in-flight table full
+    truncated: int = 0
+    route_dropped: int = 0
+    aged_out: int = 0                  # counted in user space
+    shown: int = 0
+
+    @property
+    def not_seen(self) -> int:
+        """Packets the user asked for that could not be shown."""
+        return self.lost + self.create_failed
+
+
+def _nf_programs() -> list[str]:
+    return [f"nf_obs_{i}" for i in range(events.PT_NF_SLOTS)]
+
+
+class Tracer:
+    def __init__(self, opts: TraceOptions | None = None):
+        self.opts = opts or TraceOptions()
+        self.obj: libbpf.BpfObject | None = None
+        self.attachments: list[probes.Attachment] = []
+        self.ctx = paths.Context(symbolize=paths.Kallsyms())
+        self.ring: libbpf.RingBuffer | None = None
+        self.aged = 0
+        self.shown = 0
+        self.started_ns = 0
+        self.ready_s = 0.0
+        self._last_age_scan = 0.0
+        self._ns_inodes: dict[str | None, int] = {}
+
+    # ---- set-up ----
+
+    def start(self) -> "Tracer":
+        t0 = time.monotonic()
+        if os.geteuid() != 0:
+            raise TraceError("pkttrace needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")
+        for ns in self.opts.netns:
+            try:
+                self._ns_inodes[ns] = netns.inode(ns)
+            except netns.NetnsError as e:
+                raise TraceError(str(e)) from None
+        try:
+            self._load()
+            self._attach()
+        except (libbpf.BpfError, probes.AttachError) as e:
+            self.close()
+            raise TraceError(str(e)) from None
+        except BaseException:
+            self.close()
+            raise
+        self._learn_names()
+        self.ready_s = time.monotonic() - t0
+        self.started_ns = time.monotonic_ns()
+        return self
+
+    def _load(self) -> None:
+        obj = self.obj = libbpf.BpfObject(object_path())
+        for name in _nf_programs():
+            obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
+        # load only the observer slots this session attaches (each costs verifier time)
+        for name in _nf_programs()[2:]:
+            obj.program(name).set_autoload(False)
+        if self.opts.tc == "off":
+            for name in ("tc_ingress", "tc_egress"):
+                obj.program(name).set_autoload(False)
+        obj.map("inflight").set_max_entries(self.opts.max_inflight)
+        obj.map("events").set_max_entries(self.opts.ringbuf_bytes)
+        ptr, size = obj.map(".rodata").initial_value()
+        if size < ctypes.sizeof(PtConfig):
+            raise TraceError("BPF object and pkttrace disagree on the config layout: rebuild it")
+        cfg = PtConfig.from_address(ptr)
+        inodes = list(dict.fromkeys(self._ns_inodes.values()))
+        if len(inodes) > events.PT_MAX_NETNS:
+            raise TraceError(f"at most {events.PT_MAX_NETNS} network namespaces can be traced at once")
+        for i, ino in enumerate(inodes):
+            cfg.netns_ino[i] = ino
+        cfg.n_netns = len(inodes)
+        cfg.emit = 1 if self.opts.emit else 0
+        self.opts.filter.fill(cfg)
+        obj.load()
+        if self.opts.emit:
+            self.ring = libbpf.RingBuffer(obj.map("events").fd, self.opts.ringbuf_bytes)
+
+    def _attach(self) -> None:
+        obj = self.obj
+        for prog in ("on_rx", "on_dev_queue", "on_kfree_skb", "on_consume_skb",
+                     "on_copy_datagram", "on_fib_lookup", "on_fib6_lookup"):
+            self.attachments.append(probes.attach_tracepoint(obj, prog))
+        slots = [(0, probes.PRIO_FIRST), (1, probes.PRIO_LAST)]
+        for ns in self.opts.netns:
+            ino = self._ns_inodes[ns]
+            for fam in (4, 6):
+                for hook in range(5):
+                    for slot, prio in slots:
+                        link = probes.attach_netfilter(obj.program(f"nf_obs_{slot}").fd, fam, hook, prio, ns)
+                        self.attachments.append(link)
+                        self.ctx.slot_priority[(ino, fam, hook, slot)] = link.priority
+            if self.opts.tc != "off":
+                self._attach_tc(ns)
+
+    def _attach_tc(self, ns: str | None) -> None:
+        ing, egr = self.obj.program("tc_ingress").fd, self.obj.program("tc_egress").fd
+        mode = self.opts.tc
+        for ifindex, ifname in sorted(netns.links(ns).items()):
+            for prog_fd, ingress in ((ing, True), (egr, False)):
+                if mode in ("auto", "tcx"):
+                    try:
+                        self.attachments.append(probes.attach_tcx(prog_fd, ifindex, ifname, ingress, ns))
+                        continue
+                    except probes.AttachError:
+                        if mode == "tcx":
+                            raise
+                        mode = "classic"  # kernel before 6.6: no TCX anywhere
+                # stale filters of a pkttrace that was killed: ours to remove
+                probes.remove_classic_filter(ns, ifindex, ingress)
+                self.attachments.append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns))
+
+    def _learn_names(self) -> None:
+        for ns, ino in self._ns_inodes.items():
+            self.ctx.netns_names[ino] = ns or ""
+            self._learn_ifnames(ns, ino)
+        try:
+            btf = libbpf.Btf.vmlinux()
+            try:
+                self.ctx.drop_reasons = btf.enum("skb_drop_reason")
+            finally:
+                btf.close()
+        except libbpf.BpfError:
+            pass  # names fall back to numbers; the doctor reports missing BTF
+
+    def _learn_ifnames(self, ns: str | None, ino: int) -> None:
+        try:
+            for idx, name in netns.links(ns).items():
+                self.ctx.ifnames[(ino, idx)] = name
+        except netns.NetnsError:
+            pass
+
+    # ---- running ----
+
+    def poll(self, timeout: float = 0.2) -> list[paths.Packet]:
+        """Packets whose traversal ended since the last call (and aged-out ones)."""
+        out: list[paths.Packet] = []
+        if self.ring is not None:
+            self.ring.wait(timeout)
+            for raw in self.ring.drain():
+                out.append(self._packet(events.decode_record(raw)))
+        else:
+            time.sleep(timeout)
+        now = time.monotonic()
+        if now - self._last_age_scan >= min(1.0, self.opts.age_after / 2):
+            self._last_age_scan = now
+            out.extend(self.age_out())
+        self.shown += len(out)
+        return out
+
+    def _packet(self, rec: PtRecord, aged: bool = False) -> paths.Packet:
+        pkt = paths.assemble(rec, self.ctx, aged=aged)
+        if any(d is not None and d.startswith("if") for d in (pkt.in_dev, pkt.out_dev)):
+            # a device created after start: learn its name once
+            for ns, ino in self._ns_inodes.items():
+                if ino == rec.netns:
+                    self._learn_ifnames(ns, ino)
+            pkt = paths.assemble(rec, self.ctx, aged=aged)
+        return pkt
+
+    def age_out(self, older_than: float | None = None) -> list[paths.Packet]:
+        """Forget records idle for age_after seconds; report the matching ones."""
+        limit = time.monotonic_ns() - int((self.opts.age_after if older_than is None else older_than) * 1e9)
+        m = self.obj.map("inflight")
+        out = []
+        want = self.opts.filter.flags
+        rec = PtRecord()
+        for key in list(m.keys(ctypes.c_uint64)):
+            if not m.lookup(key, rec) or rec.last_ts > limit:
+                continue
+            if not m.delete(key):
+                continue  # ended meanwhile: the kernel reported it
+            self.aged += 1
+            if (rec.match & want) == want and self.opts.emit:
+                out.append(self._packet(PtRecord.from_buffer_copy(rec), aged=True))
+        return out
+
+    def packets(self, count: int | None = None, duration: float | None = None) -> Iterator[paths.Packet]:
+        """Yield packets until count packets were yielded or duration seconds passed."""
+        deadline = None if duration is None else time.monotonic() + duration
+        n = 0
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            for pkt in self.poll(0.2 if left is None else max(0.0, min(0.2, left))):
+                yield pkt
+                n += 1
+                if count is not None and n >= count:
+                    return
+
+    def counters(self) -> Counters:
+        st = self.obj.map("stats")
+        vals = {s: sum(st.percpu_u64(s)) for s in Stat}
+        return Counters(
+            created=vals[Stat.CREATED], emitted=vals[Stat.EMITTED], filtered=vals[Stat.FILTERED],
+            lost=vals[Stat.LOST], create_failed=vals[Stat.CREATE_FAILED], truncated=vals[Stat.TRUNCATED],
+            route_dropped=vals[Stat.ROUTE_DROPPED], aged_out=self.aged, shown=self.shown)
+
+    def inflight(self) -> int:
+        return sum(1 for _ in self.obj.map("inflight").keys(ctypes.c_uint64))
+
+    # ---- tear-down ----
+
+    def close(self) -> None:
+        for a in reversed(self.attachments):
+            try:
+                a.close()
+            except Exception:  # keep closing the rest: nothing may stay attached
+                pass
+        self.attachments.clear()
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+    def __enter__(self) -> "Tracer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
