@@ -76,6 +76,13 @@ struct {
 } id_seq SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_pending);
+} pending_in SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 4 << 20); /* resized by user space before load */
 } events SEC(".maps");
@@ -171,17 +178,16 @@ static __always_inline const void *skb_l3(const struct sk_buff *skb)
 	return BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, network_header);
 }
 
-static __always_inline bool addr_match(const __u8 *a, const __u8 *net, const __u8 *mask)
+/* net and mask live in the const volatile config: read them through volatile
+ * pointers, or clang folds them to the initializer (all zero: match all). */
+static __always_inline bool addr_match(const __u8 *a, const volatile __u64 *net,
+				       const volatile __u64 *mask)
 {
-	__u64 a0, a1, n0, n1, m0, m1;
+	__u64 a0, a1;
 
 	__builtin_memcpy(&a0, a, 8);
 	__builtin_memcpy(&a1, a + 8, 8);
-	__builtin_memcpy(&n0, net, 8);
-	__builtin_memcpy(&n1, net + 8, 8);
-	__builtin_memcpy(&m0, mask, 8);
-	__builtin_memcpy(&m1, mask + 8, 8);
-	return (a0 & m0) == n0 && (a1 & m1) == n1;
+	return (a0 & mask[0]) == net[0] && (a1 & mask[1]) == net[1];
 }
 
 /* Criteria an IP header satisfies (PT_F_SRC/DST/PROTO/PORT). */
@@ -191,10 +197,12 @@ static __always_inline __u8 match_header(const struct pkt_info *pi)
 	__u8 m = 0;
 
 	if ((f & PT_F_SRC) && pi->family == cfg.src_family &&
-	    addr_match(pi->saddr, (const __u8 *)cfg.src_addr, (const __u8 *)cfg.src_mask))
+	    addr_match(pi->saddr, (const volatile __u64 *)cfg.src_addr,
+		       (const volatile __u64 *)cfg.src_mask))
 		m |= PT_F_SRC;
 	if ((f & PT_F_DST) && pi->family == cfg.dst_family &&
-	    addr_match(pi->daddr, (const __u8 *)cfg.dst_addr, (const __u8 *)cfg.dst_mask))
+	    addr_match(pi->daddr, (const volatile __u64 *)cfg.dst_addr,
+		       (const volatile __u64 *)cfg.dst_mask))
 		m |= PT_F_DST;
 	if ((f & PT_F_PROTO) && pi->proto == cfg.proto)
 		m |= PT_F_PROTO;
@@ -310,6 +318,62 @@ static __always_inline void rec_finish(const void *skb, struct pt_record *r, __u
 			stat_inc(PT_STAT_EMITTED);
 	}
 	bpf_map_delete_elem(&inflight, &key);
+}
+
+/* ---- local delivery ---- */
+
+static __always_inline void deliver(const void *skb, struct pt_record *r, __s32 how, __u32 sock_ino)
+{
+	struct pt_stage *s = stage_add(r, PT_STAGE_DELIVER, bpf_ktime_get_ns());
+
+	if (s) {
+		s->mark = BPF_CORE_READ((struct sk_buff *)skb, mark);
+		s->aux = sock_ino;
+		s->aux2 = how;
+	}
+	rec_finish(skb, r, PT_FATE_DELIVERED);
+}
+
+static __always_inline struct pt_pending *pending(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&pending_in, &zero);
+}
+
+/* The packet pending at LOCAL_IN on this CPU, if it is still in flight.
+ * Clears the slot: whoever asks resolves it. */
+static __always_inline struct pt_record *pending_take(__u64 *key)
+{
+	struct pt_pending *p = pending();
+	struct pt_record *r;
+	__u64 id;
+
+	if (!p || !p->skb)
+		return NULL;
+	*key = p->skb;
+	id = p->id;
+	p->skb = 0;
+	r = bpf_map_lookup_elem(&inflight, key);
+	if (!r || r->id != id)
+		return NULL; /* it ended already (and the pointer may be reused) */
+	return r;
+}
+
+/* A new packet starts or the poll ended on this CPU: the packet pending at
+ * LOCAL_IN passed INPUT and the local stack neither dropped it nor queued
+ * it where we can see (a TCP ACK is freed without a tracepoint). */
+static __always_inline void pending_resolve(const void *except)
+{
+	struct pt_pending *p = pending();
+	struct pt_record *r;
+	__u64 key;
+
+	if (!p || !p->skb || p->skb == (__u64)except)
+		return;
+	r = pending_take(&key);
+	if (r)
+		deliver((const void *)key, r, PT_DELIVER_STACK, 0);
 }
 
 /* ---- route lookups: buffered per CPU, attributed at the next stage ---- */
@@ -453,8 +517,15 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	if (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD || kind == PT_STAGE_OUTPUT)
 		route_take(r, slot == 0 ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
 			   r->n_stages ? r->last_ts : now - ROUTE_MAX_AGE_NS);
-	if (kind == PT_STAGE_INPUT)
+	if (kind == PT_STAGE_INPUT) {
+		struct pt_pending *p = pending();
+
 		r->seen |= PT_SEEN_INPUT;
+		if (p) {
+			p->skb = (__u64)skb;
+			p->id = r->id;
+		}
+	}
 	else if (kind == PT_STAGE_FORWARD)
 		r->seen |= PT_SEEN_FORWARD;
 	else if (kind == PT_STAGE_OUTPUT)
@@ -515,6 +586,7 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	struct pt_stage *s;
 	struct pkt_info pi;
 
+	pending_resolve(skb);
 	if (!family || !netns_traced(netns))
 		return 0;
 	ifindex = BPF_CORE_READ(dev, ifindex);
@@ -584,7 +656,6 @@ SEC("tp_btf/consume_skb")
 int BPF_PROG(on_consume_skb, struct sk_buff *skb)
 {
 	struct pt_record *r = rec_lookup(skb);
-	struct pt_stage *s;
 
 	if (!r)
 		return 0;
@@ -592,11 +663,8 @@ int BPF_PROG(on_consume_skb, struct sk_buff *skb)
 		rec_finish(skb, r, PT_FATE_CONSUMED);
 		return 0;
 	}
-	/* consumed by the local stack after INPUT (ICMP echo, TCP ACK, ...) */
-	s = stage_add(r, PT_STAGE_DELIVER, bpf_ktime_get_ns());
-	if (s)
-		s->mark = BPF_CORE_READ(skb, mark);
-	rec_finish(skb, r, PT_FATE_DELIVERED);
+	/* consumed by the local stack after INPUT (ICMP echo, ...) */
+	deliver(skb, r, PT_DELIVER_CONSUMED, 0);
 	return 0;
 }
 
@@ -604,16 +672,36 @@ SEC("tp_btf/skb_copy_datagram_iovec")
 int BPF_PROG(on_copy_datagram, const struct sk_buff *skb, int len)
 {
 	struct pt_record *r = rec_lookup(skb);
-	struct pt_stage *s;
 
 	if (!r)
 		return 0;
 	r->pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(r->comm, sizeof(r->comm));
-	s = stage_add(r, PT_STAGE_DELIVER, bpf_ktime_get_ns());
-	if (s)
-		s->mark = BPF_CORE_READ(skb, mark);
-	rec_finish(skb, r, PT_FATE_DELIVERED);
+	deliver(skb, r, PT_DELIVER_READ, 0);
+	return 0;
+}
+
+/* Fires in sock_def_readable right after a protocol queued data for a
+ * socket, on the CPU that is processing the packet pending at LOCAL_IN.
+ * UDP reads linear skbs without the copy tracepoint and frees them without
+ * consume_skb, so this is where UDP delivery is seen. */
+SEC("tp_btf/sk_data_ready")
+int BPF_PROG(on_sk_data_ready, const struct sock *sk)
+{
+	struct pt_record *r;
+	__u64 key;
+
+	r = pending_take(&key);
+	if (r)
+		deliver((const void *)key, r, PT_DELIVER_QUEUED,
+			BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino));
+	return 0;
+}
+
+SEC("tp_btf/napi_poll")
+int BPF_PROG(on_napi_poll, struct napi_struct *napi, int work, int budget)
+{
+	pending_resolve(NULL);
 	return 0;
 }
 

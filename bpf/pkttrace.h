@@ -27,7 +27,7 @@ enum pt_stage_kind {
 	PT_STAGE_REROUTE = 9,     /* fib lookup inside LOCAL_OUT (mark/daddr changed) */
 	PT_STAGE_TC_EGRESS = 10,
 	PT_STAGE_TX = 11,         /* net:net_dev_queue: handed to the device */
-	PT_STAGE_DELIVER = 12,    /* read by a process, or consumed after INPUT */
+	PT_STAGE_DELIVER = 12,    /* queued to a socket, read, or taken by the local stack */
 	PT_STAGE_DROP = 13,       /* skb:kfree_skb */
 };
 
@@ -140,6 +140,21 @@ struct pt_route_ev {
 	__u32 mark;       /* flow mark used for the lookup */
 	__u8 family;
 	__u8 _pad[7];
+};
+
+/* Per CPU: the packet last seen at LOCAL_IN, until the local stack is done
+ * with it.  The id guards against the skb pointer being reused meanwhile. */
+struct pt_pending {
+	__u64 skb;
+	__u64 id;
+};
+
+/* struct pt_stage.aux2 of a DELIVER stage: how delivery was seen */
+enum pt_deliver_how {
+	PT_DELIVER_QUEUED = 1,    /* sk_data_ready: queued to a socket (aux = socket inode) */
+	PT_DELIVER_READ = 2,      /* skb_copy_datagram_iovec: a process read it */
+	PT_DELIVER_CONSUMED = 3,  /* consume_skb after INPUT (ICMP echo, ...) */
+	PT_DELIVER_STACK = 4,     /* passed INPUT, then the next packet started: taken silently (TCP ACK) */
 };
 
 struct pt_route_buf {

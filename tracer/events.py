@@ -54,6 +54,14 @@ class Fate(enum.IntEnum):
     CONSUMED = 5
 
 
+class DeliverHow(enum.IntEnum):
+    """pt_stage.aux2 of a DELIVER stage."""
+    QUEUED = 1     # queued to a socket (aux = socket inode)
+    READ = 2       # a process read it (record pid/comm)
+    CONSUMED = 3   # consume_skb after INPUT (ICMP echo, ...)
+    STACK = 4      # passed INPUT, freed by the stack without an event (TCP ACK)
+
+
 SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT = 1, 2, 4
 F_MARK, F_SRC, F_DST, F_PROTO, F_PORT, F_IFACE = 1, 2, 4, 8, 16, 32
 REC_TRUNCATED = 1
@@ -148,6 +156,10 @@ class PtRouteEv(ctypes.Structure):
     ]
 
 
+class PtPending(ctypes.Structure):
+    _fields_ = [("skb", u64), ("id", u64)]
+
+
 class PtRouteBuf(ctypes.Structure):
     _fields_ = [("n", u32), ("_pad", u32), ("ev", PtRouteEv * PT_MAX_ROUTE)]
 
@@ -162,6 +174,7 @@ MIRRORS = {
     "pt_record": PtRecord,
     "pt_route_ev": PtRouteEv,
     "pt_route_buf": PtRouteBuf,
+    "pt_pending": PtPending,
 }
 
 

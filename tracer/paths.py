@@ -15,10 +15,12 @@ from __future__ import annotations
 import bisect
 import errno
 import ipaddress
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .events import NF_STAGES, REC_TRUNCATED, Fate, PtRecord, StageKind
+from .events import NF_STAGES, REC_TRUNCATED, DeliverHow, Fate, PtRecord, StageKind
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
 FATE_NAMES = {Fate.FORWARDED: "forwarded", Fate.DELIVERED: "delivered", Fate.SENT: "sent",
@@ -35,6 +37,7 @@ class Context:
     slot_priority: dict[tuple[int, int, int, int], int] = field(default_factory=dict)  # (ino, fam, hook, slot)
     drop_reasons: dict[int, str] = field(default_factory=dict)         # enum value -> name
     symbolize: Callable[[int], str] | None = None
+    socket_owner: Callable[[int], tuple[int, str] | None] | None = None  # socket inode -> (pid, comm)
     route_tables: dict[int, str] = field(default_factory=lambda: dict(ROUTE_TABLES))
 
     def dev(self, netns: int, ifindex: int) -> str | None:
@@ -83,6 +86,8 @@ class Stage:
     in_dev: str | None = None          # forward: both devices
     observations: list[Observation] = field(default_factory=list)
     lookups: list[Lookup] = field(default_factory=list)
+    how: str | None = None             # deliver: how delivery was seen
+    socket_inode: int | None = None    # deliver: the socket it was queued to
 
     def to_json(self) -> dict:
         d = {"stage": self.stage, "t_ns": self.t_ns, "dev": self.dev, "mark": self.mark}
@@ -93,6 +98,10 @@ class Stage:
                               for o in self.observations]
         if self.in_dev is not None:
             d["in_dev"] = self.in_dev
+        if self.how:
+            d["how"] = self.how
+        if self.socket_inode:
+            d["socket_inode"] = self.socket_inode
         if self.lookups:
             last = self.lookups[-1]
             d["table"], d["err"] = last.table, last.err
@@ -128,6 +137,11 @@ class Packet:
     def stage_names(self) -> list[str]:
         return [s.stage for s in self.path]
 
+    def crossed(self, *stages: str) -> bool:
+        """The path contains these stages in this order (others may sit between)."""
+        it = iter(self.stage_names())
+        return all(any(s == w for s in it) for w in stages)
+
     def addresses(self, which: str) -> list[str]:
         return [self.src if which == "src" else self.dst]
 
@@ -160,6 +174,9 @@ def _err_name(err: int) -> str | None:
     e = -err if err < 0 else err
     return errno.errorcode.get(e, str(err))
 
+
+_DELIVER_HOW = {DeliverHow.QUEUED: "queued to socket", DeliverHow.READ: "read by process",
+                DeliverHow.CONSUMED: "consumed after input", DeliverHow.STACK: "taken by the local stack"}
 
 _END_BY_FATE = {Fate.FORWARDED: "tx", Fate.SENT: "tx", Fate.DROPPED: "kfree_skb",
                 Fate.CONSUMED: "consume_skb", Fate.NONE: "aged out"}
@@ -201,6 +218,13 @@ def assemble(rec: PtRecord, ctx: Context, aged: bool = False) -> Packet:
                 prev.dev = dev or prev.dev
                 continue
             path.append(Stage(kind.label, t, dev, s.mark, lookups=[lk]))
+        elif kind == StageKind.DELIVER:
+            st = Stage(kind.label, t, dev, s.mark)
+            how = s.aux2
+            st.how = _DELIVER_HOW.get(how)
+            if how == DeliverHow.QUEUED and s.aux:
+                st.socket_inode = s.aux
+            path.append(st)
         else:
             path.append(Stage(kind.label, t, dev, s.mark))
 
@@ -231,10 +255,60 @@ def assemble(rec: PtRecord, ctx: Context, aged: bool = False) -> Packet:
             "last_hook": hooks[-1] if hooks else None,
         }
     if fate == Fate.DELIVERED and not aged:
-        pkt.end = "read by process" if rec.pid else "consumed after input"
+        last = path[-1] if path else None
+        pkt.end = last.how if last is not None and last.how else "delivered"
         if rec.pid:
             pkt.process = {"pid": rec.pid, "comm": rec.comm.decode(errors="replace")}
+        elif last is not None and last.socket_inode and ctx.socket_owner:
+            owner = ctx.socket_owner(last.socket_inode)
+            if owner:
+                pkt.process = {"pid": owner[0], "comm": owner[1], "socket_inode": last.socket_inode}
     return pkt
+
+
+class SocketOwners:
+    """Socket inode -> (pid, comm) of a process holding it, from /proc/*/fd.
+
+    Scanning /proc is slow, so results are cached and a full rescan happens
+    at most every `min_interval` seconds, only for inodes not yet known.
+    """
+
+    def __init__(self, proc: str = "/proc", min_interval: float = 0.5):
+        self.proc, self.min_interval = proc, min_interval
+        self._owners: dict[int, tuple[int, str]] = {}
+        self._scanned = float("-inf")
+
+    def _scan(self) -> None:
+        owners: dict[int, tuple[int, str]] = {}
+        for pid in (d for d in os.listdir(self.proc) if d.isdigit()):
+            fd_dir = f"{self.proc}/{pid}/fd"
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"{fd_dir}/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    ino = int(target[8:-1])
+                    if ino not in owners:
+                        owners[ino] = (int(pid), self._comm(pid))
+        self._owners = owners
+
+    def _comm(self, pid: str) -> str:
+        try:
+            with open(f"{self.proc}/{pid}/comm") as f:
+                return f.read().strip()
+        except OSError:
+            return "?"
+
+    def __call__(self, inode: int) -> tuple[int, str] | None:
+        if inode not in self._owners and time.monotonic() - self._scanned >= self.min_interval:
+            self._scanned = time.monotonic()
+            self._scan()
+        return self._owners.get(inode)
 
 
 class Kallsyms:

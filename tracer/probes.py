@@ -147,7 +147,12 @@ def _ipr(ns: str | None):
 
 
 def attach_classic_tc(prog_fd: int, ifindex: int, ifname: str, ingress: bool,
-                      ns: str | None) -> ClassicTcAttachment:
+                      ns: str | None, adopt_qdisc: bool = False) -> ClassicTcAttachment:
+    """Add our filter (and clsact if missing).
+
+    adopt_qdisc: a killed pkttrace left a filter of ours here, so the clsact
+    it sits on is ours too: remove it on exit if it is empty then.
+    """
     from pyroute2.netlink.exceptions import NetlinkError
     with _ipr(ns) as ipr:
         added = False
@@ -162,7 +167,7 @@ def attach_classic_tc(prog_fd: int, ifindex: int, ifname: str, ingress: bool,
                    parent=_tc_parent(ingress), prio=CLS_PRIO, protocol=0x0003, direct_action=True)
         except NetlinkError as e:
             raise AttachError(f"cls_bpf on {ifname}: {e}") from None
-    return ClassicTcAttachment(ns, ifindex, ifname, ingress, added)
+    return ClassicTcAttachment(ns, ifindex, ifname, ingress, added or adopt_qdisc)
 
 
 def remove_classic_filter(ns: str | None, ifindex: int, ingress: bool) -> bool:

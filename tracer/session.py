@@ -79,7 +79,7 @@ class Tracer:
         self.opts = opts or TraceOptions()
         self.obj: libbpf.BpfObject | None = None
         self.attachments: list[probes.Attachment] = []
-        self.ctx = paths.Context(symbolize=paths.Kallsyms())
+        self.ctx = paths.Context(symbolize=paths.Kallsyms(), socket_owner=paths.SocketOwners())
         self.ring: libbpf.RingBuffer | None = None
         self.aged = 0
         self.shown = 0
@@ -144,7 +144,8 @@ class Tracer:
     def _attach(self) -> None:
         obj = self.obj
         for prog in ("on_rx", "on_dev_queue", "on_kfree_skb", "on_consume_skb",
-                     "on_copy_datagram", "on_fib_lookup", "on_fib6_lookup"):
+                     "on_copy_datagram", "on_sk_data_ready", "on_napi_poll",
+                     "on_fib_lookup", "on_fib6_lookup"):
             self.attachments.append(probes.attach_tracepoint(obj, prog))
         slots = [(0, probes.PRIO_FIRST), (1, probes.PRIO_LAST)]
         for ns in self.opts.netns:
@@ -172,8 +173,9 @@ class Tracer:
                             raise
                         mode = "classic"  # kernel before 6.6: no TCX anywhere
                 # stale filters of a pkttrace that was killed: ours to remove
-                probes.remove_classic_filter(ns, ifindex, ingress)
-                self.attachments.append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns))
+                stale = probes.remove_classic_filter(ns, ifindex, ingress)
+                self.attachments.append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns,
+                                                                 adopt_qdisc=stale))
 
     def _learn_names(self) -> None:
         for ns, ino in self._ns_inodes.items():

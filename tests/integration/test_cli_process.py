@@ -1,0 +1,181 @@
+"""pkttrace as users run it: a real process, real signals, real leftovers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+OUR_PROGS = {"nf_obs_0", "nf_obs_1", "tc_ingress", "tc_egress", "on_rx", "on_dev_queue", "on_kfree_skb",
+             "on_consume_skb", "on_copy_datagram", "on_sk_data_ready", "on_napi_poll", "on_fib_lookup",
+             "on_fib6_lookup"}
+
+
+def pkttrace(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tracer", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(proc: subprocess.Popen, timeout: float = 10.0) -> str:
+    """The 'tracing ...' line pkttrace prints once every probe is attached."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "tracing" in line:
+            return line
+        if not line and proc.poll() is not None:
+            break
+    pytest.fail(f"pkttrace never became ready: rc={proc.poll()} {proc.stderr.read()}")
+
+
+# bpftool 7.1 (Debian 12) predates netfilter and TCX links and prints their
+# type as the number from enum bpf_link_type
+LINK_TYPES = {10: "netfilter", 11: "tcx"}
+
+
+def our_links() -> list[dict]:
+    """bpf links whose program is one of ours (bpftool sees every netns)."""
+    progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                                      check=True).stdout or "[]")
+    ours = {p["id"] for p in progs if p.get("name") in OUR_PROGS}
+    links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True,
+                                      check=True).stdout or "[]")
+    return [dict(lk, type=LINK_TYPES.get(lk.get("type"), lk.get("type")))
+            for lk in links if lk.get("prog_id") in ours]
+
+
+def wait_no_links(timeout: float = 5.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while (left := our_links()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # link release after exit is asynchronous (RCU)
+    return left
+
+
+def tc_state(ns: str) -> str:
+    out = []
+    for args in (["qdisc", "show"], ["filter", "show", "dev", "rs", "ingress"],
+                 ["filter", "show", "dev", "rs", "egress"]):
+        r = subprocess.run(["ip", "netns", "exec", ns, "tc", *args], capture_output=True, text=True)
+        out.append(r.stdout)
+    return "".join(out)
+
+
+def test_sigkill_leaves_no_link_filter_or_qdisc(lab):
+    assert not our_links(), "links of ours before the test: another pkttrace is running?"
+    before = tc_state(lab.router)
+    proc = pkttrace("--netns", lab.router)
+    try:
+        wait_ready(proc)
+        links = our_links()
+        kinds = {lk.get("type") for lk in links}
+        assert {"netfilter", "tcx", "raw_tracepoint"} <= kinds, kinds
+        # 5 hooks x 2 families x 2 slots, and TCX on every router device both ways
+        assert sum(lk.get("type") == "netfilter" for lk in links) == 20
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert wait_no_links() == []
+    assert tc_state(lab.router) == before
+    assert "bpf" not in tc_state(lab.router)
+
+
+def test_classic_tc_fallback_is_removed_on_exit_and_after_a_kill(lab):
+    """--tc classic (kernels without TCX): netlink state, ours to clean."""
+    proc = pkttrace("--netns", lab.router, "--tc", "classic")
+    wait_ready(proc)
+    assert "pkttrace" in tc_state(lab.router)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(5)
+    # a SIGKILLed process cannot clean netlink state: the next start does
+    proc = pkttrace("--netns", lab.router, "--tc", "classic")
+    wait_ready(proc)
+    assert tc_state(lab.router).count("pkttrace") == 2  # one ingress, one egress on rs: no duplicates
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    state = tc_state(lab.router)
+    assert "pkttrace" not in state and "clsact" not in state
+    assert wait_no_links() == []
+
+
+def test_json_lines_with_count(lab):
+    proc = pkttrace("--netns", lab.router, "--json", "--proto", "icmp", "--dst", lab.addr["server4"], "-c", "1")
+    try:
+        wait_ready(proc)
+        assert lab.ping(lab.client, lab.addr["server4"]) == 1
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1
+    pkt = json.loads(lines[0])
+    for key in ("id", "netns", "family", "proto", "src", "dst", "fate", "in_dev", "out_dev", "path"):
+        assert key in pkt, key
+    assert (pkt["family"], pkt["proto"], pkt["fate"]) == ("ipv4", "icmp", "forwarded")
+    assert pkt["netns"] == lab.router
+    for st in pkt["path"]:
+        assert {"stage", "t_ns", "dev", "mark"} <= set(st)
+    assert [s["stage"] for s in pkt["path"]][-1] == "tx"
+    # the summary line accounts for what was not shown
+    assert "1 packets shown" in err and "lost" in err and "aged out" in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--src", "10.0.0.300/8"], "invalid address"),
+    (["--mark", "0xZZ"], "invalid mark"),
+    (["--netns", "no-such-ns-pkttrace"], "unknown network namespace"),
+    (["--iface", "nosuchif0"], "no interface"),
+    (["--proto", "bogus"], "invalid protocol"),
+])
+def test_bad_input_one_line_exit_2(lab, args, needle):
+    r = subprocess.run([sys.executable, "-m", "tracer", "--netns", lab.router, *args], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.fixture
+def world_readable_dir():
+    """pytest's tmp_path lives under a root-only directory: nobody cannot enter it."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="pkttrace-test-", dir="/tmp")
+    os.chmod(d, 0o755)
+    yield __import__("pathlib").Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_not_root_one_line_exit_2(world_readable_dir):
+    """As an unprivileged user (nobody), with the tree copied where they can read it."""
+    import shutil
+    tmp_path = world_readable_dir
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dst = tmp_path / "src"
+    shutil.copytree(os.path.join(repo, "tracer"), dst / "tracer")
+    import click
+    shutil.copytree(os.path.dirname(click.__file__), dst / "click")  # root's site-packages is not readable
+    for root, dirs, files in os.walk(dst):
+        os.chmod(root, 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    env = {"PYTHONPATH": str(dst), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                        "tracer", "--proto", "icmp"], capture_output=True, text=True, env=env, timeout=30,
+                       cwd=dst)
+    if "Permission denied" in r.stderr and "python" in r.stderr.lower():
+        pytest.skip("the Python interpreter is not readable by nobody on this machine")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not root" in lines[0], r.stderr
