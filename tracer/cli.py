@@ -231,6 +231,29 @@ def lab_status(prefix, as_json):
     click.echo(f"demo rules: {'present' if st.get('rules') else 'absent'}")
 
 
+@lab.command("demo")
+@_prefix
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of blocks.")
+@click.option("--keep", is_flag=True, help="Leave the lab up afterwards.")
+def lab_demo(prefix, as_json, keep):
+    """Bring the lab up and trace one packet of each kind the diagrams draw.
+
+    \b
+    Example:
+      pkttrace lab demo
+    """
+    from . import demo
+    from .lab import LabError
+    from .output import Printer
+    from .session import TraceError
+    _require_root()
+    printer = Printer(sys.stdout, as_json)
+    try:
+        demo.run(lambda s: click.echo(s, nl=False, err=as_json), printer.packet, prefix=prefix, keep=keep)
+    except (LabError, TraceError) as e:
+        raise RuntimeFailure(str(e)) from None
+
+
 def run(argv=None) -> int:
     """Console entry point: click's errors become one line too."""
     try:
