@@ -41,6 +41,8 @@ def _parse(fn, value, *args):
 def build_filter(mark, src, dst, proto, port, iface, ns) -> PacketFilter:
     ifindex = None
     if iface is not None:
+        if ns is not None:
+            _require_root()  # entering a named netns needs CAP_SYS_ADMIN
         try:
             ifindex = netns.ifindex(ns, iface)
         except netns.NetnsError as e:
@@ -102,6 +104,8 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, duration, 
         return
     # validate everything the user typed before asking for root
     ns_list = _check_netns(netns_names)
+    if iface is not None and len(ns_list) > 1:
+        raise UsageFailure("--iface names a device of one namespace: give a single --netns with it")
     pf = build_filter(mark, src, dst, proto, port, iface, ns_list[0])
     _require_root()
     from .session import TraceOptions
@@ -129,7 +133,8 @@ def run_trace(opts, count=None, duration=None, as_json=False) -> None:
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:
-        sys.stderr.close()
+        # the reader went away (pkttrace | head): keep stderr for the summary
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         c = tracer.counters()
         tracer.close()

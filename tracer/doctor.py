@@ -13,7 +13,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from . import libbpf, netns, probes
+from . import libbpf, probes
 
 TRACEPOINTS = ("netif_receive_skb", "net_dev_queue", "kfree_skb", "consume_skb",
                "skb_copy_datagram_iovec", "fib_table_lookup", "fib6_table_lookup")

@@ -40,9 +40,9 @@ def _u32(text: str, what: str) -> int:
 
 def parse_mark(text: str) -> Mark:
     """VALUE[/MASK], like iptables' --mark."""
-    value, _, mask = text.partition("/")
+    value, sep, mask = text.partition("/")
     v = _u32(value, "mark")
-    m = _u32(mask, "mark mask") if mask else 0xFFFFFFFF
+    m = _u32(mask, "mark mask") if sep else 0xFFFFFFFF
     if v & ~m:
         raise FilterError(f"invalid mark {text!r}: value has bits outside the mask")
     return Mark(v, m)
@@ -126,16 +126,16 @@ class PacketFilter:
             return any(ipaddress.ip_address(a).version == net.version and ipaddress.ip_address(a) in net
                        for a in pkt.addresses(attr))
         if self.mark is not None and not any(
-                (s.mark & self.mark.mask) == self.mark.value for s in pkt.stages):
+                (m & self.mark.mask) == self.mark.value for m in pkt.marks()):
             return False
         if self.src is not None and not any_addr(self.src, "src"):
             return False
         if self.dst is not None and not any_addr(self.dst, "dst"):
             return False
-        if self.proto is not None and pkt.proto != self.proto:
+        if self.proto is not None and pkt.proto_num != self.proto:
             return False
         if self.port is not None and self.port not in (pkt.sport, pkt.dport):
             return False
-        if self.ifindex is not None and not any(s.ifindex == self.ifindex for s in pkt.stages):
+        if self.ifindex is not None and not any(self.ifindex in (s.ifindex, s.in_ifindex) for s in pkt.stages):
             return False
         return True

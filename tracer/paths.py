@@ -86,6 +86,8 @@ class Stage:
     in_dev: str | None = None          # forward: both devices
     observations: list[Observation] = field(default_factory=list)
     lookups: list[Lookup] = field(default_factory=list)
+    ifindex: int = 0                   # device index (for filters on recorded data)
+    in_ifindex: int = 0
     how: str | None = None             # deliver: how delivery was seen
     socket_inode: int | None = None    # deliver: the socket it was queued to
 
@@ -141,6 +143,16 @@ class Packet:
         """The path contains these stages in this order (others may sit between)."""
         it = iter(self.stage_names())
         return all(any(s == w for s in it) for w in stages)
+
+    def marks(self) -> set[int]:
+        """Every mark the packet was seen with."""
+        out = set()
+        for s in self.path:
+            out.add(s.mark)
+            if s.mark_out is not None:
+                out.add(s.mark_out)
+            out.update(o.mark for o in s.observations)
+        return out
 
     def addresses(self, which: str) -> list[str]:
         return [self.src if which == "src" else self.dst]
@@ -227,6 +239,9 @@ def assemble(rec: PtRecord, ctx: Context, aged: bool = False) -> Packet:
             path.append(st)
         else:
             path.append(Stage(kind.label, t, dev, s.mark))
+        path[-1].ifindex = path[-1].ifindex or s.ifindex
+        if kind == StageKind.FORWARD:
+            path[-1].in_ifindex = s.aux
 
     fate = Fate(rec.fate) if rec.fate in Fate._value2member_map_ else Fate.NONE
     pkt = Packet(

@@ -9,7 +9,6 @@ This is the library API; the CLI is a thin layer over it.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import time
 from dataclasses import dataclass, field

@@ -166,7 +166,7 @@ def test_not_root_one_line_exit_2(world_readable_dir):
     shutil.copytree(os.path.join(repo, "tracer"), dst / "tracer")
     import click
     shutil.copytree(os.path.dirname(click.__file__), dst / "click")  # root's site-packages is not readable
-    for root, dirs, files in os.walk(dst):
+    for root, _dirs, files in os.walk(dst):
         os.chmod(root, 0o755)
         for f in files:
             os.chmod(os.path.join(root, f), 0o644)

@@ -1,0 +1,66 @@
+"""paths.Kallsyms: kernel address -> symbol+offset, from a fake /proc/kallsyms."""
+
+import pytest
+
+from tracer.paths import Kallsyms
+
+# Unsorted on purpose; data (D, b, r) and absolute (A) symbols must be ignored.
+FAKE = """\
+ffffffff81000200 D some_data
+ffffffff81000100 t local_helper
+ffffffff81000000 T _stext
+0000000000000000 A fixed_percpu_data
+ffffffff81000080 b bss_counter
+ffffffff81000300 W weak_fn
+ffffffff81000340 r rodata_table
+garbage line
+ffffffffc0000000 t mod_fn\t[mymod]
+
+"""
+FIRST = 0xFFFFFFFF81000000
+
+
+@pytest.fixture
+def ksyms(tmp_path):
+    p = tmp_path / "kallsyms"
+    p.write_text(FAKE)
+    return Kallsyms(str(p))
+
+
+@pytest.mark.parametrize("addr, expected", [
+    (FIRST, "_stext+0x0"),
+    (FIRST + 0x10, "_stext+0x10"),
+    (FIRST + 0x80, "_stext+0x80"),            # bss_counter ignored
+    (FIRST + 0x100, "local_helper+0x0"),       # lower-case t: static text counts
+    (FIRST + 0x250, "local_helper+0x150"),     # some_data ignored
+    (FIRST + 0x300, "weak_fn+0x0"),            # weak symbols count
+    (FIRST + 0x345, "weak_fn+0x45"),           # rodata_table ignored
+    (0xFFFFFFFFC0000024, "mod_fn+0x24"),       # module symbol, "[mymod]" column tolerated
+])
+def test_symbol_plus_offset(ksyms, addr, expected):
+    assert ksyms(addr) == expected
+
+
+@pytest.mark.parametrize("addr", [FIRST - 1, 0x1000, 0])
+def test_address_below_first_symbol_is_hex(ksyms, addr):
+    assert ksyms(addr) == hex(addr)
+
+
+def test_zeroed_addresses_are_ignored(tmp_path):
+    # what an unprivileged reader sees: every address 0
+    p = tmp_path / "kallsyms"
+    p.write_text("0000000000000000 T _stext\n0000000000000000 t helper\n")
+    assert Kallsyms(str(p))(FIRST + 8) == hex(FIRST + 8)
+
+
+def test_missing_file_gives_hex(tmp_path):
+    assert Kallsyms(str(tmp_path / "nope"))(FIRST) == hex(FIRST)
+
+
+def test_file_is_read_lazily_and_once(tmp_path):
+    p = tmp_path / "kallsyms"
+    ks = Kallsyms(str(p))          # not there yet: nothing read at construction
+    p.write_text(FAKE)
+    assert ks(FIRST + 4) == "_stext+0x4"
+    p.write_text("ffffffff81000000 T renamed\n")
+    assert ks(FIRST + 4) == "_stext+0x4"  # cached

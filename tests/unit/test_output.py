@@ -1,0 +1,194 @@
+"""Output: the readable block per packet, JSON lines, and the closing summary."""
+
+import io
+import json
+
+import pytest
+
+from tracer import events, output
+from tracer.paths import Context, Lookup, Observation, Packet, Stage, assemble
+from tracer.session import Counters
+
+
+def _hook(name, t, dev, mark, mark_out, in_dev=None):
+    return Stage(name, t, dev, mark, mark_out=mark_out, tos=0, tos_out=0, in_dev=in_dev,
+                 observations=[Observation(-300, mark, 0, t), Observation(300, mark_out, 0, t + 100)])
+
+
+def forwarded_icmp() -> Packet:
+    """Router: marked 0x0 -> 0x1 in PREROUTING, routed by table main, forwarded."""
+    return Packet(
+        id=7, netns="ptlab-rtr", family="ipv4", proto="icmp", src="10.71.1.2", dst="10.71.2.2",
+        sport=None, dport=None, fate="forwarded", in_dev="r0", out_dev="r1",
+        path=[
+            Stage("rx", 0, "r0", 0),
+            _hook("prerouting", 1_500, "r0", 0, 1),
+            Stage("route", 2_000, "r1", 1, lookups=[Lookup("main", 254, "r1", None, 1, 2_000)]),
+            _hook("forward", 3_000, "r1", 1, 1, in_dev="r0"),
+            _hook("postrouting", 4_000, "r1", 1, 1),
+            Stage("tx", 2_500_000, "r1", 1),
+        ],
+        proto_num=1,
+    )
+
+
+def dropped_udp() -> Packet:
+    """Router: UDP to port 5009 dropped by a FORWARD rule."""
+    return Packet(
+        id=8, netns="ptlab-rtr", family="ipv4", proto="udp", src="10.71.1.2", dst="10.71.2.2",
+        sport=40000, dport=5009, fate="dropped", in_dev="r0", out_dev="r1",
+        path=[
+            Stage("rx", 0, "r0", 0),
+            Stage("route", 2_000, "r1", 0, lookups=[Lookup("main", 254, "r1", None, 0, 2_000)]),
+            _hook("forward", 3_000, "r1", 0, 0, in_dev="r0"),
+            Stage("drop", 3_500, "r1", 0),
+        ],
+        drop={"reason": "NETFILTER_DROP", "location": "nf_hook_slow+0x9c", "last_hook": "forward"},
+        proto_num=17,
+    )
+
+
+# --- JSON -------------------------------------------------------------------
+
+REQUIRED = {"id", "netns", "family", "proto", "src", "dst", "fate", "in_dev", "out_dev", "path"}
+
+
+@pytest.mark.parametrize("make", [forwarded_icmp, dropped_udp])
+def test_json_is_one_line_of_valid_json(make):
+    line = output.format_json(make())
+    assert "\n" not in line
+    d = json.loads(line)
+    assert REQUIRED <= set(d)
+
+
+def test_json_values_of_a_forwarded_packet():
+    d = json.loads(output.format_json(forwarded_icmp()))
+    assert {k: d[k] for k in REQUIRED - {"path"}} == {
+        "id": 7, "netns": "ptlab-rtr", "family": "ipv4", "proto": "icmp", "src": "10.71.1.2",
+        "dst": "10.71.2.2", "fate": "forwarded", "in_dev": "r0", "out_dev": "r1"}
+    assert "sport" not in d and "dport" not in d  # no ports for ICMP
+    assert "drop" not in d
+
+
+def test_json_path_entries():
+    d = json.loads(output.format_json(forwarded_icmp()))
+    assert [(s["stage"], s["t_ns"], s["dev"], s["mark"]) for s in d["path"]] == [
+        ("rx", 0, "r0", 0), ("prerouting", 1_500, "r0", 0), ("route", 2_000, "r1", 1),
+        ("forward", 3_000, "r1", 1), ("postrouting", 4_000, "r1", 1), ("tx", 2_500_000, "r1", 1)]
+    pre = d["path"][1]
+    assert pre["mark_out"] == 1
+    assert [o["priority"] for o in pre["observers"]] == [-300, 300]
+    assert d["path"][2]["table"] == "main"
+    assert d["path"][3]["in_dev"] == "r0"
+
+
+def test_json_ports_and_drop_for_udp():
+    d = json.loads(output.format_json(dropped_udp()))
+    assert (d["sport"], d["dport"]) == (40000, 5009)
+    assert d["fate"] == "dropped"
+    assert d["drop"]["reason"] == "NETFILTER_DROP"
+    assert d["drop"]["location"] == "nf_hook_slow+0x9c"
+
+
+def _record(proto: int) -> events.PtRecord:
+    rec = events.PtRecord()
+    rec.id, rec.family, rec.proto, rec.fate = 1, 4, proto, events.Fate.SENT
+    rec.saddr[:4], rec.daddr[:4] = [10, 0, 0, 1], [10, 0, 0, 2]
+    rec.sport, rec.dport = 1234, 80
+    rec.n_stages = 1
+    rec.stages[0].kind = events.StageKind.TX
+    return rec
+
+
+@pytest.mark.parametrize("proto, has_ports", [(6, True), (17, True), (1, False), (58, False), (47, False)])
+def test_json_ports_only_for_tcp_and_udp(proto, has_ports):
+    d = json.loads(output.format_json(assemble(_record(proto), Context())))
+    assert ("sport" in d, "dport" in d) == (has_ports, has_ports)
+    if has_ports:
+        assert (d["sport"], d["dport"]) == (1234, 80)
+
+
+# --- readable block ---------------------------------------------------------
+
+def _line(text: str, stage: str) -> str:
+    [ln] = [ln for ln in text.splitlines()[1:] if ln.split()[1] == stage]
+    return ln
+
+
+def test_block_header():
+    head = output.format_packet(forwarded_icmp()).splitlines()[0]
+    assert head == "#7 ipv4 icmp 10.71.1.2 → 10.71.2.2  FORWARDED  netns ptlab-rtr"
+
+
+def test_block_has_one_line_per_stage_in_order():
+    lines = output.format_packet(forwarded_icmp()).splitlines()[1:]
+    assert [ln.split()[1] for ln in lines] == ["rx", "prerouting", "route", "forward", "postrouting", "tx"]
+
+
+def test_block_mark_change():
+    assert "mark 0x0→0x1" in _line(output.format_packet(forwarded_icmp()), "prerouting")
+
+
+def test_block_unchanged_mark_is_shown_once():
+    ln = _line(output.format_packet(forwarded_icmp()), "postrouting")
+    assert "mark 0x1" in ln and "→0x" not in ln
+
+
+def test_block_route_table():
+    ln = _line(output.format_packet(forwarded_icmp()), "route")
+    assert "table main → dev r1" in ln
+
+
+def test_block_route_error_and_several_tables():
+    p = forwarded_icmp()
+    p.path[2].lookups = [Lookup("local", 255, None, None, 0, 2_000),
+                         Lookup("main", 254, None, "ENETUNREACH", 0, 2_100)]
+    assert "table local → main → error ENETUNREACH" in _line(output.format_packet(p), "route")
+
+
+def test_block_forward_shows_both_devices():
+    assert "r0→r1" in _line(output.format_packet(forwarded_icmp()), "forward")
+
+
+def test_block_times():
+    text = output.format_packet(forwarded_icmp())
+    assert "+1.5µs" in _line(text, "prerouting")
+    assert "+2.500ms" in _line(text, "tx")
+
+
+def test_block_drop_line():
+    text = output.format_packet(dropped_udp())
+    assert text.splitlines()[0].startswith("#8 ipv4 udp 10.71.1.2:40000 → 10.71.2.2:5009  DROPPED")
+    assert text.splitlines()[-1] == "  dropped: NETFILTER_DROP at nf_hook_slow+0x9c (after forward)"
+
+
+def test_block_ipv6_endpoints_are_bracketed():
+    p = dropped_udp()
+    p.family, p.src, p.dst = "ipv6", "fd71:1::2", "fd71:2::2"
+    assert "[fd71:1::2]:40000 → [fd71:2::2]:5009" in output.format_packet(p).splitlines()[0]
+
+
+def test_block_aged_out():
+    p = forwarded_icmp()
+    p.fate = "unknown"
+    assert "  end not seen: aged out" in output.format_packet(p).splitlines()
+
+
+def test_printer_json_writes_one_line_per_packet():
+    buf = io.StringIO()
+    printer = output.Printer(buf, as_json=True)
+    printer.packet(forwarded_icmp())
+    printer.packet(dropped_udp())
+    assert [json.loads(ln)["id"] for ln in buf.getvalue().splitlines()] == [7, 8]
+
+
+# --- summary ----------------------------------------------------------------
+
+def test_summary_counts():
+    s = output.summary(Counters(shown=3, filtered=11, lost=5, create_failed=2, aged_out=4))
+    assert "3 packets shown" in s
+    assert "11 filtered out" in s
+    assert "5 lost" in s
+    assert "2 not traced" in s
+    assert "4 aged out" in s
+    assert "\n" not in s
