@@ -71,25 +71,39 @@ def _require_root() -> None:
         raise UsageFailure("not root: pkttrace needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON)")
 
 
+def filter_options(fn):
+    """The packet filters, shared by live tracing and replay."""
+    opts = [
+        click.option("--mark", metavar="VALUE[/MASK]",
+                     help="Packets whose mark matches at any stage, e.g. 0x1 or 0x10/0xf0."),
+        click.option("--src", metavar="CIDR", help="Source address or network."),
+        click.option("--dst", metavar="CIDR", help="Destination address or network."),
+        click.option("--proto", metavar="tcp|udp|icmp|icmpv6|N", help="IP protocol."),
+        click.option("--port", metavar="N", help="TCP/UDP source or destination port."),
+        click.option("--iface", metavar="NAME", help="Packets received or sent on this device."),
+        click.option("-c", "--count", type=click.IntRange(min=1), help="Stop after N packets."),
+        click.option("--json", "as_json", is_flag=True, help="One JSON object per packet per line."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--netns", "netns_names", multiple=True, metavar="NAME",
               help="Trace this named network namespace (repeatable; default: the current one).")
-@click.option("--mark", metavar="VALUE[/MASK]", help="Packets whose mark matches at any stage, e.g. 0x1 or 0x10/0xf0.")
-@click.option("--src", metavar="CIDR", help="Source address or network.")
-@click.option("--dst", metavar="CIDR", help="Destination address or network.")
-@click.option("--proto", metavar="tcp|udp|icmp|icmpv6|N", help="IP protocol.")
-@click.option("--port", metavar="N", help="TCP/UDP source or destination port.")
-@click.option("--iface", metavar="NAME", help="Packets received or sent on this device (in the traced netns).")
-@click.option("-c", "--count", type=click.IntRange(min=1), help="Stop after N packets.")
+@filter_options
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop after this many seconds.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per packet per line.")
 @click.option("--tc", "tc_mode", type=click.Choice(["auto", "tcx", "classic", "off"]), default="auto",
               show_default=True, help="How to observe tc ingress/egress.")
 @click.option("--age-after", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
               help="Report a packet as 'unknown' when its end is not seen within this time.")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Also save the raw records (and the names they need) for `pkttrace replay`.")
 @click.pass_context
-def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, duration, as_json, tc_mode, age_after):
+def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, duration, tc_mode, age_after,
+         record_path):
     """Show the path each packet really takes through the Linux network stack.
 
     \b
@@ -97,6 +111,7 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, duration, 
       pkttrace --mark 0x1                 # packets marked 0x1 at any stage
       pkttrace --netns ptlab-rtr --proto icmp -c 5
       pkttrace --dst 10.0.0.0/8 --port 53 --json
+      pkttrace --record trace.jsonl       # replay later: pkttrace replay trace.jsonl
       pkttrace doctor                     # what this kernel supports
       pkttrace lab up                     # a netns lab to try it on
     """
@@ -110,17 +125,26 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, duration, 
     _require_root()
     from .session import TraceOptions
     opts = TraceOptions(netns=ns_list, filter=pf, tc=tc_mode, age_after=age_after)
-    run_trace(opts, count=count, duration=duration, as_json=as_json)
+    run_trace(opts, count=count, duration=duration, as_json=as_json, record_path=record_path)
 
 
-def run_trace(opts, count=None, duration=None, as_json=False) -> None:
+def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) -> None:
     from .output import Printer, summary
     from .session import TraceError, Tracer
     tracer = Tracer(opts)
+    record = None
+    if record_path:
+        try:
+            record = open(record_path, "w")
+        except OSError as e:
+            raise UsageFailure(f"cannot write {record_path}: {e.strerror}") from None
     try:
         tracer.start()
     except TraceError as e:
         raise RuntimeFailure(str(e)) from None
+    if record:
+        from .recording import Recorder
+        tracer.on_raw = Recorder(record, tracer.ctx)
     # SIGTERM ends the trace like Ctrl-C, with the summary
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     printer = Printer(sys.stdout, as_json)
@@ -138,7 +162,41 @@ def run_trace(opts, count=None, duration=None, as_json=False) -> None:
     finally:
         c = tracer.counters()
         tracer.close()
+        if record:
+            record.close()
         click.echo(f"pkttrace: {summary(c)}", err=True)
+
+
+@main.command()
+@click.argument("recording", type=click.File("r"))
+@filter_options
+def replay(recording, mark, src, dst, proto, port, iface, count, as_json):
+    """Print the packets of a recording made with --record (no root needed).
+
+    Filters apply as in live tracing (any stage matches); --iface matches
+    device names.
+
+    \b
+    Example:
+      pkttrace replay trace.jsonl --proto udp --json
+    """
+    from .output import Printer
+    from .recording import RecordingError, replay as do_replay
+    pf = build_filter(mark, src, dst, proto, port, None, None)
+    printer = Printer(sys.stdout, as_json)
+    shown = 0
+    try:
+        for pkt in do_replay(recording):
+            if not pf.matches(pkt):
+                continue
+            if iface is not None and not any(iface in (s.dev, s.in_dev) for s in pkt.path):
+                continue
+            printer.packet(pkt)
+            shown += 1
+            if count is not None and shown >= count:
+                break
+    except RecordingError as e:
+        raise UsageFailure(f"{recording.name}: {e}") from None
 
 
 @main.command()
@@ -240,7 +298,9 @@ def lab_status(prefix, as_json):
 @_prefix
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of blocks.")
 @click.option("--keep", is_flag=True, help="Leave the lab up afterwards.")
-def lab_demo(prefix, as_json, keep):
+@click.option("--record", "record_file", type=click.File("w"), metavar="FILE",
+              help="Save the raw records for `pkttrace replay` (and test fixtures).")
+def lab_demo(prefix, as_json, keep, record_file):
     """Bring the lab up and trace one packet of each kind the diagrams draw.
 
     \b
@@ -254,7 +314,8 @@ def lab_demo(prefix, as_json, keep):
     _require_root()
     printer = Printer(sys.stdout, as_json)
     try:
-        demo.run(lambda s: click.echo(s, nl=False, err=as_json), printer.packet, prefix=prefix, keep=keep)
+        demo.run(lambda s: click.echo(s, nl=False, err=as_json), printer.packet, prefix=prefix, keep=keep,
+                 record=record_file)
     except (LabError, TraceError) as e:
         raise RuntimeFailure(str(e)) from None
 

@@ -32,14 +32,20 @@ def scenarios(lab: Lab) -> list[tuple[str, Callable[[], None]]]:
 
 
 def run(emit: Callable[[str], None], show: Callable[[Packet], None], prefix: str = "ptlab",
-        keep: bool = False) -> int:
-    """Run every scenario; returns the number of packets shown."""
+        keep: bool = False, record=None) -> int:
+    """Run every scenario; returns the number of packets shown.
+
+    record: a text file to save every raw record in (see tracer.recording).
+    """
     lab = Lab(prefix)
     lab.up(rules=True)
     shown = 0
     try:
         # ICMP and UDP only: the lab's IPv6 neighbour discovery would drown the demo
         with Tracer(TraceOptions(netns=[lab.router], filter=PacketFilter())) as tracer:
+            if record is not None:
+                from .recording import Recorder
+                tracer.on_raw = Recorder(record, tracer.ctx)
             emit(f"tracing {lab.router} ({len(tracer.attachments)} probes, ready in "
                  f"{tracer.ready_s * 1000:.0f} ms)\n")
             for title, send in scenarios(lab):

@@ -86,6 +86,8 @@ class Tracer:
         self.ready_s = 0.0
         self._last_age_scan = 0.0
         self._ns_inodes: dict[str | None, int] = {}
+        # called with (raw record bytes, aged) for every packet reported: --record
+        self.on_raw = None
 
     # ---- set-up ----
 
@@ -205,6 +207,8 @@ class Tracer:
             self.ring.wait(timeout)
             for raw in self.ring.drain():
                 out.append(self._packet(events.decode_record(raw)))
+                if self.on_raw:
+                    self.on_raw(raw, False)
         else:
             time.sleep(timeout)
         now = time.monotonic()
@@ -239,6 +243,9 @@ class Tracer:
             self.aged += 1
             if (rec.match & want) == want and self.opts.emit:
                 out.append(self._packet(PtRecord.from_buffer_copy(rec), aged=True))
+                if self.on_raw:
+                    n = min(rec.n_stages, events.PT_MAX_STAGES)
+                    self.on_raw(bytes(rec)[:events.RECORD_HEADER_SIZE + n * events.STAGE_SIZE], True)
         return out
 
     def packets(self, count: int | None = None, duration: float | None = None) -> Iterator[paths.Packet]:

@@ -179,3 +179,21 @@ def test_not_root_one_line_exit_2(world_readable_dir):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "not root" in lines[0], r.stderr
+
+
+def test_record_replays_to_the_same_json(lab, tmp_path):
+    rec = tmp_path / "trace.jsonl"
+    proc = pkttrace("--netns", lab.router, "--json", "--proto", "icmp", "--dst", lab.addr["server4"], "-c", "1",
+                    "--record", str(rec))
+    try:
+        wait_ready(proc)
+        assert lab.ping(lab.client, lab.addr["server4"]) == 1
+        live, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    r = subprocess.run([sys.executable, "-m", "tracer", "replay", str(rec), "--json"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[0]) == json.loads(live.splitlines()[0])

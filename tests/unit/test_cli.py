@@ -134,8 +134,8 @@ def test_root_passes_parsed_options_to_the_tracer(capsys, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     seen = {}
 
-    def fake_run_trace(opts, count=None, duration=None, as_json=False):
-        seen.update(opts=opts, count=count, duration=duration, as_json=as_json)
+    def fake_run_trace(opts, count=None, duration=None, as_json=False, record_path=None):
+        seen.update(opts=opts, count=count, duration=duration, as_json=as_json, record_path=record_path)
     monkeypatch.setattr(cli, "run_trace", fake_run_trace)
 
     status = cli.run(["--mark", "0x10/0xf0", "--src", "10.1.2.3/8", "--dst", "2001:db8::1", "--proto", "udp",

@@ -1,0 +1,87 @@
+"""Record raw kernel records, and replay them without root or BPF.
+
+A recording is JSON lines: a header, then one line per record with the raw
+bytes the kernel wrote (hex), plus `context` lines whenever user space
+learned names the records need (devices, observer priorities, drop reasons,
+kernel symbols of drop locations).  Replaying rebuilds the paths with the
+same code as live tracing, so recordings double as test fixtures.
+"""
+from __future__ import annotations
+
+import json
+from typing import IO, Iterator
+
+from . import events, paths
+
+FORMAT = 1
+
+
+def _ctx_to_json(ctx: paths.Context, symbols: dict[int, str]) -> dict:
+    return {
+        "ifnames": [[ino, idx, name] for (ino, idx), name in sorted(ctx.ifnames.items())],
+        "netns_names": [[ino, name] for ino, name in sorted(ctx.netns_names.items())],
+        "slot_priority": [[*k, v] for k, v in sorted(ctx.slot_priority.items())],
+        "drop_reasons": [[v, n] for v, n in sorted(ctx.drop_reasons.items())],
+        "symbols": [[a, s] for a, s in sorted(symbols.items())],
+    }
+
+
+def _ctx_update(ctx: paths.Context, symbols: dict[int, str], d: dict) -> None:
+    ctx.ifnames.update({(ino, idx): name for ino, idx, name in d.get("ifnames", [])})
+    ctx.netns_names.update({ino: name for ino, name in d.get("netns_names", [])})
+    ctx.slot_priority.update({tuple(row[:4]): row[4] for row in d.get("slot_priority", [])})
+    ctx.drop_reasons.update({v: n for v, n in d.get("drop_reasons", [])})
+    symbols.update({a: s for a, s in d.get("symbols", [])})
+
+
+class Recorder:
+    """Writes raw records to a file as the tracer reports them."""
+
+    def __init__(self, out: IO[str], ctx: paths.Context):
+        self.out, self.ctx = out, ctx
+        self._written: dict | None = None
+        self._symbols: dict[int, str] = {}
+        out.write(json.dumps({"pkttrace_recording": FORMAT, "record_size": events.RECORD_HEADER_SIZE,
+                              "stage_size": events.STAGE_SIZE}) + "\n")
+
+    def __call__(self, raw: bytes, aged: bool) -> None:
+        rec = events.decode_record(raw)
+        if rec.fate == events.Fate.DROPPED and rec.drop_location not in self._symbols and self.ctx.symbolize:
+            self._symbols[rec.drop_location] = self.ctx.symbolize(rec.drop_location)
+        snapshot = _ctx_to_json(self.ctx, self._symbols)
+        if snapshot != self._written:
+            # only what changed since the last context line
+            prev = self._written or {}
+            delta = {k: [r for r in v if r not in prev.get(k, [])] for k, v in snapshot.items()}
+            self.out.write(json.dumps({"context": {k: v for k, v in delta.items() if v}}) + "\n")
+            self._written = snapshot
+        self.out.write(json.dumps({"raw": raw.hex(), "aged": aged}) + "\n")
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class RecordingError(ValueError):
+    pass
+
+
+def replay(lines: IO[str]) -> Iterator[paths.Packet]:
+    """Packets rebuilt from a recording."""
+    ctx = paths.Context()
+    symbols: dict[int, str] = {}
+    ctx.symbolize = lambda a: symbols.get(a, hex(a))
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            raise RecordingError(f"line {n}: not JSON: is this a pkttrace recording?") from None
+        if n == 1:
+            if d.get("pkttrace_recording") != FORMAT:
+                raise RecordingError("not a pkttrace recording (or a newer format)")
+            continue
+        if "context" in d:
+            _ctx_update(ctx, symbols, d["context"])
+        elif "raw" in d:
+            yield paths.assemble(events.decode_record(bytes.fromhex(d["raw"])), ctx, aged=bool(d.get("aged")))
