@@ -275,6 +275,35 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 	return bpf_map_lookup_elem(&inflight, &key);
 }
 
+/* FNV-1a step: the path signature identifies a path's shape, so user space
+ * resolves names once per shape and the kernel can count paths by it. */
+static __always_inline __u32 sig_mix(__u32 h, __u32 v)
+{
+	h ^= v;
+	return h * 16777619u;
+}
+
+/* Over what names a path: never times, marks or per-packet values. */
+static __always_inline __u32 path_signature(const struct pt_record *r, __u32 n)
+{
+	__u32 h = 2166136261u;
+
+	h = sig_mix(h, r->fate | (r->family << 8) | (r->proto << 16));
+	h = sig_mix(h, r->drop_reason);
+	for (int i = 0; i < PT_MAX_STAGES; i++) {
+		const struct pt_stage *s = &r->stages[i];
+
+		if (i >= n)
+			break;
+		h = sig_mix(h, s->kind | (s->slot << 8));
+		h = sig_mix(h, s->ifindex);
+		/* a deliver stage's aux is the socket inode: per packet */
+		h = sig_mix(h, s->kind == PT_STAGE_DELIVER ? 0 : s->aux);
+		h = sig_mix(h, (__u32)s->aux2);
+	}
+	return h;
+}
+
 static __always_inline struct pt_stage *stage_add(struct pt_record *r, __u8 kind, __u64 ts)
 {
 	__u32 n = r->n_stages;
@@ -305,12 +334,13 @@ static __always_inline void rec_finish(const void *skb, struct pt_record *r, __u
 	__u32 n = r->n_stages;
 
 	r->fate = fate;
+	if (n > PT_MAX_STAGES)
+		n = PT_MAX_STAGES;
 	if ((r->match & cfg.filter) != cfg.filter) {
 		stat_inc(PT_STAT_FILTERED);
 	} else if (cfg.emit) {
+		r->path_sig = path_signature(r, n);
 		/* Send only the stages used: most paths need a third of them. */
-		if (n > PT_MAX_STAGES)
-			n = PT_MAX_STAGES;
 		if (bpf_ringbuf_output(&events, r,
 				       offsetof(struct pt_record, stages) + n * sizeof(struct pt_stage), 0))
 			stat_inc(PT_STAT_LOST);

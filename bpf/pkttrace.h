@@ -110,26 +110,35 @@ struct pt_record {
 	__u64 first_ts;
 	__u64 last_ts;
 	__u64 drop_location;      /* kernel address for kfree_skb */
+	/* Everything that decides how a path reads, contiguous: user space keys
+	 * its cache of resolved paths by these 24 bytes (PT_SHAPE_OFF/LEN). */
 	__u32 netns;              /* inode of the netns the packet was seen in */
 	__u32 drop_reason;        /* enum skb_drop_reason value */
 	__u32 in_ifindex;
 	__u32 out_ifindex;
-	__u8 saddr[16];           /* addresses and ports at first sight */
-	__u8 daddr[16];
-	__u16 sport;              /* host order */
-	__u16 dport;
+	__u32 path_sig;           /* hash of the stages' kind, slot, device, table and
+				     outcome: equal for packets that took the same path */
 	__u8 family;              /* 4 or 6 */
 	__u8 proto;
 	__u8 fate;                /* enum pt_fate */
 	__u8 n_stages;
+	/* per-packet values */
 	__u8 match;               /* PT_F_* criteria matched so far */
 	__u8 seen;                /* PT_SEEN_* */
 	__u8 flags;               /* PT_REC_* */
 	__u8 _pad0;
+	__u16 sport;              /* host order */
+	__u16 dport;
+	__u8 saddr[16];           /* addresses and ports at first sight */
+	__u8 daddr[16];
 	__u32 pid;                /* process that read it (deliver) */
 	char comm[16];
+	__u32 _pad1;
 	struct pt_stage stages[PT_MAX_STAGES];
 };
+
+#define PT_SHAPE_OFF 32
+#define PT_SHAPE_LEN 24
 
 /* A route lookup waiting, per CPU, for the packet it belongs to. */
 struct pt_route_ev {

@@ -126,10 +126,7 @@ class PtRecord(ctypes.Structure):
         ("drop_reason", u32),
         ("in_ifindex", u32),
         ("out_ifindex", u32),
-        ("saddr", u8 * 16),
-        ("daddr", u8 * 16),
-        ("sport", u16),
-        ("dport", u16),
+        ("path_sig", u32),
         ("family", u8),
         ("proto", u8),
         ("fate", u8),
@@ -138,10 +135,20 @@ class PtRecord(ctypes.Structure):
         ("seen", u8),
         ("flags", u8),
         ("_pad0", u8),
+        ("sport", u16),
+        ("dport", u16),
+        ("saddr", u8 * 16),
+        ("daddr", u8 * 16),
         ("pid", u32),
         ("comm", ctypes.c_char * 16),
+        ("_pad1", u32),
         ("stages", PtStage * PT_MAX_STAGES),
     ]
+
+
+# The bytes that decide how a path reads (see PT_SHAPE_OFF in pkttrace.h)
+PT_SHAPE_OFF = 32
+PT_SHAPE_LEN = 24
 
 
 class PtRouteEv(ctypes.Structure):

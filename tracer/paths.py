@@ -13,14 +13,18 @@ Context, so recorded records can be replayed without root.
 from __future__ import annotations
 
 import bisect
+import ctypes
+import dataclasses
 import errno
-import ipaddress
 import os
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .events import NF_STAGES, REC_TRUNCATED, DeliverHow, Fate, PtRecord, StageKind
+from .events import (NF_STAGES, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_TRUNCATED, DeliverHow, Fate, PtRecord, PtStage,
+                     StageKind)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
 FATE_NAMES = {Fate.FORWARDED: "forwarded", Fate.DELIVERED: "delivered", Fate.SENT: "sent",
@@ -39,6 +43,9 @@ class Context:
     symbolize: Callable[[int], str] | None = None
     socket_owner: Callable[[int], tuple[int, str] | None] | None = None  # socket inode -> (pid, comm)
     route_tables: dict[int, str] = field(default_factory=lambda: dict(ROUTE_TABLES))
+    # path templates by (netns, family, path signature, stages, fate)
+    templates: dict = field(default_factory=dict)
+    max_templates: int = 4096
 
     def dev(self, netns: int, ifindex: int) -> str | None:
         if not ifindex:
@@ -113,24 +120,81 @@ class Stage:
 
 
 @dataclass
-class Packet:
-    id: int
+class Shape:
+    """What packets with the same path shape share: resolved once per shape."""
     netns: str
     family: str
     proto: str
+    proto_num: int
+    fate: str
+    in_dev: str | None
+    out_dev: str | None
+    end: str | None
+    path_sig: int = 0
+    template: "_Template | None" = None
+    drop_reason: str | None = None      # dropped: reason name
+    af: int = socket.AF_INET
+    alen: int = 4
+    ports: bool = False
+
+
+@dataclass
+class Values:
+    """What is particular to one packet."""
+    id: int
     src: str
     dst: str
     sport: int | None
     dport: int | None
-    fate: str
-    in_dev: str | None
-    out_dev: str | None
-    path: list[Stage]
     drop: dict | None = None
     process: dict | None = None
     truncated: bool = False
-    end: str | None = None             # which event ended the record
-    proto_num: int = 0
+
+
+class Packet:
+    """One packet's traversal.
+
+    A packet from the kernel holds its raw record and the Shape it shares
+    with every packet that took the same path: the collector's work per
+    record is a cache lookup.  Per-packet values are unpacked, and the path
+    built, the first time someone reads them.
+    """
+
+    __slots__ = ("_shape", "_raw", "_vals", "_path", "_ctx")
+
+    def __init__(self, id, netns, family, proto, src, dst, sport, dport, fate, in_dev, out_dev,
+                 path=None, drop=None, process=None, truncated=False, end=None, proto_num=0, path_sig=0):
+        self._shape = Shape(netns, family, proto, proto_num, fate, in_dev, out_dev, end, path_sig)
+        self._vals = Values(id, src, dst, sport, dport, drop, process, truncated)
+        self._path, self._raw, self._ctx = path if path is not None else [], None, None
+
+    @classmethod
+    def _from_raw(cls, raw: bytes, shape: Shape, ctx: "Context") -> "Packet":
+        p = cls.__new__(cls)
+        p._shape, p._raw, p._ctx, p._vals, p._path = shape, raw, ctx, None, None
+        return p
+
+    def _v(self) -> Values:
+        if self._vals is None:
+            self._vals = _values(self._raw, self._shape, self._ctx)
+        return self._vals
+
+    def _set_shape(self, name: str, value) -> None:
+        # shapes are shared between packets: copy on write
+        self._shape = dataclasses.replace(self._shape, **{name: value})
+
+    def _set_value(self, name: str, value) -> None:
+        setattr(self._v(), name, value)
+
+
+    @property
+    def path(self) -> list[Stage]:
+        if self._path is None:
+            sh = self._shape
+            n = self._raw[_N_OFF]
+            first_ts = _U64.unpack_from(self._raw, 8)[0]
+            self._path = _materialize(sh.template, self._raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE], first_ts)
+        return self._path
 
     @property
     def stages(self) -> list[Stage]:
@@ -158,26 +222,34 @@ class Packet:
         return [self.src if which == "src" else self.dst]
 
     def to_json(self) -> dict:
-        d = {"id": self.id, "netns": self.netns, "family": self.family, "proto": self.proto,
-             "src": self.src, "dst": self.dst}
-        if self.sport is not None:
-            d["sport"], d["dport"] = self.sport, self.dport
-        d.update(fate=self.fate, in_dev=self.in_dev, out_dev=self.out_dev,
-                 path=[s.to_json() for s in self.path])
-        if self.drop:
-            d["drop"] = self.drop
-        if self.process:
-            d["process"] = self.process
-        if self.truncated:
+        v, sh = self._v(), self._shape
+        d = {"id": v.id, "netns": sh.netns, "family": sh.family, "proto": sh.proto, "src": v.src, "dst": v.dst}
+        if v.sport is not None:
+            d["sport"], d["dport"] = v.sport, v.dport
+        d.update(fate=sh.fate, in_dev=sh.in_dev, out_dev=sh.out_dev, path=[s.to_json() for s in self.path])
+        if v.drop:
+            d["drop"] = v.drop
+        if v.process:
+            d["process"] = v.process
+        if v.truncated:
             d["truncated"] = True
-        if self.end:
-            d["end"] = self.end
+        if sh.end:
+            d["end"] = sh.end
         return d
 
 
-def _addr(raw, family: int) -> str:
-    b = bytes(raw)
-    return str(ipaddress.IPv4Address(b[:4]) if family == 4 else ipaddress.IPv6Address(b))
+def _shape_field(name: str) -> property:
+    return property(lambda self: getattr(self._shape, name), lambda self, v: self._set_shape(name, v))
+
+
+def _value_field(name: str) -> property:
+    return property(lambda self: getattr(self._v(), name), lambda self, v: self._set_value(name, v))
+
+
+for _f in ("netns", "family", "proto", "proto_num", "fate", "in_dev", "out_dev", "end", "path_sig"):
+    setattr(Packet, _f, _shape_field(_f))
+for _f in ("id", "src", "dst", "sport", "dport", "drop", "process", "truncated"):
+    setattr(Packet, _f, _value_field(_f))
 
 
 def _err_name(err: int) -> str | None:
@@ -194,91 +266,178 @@ _END_BY_FATE = {Fate.FORWARDED: "tx", Fate.SENT: "tx", Fate.DROPPED: "kfree_skb"
                 Fate.CONSUMED: "consume_skb", Fate.NONE: "aged out"}
 
 
-def assemble(rec: PtRecord, ctx: Context, aged: bool = False) -> Packet:
-    """Build the Packet for one record (aged: its end was never seen)."""
-    fam = rec.family
-    ino = rec.netns
-    base = rec.first_ts
-    path: list[Stage] = []
-    n = min(rec.n_stages, len(rec.stages))
-    for i in range(n):
-        s = rec.stages[i]
+# The record header and a stage, as struct formats built from the ctypes
+# mirror (itself checked against the object's BTF).
+_CT_FMT = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_int32: "i",
+           ctypes.c_uint64: "Q"}
+
+
+def _fmt(struct_type, stop: str | None = None) -> struct.Struct:
+    out = "="
+    for name, typ in struct_type._fields_:
+        if name == stop:
+            break
+        out += f"{ctypes.sizeof(typ)}s" if issubclass(typ, ctypes.Array) else _CT_FMT[typ]
+    return struct.Struct(out)
+
+
+_HDR = _fmt(PtRecord, stop="stages")
+_STAGE = _fmt(PtStage)
+_HDR_SIZE = PtRecord.stages.offset
+_STAGE_SIZE = ctypes.sizeof(PtStage)
+assert _HDR.size == _HDR_SIZE and _STAGE.size == _STAGE_SIZE
+_INET = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
+
+
+@dataclass
+class _Plan:
+    """How one output stage is built from raw stages: everything but the
+    per-packet values (times, marks, TOS, socket inode)."""
+    label: str
+    dev: str | None
+    first: int                          # index of its first raw stage
+    raws: list[int]                     # indices of all its raw stages
+    priorities: list[int | None] | None = None   # hook stages
+    in_dev: str | None = None
+    lookups: list[tuple] | None = None  # route: (table, table_id, dev, err) per raw stage
+    how: str | None = None
+
+
+@dataclass
+class _Template:
+    plans: list[_Plan]
+    last_hook: str | None
+    deliver_raw: int | None             # raw index of a deliver-by-socket stage
+
+
+def _template(stages: list[tuple], ino: int, fam: int, ctx: Context) -> _Template:
+    plans: list[_Plan] = []
+    deliver_raw = None
+    for i, (_ts, ifindex, _mark, aux, aux2, kind, slot, _tos, _f, _p) in enumerate(stages):
         try:
-            kind = StageKind(s.kind)
+            kind = StageKind(kind)
         except ValueError:
             continue  # a newer kernel object with a stage we do not know
-        t = max(0, s.ts - base)
-        dev = ctx.dev(ino, s.ifindex)
-        prev = path[-1] if path else None
+        dev = ctx.dev(ino, ifindex)
+        prev = plans[-1] if plans else None
         if kind in NF_STAGES:
-            hook = kind - StageKind.PREROUTING
-            prio = ctx.slot_priority.get((ino, fam, hook, s.slot))
-            obs = Observation(prio, s.mark, s.tos, t)
-            if prev is not None and prev.stage == kind.label and prev.observations:
-                prev.observations.append(obs)
-                prev.mark_out, prev.tos_out = s.mark, s.tos
+            prio = ctx.slot_priority.get((ino, fam, kind - StageKind.PREROUTING, slot))
+            if prev is not None and prev.label == kind.label and prev.priorities is not None:
+                prev.raws.append(i)
+                prev.priorities.append(prio)
                 continue
-            st = Stage(kind.label, t, dev, s.mark, mark_out=s.mark, tos=s.tos, tos_out=s.tos,
-                       observations=[obs])
-            if kind == StageKind.FORWARD:
-                st.in_dev = ctx.dev(ino, s.aux)
-            path.append(st)
+            plans.append(_Plan(kind.label, dev, i, [i], priorities=[prio],
+                               in_dev=ctx.dev(ino, aux) if kind == StageKind.FORWARD else None))
         elif kind in (StageKind.ROUTE, StageKind.REROUTE):
-            lk = Lookup(ctx.table(s.aux), s.aux, dev, _err_name(s.aux2), s.mark, t)
-            if prev is not None and prev.stage == kind.label:
+            lk = (ctx.table(aux), aux, dev, _err_name(aux2))
+            if prev is not None and prev.label == kind.label:
+                prev.raws.append(i)
                 prev.lookups.append(lk)
                 prev.dev = dev or prev.dev
                 continue
-            path.append(Stage(kind.label, t, dev, s.mark, lookups=[lk]))
+            plans.append(_Plan(kind.label, dev, i, [i], lookups=[lk]))
         elif kind == StageKind.DELIVER:
-            st = Stage(kind.label, t, dev, s.mark)
-            how = s.aux2
-            st.how = _DELIVER_HOW.get(how)
-            if how == DeliverHow.QUEUED and s.aux:
-                st.socket_inode = s.aux
-            path.append(st)
+            plans.append(_Plan(kind.label, dev, i, [i], how=_DELIVER_HOW.get(aux2)))
+            if aux2 == DeliverHow.QUEUED:
+                deliver_raw = i
         else:
-            path.append(Stage(kind.label, t, dev, s.mark))
-        path[-1].ifindex = path[-1].ifindex or s.ifindex
-        if kind == StageKind.FORWARD:
-            path[-1].in_ifindex = s.aux
+            plans.append(_Plan(kind.label, dev, i, [i]))
+    hooks = [p.label for p in plans if p.priorities is not None]
+    return _Template(plans, hooks[-1] if hooks else None, deliver_raw)
 
-    fate = Fate(rec.fate) if rec.fate in Fate._value2member_map_ else Fate.NONE
-    pkt = Packet(
-        id=rec.id,
-        netns=ctx.netns_names.get(ino, str(ino)),
-        family=f"ipv{fam}",
-        proto=PROTO_NAMES.get(rec.proto, str(rec.proto)),
-        proto_num=rec.proto,
-        src=_addr(rec.saddr, fam),
-        dst=_addr(rec.daddr, fam),
-        sport=rec.sport if rec.proto in (6, 17) else None,
-        dport=rec.dport if rec.proto in (6, 17) else None,
-        fate="unknown" if aged else FATE_NAMES[fate],
-        in_dev=ctx.dev(ino, rec.in_ifindex),
-        out_dev=ctx.dev(ino, rec.out_ifindex),
-        path=path,
-        truncated=bool(rec.flags & REC_TRUNCATED),
-        end="aged out" if aged else _END_BY_FATE.get(fate),
-    )
-    if fate == Fate.DROPPED and not aged:
-        loc = rec.drop_location
-        hooks = [s.stage for s in path if s.observations]
-        pkt.drop = {
-            "reason": ctx.drop_reason(rec.drop_reason),
-            "location": ctx.symbolize(loc) if ctx.symbolize else hex(loc),
-            "last_hook": hooks[-1] if hooks else None,
-        }
+
+def _materialize(tpl: _Template, raw_stages: bytes, base: int) -> list[Stage]:
+    st = list(_STAGE.iter_unpack(raw_stages))
+    path = []
+    for p in tpl.plans:
+        ts, ifindex, mark, aux, _aux2, kind, _slot, tos, _f, _pad = st[p.first]
+        stage = Stage(p.label, max(0, ts - base), p.dev, mark, ifindex=ifindex, in_dev=p.in_dev,
+                      how=p.how)
+        if p.priorities is not None:
+            stage.observations = [Observation(prio, st[i][2], st[i][7], max(0, st[i][0] - base))
+                                  for i, prio in zip(p.raws, p.priorities)]
+            last = st[p.raws[-1]]
+            stage.tos, stage.mark_out, stage.tos_out = tos, last[2], last[7]
+            stage.in_ifindex = aux if p.label == "forward" else 0
+        elif p.lookups is not None:
+            stage.lookups = [Lookup(table, tid, dev, err, st[i][2], max(0, st[i][0] - base))
+                             for i, (table, tid, dev, err) in zip(p.raws, p.lookups)]
+        elif p.how is not None and aux and _aux2 == DeliverHow.QUEUED:
+            stage.socket_inode = aux
+        path.append(stage)
+    return path
+
+
+_U64 = struct.Struct("=Q")
+_N_OFF = PtRecord.n_stages.offset
+_SIG_OFF = PtRecord.path_sig.offset
+# per-packet values: id, drop_location, flags, sport, dport, saddr, daddr, pid, comm
+_VALS = struct.Struct("=Q16xQ")
+_TAIL = struct.Struct("=BBBBHH16s16sI16s")
+_TAIL_OFF = PtRecord.match.offset
+
+
+def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
+    """Resolve everything packets of this path shape share."""
+    h = dict(zip(("ino", "drop_reason", "in_if", "out_if", "sig", "fam", "proto", "fate", "n"),
+                 struct.unpack_from("=IIIIIBBBB", raw, PT_SHAPE_OFF)))
+    n = min(h["n"], (len(raw) - _HDR_SIZE) // _STAGE_SIZE)
+    ino, fam, proto = h["ino"], h["fam"], h["proto"]
+    tpl = _template(list(_STAGE.iter_unpack(raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE])), ino, fam, ctx)
+    try:
+        fate = Fate(h["fate"])
+    except ValueError:
+        fate = Fate.NONE
+    af, alen = _INET.get(fam, (socket.AF_INET, 4))
+    end = "aged out" if aged else _END_BY_FATE.get(fate)
     if fate == Fate.DELIVERED and not aged:
-        last = path[-1] if path else None
-        pkt.end = last.how if last is not None and last.how else "delivered"
-        if rec.pid:
-            pkt.process = {"pid": rec.pid, "comm": rec.comm.decode(errors="replace")}
-        elif last is not None and last.socket_inode and ctx.socket_owner:
-            owner = ctx.socket_owner(last.socket_inode)
+        last = tpl.plans[-1] if tpl.plans else None
+        end = last.how if last is not None and last.how else "delivered"
+    return Shape(ctx.netns_names.get(ino, str(ino)), f"ipv{fam}", PROTO_NAMES.get(proto) or str(proto), proto,
+                 "unknown" if aged else FATE_NAMES[fate], ctx.dev(ino, h["in_if"]), ctx.dev(ino, h["out_if"]),
+                 end, h["sig"], tpl, ctx.drop_reason(h["drop_reason"]) if fate == Fate.DROPPED and not aged
+                 else None, af, alen, proto in (6, 17))
+
+
+def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
+    pid_, drop_loc = _VALS.unpack_from(raw, 0)
+    _m, _s, flags, _p, sport, dport, saddr, daddr, pid, comm = _TAIL.unpack_from(raw, _TAIL_OFF)
+    v = Values(pid_, socket.inet_ntop(sh.af, saddr[:sh.alen]), socket.inet_ntop(sh.af, daddr[:sh.alen]),
+               sport if sh.ports else None, dport if sh.ports else None, truncated=bool(flags & REC_TRUNCATED))
+    if sh.drop_reason is not None:
+        sym = ctx.symbolize if ctx is not None else None
+        v.drop = {"reason": sh.drop_reason, "location": sym(drop_loc) if sym else hex(drop_loc),
+                  "last_hook": sh.template.last_hook}
+    elif sh.fate == "delivered":
+        tpl = sh.template
+        if pid:
+            v.process = {"pid": pid, "comm": comm.rstrip(b"\0").decode(errors="replace")}
+        elif tpl.deliver_raw is not None and ctx is not None and ctx.socket_owner:
+            ino_sock = _STAGE.unpack_from(raw, _HDR_SIZE + tpl.deliver_raw * _STAGE_SIZE)[3]
+            owner = ctx.socket_owner(ino_sock) if ino_sock else None
             if owner:
-                pkt.process = {"pid": owner[0], "comm": owner[1], "socket_inode": last.socket_inode}
-    return pkt
+                v.process = {"pid": owner[0], "comm": owner[1], "socket_inode": ino_sock}
+    return v
+
+
+def assemble(rec: PtRecord | bytes, ctx: Context, aged: bool = False) -> Packet:
+    """The Packet for one record (aged: its end was never seen).
+
+    Packets of one path shape (the kernel's path signature, with netns,
+    devices, fate and stage count: PT_SHAPE_* bytes of the record) share
+    their resolved names, so the work per record is one cache lookup.
+    """
+    raw = rec if isinstance(rec, bytes) else bytes(rec)
+    key = raw[PT_SHAPE_OFF:PT_SHAPE_OFF + PT_SHAPE_LEN]
+    sh = None if aged else ctx.templates.get(key)
+    if sh is None:
+        sh = _shape(raw, ctx, aged)
+        # aged records carry no signature (it is computed when a record ends)
+        if not aged and sh.path_sig:
+            if len(ctx.templates) >= ctx.max_templates:
+                ctx.templates.clear()  # bounded: shapes churn only with devices and rules
+            ctx.templates[key] = sh
+    return Packet._from_raw(raw, sh, ctx)
 
 
 class SocketOwners:

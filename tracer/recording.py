@@ -80,6 +80,8 @@ def replay(lines: IO[str]) -> Iterator[paths.Packet]:
         if n == 1:
             if d.get("pkttrace_recording") != FORMAT:
                 raise RecordingError("not a pkttrace recording (or a newer format)")
+            if (d.get("record_size"), d.get("stage_size")) != (events.RECORD_HEADER_SIZE, events.STAGE_SIZE):
+                raise RecordingError("recorded with another record layout (another pkttrace version)")
             continue
         if "context" in d:
             _ctx_update(ctx, symbols, d["context"])
