@@ -175,7 +175,7 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 
 static __always_inline const void *skb_l3(const struct sk_buff *skb)
 {
-	return BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, network_header);
+	return skb->head + skb->network_header;
 }
 
 /* net and mask live in the const volatile config: read them through volatile
@@ -469,16 +469,16 @@ int BPF_PROG(on_fib_lookup, u32 tb_id, const struct flowi4 *flp,
 	__u32 oif = 0;
 
 	if (nhc) {
-		struct net_device *dev = BPF_CORE_READ(nhc, nhc_dev);
+		struct net_device *dev = nhc->nhc_dev;
 
 		/* the flow has no netns; the result device does */
 		if (dev) {
-			if (!netns_traced(BPF_CORE_READ(dev, nd_net.net, ns.inum)))
+			if (!netns_traced(dev->nd_net.net->ns.inum))
 				return 0;
-			oif = BPF_CORE_READ(dev, ifindex);
+			oif = dev->ifindex;
 		}
 	}
-	route_push(4, tb_id, err, oif, BPF_CORE_READ(flp, __fl_common.flowic_mark));
+	route_push(4, tb_id, err, oif, flp->__fl_common.flowic_mark);
 	return 0;
 }
 
@@ -491,21 +491,20 @@ int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *re
 	__s32 err = 0;
 	__u8 type;
 
-	if (!netns_traced(BPF_CORE_READ(net, ns.inum)))
+	if (!netns_traced(net->ns.inum))
 		return 0;
-	dev = BPF_CORE_READ(res, nh, nh_common.nhc_dev);
+	dev = res->nh ? res->nh->nh_common.nhc_dev : NULL;
 	if (dev)
-		oif = BPF_CORE_READ(dev, ifindex);
+		oif = dev->ifindex;
 	/* fib6 reports failures as route types; map them to errnos like fib4 */
-	type = BPF_CORE_READ(res, fib6_type);
+	type = res->fib6_type;
 	if (type == RTN_UNREACHABLE)
 		err = -101; /* ENETUNREACH */
 	else if (type == RTN_PROHIBIT)
 		err = -13;  /* EACCES */
 	else if (type == RTN_BLACKHOLE)
 		err = -22;  /* EINVAL */
-	route_push(6, table ? BPF_CORE_READ(table, tb6_id) : 0, err, oif,
-		   BPF_CORE_READ(flp, __fl_common.flowic_mark));
+	route_push(6, table ? table->tb6_id : 0, err, oif, flp->__fl_common.flowic_mark);
 	return 0;
 }
 
@@ -515,12 +514,12 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 {
 	const struct nf_hook_state *state = ctx->state;
 	struct sk_buff *skb = ctx->skb;
-	__u8 hook = BPF_CORE_READ(state, hook);
-	__u8 pf = BPF_CORE_READ(state, pf);
+	__u8 hook = state->hook;
+	__u8 pf = state->pf;
 	__u8 family = pf == NFPROTO_IPV4 ? 4 : pf == NFPROTO_IPV6 ? 6 : 0;
-	__u32 in = BPF_CORE_READ(state, in, ifindex);
-	__u32 out = BPF_CORE_READ(state, out, ifindex);
-	__u32 mark = BPF_CORE_READ(skb, mark);
+	__u32 in = state->in ? state->in->ifindex : 0;
+	__u32 out = state->out ? state->out->ifindex : 0;
+	__u32 mark = skb->mark;
 	__u64 now = bpf_ktime_get_ns();
 	const void *l3 = skb_l3(skb);
 	struct pt_record *r;
@@ -536,7 +535,7 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 		/* links are per netns: only traced namespaces reach here */
 		if (parse_l3(l3, family, &pi))
 			return NF_ACCEPT;
-		r = rec_new(skb, BPF_CORE_READ(state, net, ns.inum), &pi, now);
+		r = rec_new(skb, state->net->ns.inum, &pi, now);
 		if (!r)
 			return NF_ACCEPT;
 	} else if ((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT)) & ~r->match) {
@@ -607,9 +606,9 @@ NF_OBS(7)
 SEC("tp_btf/netif_receive_skb")
 int BPF_PROG(on_rx, struct sk_buff *skb)
 {
-	struct net_device *dev = BPF_CORE_READ(skb, dev);
-	__u32 netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
-	__u8 family = family_of_ethertype(BPF_CORE_READ(skb, protocol));
+	struct net_device *dev = skb->dev;
+	__u32 netns = dev->nd_net.net->ns.inum;
+	__u8 family = family_of_ethertype(skb->protocol);
 	__u64 now = bpf_ktime_get_ns();
 	__u32 ifindex, mark;
 	struct pt_record *r;
@@ -619,12 +618,12 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	pending_resolve(skb);
 	if (!family || !netns_traced(netns))
 		return 0;
-	ifindex = BPF_CORE_READ(dev, ifindex);
-	mark = BPF_CORE_READ(skb, mark);
+	ifindex = dev->ifindex;
+	mark = skb->mark;
 	r = rec_lookup(skb);
 	if (!r) {
 		/* the network header is not reset yet here; data is at L3 */
-		if (parse_l3(BPF_CORE_READ(skb, data), family, &pi))
+		if (parse_l3(skb->data, family, &pi))
 			return 0;
 		r = rec_new(skb, netns, &pi, now);
 		if (!r)
@@ -650,8 +649,8 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 
 	if (!r)
 		return 0;
-	ifindex = BPF_CORE_READ(skb, dev, ifindex);
-	mark = BPF_CORE_READ(skb, mark);
+	ifindex = skb->dev->ifindex;
+	mark = skb->mark;
 	r->out_ifindex = ifindex;
 	r->match |= match_stage(mark, 0, ifindex);
 	s = stage_add(r, PT_STAGE_TX, bpf_ktime_get_ns());
@@ -675,8 +674,8 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 	r->drop_location = (__u64)location;
 	s = stage_add(r, PT_STAGE_DROP, bpf_ktime_get_ns());
 	if (s) {
-		s->ifindex = BPF_CORE_READ(skb, dev, ifindex);
-		s->mark = BPF_CORE_READ(skb, mark);
+		s->ifindex = skb->dev ? skb->dev->ifindex : 0;
+		s->mark = skb->mark;
 	}
 	rec_finish(skb, r, PT_FATE_DROPPED);
 	return 0;
@@ -724,7 +723,7 @@ int BPF_PROG(on_sk_data_ready, const struct sock *sk)
 	r = pending_take(&key);
 	if (r)
 		deliver((const void *)key, r, PT_DELIVER_QUEUED,
-			BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino));
+			sk->sk_socket && sk->sk_socket->file ? sk->sk_socket->file->f_inode->i_ino : 0);
 	return 0;
 }
 
@@ -751,7 +750,7 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 		/* programs are attached to traced namespaces' devices only */
 		if (!family || parse_l3(skb_l3(skb), family, &pi))
 			return;
-		r = rec_new(skb, BPF_CORE_READ(skb, dev, nd_net.net, ns.inum), &pi, now);
+		r = rec_new(skb, skb->dev->nd_net.net->ns.inum, &pi, now);
 		if (!r)
 			return;
 	}
