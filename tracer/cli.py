@@ -145,21 +145,39 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
     if record:
         from .recording import Recorder
         tracer.on_raw = Recorder(record, tracer.ctx)
-    # SIGTERM ends the trace like Ctrl-C, with the summary
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM end the trace between two batches, with the summary
+    def _stop(*_):
+        tracer.stopping = True
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     printer = Printer(sys.stdout, as_json)
     where = ", ".join(n or "current netns" for n in opts.netns)
     click.echo(f"pkttrace: tracing {where} ({len(tracer.attachments)} probes, ready in "
                f"{tracer.ready_s * 1000:.0f} ms); Ctrl-C to stop", err=True)
+    limit_reached = False
     try:
         for pkt in tracer.packets(count=count, duration=duration):
             printer.packet(pkt)
+        limit_reached = count is not None
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:
         # the reader went away (pkttrace | head): keep stderr for the summary
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        limit_reached = True
     finally:
+        # what the kernel reported before the probes came off is printed,
+        # or, past -c or a gone reader, counted: never dropped silently
+        rest = tracer.stop(budget=0.0 if limit_reached else 1.0)
+        try:
+            for pkt in rest:
+                if limit_reached:
+                    tracer.unread += 1
+                    tracer.shown -= 1
+                else:
+                    printer.packet(pkt)
+        except (BrokenPipeError, KeyboardInterrupt):
+            pass
         c = tracer.counters()
         tracer.close()
         if record:

@@ -423,6 +423,21 @@ class RingBuffer:
         struct.pack_into("=Q", self._cons, 0, cons)
         return out
 
+    def discard(self) -> int:
+        """Release every committed record without copying it; returns how many."""
+        cons = struct.unpack_from("=Q", self._cons)[0]
+        prod = struct.unpack_from("=Q", self._prod)[0]
+        n = 0
+        while cons < prod:
+            hdr = struct.unpack_from("=I", self._data, cons & self.mask)[0]
+            if hdr & _RINGBUF_BUSY:
+                break
+            if not hdr & _RINGBUF_DISCARD:
+                n += 1
+            cons += ((hdr & ~(_RINGBUF_BUSY | _RINGBUF_DISCARD)) + _RINGBUF_HDR + 7) & ~7
+        struct.pack_into("=Q", self._cons, 0, cons)
+        return n
+
     def close(self) -> None:
         self._ep.close()
         self._data.release()

@@ -72,8 +72,11 @@ def format_json(p: Packet) -> str:
 
 def summary(c: Counters) -> str:
     """The closing line: nothing lost silently."""
-    return (f"{c.shown} packets shown, {c.filtered} filtered out, {c.lost} lost (ring buffer full), "
+    line = (f"{c.shown} packets shown, {c.filtered} filtered out, {c.lost} lost (ring buffer full), "
             f"{c.create_failed} not traced (in-flight table full), {c.aged_out} aged out")
+    if c.unread:
+        line += f", {c.unread} not printed (still queued at exit)"
+    return line
 
 
 class Printer:

@@ -62,6 +62,7 @@ class Counters:
     route_dropped: int = 0
     aged_out: int = 0                  # counted in user space
     shown: int = 0
+    unread: int = 0                    # emitted, still in the ring when tracing stopped
 
     @property
     def not_seen(self) -> int:
@@ -82,12 +83,17 @@ class Tracer:
         self.ring: libbpf.RingBuffer | None = None
         self.aged = 0
         self.shown = 0
+        self.unread = 0
         self.started_ns = 0
         self.ready_s = 0.0
         self._last_age_scan = 0.0
+        self._last_relearn = 0.0
         self._ns_inodes: dict[str | None, int] = {}
         # called with (raw record bytes, aged) for every packet reported: --record
         self.on_raw = None
+        # set (e.g. from a signal handler) to end packets() between batches,
+        # never in the middle of one: a batch taken from the ring is reported
+        self.stopping = False
 
     # ---- set-up ----
 
@@ -206,8 +212,9 @@ class Tracer:
         out: list[paths.Packet] = []
         if self.ring is not None:
             self.ring.wait(timeout)
-            for raw in self.ring.drain():
-                out.append(self._packet(events.decode_record(raw)))
+            # bounded batches keep memory flat when the ring is full
+            for raw in self.ring.drain(max_records=4096):
+                out.append(self._packet(raw))
                 if self.on_raw:
                     self.on_raw(raw, False)
         else:
@@ -219,14 +226,16 @@ class Tracer:
         self.shown += len(out)
         return out
 
-    def _packet(self, rec: PtRecord, aged: bool = False) -> paths.Packet:
+    def _packet(self, rec: PtRecord | bytes, aged: bool = False) -> paths.Packet:
         pkt = paths.assemble(rec, self.ctx, aged=aged)
         if any(d is not None and d.startswith("if") for d in (pkt.in_dev, pkt.out_dev)):
-            # a device created after start: learn its name once
-            for ns, ino in self._ns_inodes.items():
-                if ino == rec.netns:
+            # a device created after start: learn names again (at most once a second)
+            now = time.monotonic()
+            if now - self._last_relearn >= 1.0:
+                self._last_relearn = now
+                for ns, ino in self._ns_inodes.items():
                     self._learn_ifnames(ns, ino)
-            pkt = paths.assemble(rec, self.ctx, aged=aged)
+                pkt = paths.assemble(rec, self.ctx, aged=aged)
         return pkt
 
     def age_out(self, older_than: float | None = None) -> list[paths.Packet]:
@@ -253,14 +262,19 @@ class Tracer:
         """Yield packets until count packets were yielded or duration seconds passed."""
         deadline = None if duration is None else time.monotonic() + duration
         n = 0
-        while True:
+        while not self.stopping:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
-            for pkt in self.poll(0.2 if left is None else max(0.0, min(0.2, left))):
+            batch = self.poll(0.2 if left is None else max(0.0, min(0.2, left)))
+            for i, pkt in enumerate(batch):
                 yield pkt
                 n += 1
                 if count is not None and n >= count:
+                    # reported by the kernel, not handed out: count, don't drop
+                    rest = len(batch) - i - 1
+                    self.shown -= rest
+                    self.unread += rest
                     return
 
     def counters(self) -> Counters:
@@ -269,12 +283,33 @@ class Tracer:
         return Counters(
             created=vals[Stat.CREATED], emitted=vals[Stat.EMITTED], filtered=vals[Stat.FILTERED],
             lost=vals[Stat.LOST], create_failed=vals[Stat.CREATE_FAILED], truncated=vals[Stat.TRUNCATED],
-            route_dropped=vals[Stat.ROUTE_DROPPED], aged_out=self.aged, shown=self.shown)
+            route_dropped=vals[Stat.ROUTE_DROPPED], aged_out=self.aged, shown=self.shown, unread=self.unread)
 
     def inflight(self) -> int:
         return sum(1 for _ in self.obj.map("inflight").keys(ctypes.c_uint64))
 
     # ---- tear-down ----
+
+    def stop(self, budget: float = 1.0) -> list[paths.Packet]:
+        """Detach, then hand over what the kernel had already reported.
+
+        Records still in the ring after `budget` seconds of reading are
+        counted as unread, so the summary accounts for every packet.
+        """
+        for a in reversed(self.attachments):
+            try:
+                a.close()
+            except Exception:  # keep closing the rest: nothing may stay attached
+                pass
+        self.attachments.clear()
+        out: list[paths.Packet] = []
+        if self.ring is not None:
+            deadline = time.monotonic() + budget
+            while self.ring.pending() and time.monotonic() < deadline:
+                out.extend(self._packet(raw) for raw in self.ring.drain(max_records=4096))
+            self.unread += self.ring.discard()
+        self.shown += len(out)
+        return out
 
     def close(self) -> None:
         for a in reversed(self.attachments):
