@@ -1,10 +1,9 @@
 """Sinks: packets as readable blocks, or as JSON lines for tools."""
 from __future__ import annotations
 
-import json
 from typing import TextIO
 
-from .paths import Packet, Stage
+from .paths import Packet, Stage, packet_json
 from .session import Counters
 
 
@@ -67,7 +66,7 @@ def format_packet(p: Packet) -> str:
 
 
 def format_json(p: Packet) -> str:
-    return json.dumps(p.to_json(), separators=(",", ":"))
+    return packet_json(p)
 
 
 def summary(c: Counters) -> str:

@@ -16,7 +16,10 @@ import bisect
 import ctypes
 import dataclasses
 import errno
+import json
+import operator
 import os
+import re
 import socket
 import struct
 import time
@@ -136,6 +139,7 @@ class Shape:
     af: int = socket.AF_INET
     alen: int = 4
     ports: bool = False
+    json_tpl: "_JsonTemplate | None" = None   # compiled on first JSON output
 
 
 @dataclass
@@ -351,16 +355,16 @@ def _materialize(tpl: _Template, raw_stages: bytes, base: int) -> list[Stage]:
     path = []
     for p in tpl.plans:
         ts, ifindex, mark, aux, _aux2, kind, _slot, tos, _f, _pad = st[p.first]
-        stage = Stage(p.label, max(0, ts - base), p.dev, mark, ifindex=ifindex, in_dev=p.in_dev,
+        stage = Stage(p.label, ts - base, p.dev, mark, ifindex=ifindex, in_dev=p.in_dev,
                       how=p.how)
         if p.priorities is not None:
-            stage.observations = [Observation(prio, st[i][2], st[i][7], max(0, st[i][0] - base))
+            stage.observations = [Observation(prio, st[i][2], st[i][7], st[i][0] - base)
                                   for i, prio in zip(p.raws, p.priorities)]
             last = st[p.raws[-1]]
             stage.tos, stage.mark_out, stage.tos_out = tos, last[2], last[7]
             stage.in_ifindex = aux if p.label == "forward" else 0
         elif p.lookups is not None:
-            stage.lookups = [Lookup(table, tid, dev, err, st[i][2], max(0, st[i][0] - base))
+            stage.lookups = [Lookup(table, tid, dev, err, st[i][2], st[i][0] - base)
                              for i, (table, tid, dev, err) in zip(p.raws, p.lookups)]
         elif p.how is not None and aux and _aux2 == DeliverHow.QUEUED:
             stage.socket_inode = aux
@@ -516,3 +520,133 @@ class Kallsyms:
         if i < 0 or not addr:
             return hex(addr)
         return f"{self._names[i]}+{addr - self._addrs[i]:#x}"
+
+
+# ---- JSON rendering by shape ----
+#
+# Packets of one shape share every key and every static value of their JSON
+# object: the object is compiled once into a str.format template whose
+# fields are the per-packet values, taken from one struct unpack of the
+# record's stages.  tests/unit/test_json_fast.py checks it against to_json.
+
+_STAGES_BY_N: dict[int, struct.Struct] = {}
+
+
+def _stages_struct(n: int) -> struct.Struct:
+    st = _STAGES_BY_N.get(n)
+    if st is None:
+        st = _STAGES_BY_N[n] = struct.Struct("=" + _STAGE.format.lstrip("=") * n)
+    return st
+
+
+_W = len(_STAGE.format.lstrip("="))   # values per stage in the flat tuple
+_F_TS, _F_MARK, _F_AUX, _F_TOS = 0, 2, 3, 7
+
+
+@dataclass
+class _JsonTemplate:
+    fmt: str                  # %-format, one %s per per-packet value in order of appearance
+    ts: list[int]             # flat indices of timestamps (rendered relative to first_ts)
+    fields: operator.itemgetter  # the other per-stage values, from the flat tuple
+    order: operator.itemgetter   # puts [fixed..., timestamps..., fields...] in format order
+    sock_raw: int | None      # raw stage whose aux is a socket inode (optional key)
+
+
+def _j(v) -> str:
+    return json.dumps(v, separators=(",", ":"))
+
+
+def _escape(s: str) -> str:
+    return s.replace("%", "%%")
+
+
+_FIXED = ("id", "src", "dst", "sport", "dport", "drop", "process", "truncated", "socket")
+
+
+def _compile_json(sh: Shape) -> _JsonTemplate:
+    ts: list[int] = []
+    fields: list[int] = []
+
+    def x(name: str) -> str:
+        return "\x01X%d\x02" % _FIXED.index(name)
+
+    def t(raw_i: int) -> str:
+        ts.append(raw_i * _W + _F_TS)
+        return "\x01T%d\x02" % (len(ts) - 1)
+
+    def f(raw_i: int, field: int) -> str:
+        fields.append(raw_i * _W + field)
+        return "\x01F%d\x02" % (len(fields) - 1)
+
+    def js(v) -> str:
+        return _escape(_j(v))
+
+    out = ['{"id":', x("id"), ',"netns":', js(sh.netns), ',"family":', js(sh.family), ',"proto":', js(sh.proto),
+           ',"src":"', x("src"), '","dst":"', x("dst"), '"']
+    if sh.ports:
+        out += [',"sport":', x("sport"), ',"dport":', x("dport")]
+    out += [',"fate":', js(sh.fate), ',"in_dev":', js(sh.in_dev), ',"out_dev":', js(sh.out_dev), ',"path":[']
+    sock_raw = None
+    for k, p in enumerate(sh.template.plans):
+        i = p.first
+        out += [',{' if k else '{', '"stage":', js(p.label), ',"t_ns":', t(i), ',"dev":', js(p.dev),
+                ',"mark":', f(i, _F_MARK)]
+        if p.priorities is not None:
+            last = p.raws[-1]
+            out += [',"mark_out":', f(last, _F_MARK), ',"tos":', f(i, _F_TOS), ',"tos_out":', f(last, _F_TOS),
+                    ',"observers":[']
+            for m, (ri, prio) in enumerate(zip(p.raws, p.priorities)):
+                out += [",{" if m else "{", '"priority":', js(prio), ',"mark":', f(ri, _F_MARK),
+                        ',"tos":', f(ri, _F_TOS), ',"t_ns":', t(ri), "}"]
+            out.append("]")
+        if p.in_dev is not None:
+            out += [',"in_dev":', js(p.in_dev)]
+        if p.how:
+            out += [',"how":', js(p.how)]
+            if p.how == _DELIVER_HOW[DeliverHow.QUEUED]:
+                sock_raw = i
+                out.append(x("socket"))
+        if p.lookups is not None:
+            table, _tid, _dev, err = p.lookups[-1]
+            out += [',"table":', js(table), ',"err":', js(err), ',"lookups":[']
+            for m, (ri, (table, tid, dev, err)) in enumerate(zip(p.raws, p.lookups)):
+                out += [",{" if m else "{", '"table":', js(table), ',"table_id":', str(tid), ',"dev":', js(dev),
+                        ',"err":', js(err), ',"mark":', f(ri, _F_MARK), ',"t_ns":', t(ri), "}"]
+            out.append("]")
+        out.append("}")
+    out += ["]", x("drop"), x("process"), x("truncated")]
+    if sh.end:
+        out += [',"end":', js(sh.end)]
+    out.append("}")
+    text = "".join(out)
+    # value slots in the order they appear: index into fixed + timestamps + fields
+    base = {"X": 0, "T": len(_FIXED), "F": len(_FIXED) + len(ts)}
+    slots = [base[k] + int(n) for k, n in re.findall("\x01([XTF])(\\d+)\x02", text)]
+    fmt = re.sub("\x01[XTF]\\d+\x02", "%s", text)
+    return _JsonTemplate(fmt, ts, operator.itemgetter(*fields) if len(fields) > 1 else
+                         (lambda flat, _i=fields: tuple(flat[i] for i in _i)), operator.itemgetter(*slots),
+                         sock_raw)
+
+
+def packet_json(pkt: Packet) -> str:
+    """One packet as a JSON line: compiled per shape for kernel packets."""
+    raw, sh = pkt._raw, pkt._shape
+    if raw is None or sh.template is None or pkt._path is not None:
+        return json.dumps(pkt.to_json(), separators=(",", ":"))
+    jt = sh.json_tpl
+    if jt is None:
+        jt = sh.json_tpl = _compile_json(sh)
+    v = pkt._v()
+    flat = _stages_struct(raw[_N_OFF]).unpack_from(raw, _HDR_SIZE)
+    base = _U64.unpack_from(raw, 8)[0]
+    sock = ""
+    if jt.sock_raw is not None:
+        ino = flat[jt.sock_raw * _W + _F_AUX]
+        sock = ',"socket_inode":%d' % ino if ino else ""
+    vals = [v.id, v.src, v.dst, v.sport, v.dport,
+            ',"drop":' + _j(v.drop) if v.drop else "",
+            ',"process":' + _j(v.process) if v.process else "",
+            ',"truncated":true' if v.truncated else "", sock]
+    vals += [flat[i] - base for i in jt.ts]
+    vals += jt.fields(flat)
+    return jt.fmt % jt.order(vals)
