@@ -87,6 +87,14 @@ struct {
 	__uint(max_entries, 4 << 20); /* resized by user space before load */
 } events SEC(".maps");
 
+/* Per CPU: the last packet judged at first sight not to match (no record). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} rejected SEC(".maps");
+
 extern void *bpf_cast_to_kern_ctx(void *) __ksym;
 
 /* Addresses, protocol and ports read from an IP header. */
@@ -235,6 +243,46 @@ static __always_inline __u64 next_id(void)
 		return 0;
 	*seq += 1;
 	return (*seq << 8) | (bpf_get_smp_processor_id() & 0xff);
+}
+
+static __always_inline __u64 *rejected_slot(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&rejected, &zero);
+}
+
+static __always_inline bool is_rejected(const void *skb)
+{
+	__u64 *slot = rejected_slot();
+
+	return slot && *slot == (__u64)skb;
+}
+
+/* The packet ended without a record: forget it was rejected (the pointer
+ * will be reused for another packet). */
+static __always_inline void rejected_forget(const void *skb)
+{
+	__u64 *slot = rejected_slot();
+
+	if (slot && *slot == (__u64)skb)
+		*slot = 0;
+}
+
+/* First sight of a packet: with a header-only filter it can be judged now,
+ * and a packet that does not match gets no record at all (every later probe
+ * then returns at once).  False when it was rejected. */
+static __always_inline bool first_sight_wanted(const void *skb, const struct pkt_info *pi)
+{
+	__u64 *slot;
+
+	if (!cfg.early_reject || (match_header(pi) & cfg.filter) == cfg.filter)
+		return true;
+	slot = rejected_slot();
+	if (slot)
+		*slot = (__u64)skb;
+	stat_inc(PT_STAT_REJECTED);
+	return false;
 }
 
 static __always_inline struct pt_record *rec_lookup(const void *skb)
@@ -430,6 +478,15 @@ static __always_inline void route_push(__u8 family, __u32 table, __s32 err, __u3
 	b->n = n + 1;
 }
 
+static __always_inline void route_discard(void)
+{
+	__u32 zero = 0;
+	struct pt_route_buf *b = bpf_map_lookup_elem(&route_buf, &zero);
+
+	if (b)
+		b->n = 0;
+}
+
 /* Move the lookups made since `since` on this CPU into the record. */
 static __always_inline void route_take(struct pt_record *r, __u8 kind, __u64 since)
 {
@@ -520,8 +577,8 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	__u32 in = state->in ? state->in->ifindex : 0;
 	__u32 out = state->out ? state->out->ifindex : 0;
 	__u32 mark = skb->mark;
-	__u64 now = bpf_ktime_get_ns();
 	const void *l3 = skb_l3(skb);
+	__u64 now;
 	struct pt_record *r;
 	struct pt_stage *s;
 	struct pkt_info pi;
@@ -530,10 +587,30 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	if (!family || hook > 4)
 		return NF_ACCEPT;
 	kind = PT_STAGE_PREROUTING + hook; /* enum order follows NF_INET_* */
-	r = rec_lookup(skb);
-	if (!r) {
+	now = bpf_ktime_get_ns();
+	/* a rejected packet has no record: the per-CPU slot is cheaper than the hash */
+	r = is_rejected(skb) ? NULL : rec_lookup(skb);
+	if (!r && is_rejected(skb)) {
+		/* its route lookups are nobody's: do not let them pile up */
+		if (slot == 0 && (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD ||
+				  kind == PT_STAGE_OUTPUT))
+			route_discard();
+		/* judged at first sight; only NAT (done by the time the last
+		 * observer of these hooks runs) can make it match since */
+		if (!slot || (kind != PT_STAGE_PREROUTING && kind != PT_STAGE_OUTPUT &&
+			      kind != PT_STAGE_POSTROUTING))
+			return NF_ACCEPT;
+		if (parse_l3(l3, family, &pi) || (match_header(&pi) & cfg.filter) != cfg.filter)
+			return NF_ACCEPT;
+		rejected_forget(skb);
+		stat_inc(PT_STAT_LATE);
+		r = rec_new(skb, state->net->ns.inum, &pi, now);
+		if (!r)
+			return NF_ACCEPT;
+		r->flags |= PT_REC_LATE;
+	} else if (!r) {
 		/* links are per netns: only traced namespaces reach here */
-		if (parse_l3(l3, family, &pi))
+		if (parse_l3(l3, family, &pi) || !first_sight_wanted(skb, &pi))
 			return NF_ACCEPT;
 		r = rec_new(skb, state->net->ns.inum, &pi, now);
 		if (!r)
@@ -623,7 +700,7 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	r = rec_lookup(skb);
 	if (!r) {
 		/* the network header is not reset yet here; data is at L3 */
-		if (parse_l3(skb->data, family, &pi))
+		if (parse_l3(skb->data, family, &pi) || !first_sight_wanted(skb, &pi))
 			return 0;
 		r = rec_new(skb, netns, &pi, now);
 		if (!r)
@@ -647,8 +724,10 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 	__u32 ifindex, mark;
 	struct pt_stage *s;
 
-	if (!r)
+	if (!r) {
+		rejected_forget(skb);
 		return 0;
+	}
 	ifindex = skb->dev->ifindex;
 	mark = skb->mark;
 	r->out_ifindex = ifindex;
@@ -668,8 +747,10 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 	struct pt_record *r = rec_lookup(skb);
 	struct pt_stage *s;
 
-	if (!r)
+	if (!r) {
+		rejected_forget(skb);
 		return 0;
+	}
 	r->drop_reason = reason;
 	r->drop_location = (__u64)location;
 	s = stage_add(r, PT_STAGE_DROP, bpf_ktime_get_ns());
@@ -686,8 +767,10 @@ int BPF_PROG(on_consume_skb, struct sk_buff *skb)
 {
 	struct pt_record *r = rec_lookup(skb);
 
-	if (!r)
+	if (!r) {
+		rejected_forget(skb);
 		return 0;
+	}
 	if (!(r->seen & PT_SEEN_INPUT)) {
 		rec_finish(skb, r, PT_FATE_CONSUMED);
 		return 0;
@@ -739,16 +822,20 @@ int BPF_PROG(on_napi_poll, struct napi_struct *napi, int work, int budget)
 static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 {
 	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
-	__u64 now = bpf_ktime_get_ns();
-	struct pt_record *r = rec_lookup(skb);
+	struct pt_record *r;
 	struct pt_stage *s;
+	__u64 now;
 
+	if (is_rejected(skb))
+		return;
+	now = bpf_ktime_get_ns();
+	r = rec_lookup(skb);
 	if (!r) {
 		struct pkt_info pi;
 		__u8 family = family_of_ethertype(ctx->protocol);
 
 		/* programs are attached to traced namespaces' devices only */
-		if (!family || parse_l3(skb_l3(skb), family, &pi))
+		if (!family || parse_l3(skb_l3(skb), family, &pi) || !first_sight_wanted(skb, &pi))
 			return;
 		r = rec_new(skb, skb->dev->nd_net.net->ns.inum, &pi, now);
 		if (!r)

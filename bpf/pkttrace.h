@@ -59,6 +59,7 @@ enum pt_fate {
 
 /* Flags in struct pt_record.flags */
 #define PT_REC_TRUNCATED (1u << 0)  /* more than PT_MAX_STAGES stages */
+#define PT_REC_LATE      (1u << 1)  /* matched the filter only after NAT: earlier stages not kept */
 
 /* Per-CPU counters (array index).  Every packet that is not shown is counted
  * in exactly one of FILTERED, LOST, CREATE_FAILED or aged out (user space). */
@@ -70,7 +71,9 @@ enum pt_stat {
 	PT_STAT_CREATE_FAILED = 4, /* in-flight table full: packet not traced */
 	PT_STAT_TRUNCATED = 5,     /* records that hit PT_MAX_STAGES */
 	PT_STAT_ROUTE_DROPPED = 6, /* route lookups not kept (per-CPU buffer full) */
-	PT_STAT__MAX = 8,
+	PT_STAT_REJECTED = 7,      /* no record: the header filter failed at first sight */
+	PT_STAT_LATE = 8,          /* rejected, then matched after NAT: record from there */
+	PT_STAT__MAX = 10,
 };
 
 struct pt_config {
@@ -87,6 +90,10 @@ struct pt_config {
 	__u8 dst_family;
 	__u8 proto;                    /* IPPROTO_* */
 	__u8 emit;                     /* 1: write matching records to the ring buffer */
+	/* filter has only header criteria (SRC/DST/PROTO/PORT): a packet can be
+	 * judged at first sight and needs no record when it does not match */
+	__u8 early_reject;
+	__u8 _pad1[3];
 	__u16 port;                    /* host order; matches sport or dport */
 	__u16 _pad0;
 	__u32 ifindex;                 /* PT_F_IFACE: device in the traced netns */

@@ -64,7 +64,8 @@ class DeliverHow(enum.IntEnum):
 
 SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT = 1, 2, 4
 F_MARK, F_SRC, F_DST, F_PROTO, F_PORT, F_IFACE = 1, 2, 4, 8, 16, 32
-REC_TRUNCATED = 1
+F_HEADER = F_SRC | F_DST | F_PROTO | F_PORT   # criteria judged from the IP header alone
+REC_TRUNCATED, REC_LATE = 1, 2
 
 
 class Stat(enum.IntEnum):
@@ -75,9 +76,11 @@ class Stat(enum.IntEnum):
     CREATE_FAILED = 4
     TRUNCATED = 5
     ROUTE_DROPPED = 6
+    REJECTED = 7
+    LATE = 8
 
 
-PT_STAT_MAX = 8
+PT_STAT_MAX = 10
 
 
 class PtConfig(ctypes.Structure):
@@ -95,6 +98,8 @@ class PtConfig(ctypes.Structure):
         ("dst_family", u8),
         ("proto", u8),
         ("emit", u8),
+        ("early_reject", u8),
+        ("_pad1", u8 * 3),
         ("port", u16),
         ("_pad0", u16),
         ("ifindex", u32),

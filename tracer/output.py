@@ -62,6 +62,8 @@ def format_packet(p: Packet) -> str:
         lines.append("  end not seen: aged out")
     if p.truncated:
         lines.append("  (path truncated: more stages than one record holds)")
+    if p.late_match:
+        lines.append("  (matched the filter only after NAT: stages before that were not kept)")
     return "\n".join(lines)
 
 
@@ -71,7 +73,7 @@ def format_json(p: Packet) -> str:
 
 def summary(c: Counters) -> str:
     """The closing line: nothing lost silently."""
-    line = (f"{c.shown} packets shown, {c.filtered} filtered out, {c.lost} lost (ring buffer full), "
+    line = (f"{c.shown} packets shown, {c.filtered + c.rejected} filtered out, {c.lost} lost (ring buffer full), "
             f"{c.create_failed} not traced (in-flight table full), {c.aged_out} aged out")
     if c.unread:
         line += f", {c.unread} not printed (still queued at exit)"

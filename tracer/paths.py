@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .events import (NF_STAGES, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_TRUNCATED, DeliverHow, Fate, PtRecord, PtStage,
-                     StageKind)
+from .events import (NF_STAGES, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE, REC_TRUNCATED, DeliverHow, Fate, PtRecord,
+                     PtStage, StageKind)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
 FATE_NAMES = {Fate.FORWARDED: "forwarded", Fate.DELIVERED: "delivered", Fate.SENT: "sent",
@@ -153,6 +153,7 @@ class Values:
     drop: dict | None = None
     process: dict | None = None
     truncated: bool = False
+    late_match: bool = False           # matched only after NAT: earlier stages not kept
 
 
 class Packet:
@@ -237,6 +238,8 @@ class Packet:
             d["process"] = v.process
         if v.truncated:
             d["truncated"] = True
+        if v.late_match:
+            d["late_match"] = True
         if sh.end:
             d["end"] = sh.end
         return d
@@ -252,7 +255,7 @@ def _value_field(name: str) -> property:
 
 for _f in ("netns", "family", "proto", "proto_num", "fate", "in_dev", "out_dev", "end", "path_sig"):
     setattr(Packet, _f, _shape_field(_f))
-for _f in ("id", "src", "dst", "sport", "dport", "drop", "process", "truncated"):
+for _f in ("id", "src", "dst", "sport", "dport", "drop", "process", "truncated", "late_match"):
     setattr(Packet, _f, _value_field(_f))
 
 
@@ -407,7 +410,8 @@ def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
     pid_, drop_loc = _VALS.unpack_from(raw, 0)
     _m, _s, flags, _p, sport, dport, saddr, daddr, pid, comm = _TAIL.unpack_from(raw, _TAIL_OFF)
     v = Values(pid_, socket.inet_ntop(sh.af, saddr[:sh.alen]), socket.inet_ntop(sh.af, daddr[:sh.alen]),
-               sport if sh.ports else None, dport if sh.ports else None, truncated=bool(flags & REC_TRUNCATED))
+               sport if sh.ports else None, dport if sh.ports else None, truncated=bool(flags & REC_TRUNCATED),
+               late_match=bool(flags & REC_LATE))
     if sh.drop_reason is not None:
         sym = ctx.symbolize if ctx is not None else None
         v.drop = {"reason": sh.drop_reason, "location": sym(drop_loc) if sym else hex(drop_loc),
@@ -646,7 +650,7 @@ def packet_json(pkt: Packet) -> str:
     vals = [v.id, v.src, v.dst, v.sport, v.dport,
             ',"drop":' + _j(v.drop) if v.drop else "",
             ',"process":' + _j(v.process) if v.process else "",
-            ',"truncated":true' if v.truncated else "", sock]
+            (',"truncated":true' if v.truncated else "") + (',"late_match":true' if v.late_match else ""), sock]
     vals += [flat[i] - base for i in jt.ts]
     vals += jt.fields(flat)
     return jt.fmt % jt.order(vals)

@@ -55,7 +55,8 @@ class TraceOptions:
 class Counters:
     created: int = 0
     emitted: int = 0
-    filtered: int = 0
+    filtered: int = 0                  # records that ended without matching
+    rejected: int = 0                  # judged at first sight, never given a record
     lost: int = 0                      # ring buffer full
     create_failed: int = 0             # in-flight table full
     truncated: int = 0
@@ -144,6 +145,8 @@ class Tracer:
         cfg.n_netns = len(inodes)
         cfg.emit = 1 if self.opts.emit else 0
         self.opts.filter.fill(cfg)
+        flags = self.opts.filter.flags
+        cfg.early_reject = 1 if flags and not flags & ~events.F_HEADER else 0
         obj.load()
         if self.opts.emit:
             self.ring = libbpf.RingBuffer(obj.map("events").fd, self.opts.ringbuf_bytes)
@@ -282,6 +285,8 @@ class Tracer:
         vals = {s: sum(st.percpu_u64(s)) for s in Stat}
         return Counters(
             created=vals[Stat.CREATED], emitted=vals[Stat.EMITTED], filtered=vals[Stat.FILTERED],
+            # per-CPU u64 counters: LATE can exceed REJECTED on one CPU, never in sum
+            rejected=vals[Stat.REJECTED] - vals[Stat.LATE],
             lost=vals[Stat.LOST], create_failed=vals[Stat.CREATE_FAILED], truncated=vals[Stat.TRUNCATED],
             route_dropped=vals[Stat.ROUTE_DROPPED], aged_out=self.aged, shown=self.shown, unread=self.unread)
 
