@@ -301,12 +301,7 @@ class Tracer:
         Records still in the ring after `budget` seconds of reading are
         counted as unread, so the summary accounts for every packet.
         """
-        for a in reversed(self.attachments):
-            try:
-                a.close()
-            except Exception:  # keep closing the rest: nothing may stay attached
-                pass
-        self.attachments.clear()
+        self._detach()
         out: list[paths.Packet] = []
         if self.ring is not None:
             deadline = time.monotonic() + budget
@@ -316,13 +311,16 @@ class Tracer:
         self.shown += len(out)
         return out
 
-    def close(self) -> None:
+    def _detach(self) -> None:
         for a in reversed(self.attachments):
             try:
                 a.close()
             except Exception:  # keep closing the rest: nothing may stay attached
                 pass
         self.attachments.clear()
+
+    def close(self) -> None:
+        self._detach()
         if self.ring is not None:
             self.ring.close()
             self.ring = None
