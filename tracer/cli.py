@@ -167,15 +167,11 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
         limit_reached = True
     finally:
         # what the kernel reported before the probes came off is printed,
-        # or, past -c or a gone reader, counted: never dropped silently
+        # or, past -c or a gone reader (no reading: budget 0), counted
         rest = tracer.stop(budget=0.0 if limit_reached else 1.0)
         try:
             for pkt in rest:
-                if limit_reached:
-                    tracer.unread += 1
-                    tracer.shown -= 1
-                else:
-                    printer.packet(pkt)
+                printer.packet(pkt)
         except (BrokenPipeError, KeyboardInterrupt):
             pass
         c = tracer.counters()

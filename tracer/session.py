@@ -215,11 +215,7 @@ class Tracer:
         out: list[paths.Packet] = []
         if self.ring is not None:
             self.ring.wait(timeout)
-            # bounded batches keep memory flat when the ring is full
-            for raw in self.ring.drain(max_records=4096):
-                out.append(self._packet(raw))
-                if self.on_raw:
-                    self.on_raw(raw, False)
+            out.extend(self._drain_ring())
         else:
             time.sleep(timeout)
         now = time.monotonic()
@@ -227,6 +223,15 @@ class Tracer:
             self._last_age_scan = now
             out.extend(self.age_out())
         self.shown += len(out)
+        return out
+
+    def _drain_ring(self) -> list[paths.Packet]:
+        """One batch from the ring: bounded, so memory stays flat when it is full."""
+        out = []
+        for raw in self.ring.drain(max_records=4096):
+            out.append(self._packet(raw))
+            if self.on_raw:
+                self.on_raw(raw, False)
         return out
 
     def _packet(self, rec: PtRecord | bytes, aged: bool = False) -> paths.Packet:
@@ -306,7 +311,7 @@ class Tracer:
         if self.ring is not None:
             deadline = time.monotonic() + budget
             while self.ring.pending() and time.monotonic() < deadline:
-                out.extend(self._packet(raw) for raw in self.ring.drain(max_records=4096))
+                out.extend(self._drain_ring())
             self.unread += self.ring.discard()
         self.shown += len(out)
         return out
