@@ -9,11 +9,15 @@ same code as live tracing, so recordings double as test fixtures.
 from __future__ import annotations
 
 import json
+import struct
 from typing import IO, Iterator
 
 from . import events, paths
 
 FORMAT = 1
+_U64 = struct.Struct("=Q")
+_FATE_OFF = events.PtRecord.fate.offset
+_LOC_OFF = events.PtRecord.drop_location.offset
 
 
 def _ctx_to_json(ctx: paths.Context, symbols: dict[int, str]) -> dict:
@@ -40,16 +44,21 @@ class Recorder:
     def __init__(self, out: IO[str], ctx: paths.Context):
         self.out, self.ctx = out, ctx
         self._written: dict | None = None
+        self._sizes: tuple | None = None
         self._symbols: dict[int, str] = {}
         out.write(json.dumps({"pkttrace_recording": FORMAT, "record_size": events.RECORD_HEADER_SIZE,
                               "stage_size": events.STAGE_SIZE}) + "\n")
 
     def __call__(self, raw: bytes, aged: bool) -> None:
-        rec = events.decode_record(raw)
-        if rec.fate == events.Fate.DROPPED and rec.drop_location not in self._symbols and self.ctx.symbolize:
-            self._symbols[rec.drop_location] = self.ctx.symbolize(rec.drop_location)
-        snapshot = _ctx_to_json(self.ctx, self._symbols)
-        if snapshot != self._written:
+        fate, loc = raw[_FATE_OFF], _U64.unpack_from(raw, _LOC_OFF)[0]
+        if fate == events.Fate.DROPPED and loc not in self._symbols and self.ctx.symbolize:
+            self._symbols[loc] = self.ctx.symbolize(loc)
+        # names are only ever added: compare sizes, not the whole context, per record
+        sizes = (len(self.ctx.ifnames), len(self.ctx.netns_names), len(self.ctx.slot_priority),
+                 len(self.ctx.drop_reasons), len(self._symbols))
+        if sizes != self._sizes:
+            self._sizes = sizes
+            snapshot = _ctx_to_json(self.ctx, self._symbols)
             # only what changed since the last context line
             prev = self._written or {}
             delta = {k: [r for r in v if r not in prev.get(k, [])] for k, v in snapshot.items()}
