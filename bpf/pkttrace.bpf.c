@@ -582,6 +582,7 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	struct pt_record *r;
 	struct pt_stage *s;
 	struct pkt_info pi;
+	bool rejected_pkt;
 	__u8 kind;
 
 	if (!family || hook > 4)
@@ -589,8 +590,9 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	kind = PT_STAGE_PREROUTING + hook; /* enum order follows NF_INET_* */
 	now = bpf_ktime_get_ns();
 	/* a rejected packet has no record: the per-CPU slot is cheaper than the hash */
-	r = is_rejected(skb) ? NULL : rec_lookup(skb);
-	if (!r && is_rejected(skb)) {
+	rejected_pkt = is_rejected(skb);
+	r = rejected_pkt ? NULL : rec_lookup(skb);
+	if (rejected_pkt) {
 		/* its route lookups are nobody's: do not let them pile up */
 		if (slot == 0 && (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD ||
 				  kind == PT_STAGE_OUTPUT))

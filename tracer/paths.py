@@ -46,9 +46,9 @@ class Context:
     symbolize: Callable[[int], str] | None = None
     socket_owner: Callable[[int], tuple[int, str] | None] | None = None  # socket inode -> (pid, comm)
     route_tables: dict[int, str] = field(default_factory=lambda: dict(ROUTE_TABLES))
-    # path templates by (netns, family, path signature, stages, fate)
-    templates: dict = field(default_factory=dict)
-    max_templates: int = 4096
+    # resolved Shapes by the record's PT_SHAPE bytes (netns, devices, signature, fate, ...)
+    shapes: dict = field(default_factory=dict)
+    max_shapes: int = 4096
 
     def dev(self, netns: int, ifindex: int) -> str | None:
         if not ifindex:
@@ -377,7 +377,6 @@ def _materialize(tpl: _Template, raw_stages: bytes, base: int) -> list[Stage]:
 
 _U64 = struct.Struct("=Q")
 _N_OFF = PtRecord.n_stages.offset
-_SIG_OFF = PtRecord.path_sig.offset
 # per-packet values: id, drop_location, flags, sport, dport, saddr, daddr, pid, comm
 _VALS = struct.Struct("=Q16xQ")
 _TAIL = struct.Struct("=BBBBHH16s16sI16s")
@@ -437,14 +436,14 @@ def assemble(rec: PtRecord | bytes, ctx: Context, aged: bool = False) -> Packet:
     """
     raw = rec if isinstance(rec, bytes) else bytes(rec)
     key = raw[PT_SHAPE_OFF:PT_SHAPE_OFF + PT_SHAPE_LEN]
-    sh = None if aged else ctx.templates.get(key)
+    sh = None if aged else ctx.shapes.get(key)
     if sh is None:
         sh = _shape(raw, ctx, aged)
         # aged records carry no signature (it is computed when a record ends)
         if not aged and sh.path_sig:
-            if len(ctx.templates) >= ctx.max_templates:
-                ctx.templates.clear()  # bounded: shapes churn only with devices and rules
-            ctx.templates[key] = sh
+            if len(ctx.shapes) >= ctx.max_shapes:
+                ctx.shapes.clear()  # bounded: shapes churn only with devices and rules
+            ctx.shapes[key] = sh
     return Packet._from_raw(raw, sh, ctx)
 
 

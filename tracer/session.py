@@ -201,7 +201,7 @@ class Tracer:
             pass  # names fall back to numbers; the doctor reports missing BTF
 
     def _learn_ifnames(self, ns: str | None, ino: int) -> None:
-        self.ctx.templates.clear()  # they hold device names
+        self.ctx.shapes.clear()  # they hold device names
         try:
             for idx, name in netns.links(ns).items():
                 self.ctx.ifnames[(ino, idx)] = name
