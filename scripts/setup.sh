@@ -11,16 +11,48 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 
+# systemd: systemd-analyze (the unit file test); prometheus: prometheus and
+# promtool (the exporter's integration tests start a private server).
 APT_PKGS=(clang llvm libbpf-dev libbpf1 bpftool make iproute2 iptables nftables iperf3 iputils-ping util-linux
-          python3-venv)
+          python3-venv systemd prometheus)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup.sh: installing ${missing[*]}"
+  # Packages with a daemon (prometheus) must not start it: the tests run
+  # their own server on a free port.  A policy-rc.d that exits 101 tells
+  # invoke-rc.d/deb-systemd-invoke "not now"; keep one that already exists
+  # (Docker images ship one), else add ours for this install only.
+  policy=/usr/sbin/policy-rc.d own_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# added by pkttrace scripts/setup.sh during apt-get install\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    own_policy=1
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # prometheus goes in without its Recommends (node-exporter, another daemon)
+  others=() prom=
+  for p in "${missing[@]}"; do
+    if [ "$p" = prometheus ]; then prom=1; else others+=("$p"); fi
+  done
+  if [ ${#others[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${others[@]}" >/dev/null
+  fi
+  if [ -n "$prom" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    # We installed it, so its service is ours to keep off: not enabled for
+    # the next boot, and stopped if it got started regardless.
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    else
+      systemctl disable prometheus.service >/dev/null 2>&1 || true
+      [ -x /etc/init.d/prometheus ] && /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    fi
+  fi
+  if [ -n "$own_policy" ]; then rm -f "$policy"; trap - EXIT; fi
 fi
 
 PY=${PYTHON:-python3}
