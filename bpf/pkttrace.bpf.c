@@ -312,6 +312,10 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 	__builtin_memcpy(r->daddr, pi->daddr, 16);
 	r->sport = pi->sport;
 	r->dport = pi->dport;
+	__builtin_memcpy(r->cur_saddr, pi->saddr, 16);
+	__builtin_memcpy(r->cur_daddr, pi->daddr, 16);
+	r->cur_sport = pi->sport;
+	r->cur_dport = pi->dport;
 	r->family = pi->family;
 	r->proto = pi->proto;
 	r->match = match_header(pi);
@@ -364,6 +368,9 @@ static __always_inline struct pt_stage *stage_add(struct pt_record *r, __u8 kind
 		}
 		return NULL;
 	}
+	/* keep the mask: clang may otherwise reuse a bound the verifier
+	 * lost track of when stages are added back to back */
+	barrier_var(n);
 	s = &r->stages[n & (PT_MAX_STAGES - 1)];
 	__builtin_memset(s, 0, sizeof(*s));
 	s->ts = ts;
@@ -454,10 +461,25 @@ static __always_inline void pending_resolve(const void *except)
 		deliver((const void *)key, r, PT_DELIVER_STACK, 0);
 }
 
+static __always_inline bool addr_eq(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
 /* ---- route lookups: buffered per CPU, attributed at the next stage ---- */
 
-static __always_inline void route_push(__u8 family, __u32 table, __s32 err, __u32 oif, __u32 mark)
+/* A ring: lookups nobody claims (ARP's, those of packets without a record)
+ * are overwritten by newer ones, which belong to the packet being routed. */
+static __always_inline void route_push(__u8 family, __u32 table, __s32 err, __u32 oif, __u32 mark,
+				       __u8 gw_family, const void *gw, const void *daddr)
 {
+	struct pt_route_ev *ev;
 	__u32 zero = 0;
 	struct pt_route_buf *b = bpf_map_lookup_elem(&route_buf, &zero);
 	__u64 now = bpf_ktime_get_ns();
@@ -466,15 +488,20 @@ static __always_inline void route_push(__u8 family, __u32 table, __s32 err, __u3
 	if (!b)
 		return;
 	n = b->n;
-	if (n && now - b->ev[0].ts > ROUTE_MAX_AGE_NS)
+	if (n && now - b->ev[(n - 1) & (PT_MAX_ROUTE - 1)].ts > ROUTE_MAX_AGE_NS)
 		n = 0; /* nobody claimed those: not ours */
-	if (n >= PT_MAX_ROUTE) {
+	if (n >= PT_MAX_ROUTE)
 		stat_inc(PT_STAT_ROUTE_DROPPED);
-		return;
-	}
-	b->ev[n & (PT_MAX_ROUTE - 1)] = (struct pt_route_ev){
+	ev = &b->ev[n & (PT_MAX_ROUTE - 1)];
+	*ev = (struct pt_route_ev){
 		.ts = now, .table = table, .err = err, .oif = oif, .mark = mark, .family = family,
+		.gw_family = gw_family,
 	};
+	if (gw_family == 4)
+		bpf_probe_read_kernel(ev->gw, 4, gw);
+	else if (gw_family == 6)
+		bpf_probe_read_kernel(ev->gw, 16, gw);
+	bpf_probe_read_kernel(ev->daddr, family == 4 ? 4 : 16, daddr);
 	b->n = n + 1;
 }
 
@@ -494,14 +521,17 @@ static __always_inline void route_take(struct pt_record *r, __u8 kind, __u64 sin
 	struct pt_route_buf *b = bpf_map_lookup_elem(&route_buf, &zero);
 	__u32 n;
 
+	__u32 start;
+
 	if (!b || !b->n)
 		return;
 	n = b->n;
+	start = n > PT_MAX_ROUTE ? n - PT_MAX_ROUTE : 0;
 	for (int i = 0; i < PT_MAX_ROUTE; i++) {
-		struct pt_route_ev *ev = &b->ev[i];
+		struct pt_route_ev *ev = &b->ev[(start + i) & (PT_MAX_ROUTE - 1)];
 		struct pt_stage *s;
 
-		if (i >= n)
+		if (start + i >= n)
 			break;
 		if (ev->ts < since || ev->family != r->family)
 			continue;
@@ -515,6 +545,19 @@ static __always_inline void route_take(struct pt_record *r, __u8 kind, __u64 sin
 		s->mark = ev->mark;
 		s->aux = ev->table;
 		s->aux2 = ev->err;
+		/* fib_validate_source (rp_filter, or any lookup when rules
+		 * exist) looks up the packet's source: not the decision */
+		s->ct = addr_eq(ev->daddr, r->cur_saddr) && !addr_eq(ev->daddr, r->cur_daddr) ?
+			PT_ROUTE_SRC_CHECK : 0;
+		if (ev->gw_family && !ev->err) {
+			struct pt_addr_stage *a = (void *)stage_add(r, PT_STAGE_ADDR, ev->ts);
+
+			if (a) {
+				__builtin_memcpy(a->addr, ev->gw, 16);
+				a->what = PT_ADDR_GW;
+				a->family = ev->gw_family;
+			}
+		}
 	}
 	b->n = 0;
 }
@@ -524,6 +567,7 @@ int BPF_PROG(on_fib_lookup, u32 tb_id, const struct flowi4 *flp,
 	     const struct fib_nh_common *nhc, int err)
 {
 	__u32 oif = 0;
+	__u8 gw_family = 0;
 
 	if (nhc) {
 		struct net_device *dev = nhc->nhc_dev;
@@ -534,8 +578,10 @@ int BPF_PROG(on_fib_lookup, u32 tb_id, const struct flowi4 *flp,
 				return 0;
 			oif = dev->ifindex;
 		}
+		gw_family = nhc->nhc_gw_family == 2 ? 4 : nhc->nhc_gw_family == 10 ? 6 : 0;
 	}
-	route_push(4, tb_id, err, oif, flp->__fl_common.flowic_mark);
+	route_push(4, tb_id, err, oif, flp->__fl_common.flowic_mark, gw_family, nhc ? &nhc->nhc_gw : NULL,
+		   &flp->daddr);
 	return 0;
 }
 
@@ -546,6 +592,7 @@ int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *re
 	struct net_device *dev;
 	__u32 oif = 0;
 	__s32 err = 0;
+	__u8 gw_family = 0;
 	__u8 type;
 
 	if (!netns_traced(net->ns.inum))
@@ -553,6 +600,8 @@ int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *re
 	dev = res->nh ? res->nh->nh_common.nhc_dev : NULL;
 	if (dev)
 		oif = dev->ifindex;
+	if (res->nh && res->nh->nh_common.nhc_gw_family == 10)
+		gw_family = 6;
 	/* fib6 reports failures as route types; map them to errnos like fib4 */
 	type = res->fib6_type;
 	if (type == RTN_UNREACHABLE)
@@ -561,11 +610,83 @@ int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *re
 		err = -13;  /* EACCES */
 	else if (type == RTN_BLACKHOLE)
 		err = -22;  /* EINVAL */
-	route_push(6, table ? table->tb6_id : 0, err, oif, flp->__fl_common.flowic_mark);
+	route_push(6, table ? table->tb6_id : 0, err, oif, flp->__fl_common.flowic_mark, gw_family,
+		   gw_family ? &res->nh->nh_common.nhc_gw : NULL, &flp->daddr);
 	return 0;
 }
 
 /* ---- netfilter observers ---- */
+
+/* Conntrack's view of the packet: skb->_nfct is the nf_conn pointer with
+ * the ctinfo in its low 3 bits (IP_CT_UNTRACKED and no entry for NOTRACK). */
+static __always_inline __u8 ct_state(__u64 nfct)
+{
+	__u8 info = nfct & 7;
+
+	if (!nfct)
+		return PT_CT_NONE;
+	if (info == IP_CT_UNTRACKED)
+		return PT_CT_UNTRACKED;
+	switch (info) {
+	case IP_CT_ESTABLISHED:
+		return PT_CT_ESTABLISHED;
+	case IP_CT_RELATED:
+		return PT_CT_RELATED;
+	case IP_CT_NEW:
+		return PT_CT_NEW;
+	case IP_CT_ESTABLISHED_REPLY:
+		return PT_CT_ESTABLISHED | PT_CT_REPLY;
+	case IP_CT_RELATED_REPLY:
+		return PT_CT_RELATED | PT_CT_REPLY;
+	}
+	return PT_CT_NONE;
+}
+
+/* Does the packet's connection have a NAT binding?  Only then can a hook
+ * rewrite addresses, so only then are headers compared at every observer. */
+static __always_inline bool ct_natted(__u64 nfct)
+{
+	struct nf_conn *ct = (struct nf_conn *)(nfct & ~7ULL);
+
+	if (!ct)
+		return false;
+	return BPF_CORE_READ(ct, status) & (IPS_SRC_NAT | IPS_DST_NAT);
+}
+
+static __always_inline void nat_stage(struct pt_record *r, __u8 what, __u8 slot, __u64 now,
+				      const __u8 *addr, __u16 port)
+{
+	struct pt_addr_stage *a = (void *)stage_add(r, PT_STAGE_ADDR, now);
+
+	if (!a)
+		return;
+	/* struct pt_addr_stage is only ever cast to, so clang leaves it out of
+	 * the object's BTF, which the Python mirror is checked against.  A CO-RE
+	 * existence check keeps it there; the kernel has no such type, so
+	 * libbpf patches this to 0 at load. */
+	a->_pad0 = bpf_core_type_exists(struct pt_addr_stage);
+	__builtin_memcpy(a->addr, addr, 16);
+	a->port = port;
+	a->what = what;
+	a->slot = slot;
+	a->family = r->family;
+}
+
+/* Addresses or ports differ from what the packet had: a NAT table rewrote
+ * them since the last observer.  Record the new values after this stage. */
+static __always_inline void nat_check(struct pt_record *r, const struct pkt_info *pi, __u8 slot, __u64 now)
+{
+	if (!addr_eq(pi->saddr, r->cur_saddr) || pi->sport != r->cur_sport) {
+		nat_stage(r, PT_ADDR_NAT_SRC, slot, now, pi->saddr, pi->sport);
+		__builtin_memcpy(r->cur_saddr, pi->saddr, 16);
+		r->cur_sport = pi->sport;
+	}
+	if (!addr_eq(pi->daddr, r->cur_daddr) || pi->dport != r->cur_dport) {
+		nat_stage(r, PT_ADDR_NAT_DST, slot, now, pi->daddr, pi->dport);
+		__builtin_memcpy(r->cur_daddr, pi->daddr, 16);
+		r->cur_dport = pi->dport;
+	}
+}
 
 static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 {
@@ -577,7 +698,10 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	__u32 in = state->in ? state->in->ifindex : 0;
 	__u32 out = state->out ? state->out->ifindex : 0;
 	__u32 mark = skb->mark;
+	__u64 nfct = skb->_nfct;
+	bool first = slot % PT_NF_BANK == 0;
 	const void *l3 = skb_l3(skb);
+	bool parsed = false;
 	__u64 now;
 	struct pt_record *r;
 	struct pt_stage *s;
@@ -594,13 +718,12 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	r = rejected_pkt ? NULL : rec_lookup(skb);
 	if (rejected_pkt) {
 		/* its route lookups are nobody's: do not let them pile up */
-		if (slot == 0 && (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD ||
-				  kind == PT_STAGE_OUTPUT))
+		if (first && (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD ||
+			      kind == PT_STAGE_OUTPUT))
 			route_discard();
-		/* judged at first sight; only NAT (done by the time the last
-		 * observer of these hooks runs) can make it match since */
-		if (!slot || (kind != PT_STAGE_PREROUTING && kind != PT_STAGE_OUTPUT &&
-			      kind != PT_STAGE_POSTROUTING))
+		/* judged at first sight; only NAT can make it match since */
+		if (first || (kind != PT_STAGE_PREROUTING && kind != PT_STAGE_OUTPUT &&
+			      kind != PT_STAGE_POSTROUTING) || !ct_natted(nfct))
 			return NF_ACCEPT;
 		if (parse_l3(l3, family, &pi) || (match_header(&pi) & cfg.filter) != cfg.filter)
 			return NF_ACCEPT;
@@ -610,6 +733,7 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 		if (!r)
 			return NF_ACCEPT;
 		r->flags |= PT_REC_LATE;
+		parsed = true;
 	} else if (!r) {
 		/* links are per netns: only traced namespaces reach here */
 		if (parse_l3(l3, family, &pi) || !first_sight_wanted(skb, &pi))
@@ -617,13 +741,15 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 		r = rec_new(skb, state->net->ns.inum, &pi, now);
 		if (!r)
 			return NF_ACCEPT;
-	} else if ((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT)) & ~r->match) {
+		parsed = true;
+	} else if (ct_natted(nfct) && !parse_l3(l3, family, &pi)) {
+		parsed = true;
 		/* NAT may have rewritten addresses or ports: match again */
-		if (!parse_l3(l3, family, &pi))
+		if ((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT)) & ~r->match)
 			r->match |= match_header(&pi);
 	}
 	if (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD || kind == PT_STAGE_OUTPUT)
-		route_take(r, slot == 0 ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
+		route_take(r, first ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
 			   r->n_stages ? r->last_ts : now - ROUTE_MAX_AGE_NS);
 	if (kind == PT_STAGE_INPUT) {
 		struct pt_pending *p = pending();
@@ -650,8 +776,12 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	s->aux = in;
 	s->mark = mark;
 	s->slot = slot;
+	s->ct = ct_state(nfct);
 	/* DSCP/ECN byte: IPv4 TOS, or the IPv6 traffic class split over two bytes */
-	if (family == 4) {
+	if (parsed) {
+		s->tos = pi.tos;
+		nat_check(r, &pi, slot, now);
+	} else if (family == 4) {
 		bpf_probe_read_kernel(&s->tos, 1, l3 + 1);
 	} else {
 		__u8 b[2] = {};
@@ -679,6 +809,14 @@ NF_OBS(4)
 NF_OBS(5)
 NF_OBS(6)
 NF_OBS(7)
+NF_OBS(8)
+NF_OBS(9)
+NF_OBS(10)
+NF_OBS(11)
+NF_OBS(12)
+NF_OBS(13)
+NF_OBS(14)
+NF_OBS(15)
 
 /* ---- device-level tracepoints ---- */
 
@@ -753,6 +891,10 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 		rejected_forget(skb);
 		return 0;
 	}
+	/* input routing failed (no route, unreachable): the lookups made since
+	 * PREROUTING are why it is dropped */
+	if (r->n_stages && r->stages[(r->n_stages - 1) & (PT_MAX_STAGES - 1)].kind == PT_STAGE_PREROUTING)
+		route_take(r, PT_STAGE_ROUTE, r->last_ts);
 	r->drop_reason = reason;
 	r->drop_location = (__u64)location;
 	s = stage_add(r, PT_STAGE_DROP, bpf_ktime_get_ns());

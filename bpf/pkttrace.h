@@ -11,8 +11,11 @@
 
 #define PT_MAX_STAGES 32   /* stages kept per packet; more are counted, not kept */
 #define PT_MAX_NETNS 8     /* network namespaces traced at once */
-#define PT_MAX_ROUTE 4     /* route lookups buffered per CPU between two stages */
-#define PT_NF_SLOTS 8      /* netfilter observer programs per hook (see nf_obs_N) */
+#define PT_MAX_ROUTE 8     /* route lookups buffered per CPU between two stages */
+#define PT_NF_SLOTS 16     /* netfilter observer programs (nf_obs_N): two banks of */
+#define PT_NF_BANK 8       /* eight, so observers can be re-placed while the old
+			      ones still run; slot % PT_NF_BANK == 0 is the first
+			      observer of its hook */
 
 /* What a stage is.  The numbers are part of the record format. */
 enum pt_stage_kind {
@@ -29,6 +32,28 @@ enum pt_stage_kind {
 	PT_STAGE_TX = 11,         /* net:net_dev_queue: handed to the device */
 	PT_STAGE_DELIVER = 12,    /* queued to a socket, read, or taken by the local stack */
 	PT_STAGE_DROP = 13,       /* skb:kfree_skb */
+	PT_STAGE_ADDR = 14,       /* struct pt_addr_stage: an address belonging to the
+				     stage before it (NAT rewrite, route gateway) */
+};
+
+/* struct pt_stage.ct: conntrack state when a netfilter observer saw it */
+enum pt_ct {
+	PT_CT_NONE = 0,           /* no conntrack entry (yet, or invalid) */
+	PT_CT_NEW = 1,
+	PT_CT_ESTABLISHED = 2,
+	PT_CT_RELATED = 3,
+	PT_CT_UNTRACKED = 4,      /* raw NOTRACK */
+};
+#define PT_CT_REPLY 0x80          /* or-ed in: packet of the reply direction */
+
+/* struct pt_stage.ct of a route stage */
+#define PT_ROUTE_SRC_CHECK 1      /* a lookup of the source (fib_validate_source) */
+
+/* struct pt_addr_stage.what */
+enum pt_addr_what {
+	PT_ADDR_NAT_SRC = 1,      /* source address/port after NAT */
+	PT_ADDR_NAT_DST = 2,      /* destination address/port after NAT */
+	PT_ADDR_GW = 3,           /* gateway of the route lookup before it */
 };
 
 /* How a record ended (struct pt_record.fate). */
@@ -109,7 +134,22 @@ struct pt_stage {
 	__u8 slot;      /* netfilter: observer slot (user space knows its priority) */
 	__u8 tos;       /* IPv4 TOS / IPv6 traffic class */
 	__u8 family;    /* 4 or 6 */
-	__u32 _pad;
+	__u8 ct;        /* netfilter: enum pt_ct | PT_CT_REPLY; route: PT_ROUTE_* */
+	__u8 _pad[3];
+};
+
+/* A stage of kind PT_STAGE_ADDR: same size, kind at the same offset. */
+struct pt_addr_stage {
+	__u8 addr[16];
+	__u16 port;     /* host order; NAT of TCP/UDP only */
+	__u8 what;      /* enum pt_addr_what */
+	__u8 _pad0;
+	__u32 _pad1;
+	__u8 kind;      /* PT_STAGE_ADDR */
+	__u8 slot;      /* NAT: the observer slot that saw the rewrite */
+	__u8 _pad2;
+	__u8 family;
+	__u32 _pad3;
 };
 
 struct pt_record {
@@ -140,7 +180,10 @@ struct pt_record {
 	__u8 daddr[16];
 	__u32 pid;                /* process that read it (deliver) */
 	char comm[16];
-	__u32 _pad1;
+	__u16 cur_sport;          /* addresses and ports now: NAT is seen as a change */
+	__u16 cur_dport;
+	__u8 cur_saddr[16];
+	__u8 cur_daddr[16];
 	struct pt_stage stages[PT_MAX_STAGES];
 };
 
@@ -155,7 +198,10 @@ struct pt_route_ev {
 	__u32 oif;        /* result device */
 	__u32 mark;       /* flow mark used for the lookup */
 	__u8 family;
-	__u8 _pad[7];
+	__u8 gw_family;   /* 4, 6 or 0: no gateway (directly connected) */
+	__u8 _pad[6];
+	__u8 gw[16];
+	__u8 daddr[16];   /* destination looked up (the source, for a source check) */
 };
 
 /* Per CPU: the packet last seen at LOCAL_IN, until the local stack is done

@@ -12,8 +12,9 @@ import enum
 
 PT_MAX_STAGES = 32
 PT_MAX_NETNS = 8
-PT_MAX_ROUTE = 4
-PT_NF_SLOTS = 8
+PT_MAX_ROUTE = 8
+PT_NF_SLOTS = 16
+PT_NF_BANK = 8      # slots per bank; slot % PT_NF_BANK == 0 is a hook's first observer
 
 u8, u16, u32, s32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64
 
@@ -32,6 +33,7 @@ class StageKind(enum.IntEnum):
     TX = 11
     DELIVER = 12
     DROP = 13
+    ADDR = 14      # PtAddrStage: address for the stage before it (NAT, gateway)
 
     @property
     def label(self) -> str:
@@ -52,6 +54,25 @@ class Fate(enum.IntEnum):
     SENT = 3
     DROPPED = 4
     CONSUMED = 5
+
+
+class Ct(enum.IntEnum):
+    """pt_stage.ct, without the CT_REPLY bit."""
+    NONE = 0
+    NEW = 1
+    ESTABLISHED = 2
+    RELATED = 3
+    UNTRACKED = 4
+
+
+CT_REPLY = 0x80
+ROUTE_SRC_CHECK = 1   # pt_stage.ct of a route stage: a lookup of the source (rp_filter)
+
+
+class AddrWhat(enum.IntEnum):
+    NAT_SRC = 1
+    NAT_DST = 2
+    GW = 3
 
 
 class DeliverHow(enum.IntEnum):
@@ -117,7 +138,23 @@ class PtStage(ctypes.Structure):
         ("slot", u8),
         ("tos", u8),
         ("family", u8),
-        ("_pad", u32),
+        ("ct", u8),
+        ("_pad", u8 * 3),
+    ]
+
+
+class PtAddrStage(ctypes.Structure):
+    _fields_ = [
+        ("addr", u8 * 16),
+        ("port", u16),
+        ("what", u8),
+        ("_pad0", u8),
+        ("_pad1", u32),
+        ("kind", u8),
+        ("slot", u8),
+        ("_pad2", u8),
+        ("family", u8),
+        ("_pad3", u32),
     ]
 
 
@@ -146,7 +183,10 @@ class PtRecord(ctypes.Structure):
         ("daddr", u8 * 16),
         ("pid", u32),
         ("comm", ctypes.c_char * 16),
-        ("_pad1", u32),
+        ("cur_sport", u16),
+        ("cur_dport", u16),
+        ("cur_saddr", u8 * 16),
+        ("cur_daddr", u8 * 16),
         ("stages", PtStage * PT_MAX_STAGES),
     ]
 
@@ -164,7 +204,10 @@ class PtRouteEv(ctypes.Structure):
         ("oif", u32),
         ("mark", u32),
         ("family", u8),
-        ("_pad", u8 * 7),
+        ("gw_family", u8),
+        ("_pad", u8 * 6),
+        ("gw", u8 * 16),
+        ("daddr", u8 * 16),
     ]
 
 
@@ -183,6 +226,7 @@ STAGE_SIZE = ctypes.sizeof(PtStage)
 MIRRORS = {
     "pt_config": PtConfig,
     "pt_stage": PtStage,
+    "pt_addr_stage": PtAddrStage,
     "pt_record": PtRecord,
     "pt_route_ev": PtRouteEv,
     "pt_route_buf": PtRouteBuf,

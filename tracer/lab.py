@@ -351,6 +351,11 @@ class Lab:
         for argv in argv_list:
             self.iptables(*argv, v6=v6)
 
+    def ip(self, ns: str, *args) -> str:
+        """Run ip(8) in one of the lab's namespaces (routes and rules of a scenario)."""
+        self._check(ns)
+        return self._run_in(ns, ["ip", *map(str, args)], f"ip {' '.join(map(str, args))}")
+
     def nft(self, *args: str) -> str:
         return self._run_in(self.router, ["nft", *map(str, args)], f"nft {' '.join(map(str, args))}")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from .paths import Packet, Stage, packet_json
+from .paths import Packet, Stage, TableStep, packet_json
 from .session import Counters
 
 
@@ -32,16 +32,48 @@ def _detail(s: Stage) -> str:
             parts.append(f"mark {_mark(s.mark)}")
         if s.tos_out != s.tos:
             parts.append(f"tos {s.tos:#04x}→{s.tos_out:#04x}")
+        if s.ct:
+            parts.append(f"ct {s.ct}")
+    elif s.route is not None:
+        parts.append(_route(s))
     elif s.lookups:
         tables = " → ".join(lk.table for lk in s.lookups)
         last = s.lookups[-1]
         res = f"error {last.err}" if last.err else (f"dev {last.dev}" if last.dev else "")
         parts.append(f"table {tables}" + (f" → {res}" if res else ""))
-        if last.mark:
-            parts.append(f"mark {_mark(last.mark)}")
     elif s.mark:
         parts.append(f"mark {_mark(s.mark)}")
     return "  ".join(parts)
+
+
+def _route(s: Stage) -> str:
+    """`rule 100: from all fwmark 0x1/0x1 lookup 100 → table 100 → via 10.3.0.2 dev r2  mark 0x1`"""
+    r = s.route
+    out = f"rule {r.rule} → " if r.rule else ""
+    out += "table " + " → ".join(r.tables)
+    if r.err:
+        out += f" → {r.type} ({r.err})"
+    else:
+        res = (f"via {r.gw} " if r.gw else "") + (f"dev {r.dev}" if r.dev else "")
+        out += f" → {r.type}" if r.type == "local" else (f" → {res.strip()}" if res else "")
+    if r.mark:
+        out += f"  mark {_mark(r.mark)}"
+    return out
+
+
+def _table_line(t: TableStep) -> str:
+    """What one table did: `mangle  mark 0x0→0x1`, `nat  dst 10.1.0.1:8080→10.2.0.2:80`."""
+    parts = []
+    if t.mark != t.mark_in:
+        parts.append(f"mark {_mark(t.mark_in)}→{_mark(t.mark)}")
+    if t.dscp != t.dscp_in:
+        parts.append(f"dscp {t.dscp_in}→{t.dscp}")
+    for side in ("src", "dst"):
+        if t.nat and side in t.nat:
+            parts.append(f"{side} {t.nat[side]['from']}→{t.nat[side]['to']}")
+    if t.verdict != "accept":
+        parts.append(t.verdict.upper())
+    return f"{t.table:<14} " + "  ".join(parts) if parts else t.table
 
 
 def format_packet(p: Packet) -> str:
@@ -53,9 +85,11 @@ def format_packet(p: Packet) -> str:
     for s in p.path:
         dev = f"{s.in_dev}→{s.dev}" if s.in_dev and s.dev and s.in_dev != s.dev else (s.dev or "")
         lines.append(f"  {_time(s.t_ns):>11}  {s.stage:<12} {dev:<14} {_detail(s)}".rstrip())
+        for t in s.tables:
+            lines.append(f"  {'':>11}    · {_table_line(t)}")
     if p.drop:
-        lines.append(f"  dropped: {p.drop['reason']} at {p.drop['location']}"
-                     + (f" (after {p.drop['last_hook']})" if p.drop.get("last_hook") else ""))
+        where = " ".join(x for x in (p.drop.get("table"), p.drop.get("stage")) if x)
+        lines.append(f"  dropped: {p.drop['reason']} at {p.drop['location']}" + (f" (in {where})" if where else ""))
     if p.process:
         lines.append(f"  read by {p.process['comm']} (pid {p.process['pid']})")
     if p.fate == "unknown":

@@ -17,17 +17,15 @@ import ctypes
 import dataclasses
 import errno
 import json
-import operator
 import os
-import re
 import socket
 import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .events import (NF_STAGES, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE, REC_TRUNCATED, DeliverHow, Fate, PtRecord,
-                     PtStage, StageKind)
+from .events import (CT_REPLY, NF_STAGES, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE, REC_TRUNCATED, AddrWhat, Ct,
+                     DeliverHow, Fate, PtAddrStage, PtRecord, PtStage, StageKind)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
 FATE_NAMES = {Fate.FORWARDED: "forwarded", Fate.DELIVERED: "delivered", Fate.SENT: "sent",
@@ -42,6 +40,12 @@ class Context:
     ifnames: dict[tuple[int, int], str] = field(default_factory=dict)  # (netns inode, ifindex) -> name
     netns_names: dict[int, str] = field(default_factory=dict)          # inode -> name ("" = host)
     slot_priority: dict[tuple[int, int, int, int], int] = field(default_factory=dict)  # (ino, fam, hook, slot)
+    # (ino, fam, hook, slot) -> [(table, priority)] crossed just before that observer / right after it
+    slot_tables: dict[tuple[int, int, int, int], list] = field(default_factory=dict)
+    slot_after: dict[tuple[int, int, int, int], list] = field(default_factory=dict)
+    conntrack: dict[int, list[int]] = field(default_factory=dict)     # ino -> families with conntrack hooks
+    rules: dict[tuple[int, int], list] = field(default_factory=dict)  # (ino, fam) -> [routing.Rule]
+    generation: int = 0                # bumped when observers or rules change (recordings re-save names)
     drop_reasons: dict[int, str] = field(default_factory=dict)         # enum value -> name
     symbolize: Callable[[int], str] | None = None
     socket_owner: Callable[[int], tuple[int, str] | None] | None = None  # socket inode -> (pid, comm)
@@ -72,6 +76,28 @@ class Observation:
     mark: int
     tos: int
     t_ns: int
+    ct: str | None = None
+
+
+@dataclass
+class TableStep:
+    """What the packet was like after the table(s) between two observers."""
+    table: str
+    priority: int | None
+    mark: int
+    dscp: int
+    ct: str | None
+    verdict: str                        # accept | drop
+    mark_in: int = 0
+    dscp_in: int = 0
+    nat: dict | None = None             # {"src"|"dst": {"from": "a:p", "to": "b:p"}}
+
+    def to_json(self) -> dict:
+        d = {"table": self.table, "priority": self.priority, "mark": self.mark, "dscp": self.dscp,
+             "ct": self.ct, "verdict": self.verdict}
+        if self.nat:
+            d.update(self.nat)
+        return d
 
 
 @dataclass
@@ -82,6 +108,29 @@ class Lookup:
     err: str | None
     mark: int
     t_ns: int
+    gw: str | None = None
+    src_check: bool = False             # a lookup of the source (rp_filter), not the decision
+
+
+@dataclass
+class Route:
+    """A routing decision: tables consulted, the rule that chose, the result."""
+    tables: list[str]
+    rule: str | None
+    type: str
+    dev: str | None
+    gw: str | None
+    src: str | None
+    err: str | None
+    mark: int
+    src_check: dict | None = None       # the source-validation lookup (rp_filter), when the kernel made one
+
+    def to_json(self) -> dict:
+        d = {"tables": self.tables, "rule": self.rule, "type": self.type, "dev": self.dev, "gw": self.gw,
+             "src": self.src, "err": self.err, "mark": self.mark}
+        if self.src_check:
+            d["src_check"] = self.src_check
+        return d
 
 
 @dataclass
@@ -95,7 +144,10 @@ class Stage:
     tos_out: int | None = None
     in_dev: str | None = None          # forward: both devices
     observations: list[Observation] = field(default_factory=list)
+    tables: list[TableStep] = field(default_factory=list)
     lookups: list[Lookup] = field(default_factory=list)
+    route: Route | None = None
+    ct: str | None = None              # hook stages: conntrack state after the last table
     ifindex: int = 0                   # device index (for filters on recorded data)
     in_ifindex: int = 0
     how: str | None = None             # deliver: how delivery was seen
@@ -106,8 +158,10 @@ class Stage:
         if self.observations:
             d["mark_out"] = self.mark_out
             d["tos"], d["tos_out"] = self.tos, self.tos_out
-            d["observers"] = [{"priority": o.priority, "mark": o.mark, "tos": o.tos, "t_ns": o.t_ns}
+            d["ct"] = self.ct
+            d["observers"] = [{"priority": o.priority, "mark": o.mark, "tos": o.tos, "ct": o.ct, "t_ns": o.t_ns}
                               for o in self.observations]
+            d["tables"] = [t.to_json() for t in self.tables]
         if self.in_dev is not None:
             d["in_dev"] = self.in_dev
         if self.how:
@@ -115,10 +169,13 @@ class Stage:
         if self.socket_inode:
             d["socket_inode"] = self.socket_inode
         if self.lookups:
-            last = self.lookups[-1]
-            d["table"], d["err"] = last.table, last.err
+            main = [lk for lk in self.lookups if not lk.src_check] or self.lookups
+            d["table"], d["err"] = main[-1].table, main[-1].err
             d["lookups"] = [{"table": lk.table, "table_id": lk.table_id, "dev": lk.dev, "err": lk.err,
-                             "mark": lk.mark, "t_ns": lk.t_ns} for lk in self.lookups]
+                             "mark": lk.mark, "gw": lk.gw, "src_check": lk.src_check, "t_ns": lk.t_ns}
+                            for lk in self.lookups]
+            if self.route is not None:
+                d["route"] = self.route.to_json()
         return d
 
 
@@ -139,7 +196,7 @@ class Shape:
     af: int = socket.AF_INET
     alen: int = 4
     ports: bool = False
-    json_tpl: "_JsonTemplate | None" = None   # compiled on first JSON output
+    local_out: bool = False             # locally generated: its first hook is output
 
 
 @dataclass
@@ -191,14 +248,13 @@ class Packet:
     def _set_value(self, name: str, value) -> None:
         setattr(self._v(), name, value)
 
-
     @property
     def path(self) -> list[Stage]:
         if self._path is None:
-            sh = self._shape
             n = self._raw[_N_OFF]
             first_ts = _U64.unpack_from(self._raw, 8)[0]
-            self._path = _materialize(sh.template, self._raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE], first_ts)
+            self._path = _materialize(self._shape, self._raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE], first_ts,
+                                      self._v(), self._ctx)
         return self._path
 
     @property
@@ -207,6 +263,11 @@ class Packet:
 
     def stage_names(self) -> list[str]:
         return [s.stage for s in self.path]
+
+    def stage(self, name: str, nth: int = 0) -> Stage | None:
+        """The nth stage called `name`, or None."""
+        found = [s for s in self.path if s.stage == name]
+        return found[nth] if nth < len(found) else None
 
     def crossed(self, *stages: str) -> bool:
         """The path contains these stages in this order (others may sit between)."""
@@ -224,7 +285,14 @@ class Packet:
         return out
 
     def addresses(self, which: str) -> list[str]:
-        return [self.src if which == "src" else self.dst]
+        """Every address the packet had on that side (NAT included), in order."""
+        out = [self.src if which == "src" else self.dst]
+        for s in self.path:
+            for t in s.tables:
+                if t.nat and which in t.nat:
+                    out.append(t.nat[which]["to"].rsplit(":", 1)[0] if t.nat[which]["to"].count(":") == 1
+                               or self.family == "ipv4" else _strip_port6(t.nat[which]["to"]))
+        return out
 
     def to_json(self) -> dict:
         v, sh = self._v(), self._shape
@@ -243,6 +311,10 @@ class Packet:
         if sh.end:
             d["end"] = sh.end
         return d
+
+
+def _strip_port6(ep: str) -> str:
+    return ep[1:ep.index("]")] if ep.startswith("[") else ep
 
 
 def _shape_field(name: str) -> property:
@@ -264,6 +336,30 @@ def _err_name(err: int) -> str | None:
         return None
     e = -err if err < 0 else err
     return errno.errorcode.get(e, str(err))
+
+
+# what a fib error means as a route type (fib_props[] in the kernel)
+_ERR_TYPE = {-errno.ENETUNREACH: "unreachable", -errno.EHOSTUNREACH: "unreachable", -errno.EACCES: "prohibit",
+             -errno.EINVAL: "blackhole", -errno.EAGAIN: "no_match"}
+
+
+def route_type(table_id: int, err: int) -> str:
+    """The result of one lookup: unicast, local, or why it failed."""
+    if err:
+        return _ERR_TYPE.get(err, _err_name(err) or str(err))
+    return "local" if table_id == 255 else "unicast"
+
+
+_CT_NAMES = {Ct.NEW: "new", Ct.ESTABLISHED: "established", Ct.RELATED: "related", Ct.UNTRACKED: "untracked"}
+
+
+def ct_name(code: int, tracked: bool) -> str | None:
+    """PT_CT_* as conntrack says it; no entry where conntrack runs is `invalid`."""
+    base = code & ~CT_REPLY
+    if base == Ct.NONE:
+        return "invalid" if tracked else None
+    name = _CT_NAMES.get(base, str(base))
+    return name + " reply" if code & CT_REPLY and base != Ct.UNTRACKED else name
 
 
 _DELIVER_HOW = {DeliverHow.QUEUED: "queued to socket", DeliverHow.READ: "read by process",
@@ -290,23 +386,36 @@ def _fmt(struct_type, stop: str | None = None) -> struct.Struct:
 
 _HDR = _fmt(PtRecord, stop="stages")
 _STAGE = _fmt(PtStage)
+_ADDR = _fmt(PtAddrStage)
 _HDR_SIZE = PtRecord.stages.offset
 _STAGE_SIZE = ctypes.sizeof(PtStage)
-assert _HDR.size == _HDR_SIZE and _STAGE.size == _STAGE_SIZE
+assert _HDR.size == _HDR_SIZE and _STAGE.size == _STAGE_SIZE == _ADDR.size
 _INET = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
+# fields of a raw stage tuple
+_TS, _IFX, _MARK, _AUX, _AUX2, _KIND, _SLOT, _TOS, _FAM, _CT = range(10)
+
+
+@dataclass
+class _Obs:
+    raw: int                            # raw stage index
+    priority: int | None
+    tables: list                        # [(name, priority)] crossed just before this observer
+    nat: list[tuple[int, int]] = field(default_factory=list)   # (raw index of ADDR stage, what)
 
 
 @dataclass
 class _Plan:
     """How one output stage is built from raw stages: everything but the
-    per-packet values (times, marks, TOS, socket inode)."""
+    per-packet values (times, marks, TOS, addresses, socket inode)."""
     label: str
     dev: str | None
     first: int                          # index of its first raw stage
     raws: list[int]                     # indices of all its raw stages
-    priorities: list[int | None] | None = None   # hook stages
+    obs: list[_Obs] | None = None       # hook stages
+    drop_tables: list | None = None     # hook stage before a netfilter drop: tables after the last observer
+    tracked: bool = False               # conntrack runs in this netns/family (no entry = invalid)
     in_dev: str | None = None
-    lookups: list[tuple] | None = None  # route: (table, table_id, dev, err) per raw stage
+    lookups: list[tuple] | None = None  # route: (table, table_id, dev, err, gw raw index) per raw stage
     how: str | None = None
 
 
@@ -315,32 +424,53 @@ class _Template:
     plans: list[_Plan]
     last_hook: str | None
     deliver_raw: int | None             # raw index of a deliver-by-socket stage
+    drop_stage: str | None = None       # where a drop happened: hook, route, tc_ingress, ...
+    drop_table: str | None = None
 
 
-def _template(stages: list[tuple], ino: int, fam: int, ctx: Context) -> _Template:
+def _nf_drop(reason: str | None) -> bool:
+    return reason is not None and reason.startswith("NETFILTER")
+
+
+def _template(stages: list[tuple], ino: int, fam: int, ctx: Context, drop_reason: str | None) -> _Template:
     plans: list[_Plan] = []
     deliver_raw = None
-    for i, (_ts, ifindex, _mark, aux, aux2, kind, slot, _tos, _f, _p) in enumerate(stages):
+    tracked = fam in ctx.conntrack.get(ino, ())
+    for i, st in enumerate(stages):
+        ifindex, aux, aux2, kind, slot = st[_IFX], st[_AUX], st[_AUX2], st[_KIND], st[_SLOT]
         try:
             kind = StageKind(kind)
         except ValueError:
             continue  # a newer kernel object with a stage we do not know
-        dev = ctx.dev(ino, ifindex)
         prev = plans[-1] if plans else None
+        if kind == StageKind.ADDR:
+            what = _ADDR.unpack_from(_STAGE.pack(*st))[2]
+            if prev is not None and prev.obs and what in (AddrWhat.NAT_SRC, AddrWhat.NAT_DST):
+                prev.obs[-1].nat.append((i, what))
+            elif prev is not None and prev.lookups and what == AddrWhat.GW:
+                prev.lookups[-1] = prev.lookups[-1][:4] + (i,) + prev.lookups[-1][5:]
+            continue
+        dev = ctx.dev(ino, ifindex)
         if kind in NF_STAGES:
-            prio = ctx.slot_priority.get((ino, fam, kind - StageKind.PREROUTING, slot))
-            if prev is not None and prev.label == kind.label and prev.priorities is not None:
-                prev.raws.append(i)
-                prev.priorities.append(prio)
+            key = (ino, fam, kind - StageKind.PREROUTING, slot)
+            ob = _Obs(i, ctx.slot_priority.get(key), ctx.slot_tables.get(key, []))
+            # a reroute inside OUTPUT (mangle changed the mark) sits between
+            # two observers of that hook: they still make one output stage
+            hook_plan = prev if prev is not None and prev.label == kind.label else \
+                plans[-2] if len(plans) > 1 and prev.label == "reroute" and plans[-2].label == kind.label else None
+            if hook_plan is not None and hook_plan.obs is not None:
+                hook_plan.raws.append(i)
+                hook_plan.obs.append(ob)
                 continue
-            plans.append(_Plan(kind.label, dev, i, [i], priorities=[prio],
+            plans.append(_Plan(kind.label, dev, i, [i], obs=[ob], tracked=tracked,
                                in_dev=ctx.dev(ino, aux) if kind == StageKind.FORWARD else None))
         elif kind in (StageKind.ROUTE, StageKind.REROUTE):
-            lk = (ctx.table(aux), aux, dev, _err_name(aux2))
+            lk = (ctx.table(aux), aux, dev, aux2, None, bool(st[_CT] & ROUTE_SRC_CHECK))
             if prev is not None and prev.label == kind.label:
                 prev.raws.append(i)
                 prev.lookups.append(lk)
-                prev.dev = dev or prev.dev
+                if not lk[5]:
+                    prev.dev = dev or prev.dev
                 continue
             plans.append(_Plan(kind.label, dev, i, [i], lookups=[lk]))
         elif kind == StageKind.DELIVER:
@@ -349,30 +479,133 @@ def _template(stages: list[tuple], ino: int, fam: int, ctx: Context) -> _Templat
                 deliver_raw = i
         else:
             plans.append(_Plan(kind.label, dev, i, [i]))
-    hooks = [p.label for p in plans if p.priorities is not None]
-    return _Template(plans, hooks[-1] if hooks else None, deliver_raw)
+    hooks = [p for p in plans if p.obs is not None]
+    tpl = _Template(plans, hooks[-1].label if hooks else None, deliver_raw)
+    if drop_reason is not None:
+        before = [p for p in plans if p.label != "drop"]
+        last = before[-1] if before else None
+        tpl.drop_stage = last.label if last is not None else None
+        if last is not None and last.obs is not None and _nf_drop(drop_reason):
+            # dropped between the last observer that saw it and the next one
+            key = (ino, fam, StageKind[last.label.upper()] - StageKind.PREROUTING, stages[last.obs[-1].raw][_SLOT])
+            last.drop_tables = ctx.slot_after.get(key, [])
+            tpl.drop_table = ", ".join(t[0] for t in last.drop_tables) or None
+    return tpl
 
 
-def _materialize(tpl: _Template, raw_stages: bytes, base: int) -> list[Stage]:
+def _endpoint(addr: str, port: int | None, fam: int) -> str:
+    if port is None:
+        return addr
+    return f"[{addr}]:{port}" if fam == 6 else f"{addr}:{port}"
+
+
+def _materialize(sh: Shape, raw_stages: bytes, base: int, v: Values, ctx: Context | None) -> list[Stage]:
+    tpl = sh.template
     st = list(_STAGE.iter_unpack(raw_stages))
+    fam = 6 if sh.af == socket.AF_INET6 else 4
+    # the packet's addresses as it goes: NAT stages change them
+    cur = {"src": (v.src, v.sport), "dst": (v.dst, v.dport)}
     path = []
     for p in tpl.plans:
-        ts, ifindex, mark, aux, _aux2, kind, _slot, tos, _f, _pad = st[p.first]
-        stage = Stage(p.label, ts - base, p.dev, mark, ifindex=ifindex, in_dev=p.in_dev,
-                      how=p.how)
-        if p.priorities is not None:
-            stage.observations = [Observation(prio, st[i][2], st[i][7], st[i][0] - base)
-                                  for i, prio in zip(p.raws, p.priorities)]
-            last = st[p.raws[-1]]
-            stage.tos, stage.mark_out, stage.tos_out = tos, last[2], last[7]
-            stage.in_ifindex = aux if p.label == "forward" else 0
+        t0 = st[p.first]
+        stage = Stage(p.label, t0[_TS] - base, p.dev, t0[_MARK], ifindex=t0[_IFX], in_dev=p.in_dev, how=p.how)
+        if p.obs is not None:
+            _hook_stage(stage, p, st, base, cur, sh, fam)
         elif p.lookups is not None:
-            stage.lookups = [Lookup(table, tid, dev, err, st[i][2], st[i][0] - base)
-                             for i, (table, tid, dev, err) in zip(p.raws, p.lookups)]
-        elif p.how is not None and aux and _aux2 == DeliverHow.QUEUED:
-            stage.socket_inode = aux
+            _route_stage(stage, p, st, base, cur, v, sh, fam, ctx)
+        elif p.how is not None and t0[_AUX] and t0[_AUX2] == DeliverHow.QUEUED:
+            stage.socket_inode = t0[_AUX]
         path.append(stage)
     return path
+
+
+def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], base: int, cur: dict, sh: Shape, fam: int) -> None:
+    first, last = st[p.obs[0].raw], st[p.obs[-1].raw]
+    stage.observations = [Observation(o.priority, st[o.raw][_MARK], st[o.raw][_TOS], st[o.raw][_TS] - base,
+                                      ct_name(st[o.raw][_CT], p.tracked and _after_conntrack(o, p)))
+                          for o in p.obs]
+    stage.tos, stage.mark_out, stage.tos_out = first[_TOS], last[_MARK], last[_TOS]
+    stage.ct = stage.observations[-1].ct
+    stage.in_ifindex = first[_AUX] if p.label == "forward" else 0
+    prev = first
+    for k, o in enumerate(p.obs):
+        s = st[o.raw]
+        nat = {}
+        for raw_i, what in o.nat:
+            addr, port = _addr_of(st[raw_i], sh)
+            side = "src" if what == AddrWhat.NAT_SRC else "dst"
+            before = cur[side]
+            cur[side] = (addr, port if sh.ports else None)
+            nat[side] = {"from": _endpoint(before[0], before[1], fam), "to": _endpoint(addr, cur[side][1], fam)}
+        if k == 0 and not nat:
+            continue  # the first observer runs before every table
+        stage.tables.append(TableStep(
+            ", ".join(t[0] for t in o.tables) or "(unknown)", o.tables[-1][1] if o.tables else None,
+            s[_MARK], s[_TOS] >> 2, stage.observations[k].ct, "accept", prev[_MARK], prev[_TOS] >> 2, nat or None))
+        prev = s
+    if p.drop_tables is not None:
+        stage.tables.append(TableStep(", ".join(t[0] for t in p.drop_tables) or "(unknown)",
+                                      p.drop_tables[-1][1] if p.drop_tables else None,
+                                      last[_MARK], last[_TOS] >> 2, stage.ct, "drop", last[_MARK], last[_TOS] >> 2))
+
+
+def _after_conntrack(o: _Obs, p: _Plan) -> bool:
+    """Has conntrack run when observer o looks?  At PREROUTING/OUTPUT only
+    after its priority; at the other hooks it ran at the hook before."""
+    if p.label not in ("prerouting", "output"):
+        return True
+    return o.priority is not None and o.priority > -200
+
+
+def _addr_of(raw_stage: tuple, sh: Shape) -> tuple[str, int]:
+    a = _ADDR.unpack(_STAGE.pack(*raw_stage))
+    return socket.inet_ntop(sh.af, a[0][:sh.alen]), a[1]
+
+
+def _route_stage(stage: Stage, p: _Plan, st: list[tuple], base: int, cur: dict, v: Values, sh: Shape,
+                 fam: int, ctx: Context | None) -> None:
+    from . import routing
+    lookups, checks = [], []
+    for raw_i, (table, tid, dev, err, gw_raw, src_check) in zip(p.raws, p.lookups):
+        gw = None
+        if gw_raw is not None:
+            a = _ADDR.unpack(_STAGE.pack(*st[gw_raw]))
+            gaf, glen = _INET.get(a[-2], (sh.af, sh.alen))
+            gw = socket.inet_ntop(gaf, a[0][:glen])
+        lk = Lookup(table, tid, dev, _err_name(err), st[raw_i][_MARK], st[raw_i][_TS] - base, gw, src_check)
+        (checks if src_check else lookups).append((lk, err))
+    if not lookups:
+        lookups, checks = checks, []
+    stage.lookups = [lk for lk, _ in lookups + checks]
+    last, last_err = lookups[-1]
+    mark = last.mark
+    src, dst = cur["src"][0], cur["dst"][0]
+    rule = None
+    ino = _ino_of(sh, ctx)
+    rules = ctx.rules.get((ino, fam)) if ctx is not None and ino is not None else None
+    if rules:
+        flow = routing.Flow(src, dst, mark, None if sh.local_out else sh.in_dev, proto=sh.proto_num,
+                            sport=cur["src"][1], dport=cur["dst"][1])
+        r = routing.choosing_rule(rules, flow, [lk.table_id for lk, _ in lookups])
+        if r is not None:
+            rule = r.text(ctx.table)
+    stage.route = Route([lk.table for lk, _ in lookups], rule, route_type(last.table_id, last_err), last.dev,
+                        last.gw, src if sh.local_out else None, last.err, mark)
+    if checks:
+        lk = checks[-1][0]
+        stage.route.src_check = {"tables": [c.table for c, _ in checks], "dev": lk.dev, "err": lk.err}
+
+
+def _ino_of(sh: Shape, ctx: Context | None) -> int | None:
+    if ctx is None:
+        return None
+    for ino, name in ctx.netns_names.items():
+        if name == sh.netns:
+            return ino
+    try:
+        return int(sh.netns)
+    except ValueError:
+        return None
 
 
 _U64 = struct.Struct("=Q")
@@ -389,20 +622,25 @@ def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
                  struct.unpack_from("=IIIIIBBBB", raw, PT_SHAPE_OFF)))
     n = min(h["n"], (len(raw) - _HDR_SIZE) // _STAGE_SIZE)
     ino, fam, proto = h["ino"], h["fam"], h["proto"]
-    tpl = _template(list(_STAGE.iter_unpack(raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE])), ino, fam, ctx)
     try:
         fate = Fate(h["fate"])
     except ValueError:
         fate = Fate.NONE
+    reason = ctx.drop_reason(h["drop_reason"]) if fate == Fate.DROPPED and not aged else None
+    stages = list(_STAGE.iter_unpack(raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE]))
+    tpl = _template(stages, ino, fam, ctx, reason)
     af, alen = _INET.get(fam, (socket.AF_INET, 4))
     end = "aged out" if aged else _END_BY_FATE.get(fate)
     if fate == Fate.DELIVERED and not aged:
         last = tpl.plans[-1] if tpl.plans else None
         end = last.how if last is not None and last.how else "delivered"
-    return Shape(ctx.netns_names.get(ino, str(ino)), f"ipv{fam}", PROTO_NAMES.get(proto) or str(proto), proto,
-                 "unknown" if aged else FATE_NAMES[fate], ctx.dev(ino, h["in_if"]), ctx.dev(ino, h["out_if"]),
-                 end, h["sig"], tpl, ctx.drop_reason(h["drop_reason"]) if fate == Fate.DROPPED and not aged
-                 else None, af, alen, proto in (6, 17))
+    sh = Shape(ctx.netns_names.get(ino, str(ino)), f"ipv{fam}", PROTO_NAMES.get(proto) or str(proto), proto,
+               "unknown" if aged else FATE_NAMES[fate], ctx.dev(ino, h["in_if"]), ctx.dev(ino, h["out_if"]),
+               end, h["sig"], tpl, reason, af, alen, proto in (6, 17))
+    # locally generated: the first hook stage is output (rule walks see iif lo)
+    hooks = [p.label for p in tpl.plans if p.obs is not None]
+    sh.local_out = bool(hooks) and hooks[0] == "output"
+    return sh
 
 
 def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
@@ -413,14 +651,15 @@ def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
                late_match=bool(flags & REC_LATE))
     if sh.drop_reason is not None:
         sym = ctx.symbolize if ctx is not None else None
+        tpl = sh.template
         v.drop = {"reason": sh.drop_reason, "location": sym(drop_loc) if sym else hex(drop_loc),
-                  "last_hook": sh.template.last_hook}
+                  "last_hook": tpl.last_hook, "stage": tpl.drop_stage, "table": tpl.drop_table}
     elif sh.fate == "delivered":
         tpl = sh.template
         if pid:
             v.process = {"pid": pid, "comm": comm.rstrip(b"\0").decode(errors="replace")}
         elif tpl.deliver_raw is not None and ctx is not None and ctx.socket_owner:
-            ino_sock = _STAGE.unpack_from(raw, _HDR_SIZE + tpl.deliver_raw * _STAGE_SIZE)[3]
+            ino_sock = _STAGE.unpack_from(raw, _HDR_SIZE + tpl.deliver_raw * _STAGE_SIZE)[_AUX]
             owner = ctx.socket_owner(ino_sock) if ino_sock else None
             if owner:
                 v.process = {"pid": owner[0], "comm": owner[1], "socket_inode": ino_sock}
@@ -525,131 +764,6 @@ class Kallsyms:
         return f"{self._names[i]}+{addr - self._addrs[i]:#x}"
 
 
-# ---- JSON rendering by shape ----
-#
-# Packets of one shape share every key and every static value of their JSON
-# object: the object is compiled once into a str.format template whose
-# fields are the per-packet values, taken from one struct unpack of the
-# record's stages.  tests/unit/test_json_fast.py checks it against to_json.
-
-_STAGES_BY_N: dict[int, struct.Struct] = {}
-
-
-def _stages_struct(n: int) -> struct.Struct:
-    st = _STAGES_BY_N.get(n)
-    if st is None:
-        st = _STAGES_BY_N[n] = struct.Struct("=" + _STAGE.format.lstrip("=") * n)
-    return st
-
-
-_W = len(_STAGE.format.lstrip("="))   # values per stage in the flat tuple
-_F_TS, _F_MARK, _F_AUX, _F_TOS = 0, 2, 3, 7
-
-
-@dataclass
-class _JsonTemplate:
-    fmt: str                  # %-format, one %s per per-packet value in order of appearance
-    ts: list[int]             # flat indices of timestamps (rendered relative to first_ts)
-    fields: operator.itemgetter  # the other per-stage values, from the flat tuple
-    order: operator.itemgetter   # puts [fixed..., timestamps..., fields...] in format order
-    sock_raw: int | None      # raw stage whose aux is a socket inode (optional key)
-
-
-def _j(v) -> str:
-    return json.dumps(v, separators=(",", ":"))
-
-
-def _escape(s: str) -> str:
-    return s.replace("%", "%%")
-
-
-_FIXED = ("id", "src", "dst", "sport", "dport", "drop", "process", "truncated", "socket")
-
-
-def _compile_json(sh: Shape) -> _JsonTemplate:
-    ts: list[int] = []
-    fields: list[int] = []
-
-    def x(name: str) -> str:
-        return "\x01X%d\x02" % _FIXED.index(name)
-
-    def t(raw_i: int) -> str:
-        ts.append(raw_i * _W + _F_TS)
-        return "\x01T%d\x02" % (len(ts) - 1)
-
-    def f(raw_i: int, field: int) -> str:
-        fields.append(raw_i * _W + field)
-        return "\x01F%d\x02" % (len(fields) - 1)
-
-    def js(v) -> str:
-        return _escape(_j(v))
-
-    out = ['{"id":', x("id"), ',"netns":', js(sh.netns), ',"family":', js(sh.family), ',"proto":', js(sh.proto),
-           ',"src":"', x("src"), '","dst":"', x("dst"), '"']
-    if sh.ports:
-        out += [',"sport":', x("sport"), ',"dport":', x("dport")]
-    out += [',"fate":', js(sh.fate), ',"in_dev":', js(sh.in_dev), ',"out_dev":', js(sh.out_dev), ',"path":[']
-    sock_raw = None
-    for k, p in enumerate(sh.template.plans):
-        i = p.first
-        out += [',{' if k else '{', '"stage":', js(p.label), ',"t_ns":', t(i), ',"dev":', js(p.dev),
-                ',"mark":', f(i, _F_MARK)]
-        if p.priorities is not None:
-            last = p.raws[-1]
-            out += [',"mark_out":', f(last, _F_MARK), ',"tos":', f(i, _F_TOS), ',"tos_out":', f(last, _F_TOS),
-                    ',"observers":[']
-            for m, (ri, prio) in enumerate(zip(p.raws, p.priorities)):
-                out += [",{" if m else "{", '"priority":', js(prio), ',"mark":', f(ri, _F_MARK),
-                        ',"tos":', f(ri, _F_TOS), ',"t_ns":', t(ri), "}"]
-            out.append("]")
-        if p.in_dev is not None:
-            out += [',"in_dev":', js(p.in_dev)]
-        if p.how:
-            out += [',"how":', js(p.how)]
-            if p.how == _DELIVER_HOW[DeliverHow.QUEUED]:
-                sock_raw = i
-                out.append(x("socket"))
-        if p.lookups is not None:
-            table, _tid, _dev, err = p.lookups[-1]
-            out += [',"table":', js(table), ',"err":', js(err), ',"lookups":[']
-            for m, (ri, (table, tid, dev, err)) in enumerate(zip(p.raws, p.lookups)):
-                out += [",{" if m else "{", '"table":', js(table), ',"table_id":', str(tid), ',"dev":', js(dev),
-                        ',"err":', js(err), ',"mark":', f(ri, _F_MARK), ',"t_ns":', t(ri), "}"]
-            out.append("]")
-        out.append("}")
-    out += ["]", x("drop"), x("process"), x("truncated")]
-    if sh.end:
-        out += [',"end":', js(sh.end)]
-    out.append("}")
-    text = "".join(out)
-    # value slots in the order they appear: index into fixed + timestamps + fields
-    base = {"X": 0, "T": len(_FIXED), "F": len(_FIXED) + len(ts)}
-    slots = [base[k] + int(n) for k, n in re.findall("\x01([XTF])(\\d+)\x02", text)]
-    fmt = re.sub("\x01[XTF]\\d+\x02", "%s", text)
-    return _JsonTemplate(fmt, ts, operator.itemgetter(*fields) if len(fields) > 1 else
-                         (lambda flat, _i=fields: tuple(flat[i] for i in _i)), operator.itemgetter(*slots),
-                         sock_raw)
-
-
 def packet_json(pkt: Packet) -> str:
-    """One packet as a JSON line: compiled per shape for kernel packets."""
-    raw, sh = pkt._raw, pkt._shape
-    if raw is None or sh.template is None or pkt._path is not None:
-        return json.dumps(pkt.to_json(), separators=(",", ":"))
-    jt = sh.json_tpl
-    if jt is None:
-        jt = sh.json_tpl = _compile_json(sh)
-    v = pkt._v()
-    flat = _stages_struct(raw[_N_OFF]).unpack_from(raw, _HDR_SIZE)
-    base = _U64.unpack_from(raw, 8)[0]
-    sock = ""
-    if jt.sock_raw is not None:
-        ino = flat[jt.sock_raw * _W + _F_AUX]
-        sock = ',"socket_inode":%d' % ino if ino else ""
-    vals = [v.id, v.src, v.dst, v.sport, v.dport,
-            ',"drop":' + _j(v.drop) if v.drop else "",
-            ',"process":' + _j(v.process) if v.process else "",
-            (',"truncated":true' if v.truncated else "") + (',"late_match":true' if v.late_match else ""), sock]
-    vals += [flat[i] - base for i in jt.ts]
-    vals += jt.fields(flat)
-    return jt.fmt % jt.order(vals)
+    """One packet as a JSON line."""
+    return json.dumps(pkt.to_json(), separators=(",", ":"))

@@ -19,9 +19,8 @@ from . import libbpf, netns
 
 NFPROTO = {4: 2, 6: 10}
 HOOK_NAMES = ("prerouting", "input", "forward", "output", "postrouting")
-# netfilter refuses INT_MIN and INT_MAX; these are the outermost usable slots
-PRIO_FIRST = -(2**31) + 1
-PRIO_LAST = 2**31 - 2
+from .placement import PRIO_FIRST, PRIO_LAST  # noqa: E402,F401  (re-exported)
+
 # name and priority of our classic tc filters, to find stale ones
 CLS_NAME = "pkttrace"
 CLS_PRIO = 1
@@ -79,13 +78,14 @@ def attach_tracepoint(obj: libbpf.BpfObject, prog: str) -> TracepointAttachment:
 
 def attach_netfilter(prog_fd: int, family: int, hook: int, priority: int,
                      ns: str | None, max_tries: int = 16) -> FdLink:
-    """A netfilter link at `priority`, moving away from it on EBUSY.
+    """A netfilter link at `priority`, moving up from it on EBUSY.
 
     The kernel refuses a priority already used by a registered hook
-    (an iptables table, an nft base chain), so try priority±1, ±2, ...
-    towards the inside of the allowed range.
+    (an iptables table, an nft base chain).  Observers are placed right
+    after tables, so moving up keeps them after the table they follow;
+    only at the top of the range do we move down.
     """
-    step = 1 if priority <= 0 else -1
+    step = 1 if priority < PRIO_LAST - max_tries else -1
     last = None
     with netns.entered(ns):
         for i in range(max_tries):

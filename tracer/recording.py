@@ -12,7 +12,7 @@ import json
 import struct
 from typing import IO, Iterator
 
-from . import events, paths
+from . import events, paths, routing
 
 FORMAT = 1
 _U64 = struct.Struct("=Q")
@@ -25,6 +25,10 @@ def _ctx_to_json(ctx: paths.Context, symbols: dict[int, str]) -> dict:
         "ifnames": [[ino, idx, name] for (ino, idx), name in sorted(ctx.ifnames.items())],
         "netns_names": [[ino, name] for ino, name in sorted(ctx.netns_names.items())],
         "slot_priority": [[*k, v] for k, v in sorted(ctx.slot_priority.items())],
+        "slot_tables": [[*k, v] for k, v in sorted(ctx.slot_tables.items())],
+        "slot_after": [[*k, v] for k, v in sorted(ctx.slot_after.items())],
+        "conntrack": [[ino, fams] for ino, fams in sorted(ctx.conntrack.items())],
+        "rules": [[ino, fam, [routing.rule_to_json(r) for r in rules]] for (ino, fam), rules in sorted(ctx.rules.items())],
         "drop_reasons": [[v, n] for v, n in sorted(ctx.drop_reasons.items())],
         "symbols": [[a, s] for a, s in sorted(symbols.items())],
     }
@@ -34,6 +38,10 @@ def _ctx_update(ctx: paths.Context, symbols: dict[int, str], d: dict) -> None:
     ctx.ifnames.update({(ino, idx): name for ino, idx, name in d.get("ifnames", [])})
     ctx.netns_names.update({ino: name for ino, name in d.get("netns_names", [])})
     ctx.slot_priority.update({tuple(row[:4]): row[4] for row in d.get("slot_priority", [])})
+    ctx.slot_tables.update({tuple(row[:4]): [tuple(t) for t in row[4]] for row in d.get("slot_tables", [])})
+    ctx.slot_after.update({tuple(row[:4]): [tuple(t) for t in row[4]] for row in d.get("slot_after", [])})
+    ctx.conntrack.update({ino: fams for ino, fams in d.get("conntrack", [])})
+    ctx.rules.update({(ino, fam): [routing.rule_from_json(r) for r in rules] for ino, fam, rules in d.get("rules", [])})
     ctx.drop_reasons.update({v: n for v, n in d.get("drop_reasons", [])})
     symbols.update({a: s for a, s in d.get("symbols", [])})
 
@@ -54,7 +62,7 @@ class Recorder:
         if fate == events.Fate.DROPPED and loc not in self._symbols and self.ctx.symbolize:
             self._symbols[loc] = self.ctx.symbolize(loc)
         # names are only ever added: compare sizes, not the whole context, per record
-        sizes = (len(self.ctx.ifnames), len(self.ctx.netns_names), len(self.ctx.slot_priority),
+        sizes = (len(self.ctx.ifnames), len(self.ctx.netns_names), self.ctx.generation,
                  len(self.ctx.drop_reasons), len(self._symbols))
         if sizes != self._sizes:
             self._sizes = sizes

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Iterator
 
-from . import events, libbpf, netns, paths, probes
+from . import events, libbpf, netns, paths, placement, probes, routing
 from .events import PtConfig, PtRecord, Stat
 from .filters import PacketFilter
 
@@ -49,6 +49,7 @@ class TraceOptions:
     ringbuf_bytes: int = 8 << 20
     age_after: float = 5.0             # seconds without a stage before a record is aged out
     tc: str = "auto"                   # auto | tcx | classic | off
+    replace_every: float = 2.0         # seconds between checks of the ruleset (observer re-placement)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Counters:
     aged_out: int = 0                  # counted in user space
     shown: int = 0
     unread: int = 0                    # emitted, still in the ring when tracing stopped
+    attach_failures: int = 0           # re-placements that could not attach (old observers kept)
 
     @property
     def not_seen(self) -> int:
@@ -73,6 +75,15 @@ class Counters:
 
 def _nf_programs() -> list[str]:
     return [f"nf_obs_{i}" for i in range(events.PT_NF_SLOTS)]
+
+
+@dataclass
+class Placed:
+    """The netfilter observers of one netns: which bank, for which ruleset."""
+    bank: int
+    registered: placement.Registered
+    plans: dict
+    links: list[probes.FdLink]
 
 
 class Tracer:
@@ -90,6 +101,9 @@ class Tracer:
         self._last_age_scan = 0.0
         self._last_relearn = 0.0
         self._ns_inodes: dict[str | None, int] = {}
+        self.placed: dict[str | None, Placed] = {}
+        self.attach_failures = 0
+        self._last_replace_check = 0.0
         # called with (raw record bytes, aged) for every packet reported: --record
         self.on_raw = None
         # set (e.g. from a signal handler) to end packets() between batches,
@@ -117,6 +131,7 @@ class Tracer:
             self.close()
             raise
         self._learn_names()
+        self._last_replace_check = time.monotonic()
         self.ready_s = time.monotonic() - t0
         self.started_ns = time.monotonic_ns()
         return self
@@ -125,9 +140,6 @@ class Tracer:
         obj = self.obj = libbpf.BpfObject(object_path())
         for name in _nf_programs():
             obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
-        # load only the observer slots this session attaches (each costs verifier time)
-        for name in _nf_programs()[2:]:
-            obj.program(name).set_autoload(False)
         if self.opts.tc == "off":
             for name in ("tc_ingress", "tc_egress"):
                 obj.program(name).set_autoload(False)
@@ -157,17 +169,89 @@ class Tracer:
                      "on_copy_datagram", "on_sk_data_ready", "on_napi_poll",
                      "on_fib_lookup", "on_fib6_lookup"):
             self.attachments.append(probes.attach_tracepoint(obj, prog))
-        slots = [(0, probes.PRIO_FIRST), (1, probes.PRIO_LAST)]
         for ns in self.opts.netns:
-            ino = self._ns_inodes[ns]
-            for fam in (4, 6):
-                for hook in range(5):
-                    for slot, prio in slots:
-                        link = probes.attach_netfilter(obj.program(f"nf_obs_{slot}").fd, fam, hook, prio, ns)
-                        self.attachments.append(link)
-                        self.ctx.slot_priority[(ino, fam, hook, slot)] = link.priority
+            self.placed[ns] = self._place(ns, 0, self._registered(ns))
+            self._learn_rules(ns)
             if self.opts.tc != "off":
                 self._attach_tc(ns)
+
+    def _registered(self, ns: str | None) -> placement.Registered:
+        try:
+            return placement.registered(ns)
+        except (OSError, netns.NetnsError) as e:
+            raise probes.AttachError(f"reading the netfilter ruleset of netns {ns or '(host)'}: {e}") from None
+
+    def _place(self, ns: str | None, bank: int, reg: placement.Registered) -> Placed:
+        """Attach the observers of bank `bank` after each table registered in ns."""
+        ino = self._ns_inodes[ns]
+        plans = placement.plan(reg, bank)
+        links: list[probes.FdLink] = []
+        try:
+            for (fam, hook), hp in plans.items():
+                for i, prio in enumerate(hp.priorities):
+                    slot = bank * events.PT_NF_BANK + i
+                    links.append(probes.attach_netfilter(self.obj.program(f"nf_obs_{slot}").fd, fam, hook, prio, ns))
+        except probes.AttachError:
+            for link in links:
+                link.close()
+            raise
+        # name the slots only once all are attached: a failed re-placement
+        # leaves the old bank's names (and observers) as they were
+        it = iter(links)
+        for (fam, hook), hp in plans.items():
+            for i in range(len(hp.priorities)):
+                key = (ino, fam, hook, bank * events.PT_NF_BANK + i)
+                self.ctx.slot_priority[key] = next(it).priority
+                self.ctx.slot_tables[key] = [(t.name, t.priority) for t in hp.tables[i]]
+                self.ctx.slot_after[key] = [(t.name, t.priority) for t in hp.tables_after(i)]
+        self.ctx.conntrack[ino] = sorted({fam for (fam, h), ts in reg.items()
+                                          for t in ts if t.name == "conntrack"})
+        self.ctx.shapes.clear()  # they hold table names
+        self.ctx.generation += 1
+        return Placed(bank, reg, plans, links)
+
+    def _learn_rules(self, ns: str | None) -> None:
+        ino = self._ns_inodes[ns]
+        for fam in (4, 6):
+            try:
+                rules = routing.read_rules(ns, fam)
+            except Exception:  # netlink trouble: route stages just name no rule
+                continue
+            if self.ctx.rules.get((ino, fam)) != rules:
+                self.ctx.rules[(ino, fam)] = rules
+                self.ctx.generation += 1
+
+    def replace_observers(self) -> bool:
+        """Re-read each netns's ruleset; where it changed, move the observers.
+
+        The new bank is attached before the old one is detached, so no
+        packet crosses a hook unobserved; a packet in flight meanwhile may
+        be seen by both banks, each observation named by its own slot.
+        True if anything moved.
+        """
+        moved = False
+        for ns, old in list(self.placed.items()):
+            self._learn_rules(ns)
+            try:
+                reg = placement.registered(ns)
+            except (OSError, netns.NetnsError):
+                self.attach_failures += 1
+                continue
+            if reg == old.registered:
+                continue
+            try:
+                new = self._place(ns, 1 - old.bank, reg)
+            except probes.AttachError:
+                self.attach_failures += 1
+                continue
+            self.placed[ns] = new
+            for link in old.links:
+                link.close()
+            moved = True
+        return moved
+
+    def observer_links(self) -> list[probes.FdLink]:
+        return [link for p in self.placed.values() for link in p.links]
 
     def _attach_tc(self, ns: str | None) -> None:
         ing, egr = self.obj.program("tc_ingress").fd, self.obj.program("tc_egress").fd
@@ -219,6 +303,9 @@ class Tracer:
         else:
             time.sleep(timeout)
         now = time.monotonic()
+        if self.opts.replace_every and now - self._last_replace_check >= self.opts.replace_every:
+            self._last_replace_check = now
+            self.replace_observers()
         if now - self._last_age_scan >= min(1.0, self.opts.age_after / 2):
             self._last_age_scan = now
             out.extend(self.age_out())
@@ -293,7 +380,8 @@ class Tracer:
             # per-CPU u64 counters: LATE can exceed REJECTED on one CPU, never in sum
             rejected=vals[Stat.REJECTED] - vals[Stat.LATE],
             lost=vals[Stat.LOST], create_failed=vals[Stat.CREATE_FAILED], truncated=vals[Stat.TRUNCATED],
-            route_dropped=vals[Stat.ROUTE_DROPPED], aged_out=self.aged, shown=self.shown, unread=self.unread)
+            route_dropped=vals[Stat.ROUTE_DROPPED], aged_out=self.aged, shown=self.shown, unread=self.unread,
+            attach_failures=self.attach_failures)
 
     def inflight(self) -> int:
         return sum(1 for _ in self.obj.map("inflight").keys(ctypes.c_uint64))
@@ -317,6 +405,10 @@ class Tracer:
         return out
 
     def _detach(self) -> None:
+        for p in self.placed.values():
+            for link in p.links:
+                link.close()
+        self.placed.clear()
         for a in reversed(self.attachments):
             try:
                 a.close()

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.root
 
-OUR_PROGS = {"nf_obs_0", "nf_obs_1", "tc_ingress", "tc_egress", "on_rx", "on_dev_queue", "on_kfree_skb",
+OUR_PROGS = {*(f"nf_obs_{i}" for i in range(16)), "tc_ingress", "tc_egress", "on_rx", "on_dev_queue", "on_kfree_skb",
              "on_consume_skb", "on_copy_datagram", "on_sk_data_ready", "on_napi_poll", "on_fib_lookup",
              "on_fib6_lookup"}
 
@@ -75,8 +75,9 @@ def test_sigkill_leaves_no_link_filter_or_qdisc(lab):
         links = our_links()
         kinds = {lk.get("type") for lk in links}
         assert {"netfilter", "tcx", "raw_tracepoint"} <= kinds, kinds
-        # 5 hooks x 2 families x 2 slots, and TCX on every router device both ways
-        assert sum(lk.get("type") == "netfilter" for lk in links) == 20
+        # one first observer per hook and family, one after each table the
+        # lab's rules registered (mangle PREROUTING, filter FORWARD; v4 and v6)
+        assert sum(lk.get("type") == "netfilter" for lk in links) == 10 + 2 * 2
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
     finally:

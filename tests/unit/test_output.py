@@ -43,7 +43,8 @@ def dropped_udp() -> Packet:
             _hook("forward", 3_000, "r1", 0, 0, in_dev="r0"),
             Stage("drop", 3_500, "r1", 0),
         ],
-        drop={"reason": "NETFILTER_DROP", "location": "nf_hook_slow+0x9c", "last_hook": "forward"},
+        drop={"reason": "NETFILTER_DROP", "location": "nf_hook_slow+0x9c", "last_hook": "forward",
+              "stage": "forward", "table": "filter"},
         proto_num=17,
     )
 
@@ -159,7 +160,7 @@ def test_block_times():
 def test_block_drop_line():
     text = output.format_packet(dropped_udp())
     assert text.splitlines()[0].startswith("#8 ipv4 udp 10.71.1.2:40000 → 10.71.2.2:5009  DROPPED")
-    assert text.splitlines()[-1] == "  dropped: NETFILTER_DROP at nf_hook_slow+0x9c (after forward)"
+    assert text.splitlines()[-1] == "  dropped: NETFILTER_DROP at nf_hook_slow+0x9c (in filter forward)"
 
 
 def test_block_ipv6_endpoints_are_bracketed():

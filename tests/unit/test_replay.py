@@ -38,11 +38,15 @@ def test_forwarded_ipv4_path(packets):
                                "tc_egress", "tx"]
     assert (p.in_dev, p.out_dev, p.netns) == ("rc", "rs", "ptlab-rtr")
     route = p.path[3]
-    assert [lk.table for lk in route.lookups] == ["main"] and route.dev == "rs"
+    # the demo's `ip rule` makes the kernel walk the rules: local, then main;
+    # then it looks up the source (fib_validate_source), shown apart
+    assert route.route.tables == ["local", "main"] and route.dev == "rs"
+    assert route.route.rule == "32766: from all lookup main" and route.route.src_check["dev"] == "rc"
     fwd = p.path[4]
     assert (fwd.in_dev, fwd.dev) == ("rc", "rs")
-    # the two observers at their real priorities, outermost slots of the hook
-    assert [o.priority for o in fwd.observations] == [-2147483647, 2147483646]
+    # the first observer, and one after the filter table (priority 0)
+    assert [o.priority for o in fwd.observations] == [-2147483647, 1]
+    assert [(t.table, t.priority, t.verdict) for t in fwd.tables] == [("filter", 0, "accept")]
     times = [s.t_ns for s in p.path]
     assert times[0] == 0 and times == sorted(times)
 
@@ -71,21 +75,44 @@ def test_mark_change_inside_prerouting(packets):
     p = one(packets, proto="udp", dport=5001)
     pre = p.path[p.stage_names().index("prerouting")]
     assert (pre.mark, pre.mark_out) == (0, 1)
-    assert [o.mark for o in pre.observations] == [0, 1]
+    assert [o.mark for o in pre.observations] == [0, 0, 1, 1]   # first, conntrack, mangle, nat
+    assert [(t.table, t.mark_in, t.mark) for t in pre.tables] == [("conntrack", 0, 0), ("mangle", 0, 1),
+                                                                 ("nat", 1, 1)]
     assert all(s.mark == 1 for s in p.path[p.stage_names().index("route"):])
+    # and the mark chose table 100, which leaves through the second uplink
+    route = p.path[p.stage_names().index("route")].route
+    assert (route.rule, route.tables[-1], route.dev) == ("100: from all fwmark 0x1/0x1 lookup 100", "100", "rs2")
+    assert p.out_dev == "rs2"
+
+
+def test_reroute_after_mangle_output(packets):
+    p = one(packets, proto="udp", dport=5003)
+    assert p.stage_names() == ["route", "output", "reroute", "postrouting", "tc_egress", "tx"]
+    first, again = p.stage("route").route, p.stage("reroute").route
+    assert (first.tables[-1], first.mark, first.dev) == ("main", 0, "rs")
+    assert (again.tables[-1], again.mark, again.dev) == ("100", 1, "rs2")
+
+
+def test_dnat_port_forward(packets):
+    p = one(packets, proto="udp", dport=8080)
+    nat = [t for t in p.stage("prerouting").tables if t.nat]
+    assert [(t.table, t.nat) for t in nat] == [("nat", {"dst": {"from": "10.71.1.1:8080", "to": "10.71.2.2:5002"}})]
+    assert p.fate == "forwarded" and p.out_dev == "rs"
 
 
 def test_drop_names_reason_symbol_and_hook(packets):
     p = one(packets, proto="udp", dport=5009)
     assert p.fate == "dropped"
-    assert p.drop == {"reason": "NETFILTER_DROP", "location": p.drop["location"], "last_hook": "forward"}
+    assert p.drop == {"reason": "NETFILTER_DROP", "location": p.drop["location"], "last_hook": "forward",
+                      "stage": "forward", "table": "filter"}
     assert p.drop["location"].startswith("nft_do_chain+0x")
     assert p.stage_names()[-1] == "drop" and len(p.path[-2].observations) == 1
+    assert p.path[-2].tables[-1].verdict == "drop"
 
 
 def test_replay_filters_use_the_kernels_any_stage_rule(packets):
     marked = [p for p in packets if PacketFilter(mark=Mark(1)).matches(p)]
-    assert [p.dport for p in marked] == [5001]
+    assert [p.dport for p in marked] == [5001, 5003]
     v6 = PacketFilter(dst=parse_cidr("fd71:2::/64"))
     assert {p.dst for p in packets if v6.matches(p)} == {"fd71:2::2"}
     assert all(p.proto == "udp" for p in packets if PacketFilter(proto=17).matches(p))
@@ -94,13 +121,14 @@ def test_replay_filters_use_the_kernels_any_stage_rule(packets):
 def test_replay_command(capsys):
     assert cli.run(["replay", DATA, "--mark", "0x1", "--json"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and '"dport":5001' in lines[0]
+    assert len(lines) == 2 and '"dport":5001' in lines[0] and '"dport":5003' in lines[1]
 
 
 def test_replay_iface_matches_device_names(capsys):
     assert cli.run(["replay", DATA, "--iface", "rs", "--proto", "udp"]) == 0
     out = capsys.readouterr().out
-    assert "5001" in out and "5009" in out  # the drop happened after the route chose rs
+    assert "5009" in out and "8080" in out  # the drop happened after the route chose rs
+    assert ":5001 " not in out              # marked: it left through rs2
 
 
 def test_not_a_recording_is_one_line_exit_2(tmp_path, capsys):
