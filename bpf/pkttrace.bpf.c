@@ -87,6 +87,22 @@ struct {
 	__uint(max_entries, 4 << 20); /* resized by user space before load */
 } events SEC(".maps");
 
+/* Count mode: packets per path (per CPU), and one example record per path.
+ * Both resized by user space before load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct pt_path_key);
+	__type(value, __u64);
+} path_counts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct pt_path_key);
+	__type(value, struct pt_record);
+} path_examples SEC(".maps");
+
 /* Per CPU: the last packet judged at first sight not to match (no record). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -335,25 +351,68 @@ static __always_inline __u32 sig_mix(__u32 h, __u32 v)
 	return h * 16777619u;
 }
 
-/* Over what names a path: never times, marks or per-packet values. */
+/* Over what names a path: never times, addresses or other per-packet
+ * values, but whether a table changed the mark or DSCP (a path that
+ * mangle marks is another path than one it lets by). */
 static __always_inline __u32 path_signature(const struct pt_record *r, __u32 n)
 {
 	__u32 h = 2166136261u;
+	__u32 prev_mark = 0;
+	__u8 prev_kind = 0, prev_tos = 0;
 
 	h = sig_mix(h, r->fate | (r->family << 8) | (r->proto << 16));
 	h = sig_mix(h, r->drop_reason);
 	for (int i = 0; i < PT_MAX_STAGES; i++) {
 		const struct pt_stage *s = &r->stages[i];
+		__u32 changed = 0;
 
 		if (i >= n)
 			break;
-		h = sig_mix(h, s->kind | (s->slot << 8));
+		if (s->kind == PT_STAGE_ADDR) {
+			/* NAT: which side, where; gateway: none of its bytes */
+			h = sig_mix(h, s->kind | (s->slot << 8) |
+				    (((const struct pt_addr_stage *)s)->what << 16));
+			continue;
+		}
+		if (s->kind >= PT_STAGE_PREROUTING && s->kind <= PT_STAGE_POSTROUTING) {
+			if (s->kind == prev_kind)
+				changed = (s->mark != prev_mark) | ((s->tos != prev_tos) << 1);
+			prev_kind = s->kind;
+			prev_mark = s->mark;
+			prev_tos = s->tos;
+		}
+		h = sig_mix(h, s->kind | (s->slot << 8) | (changed << 16));
 		h = sig_mix(h, s->ifindex);
 		/* a deliver stage's aux is the socket inode: per packet */
 		h = sig_mix(h, s->kind == PT_STAGE_DELIVER ? 0 : s->aux);
 		h = sig_mix(h, (__u32)s->aux2);
 	}
 	return h;
+}
+
+/* Count mode: one more packet on this path. */
+static __always_inline void count_path(const struct pt_record *r)
+{
+	struct pt_path_key k = {
+		.netns = r->netns, .path_sig = r->path_sig, .drop_reason = r->drop_reason,
+		.fate = r->fate, .family = r->family, .proto = r->proto,
+	};
+	__u64 one = 1, *c = bpf_map_lookup_elem(&path_counts, &k);
+
+	if (c) {
+		*c += 1;
+		return;
+	}
+	if (bpf_map_update_elem(&path_counts, &k, &one, BPF_NOEXIST)) {
+		/* another CPU added it meanwhile, or the map is full */
+		c = bpf_map_lookup_elem(&path_counts, &k);
+		if (c)
+			*c += 1;
+		else
+			stat_inc(PT_STAT_PATH_OVERFLOW);
+		return;
+	}
+	bpf_map_update_elem(&path_examples, &k, r, BPF_NOEXIST);
 }
 
 static __always_inline struct pt_stage *stage_add(struct pt_record *r, __u8 kind, __u64 ts)
@@ -393,6 +452,9 @@ static __always_inline void rec_finish(const void *skb, struct pt_record *r, __u
 		n = PT_MAX_STAGES;
 	if ((r->match & cfg.filter) != cfg.filter) {
 		stat_inc(PT_STAT_FILTERED);
+	} else if (cfg.count) {
+		r->path_sig = path_signature(r, n);
+		count_path(r);
 	} else if (cfg.emit) {
 		r->path_sig = path_signature(r, n);
 		/* Send only the stages used: most paths need a third of them. */

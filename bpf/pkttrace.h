@@ -98,6 +98,7 @@ enum pt_stat {
 	PT_STAT_ROUTE_DROPPED = 6, /* route lookups not kept (per-CPU buffer full) */
 	PT_STAT_REJECTED = 7,      /* no record: the header filter failed at first sight */
 	PT_STAT_LATE = 8,          /* rejected, then matched after NAT: record from there */
+	PT_STAT_PATH_OVERFLOW = 9, /* count mode: path_counts full, packet not counted by path */
 	PT_STAT__MAX = 10,
 };
 
@@ -118,7 +119,8 @@ struct pt_config {
 	/* filter has only header criteria (SRC/DST/PROTO/PORT): a packet can be
 	 * judged at first sight and needs no record when it does not match */
 	__u8 early_reject;
-	__u8 _pad1[3];
+	__u8 count;                    /* 1: count packets per path in the kernel (serve) */
+	__u8 _pad1[2];
 	__u16 port;                    /* host order; matches sport or dport */
 	__u16 _pad0;
 	__u32 ifindex;                 /* PT_F_IFACE: device in the traced netns */
@@ -223,6 +225,19 @@ struct pt_route_buf {
 	__u32 n;
 	__u32 _pad;
 	struct pt_route_ev ev[PT_MAX_ROUTE];
+};
+
+/* Count mode (pkttrace serve): packets per distinct path, no event per
+ * packet.  The first record of each key is kept in path_examples, from
+ * which user space derives every label (hooks, tables, routes, drops). */
+struct pt_path_key {
+	__u32 netns;
+	__u32 path_sig;
+	__u32 drop_reason;
+	__u8 fate;
+	__u8 family;
+	__u8 proto;
+	__u8 _pad;
 };
 
 #endif /* PKTTRACE_H */

@@ -182,6 +182,53 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
 
 
 @main.command()
+@click.option("--listen", default="127.0.0.1:9632", show_default=True, envvar="PKTTRACE_LISTEN",
+              metavar="ADDRESS:PORT", help="Where to serve /metrics (explicit address; [::1]:PORT for IPv6).")
+@click.option("--netns", "netns_names", multiple=True, envvar="PKTTRACE_NETNS", metavar="NAME",
+              help="Count in this named network namespace (repeatable; default: the current one).")
+@click.option("--tc", "tc_mode", type=click.Choice(["auto", "tcx", "classic", "off"]), default="auto",
+              show_default=True, envvar="PKTTRACE_TC", help="How to observe tc ingress/egress.")
+@click.option("--age-after", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              envvar="PKTTRACE_AGE_AFTER", metavar="SECONDS",
+              help="Forget a packet whose end is not seen within this time (counted as aged out).")
+@click.option("--max-paths", type=click.IntRange(min=16, max=1 << 20), default=1024, show_default=True,
+              envvar="PKTTRACE_MAX_PATHS", help="Distinct paths counted; more are counted as overflow.")
+def serve(listen, netns_names, tc_mode, age_after, max_paths):
+    """Export per-hook, per-table, per-path counters to Prometheus.
+
+    The kernel counts every packet by path; nothing is sent per packet.
+    Every option can also come from a PKTTRACE_* environment variable
+    (systemd/pkttrace.env).  Metrics: docs/metrics.md.
+
+    \b
+    Example:
+      pkttrace serve --listen 127.0.0.1:9632 --netns ptlab-rtr
+    """
+    from .serve import Exporter, ServeError, ServeOptions, parse_listen
+    try:
+        addr = parse_listen(listen)
+    except ServeError as e:
+        raise UsageFailure(str(e)) from None
+    ns_list = _check_netns(netns_names)
+    _require_root()
+    srv = Exporter(ServeOptions(listen=addr, netns=ns_list, age_after=age_after, tc=tc_mode, max_paths=max_paths))
+    try:
+        srv.start()
+    except ServeError as e:
+        raise RuntimeFailure(str(e)) from None
+    signal.signal(signal.SIGTERM, lambda *_: srv.stop())
+    signal.signal(signal.SIGINT, lambda *_: srv.stop())
+    where = ", ".join(n or "current netns" for n in ns_list)
+    click.echo(f"pkttrace: serving metrics of {where} on http://{listen}/metrics "
+               f"(ready in {srv.tracer.ready_s * 1000:.0f} ms)", err=True)
+    try:
+        srv.run()
+    finally:
+        srv.close()
+    click.echo("pkttrace: stopped", err=True)
+
+
+@main.command()
 @click.argument("recording", type=click.File("r"))
 @filter_options
 def replay(recording, mark, src, dst, proto, port, iface, count, as_json):

@@ -99,6 +99,7 @@ class Stat(enum.IntEnum):
     ROUTE_DROPPED = 6
     REJECTED = 7
     LATE = 8
+    PATH_OVERFLOW = 9
 
 
 PT_STAT_MAX = 10
@@ -120,7 +121,8 @@ class PtConfig(ctypes.Structure):
         ("proto", u8),
         ("emit", u8),
         ("early_reject", u8),
-        ("_pad1", u8 * 3),
+        ("count", u8),
+        ("_pad1", u8 * 2),
         ("port", u16),
         ("_pad0", u16),
         ("ifindex", u32),
@@ -222,6 +224,18 @@ class PtRouteBuf(ctypes.Structure):
 RECORD_HEADER_SIZE = PtRecord.stages.offset
 STAGE_SIZE = ctypes.sizeof(PtStage)
 
+class PtPathKey(ctypes.Structure):
+    _fields_ = [
+        ("netns", u32),
+        ("path_sig", u32),
+        ("drop_reason", u32),
+        ("fate", u8),
+        ("family", u8),
+        ("proto", u8),
+        ("_pad", u8),
+    ]
+
+
 # C struct name -> mirror, for the BTF check
 MIRRORS = {
     "pt_config": PtConfig,
@@ -231,6 +245,7 @@ MIRRORS = {
     "pt_route_ev": PtRouteEv,
     "pt_route_buf": PtRouteBuf,
     "pt_pending": PtPending,
+    "pt_path_key": PtPathKey,
 }
 
 

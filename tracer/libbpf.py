@@ -27,6 +27,8 @@ BPF_F_BEFORE = 1 << 3
 BPF_F_AFTER = 1 << 4
 BPF_LINK_CREATE = 28
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 
 # BTF kinds (include/uapi/linux/btf.h)
@@ -104,6 +106,7 @@ def lib():
         "bpf_map_delete_elem": (I, [I, P]),
         "bpf_map_get_next_key": (I, [I, P, P]),
         "libbpf_num_possible_cpus": (I, []),
+        "bpf_obj_get_info_by_fd": (I, [I, P, ctypes.POINTER(ctypes.c_uint32)]),
         "btf__load_vmlinux_btf": (P, []),
         "btf__free": (None, [P]),
         "btf__find_by_name_kind": (ctypes.c_int32, [P, S, U]),
@@ -225,6 +228,13 @@ class Map:
             yield key_type.from_buffer_copy(nxt)
             cur = key_type.from_buffer_copy(nxt)
 
+    def percpu_u64_sum(self, key) -> int | None:
+        """Sum over CPUs of a per-CPU u64 value (hash or array); None if absent."""
+        vals = (ctypes.c_uint64 * possible_cpus())()
+        if lib().bpf_map_lookup_elem(self.fd, ctypes.byref(key), vals):
+            return None
+        return sum(vals)
+
     def percpu_u64(self, index: int) -> list[int]:
         """Per-CPU array of u64: the values of one index on every CPU."""
         ncpu = possible_cpus()
@@ -233,6 +243,40 @@ class Map:
         if lib().bpf_map_lookup_elem(self.fd, ctypes.byref(key), vals):
             raise BpfError(_errmsg(f"read map {self.name}", ctypes.get_errno()))
         return list(vals)
+
+
+def enable_run_time_stats() -> int:
+    """Turn on per-program run time accounting for as long as the returned
+    fd is open (BPF_ENABLE_STATS): unlike the sysctl, a crash cannot leave
+    it on for every program of the host."""
+    attr = (ctypes.c_uint8 * 8)()
+    ctypes.c_uint32.from_buffer(attr).value = BPF_STATS_RUN_TIME
+    try:
+        return bpf_syscall(BPF_ENABLE_STATS, attr)
+    except OSError as e:
+        raise BpfError(_errmsg("enable BPF run-time stats", e.errno)) from None
+
+
+_PROG_INFO: tuple[int, int, int] | None = None   # (size, run_time_ns offset, run_cnt offset)
+
+
+def prog_run_stats(prog_fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a loaded program, from bpf_prog_info; the
+    offsets come from the kernel's BTF, not from a copied header."""
+    global _PROG_INFO
+    if _PROG_INFO is None:
+        btf = Btf.vmlinux()
+        try:
+            lay = btf.struct_layout("bpf_prog_info")
+            _PROG_INFO = (btf.struct_size("bpf_prog_info"), lay["run_time_ns"][0], lay["run_cnt"][0])
+        finally:
+            btf.close()
+    size, off_t, off_c = _PROG_INFO
+    buf = (ctypes.c_uint8 * size)()
+    n = ctypes.c_uint32(size)
+    if lib().bpf_obj_get_info_by_fd(prog_fd, buf, ctypes.byref(n)):
+        raise BpfError(_errmsg("read program info", ctypes.get_errno()))
+    return ctypes.c_uint64.from_buffer(buf, off_t).value, ctypes.c_uint64.from_buffer(buf, off_c).value
 
 
 def possible_cpus() -> int:

@@ -540,11 +540,11 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], base: int, cur: dict, s
         if k == 0 and not nat:
             continue  # the first observer runs before every table
         stage.tables.append(TableStep(
-            ", ".join(t[0] for t in o.tables) or "(unknown)", o.tables[-1][1] if o.tables else None,
+            ", ".join(t[0] for t in o.tables) or "(not observed)", o.tables[-1][1] if o.tables else None,
             s[_MARK], s[_TOS] >> 2, stage.observations[k].ct, "accept", prev[_MARK], prev[_TOS] >> 2, nat or None))
         prev = s
     if p.drop_tables is not None:
-        stage.tables.append(TableStep(", ".join(t[0] for t in p.drop_tables) or "(unknown)",
+        stage.tables.append(TableStep(", ".join(t[0] for t in p.drop_tables) or "(not observed)",
                                       p.drop_tables[-1][1] if p.drop_tables else None,
                                       last[_MARK], last[_TOS] >> 2, stage.ct, "drop", last[_MARK], last[_TOS] >> 2))
 

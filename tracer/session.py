@@ -44,7 +44,9 @@ def object_path() -> str:
 class TraceOptions:
     netns: list[str | None] = field(default_factory=lambda: [None])  # None = current netns
     filter: PacketFilter = field(default_factory=PacketFilter)
-    emit: bool = True                  # False: count only (no per-packet records)
+    emit: bool = True                  # False: no per-packet records to user space
+    count: bool = False                # count packets per path in the kernel (serve)
+    max_paths: int = 1024              # count mode: distinct paths kept (more are counted as overflow)
     max_inflight: int = 8192           # packets followed at once
     ringbuf_bytes: int = 8 << 20
     age_after: float = 5.0             # seconds without a stage before a record is aged out
@@ -62,6 +64,7 @@ class Counters:
     create_failed: int = 0             # in-flight table full
     truncated: int = 0
     route_dropped: int = 0
+    path_overflow: int = 0             # count mode: packets on paths the path map had no room for
     aged_out: int = 0                  # counted in user space
     shown: int = 0
     unread: int = 0                    # emitted, still in the ring when tracing stopped
@@ -144,7 +147,10 @@ class Tracer:
             for name in ("tc_ingress", "tc_egress"):
                 obj.program(name).set_autoload(False)
         obj.map("inflight").set_max_entries(self.opts.max_inflight)
-        obj.map("events").set_max_entries(self.opts.ringbuf_bytes)
+        # the ring must exist; without emit it only needs one page
+        obj.map("events").set_max_entries(self.opts.ringbuf_bytes if self.opts.emit else 4096)
+        for name in ("path_counts", "path_examples"):
+            obj.map(name).set_max_entries(self.opts.max_paths if self.opts.count else 1)
         ptr, size = obj.map(".rodata").initial_value()
         if size < ctypes.sizeof(PtConfig):
             raise TraceError("BPF object and pkttrace disagree on the config layout: rebuild it")
@@ -156,6 +162,7 @@ class Tracer:
             cfg.netns_ino[i] = ino
         cfg.n_netns = len(inodes)
         cfg.emit = 1 if self.opts.emit else 0
+        cfg.count = 1 if self.opts.count else 0
         self.opts.filter.fill(cfg)
         flags = self.opts.filter.flags
         cfg.early_reject = 1 if flags and not flags & ~events.F_HEADER else 0
@@ -380,7 +387,8 @@ class Tracer:
             # per-CPU u64 counters: LATE can exceed REJECTED on one CPU, never in sum
             rejected=vals[Stat.REJECTED] - vals[Stat.LATE],
             lost=vals[Stat.LOST], create_failed=vals[Stat.CREATE_FAILED], truncated=vals[Stat.TRUNCATED],
-            route_dropped=vals[Stat.ROUTE_DROPPED], aged_out=self.aged, shown=self.shown, unread=self.unread,
+            route_dropped=vals[Stat.ROUTE_DROPPED], path_overflow=vals[Stat.PATH_OVERFLOW], aged_out=self.aged,
+            shown=self.shown, unread=self.unread,
             attach_failures=self.attach_failures)
 
     def inflight(self) -> int:

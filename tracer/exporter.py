@@ -1,0 +1,237 @@
+"""`pkttrace serve`: Prometheus metrics from counters the kernel keeps.
+
+In count mode the BPF programs send nothing per packet: when a packet's
+traversal ends they add one to its path's per-CPU counter (path_counts)
+and keep the first record of each new path (path_examples).  At scrape time
+this collector reads those maps and turns each path into the labels it
+contributes to (hooks and tables crossed, mark changes, NAT rewrites, route
+lookups, drop reason/stage/table, devices), through the same path assembly
+`pkttrace` uses to print packets.  A path is resolved once; a scrape costs
+one map read per path, never anything per packet.
+
+Metric names and labels: docs/metrics.md.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from . import __version__, events, libbpf, paths
+from .events import PtPathKey, PtRecord
+from .session import Tracer
+
+HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
+_ERR_RESULT = {"EAGAIN": "no_match", "ENETUNREACH": "unreachable", "EHOSTUNREACH": "unreachable",
+               "EACCES": "prohibit", "EINVAL": "blackhole"}
+
+
+def lookup_result(lk: paths.Lookup) -> str:
+    if lk.err is None:
+        return "local" if lk.table_id == 255 else "unicast"
+    return _ERR_RESULT.get(lk.err, lk.err.lower())
+
+
+def path_label(p: paths.Packet) -> str:
+    """`rx rc > prerouting > route 100 > forward > postrouting > tx rs2`: readable, bounded by topology."""
+    out = []
+    for s in p.path:
+        if s.stage in ("rx", "tx") and s.dev:
+            out.append(f"{s.stage} {s.dev}")
+        elif s.route is not None:
+            out.append(f"{s.stage} {s.route.tables[-1]}")
+        else:
+            out.append(s.stage)
+    return " > ".join(out)
+
+
+@dataclass
+class PathLabels:
+    """Everything one path adds to, per packet on it: resolved once."""
+    netns: str
+    family: str
+    fate: str
+    path_sig: str
+    path: str
+    hooks: list[tuple] = field(default_factory=list)        # (hook,)
+    tables: list[tuple] = field(default_factory=list)       # (hook, table)
+    marks: list[tuple] = field(default_factory=list)        # (hook, table)
+    nat: list[tuple] = field(default_factory=list)          # (hook, kind)
+    routes: list[tuple] = field(default_factory=list)       # (table, result)
+    ifaces: list[tuple] = field(default_factory=list)       # (device, direction)
+    drop: tuple | None = None                               # (reason, stage, table)
+
+
+def resolve(p: paths.Packet) -> PathLabels:
+    pl = PathLabels(p.netns, p.family, p.fate, f"{p.path_sig:08x}", path_label(p))
+    for s in p.path:
+        if s.observations:
+            pl.hooks.append((s.stage,))
+            for t in s.tables:
+                if t.verdict == "accept":
+                    pl.tables.append((s.stage, t.table))
+                if t.mark != t.mark_in:
+                    pl.marks.append((s.stage, t.table))
+                for kind in ("src", "dst"):
+                    if t.nat and kind in t.nat:
+                        pl.nat.append((s.stage, kind))
+        for lk in s.lookups:
+            pl.routes.append((lk.table, lookup_result(lk)))
+        if s.stage in ("rx", "tx") and s.dev:
+            pl.ifaces.append((s.dev, s.stage))
+    if p.drop:
+        pl.drop = (p.drop["reason"], p.drop.get("stage") or "", p.drop.get("table") or "")
+    return pl
+
+
+class PathCounts:
+    """The kernel's per-path counters, with each path's labels cached."""
+
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
+        self._labels: dict[bytes, PathLabels | None] = {}
+
+    def read(self) -> list[tuple[PathLabels, int]]:
+        obj = self.tracer.obj
+        counts, examples = obj.map("path_counts"), obj.map("path_examples")
+        out = []
+        rec = PtRecord()
+        for key in counts.keys(PtPathKey):
+            n = counts.percpu_u64_sum(key)
+            if not n:
+                continue
+            kb = bytes(key)
+            labels = self._labels.get(kb)
+            if labels is None:
+                if not examples.lookup(key, rec):
+                    continue   # the example is written right after the first count
+                k = min(rec.n_stages, events.PT_MAX_STAGES)
+                raw = bytes(rec)[:events.RECORD_HEADER_SIZE + k * events.STAGE_SIZE]
+                labels = self._labels[kb] = resolve(paths.assemble(raw, self.tracer.ctx))
+            out.append((labels, n))
+        return out
+
+
+class Collector:
+    """prometheus-client custom collector over a running count-mode Tracer."""
+
+    def __init__(self, tracer: Tracer, lock: threading.Lock | None = None):
+        self.tracer = tracer
+        self.paths = PathCounts(tracer)
+        self.lock = lock or threading.Lock()
+        self.kernel = platform.release()
+        self._last_scrape = 0.0
+        self.stats_fd = -1
+        try:
+            self.stats_fd = libbpf.enable_run_time_stats()
+        except libbpf.BpfError:
+            pass   # run time then reads 0; the doctor tells why
+
+    def close(self) -> None:
+        if self.stats_fd >= 0:
+            os.close(self.stats_fd)
+            self.stats_fd = -1
+
+    # -- families ----------------------------------------------------------
+
+    def _families(self) -> dict[str, object]:
+        C, G = CounterMetricFamily, GaugeMetricFamily
+        return {
+            "packets": C("pkttrace_packets", "Packets whose traversal ended, by fate",
+                         labels=["netns", "family", "fate"]),
+            "hooks": C("pkttrace_hook_packets", "Packets that entered a netfilter hook",
+                       labels=["netns", "family", "hook"]),
+            "tables": C("pkttrace_table_packets", "Packets that came out of a table (or nft base chain), accepted",
+                        labels=["netns", "family", "hook", "table"]),
+            "drops": C("pkttrace_drops", "Packets freed with a drop reason, where and by which table",
+                       labels=["netns", "family", "reason", "stage", "table"]),
+            "paths": C("pkttrace_paths", "Packets per distinct path",
+                       labels=["netns", "family", "path_sig", "path", "fate"]),
+            "routes": C("pkttrace_route_lookups", "FIB table lookups by table and result",
+                        labels=["netns", "family", "table", "result"]),
+            "marks": C("pkttrace_mark_changes", "Packets whose mark a table changed",
+                       labels=["netns", "family", "hook", "table"]),
+            "nat": C("pkttrace_nat_rewrites", "NAT rewrites seen at a hook", labels=["netns", "family", "hook", "kind"]),
+            "ifaces": C("pkttrace_interface_packets", "Packets received / queued for transmit per device",
+                        labels=["netns", "device", "direction"]),
+            "lost": C("pkttrace_events_lost", "Packets the kernel could not count (in-flight or path map full)"),
+            "aged": C("pkttrace_records_aged_out", "In-flight records whose end was never seen, removed by age"),
+            "inflight": G("pkttrace_inflight_records", "Packets followed right now"),
+            "entries": G("pkttrace_map_entries", "Entries in a bounded kernel map", labels=["map"]),
+            "capacity": G("pkttrace_map_capacity", "Size of a bounded kernel map", labels=["map"]),
+            "overflow": C("pkttrace_map_overflow", "Updates refused because the map was full", labels=["map"]),
+            "run_s": C("pkttrace_bpf_run_seconds", "CPU time spent in each BPF program", labels=["program"]),
+            "runs": C("pkttrace_bpf_runs", "Runs of each BPF program", labels=["program"]),
+            "attach": C("pkttrace_attach_failures", "Attach attempts that failed (re-placement included)"),
+            "observers": G("pkttrace_observers", "Netfilter observers attached", labels=["netns", "family", "hook"]),
+            "build": G("pkttrace_build_info", "pkttrace version and kernel", labels=["version", "kernel"]),
+            "scrape": G("pkttrace_scrape_duration_seconds", "Time the last collect() took"),
+        }
+
+    def describe(self):
+        return list(self._families().values())
+
+    def collect(self):
+        t0 = time.monotonic()
+        f = self._families()
+        with self.lock:
+            self._collect_paths(f)
+            self._collect_self(f)
+        f["scrape"].add_metric([], self._last_scrape)
+        self._last_scrape = time.monotonic() - t0
+        return list(f.values())
+
+    def _collect_paths(self, f) -> None:
+        sums = {k: Counter() for k in ("packets", "hooks", "tables", "drops", "paths", "routes", "marks", "nat",
+                                       "ifaces")}
+        for pl, n in self.paths.read():
+            base = (pl.netns, pl.family)
+            sums["packets"][base + (pl.fate,)] += n
+            sums["paths"][base + (pl.path_sig, pl.path, pl.fate)] += n
+            for name in ("hooks", "tables", "marks", "nat", "routes"):
+                for lab in getattr(pl, name):
+                    sums[name][base + lab] += n
+            for lab in pl.ifaces:
+                sums["ifaces"][(pl.netns,) + lab] += n
+            if pl.drop:
+                sums["drops"][base + pl.drop] += n
+        for name, counter in sums.items():
+            for labels, v in counter.items():
+                f[name].add_metric(list(labels), v)
+
+    def _collect_self(self, f) -> None:
+        t = self.tracer
+        c = t.counters()
+        f["lost"].add_metric([], c.create_failed + c.path_overflow)
+        f["aged"].add_metric([], c.aged_out)
+        inflight = t.inflight()
+        f["inflight"].add_metric([], inflight)
+        maps = {"inflight": (inflight, t.opts.max_inflight, c.create_failed),
+                "path_counts": (sum(1 for _ in t.obj.map("path_counts").keys(PtPathKey)), t.opts.max_paths,
+                                c.path_overflow),
+                "route_buf": (None, events.PT_MAX_ROUTE, c.route_dropped)}
+        for name, (entries, cap, over) in maps.items():
+            if entries is not None:
+                f["entries"].add_metric([name], entries)
+            f["capacity"].add_metric([name], cap)
+            f["overflow"].add_metric([name], over)
+        for prog in t.obj.programs():
+            if prog.fd < 0:
+                continue
+            try:
+                ns, cnt = libbpf.prog_run_stats(prog.fd)
+            except libbpf.BpfError:
+                continue
+            f["run_s"].add_metric([prog.name], ns / 1e9)
+            f["runs"].add_metric([prog.name], cnt)
+        f["attach"].add_metric([], c.attach_failures)
+        for ns, placed in t.placed.items():
+            for (fam, hook), hp in placed.plans.items():
+                f["observers"].add_metric([ns or "", f"ipv{fam}", HOOKS[hook]], len(hp.priorities))
+        f["build"].add_metric([__version__, self.kernel], 1)
+
