@@ -26,6 +26,7 @@ import platform
 import re
 import signal
 import statistics
+import socket
 import subprocess
 import sys
 import threading
@@ -392,7 +393,9 @@ def make_modes(selected: list[str], notes: list[str]) -> list:
         else:
             args = ["serve", "--netns", "{router}"]
             if "--listen" in help_text:
-                args += ["--listen", "127.0.0.1:0"]
+                with socket.socket() as sk:      # a free loopback port for the exporter
+                    sk.bind(("127.0.0.1", 0))
+                    args += ["--listen", f"127.0.0.1:{sk.getsockname()[1]}"]
             modes["serve"] = Pkttrace("serve", "pkttrace serve", args, ready=r"tracing|listening|serving|ready")
             notes.append(f"serve: detected, run as `python -m tracer {' '.join(args)}`")
     return [modes[n] for n in selected if n in modes]

@@ -220,9 +220,7 @@ class Collector:
                 f["entries"].add_metric([name], entries)
             f["capacity"].add_metric([name], cap)
             f["overflow"].add_metric([name], over)
-        for prog in t.obj.programs():
-            if prog.fd < 0:
-                continue
+        for prog in t.loaded_programs():
             try:
                 ns, cnt = libbpf.prog_run_stats(prog.fd)
             except libbpf.BpfError:

@@ -89,6 +89,9 @@ def lib():
         "bpf_object__btf": (P, [P]),
         "bpf_object__find_program_by_name": (P, [P, S]),
         "bpf_object__find_map_by_name": (P, [P, S]),
+        "bpf_object__next_map": (P, [P, P]),
+        "bpf_map__name": (S, [P]),
+        "bpf_map__reuse_fd": (I, [P, I]),
         "bpf_object__next_program": (P, [P, P]),
         "bpf_program__name": (S, [P]),
         "bpf_program__set_type": (I, [P, I]),
@@ -318,6 +321,21 @@ class BpfObject:
         if not p:
             raise BpfError(f"no map {name!r} in the BPF object")
         return Map(self, p, name)
+
+    def maps(self) -> list[Map]:
+        out, p = [], None
+        while True:
+            p = lib().bpf_object__next_map(self.ptr, p)
+            if not p:
+                return out
+            out.append(Map(self, p, lib().bpf_map__name(p).decode()))
+
+    def share_maps_of(self, other: "BpfObject") -> None:
+        """Before load: use the maps of a loaded object of the same file, so
+        programs loaded later see the same records, counters and config."""
+        for m in self.maps():
+            if lib().bpf_map__reuse_fd(m.ptr, other.map(m.name).fd):
+                raise BpfError(_errmsg(f"share map {m.name}", ctypes.get_errno()))
 
     def btf(self) -> "Btf":
         p = lib().bpf_object__btf(self.ptr)

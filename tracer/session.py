@@ -105,6 +105,9 @@ class Tracer:
         self._last_relearn = 0.0
         self._ns_inodes: dict[str | None, int] = {}
         self.placed: dict[str | None, Placed] = {}
+        self._extra_objs: list[libbpf.BpfObject] = []   # observer banks loaded later
+        self._observer_fds: dict[int, int] = {}           # slot -> program fd
+        self._initial: dict = {}
         self.attach_failures = 0
         self._last_replace_check = 0.0
         # called with (raw record bytes, aged) for every packet reported: --record
@@ -141,8 +144,14 @@ class Tracer:
 
     def _load(self) -> None:
         obj = self.obj = libbpf.BpfObject(object_path())
-        for name in _nf_programs():
+        # Only the observers the rulesets need now: each costs ~70 ms of
+        # verifier time.  More are loaded when a ruleset change needs them.
+        self._initial = {ns: self._registered(ns) for ns in self.opts.netns}
+        need = max(len(hp.priorities) for reg in self._initial.values() for hp in placement.plan(reg).values())
+        for i, name in enumerate(_nf_programs()):
             obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
+            if i >= need:
+                obj.program(name).set_autoload(False)
         if self.opts.tc == "off":
             for name in ("tc_ingress", "tc_egress"):
                 obj.program(name).set_autoload(False)
@@ -167,6 +176,7 @@ class Tracer:
         flags = self.opts.filter.flags
         cfg.early_reject = 1 if flags and not flags & ~events.F_HEADER else 0
         obj.load()
+        self._observer_fds = {i: obj.program(n).fd for i, n in enumerate(_nf_programs()) if i < need}
         if self.opts.emit:
             self.ring = libbpf.RingBuffer(obj.map("events").fd, self.opts.ringbuf_bytes)
 
@@ -177,7 +187,7 @@ class Tracer:
                      "on_fib_lookup", "on_fib6_lookup"):
             self.attachments.append(probes.attach_tracepoint(obj, prog))
         for ns in self.opts.netns:
-            self.placed[ns] = self._place(ns, 0, self._registered(ns))
+            self.placed[ns] = self._place(ns, 0, self._initial.get(ns) or self._registered(ns))
             self._learn_rules(ns)
             if self.opts.tc != "off":
                 self._attach_tc(ns)
@@ -188,6 +198,30 @@ class Tracer:
         except (OSError, netns.NetnsError) as e:
             raise probes.AttachError(f"reading the netfilter ruleset of netns {ns or '(host)'}: {e}") from None
 
+    def _observer_fd(self, slot: int) -> int:
+        """The program of an observer slot, loading its whole bank first if
+        it is not loaded yet: a second load of the same file that shares
+        every map (records, counters, config) with the first."""
+        if slot not in self._observer_fds:
+            bank = slot // events.PT_NF_BANK
+            names = _nf_programs()[bank * events.PT_NF_BANK:(bank + 1) * events.PT_NF_BANK]
+            obj = libbpf.BpfObject(object_path())
+            try:
+                for p in obj.programs():
+                    if p.name in names:
+                        p.set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
+                    else:
+                        p.set_autoload(False)
+                obj.share_maps_of(self.obj)
+                obj.load()
+            except libbpf.BpfError as e:
+                obj.close()
+                raise probes.AttachError(str(e)) from None
+            self._extra_objs.append(obj)
+            for n in names:
+                self._observer_fds[_nf_programs().index(n)] = obj.program(n).fd
+        return self._observer_fds[slot]
+
     def _place(self, ns: str | None, bank: int, reg: placement.Registered) -> Placed:
         """Attach the observers of bank `bank` after each table registered in ns."""
         ino = self._ns_inodes[ns]
@@ -196,8 +230,8 @@ class Tracer:
         try:
             for (fam, hook), hp in plans.items():
                 for i, prio in enumerate(hp.priorities):
-                    slot = bank * events.PT_NF_BANK + i
-                    links.append(probes.attach_netfilter(self.obj.program(f"nf_obs_{slot}").fd, fam, hook, prio, ns))
+                    fd = self._observer_fd(bank * events.PT_NF_BANK + i)
+                    links.append(probes.attach_netfilter(fd, fam, hook, prio, ns))
         except probes.AttachError:
             for link in links:
                 link.close()
@@ -256,6 +290,11 @@ class Tracer:
                 link.close()
             moved = True
         return moved
+
+    def loaded_programs(self) -> list[libbpf.Program]:
+        """Every program loaded (bank 1's observers once they are)."""
+        objs = [o for o in [self.obj, *self._extra_objs] if o is not None]
+        return [p for o in objs for p in o.programs() if p.fd >= 0]
 
     def observer_links(self) -> list[probes.FdLink]:
         return [link for p in self.placed.values() for link in p.links]
@@ -429,6 +468,9 @@ class Tracer:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
+        for o in self._extra_objs:
+            o.close()
+        self._extra_objs.clear()
         if self.obj is not None:
             self.obj.close()
             self.obj = None
