@@ -381,7 +381,7 @@ def make_modes(selected: list[str], notes: list[str]) -> list:
                                    ["--netns", "{router}", "--dst", NOMATCH_DST]),
         "trace-all": Pkttrace("trace-all", "pkttrace --json, every packet rebuilt",
                               ["--netns", "{router}", "--json"]),
-        "count-only": Pkttrace("count-only", "library, emit=False (stand-in for `pkttrace serve`)",
+        "count-only": Pkttrace("count-only", "library, emit=False (records built, nothing counted or sent)",
                                ["{router}"], module="benchmarks.count_only"),
         "nft-trace": NftTrace(),
     }
@@ -548,15 +548,15 @@ def accounting(samples: list[dict]) -> list[dict]:
 # (run_time_ns / run_cnt per program) on the same lab.  Kept next to the
 # targets so the report says it whenever the number is short.
 BOUND_BY = {
-    "serve-udp-ratio": "count-only builds and ends a full per-packet record (hash insert + delete, ~17 probe "
-                       "runs of 70-250 ns); `pkttrace serve` (issue 4) is to count per stage in per-CPU maps "
-                       "with no record",
-    "filter-nomatch-udp-ratio": "~17 probe runs per forwarded packet even when they return at once (6 netfilter "
-                                "observers, 2 TCX, tracepoints that fire in every netns): ~2 us of BPF time "
-                                "against ~12 us of CPU per packet untraced; placing observers only where tables "
-                                "are registered (issue 3) is the next lever",
+    "serve-udp-ratio": "every packet still gets a full in-flight record (hash insert + delete) over ~17 probe "
+                       "runs, plus the path signature and a per-CPU path counter at its end; counting without "
+                       "a per-packet record (per-CPU current-packet slot) is the next lever",
+    "filter-nomatch-udp-ratio": "~15 probe runs per forwarded packet even when they return at once (observers "
+                                "now only where tables are registered: 4 at PREROUTING here, 2 TCX, tracepoints "
+                                "that fire in every netns): ~2 us of BPF time against ~12 us of CPU per packet",
     "trace-all-udp-ratio": "the collector takes most of one of the 2 cores the sender, router and receiver "
-                           "share (JSON lines ~100k/s); every loss is counted",
+                           "share; with per-table attribution a JSON line costs ~90 us (11k lines/s); every "
+                           "loss is counted",
 }
 
 
