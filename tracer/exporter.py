@@ -22,19 +22,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import __version__, events, libbpf, paths
+from . import __version__, events, libbpf, paths, placement
 from .events import PtPathKey, PtRecord
 from .session import Tracer
 
-HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
-_ERR_RESULT = {"EAGAIN": "no_match", "ENETUNREACH": "unreachable", "EHOSTUNREACH": "unreachable",
-               "EACCES": "prohibit", "EINVAL": "blackhole"}
-
-
-def lookup_result(lk: paths.Lookup) -> str:
-    if lk.err is None:
-        return "local" if lk.table_id == 255 else "unicast"
-    return _ERR_RESULT.get(lk.err, lk.err.lower())
 
 
 def path_label(p: paths.Packet) -> str:
@@ -81,7 +72,8 @@ def resolve(p: paths.Packet) -> PathLabels:
                     if t.nat and kind in t.nat:
                         pl.nat.append((s.stage, kind))
         for lk in s.lookups:
-            pl.routes.append((lk.table, lookup_result(lk)))
+            # label values lower case: errors without a route type are errno names
+            pl.routes.append((lk.table, lk.type.lower()))
         if s.stage in ("rx", "tx") and s.dev:
             pl.ifaces.append((s.dev, s.stage))
     if p.drop:
@@ -95,13 +87,16 @@ class PathCounts:
     def __init__(self, tracer: Tracer):
         self.tracer = tracer
         self._labels: dict[bytes, PathLabels | None] = {}
+        self.entries = 0        # keys in path_counts at the last read
 
     def read(self) -> list[tuple[PathLabels, int]]:
         obj = self.tracer.obj
         counts, examples = obj.map("path_counts"), obj.map("path_examples")
         out = []
         rec = PtRecord()
+        self.entries = 0
         for key in counts.keys(PtPathKey):
+            self.entries += 1
             n = counts.percpu_u64_sum(key)
             if not n:
                 continue
@@ -212,8 +207,7 @@ class Collector:
         inflight = t.inflight()
         f["inflight"].add_metric([], inflight)
         maps = {"inflight": (inflight, t.opts.max_inflight, c.create_failed),
-                "path_counts": (sum(1 for _ in t.obj.map("path_counts").keys(PtPathKey)), t.opts.max_paths,
-                                c.path_overflow),
+                "path_counts": (self.paths.entries, t.opts.max_paths, c.path_overflow),
                 "route_buf": (None, events.PT_MAX_ROUTE, c.route_dropped)}
         for name, (entries, cap, over) in maps.items():
             if entries is not None:
@@ -230,6 +224,6 @@ class Collector:
         f["attach"].add_metric([], c.attach_failures)
         for ns, placed in t.placed.items():
             for (fam, hook), hp in placed.plans.items():
-                f["observers"].add_metric([ns or "", f"ipv{fam}", HOOKS[hook]], len(hp.priorities))
+                f["observers"].add_metric([ns or "", f"ipv{fam}", placement.HOOKS[hook]], len(hp.priorities))
         f["build"].add_metric([__version__, self.kernel], 1)
 

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import routing
 from .events import (CT_REPLY, NF_STAGES, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE, REC_TRUNCATED, AddrWhat, Ct,
                      DeliverHow, Fate, PtAddrStage, PtRecord, PtStage, StageKind)
 
@@ -110,6 +111,7 @@ class Lookup:
     t_ns: int
     gw: str | None = None
     src_check: bool = False             # a lookup of the source (rp_filter), not the decision
+    type: str | None = None             # result: see route_type()
 
 
 @dataclass
@@ -197,6 +199,7 @@ class Shape:
     alen: int = 4
     ports: bool = False
     local_out: bool = False             # locally generated: its first hook is output
+    ino: int | None = None              # netns inode (rules are kept per netns)
 
 
 @dataclass
@@ -290,8 +293,7 @@ class Packet:
         for s in self.path:
             for t in s.tables:
                 if t.nat and which in t.nat:
-                    out.append(t.nat[which]["to"].rsplit(":", 1)[0] if t.nat[which]["to"].count(":") == 1
-                               or self.family == "ipv4" else _strip_port6(t.nat[which]["to"]))
+                    out.append(_endpoint_addr(t.nat[which]["to"]))
         return out
 
     def to_json(self) -> dict:
@@ -313,8 +315,11 @@ class Packet:
         return d
 
 
-def _strip_port6(ep: str) -> str:
-    return ep[1:ep.index("]")] if ep.startswith("[") else ep
+def _endpoint_addr(ep: str) -> str:
+    """The address of `10.0.0.1:80`, `[fd00::1]:80`, `10.0.0.1` or `fd00::1` (see _endpoint)."""
+    if ep.startswith("["):
+        return ep[1:ep.index("]")]
+    return ep.rsplit(":", 1)[0] if ep.count(":") == 1 else ep
 
 
 def _shape_field(name: str) -> property:
@@ -415,7 +420,7 @@ class _Plan:
     drop_tables: list | None = None     # hook stage before a netfilter drop: tables after the last observer
     tracked: bool = False               # conntrack runs in this netns/family (no entry = invalid)
     in_dev: str | None = None
-    lookups: list[tuple] | None = None  # route: (table, table_id, dev, err, gw raw index) per raw stage
+    lookups: list[tuple] | None = None  # route: (table, table_id, dev, err, gw raw index, src_check) per raw stage
     how: str | None = None
 
 
@@ -432,7 +437,8 @@ def _nf_drop(reason: str | None) -> bool:
     return reason is not None and reason.startswith("NETFILTER")
 
 
-def _template(stages: list[tuple], ino: int, fam: int, ctx: Context, drop_reason: str | None) -> _Template:
+def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: Context,
+              drop_reason: str | None) -> _Template:
     plans: list[_Plan] = []
     deliver_raw = None
     tracked = fam in ctx.conntrack.get(ino, ())
@@ -444,7 +450,7 @@ def _template(stages: list[tuple], ino: int, fam: int, ctx: Context, drop_reason
             continue  # a newer kernel object with a stage we do not know
         prev = plans[-1] if plans else None
         if kind == StageKind.ADDR:
-            what = _ADDR.unpack_from(_STAGE.pack(*st))[2]
+            what = _addr_stage(raw_stages, i)[2]
             if prev is not None and prev.obs and what in (AddrWhat.NAT_SRC, AddrWhat.NAT_DST):
                 prev.obs[-1].nat.append((i, what))
             elif prev is not None and prev.lookups and what == AddrWhat.GW:
@@ -489,7 +495,7 @@ def _template(stages: list[tuple], ino: int, fam: int, ctx: Context, drop_reason
             # dropped between the last observer that saw it and the next one
             key = (ino, fam, StageKind[last.label.upper()] - StageKind.PREROUTING, stages[last.obs[-1].raw][_SLOT])
             last.drop_tables = ctx.slot_after.get(key, [])
-            tpl.drop_table = ", ".join(t[0] for t in last.drop_tables) or None
+            tpl.drop_table = _names(last.drop_tables) if last.drop_tables else None
     return tpl
 
 
@@ -510,16 +516,17 @@ def _materialize(sh: Shape, raw_stages: bytes, base: int, v: Values, ctx: Contex
         t0 = st[p.first]
         stage = Stage(p.label, t0[_TS] - base, p.dev, t0[_MARK], ifindex=t0[_IFX], in_dev=p.in_dev, how=p.how)
         if p.obs is not None:
-            _hook_stage(stage, p, st, base, cur, sh, fam)
+            _hook_stage(stage, p, st, raw_stages, base, cur, sh, fam)
         elif p.lookups is not None:
-            _route_stage(stage, p, st, base, cur, v, sh, fam, ctx)
+            _route_stage(stage, p, st, raw_stages, base, cur, sh, fam, ctx)
         elif p.how is not None and t0[_AUX] and t0[_AUX2] == DeliverHow.QUEUED:
             stage.socket_inode = t0[_AUX]
         path.append(stage)
     return path
 
 
-def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], base: int, cur: dict, sh: Shape, fam: int) -> None:
+def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base: int, cur: dict, sh: Shape,
+                fam: int) -> None:
     first, last = st[p.obs[0].raw], st[p.obs[-1].raw]
     stage.observations = [Observation(o.priority, st[o.raw][_MARK], st[o.raw][_TOS], st[o.raw][_TS] - base,
                                       ct_name(st[o.raw][_CT], p.tracked and _after_conntrack(o, p)))
@@ -532,7 +539,8 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], base: int, cur: dict, s
         s = st[o.raw]
         nat = {}
         for raw_i, what in o.nat:
-            addr, port = _addr_of(st[raw_i], sh)
+            a = _addr_stage(raw_stages, raw_i)
+            addr, port = socket.inet_ntop(sh.af, a[0][:sh.alen]), a[1]
             side = "src" if what == AddrWhat.NAT_SRC else "dst"
             before = cur[side]
             cur[side] = (addr, port if sh.ports else None)
@@ -540,11 +548,11 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], base: int, cur: dict, s
         if k == 0 and not nat:
             continue  # the first observer runs before every table
         stage.tables.append(TableStep(
-            ", ".join(t[0] for t in o.tables) or "(not observed)", o.tables[-1][1] if o.tables else None,
+            _names(o.tables), o.tables[-1][1] if o.tables else None,
             s[_MARK], s[_TOS] >> 2, stage.observations[k].ct, "accept", prev[_MARK], prev[_TOS] >> 2, nat or None))
         prev = s
     if p.drop_tables is not None:
-        stage.tables.append(TableStep(", ".join(t[0] for t in p.drop_tables) or "(not observed)",
+        stage.tables.append(TableStep(_names(p.drop_tables),
                                       p.drop_tables[-1][1] if p.drop_tables else None,
                                       last[_MARK], last[_TOS] >> 2, stage.ct, "drop", last[_MARK], last[_TOS] >> 2))
 
@@ -557,55 +565,46 @@ def _after_conntrack(o: _Obs, p: _Plan) -> bool:
     return o.priority is not None and o.priority > -200
 
 
-def _addr_of(raw_stage: tuple, sh: Shape) -> tuple[str, int]:
-    a = _ADDR.unpack(_STAGE.pack(*raw_stage))
-    return socket.inet_ntop(sh.af, a[0][:sh.alen]), a[1]
+def _names(tables: list) -> str:
+    """`mangle`, or `a, b` for tables sharing one observer."""
+    return ", ".join(t[0] for t in tables) or "(not observed)"
 
 
-def _route_stage(stage: Stage, p: _Plan, st: list[tuple], base: int, cur: dict, v: Values, sh: Shape,
+def _addr_stage(raw_stages: bytes, i: int) -> tuple:
+    """Raw stage i read as a PtAddrStage (addr, port, what, ..., family, ...)."""
+    return _ADDR.unpack_from(raw_stages, i * _STAGE_SIZE)
+
+
+def _route_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base: int, cur: dict, sh: Shape,
                  fam: int, ctx: Context | None) -> None:
-    from . import routing
     lookups, checks = [], []
     for raw_i, (table, tid, dev, err, gw_raw, src_check) in zip(p.raws, p.lookups):
         gw = None
         if gw_raw is not None:
-            a = _ADDR.unpack(_STAGE.pack(*st[gw_raw]))
+            a = _addr_stage(raw_stages, gw_raw)
             gaf, glen = _INET.get(a[-2], (sh.af, sh.alen))
             gw = socket.inet_ntop(gaf, a[0][:glen])
-        lk = Lookup(table, tid, dev, _err_name(err), st[raw_i][_MARK], st[raw_i][_TS] - base, gw, src_check)
-        (checks if src_check else lookups).append((lk, err))
+        lk = Lookup(table, tid, dev, _err_name(err), st[raw_i][_MARK], st[raw_i][_TS] - base, gw, src_check,
+                    route_type(tid, err))
+        (checks if src_check else lookups).append(lk)
     if not lookups:
         lookups, checks = checks, []
-    stage.lookups = [lk for lk, _ in lookups + checks]
-    last, last_err = lookups[-1]
+    stage.lookups = lookups + checks
+    last = lookups[-1]
     mark = last.mark
     src, dst = cur["src"][0], cur["dst"][0]
     rule = None
-    ino = _ino_of(sh, ctx)
-    rules = ctx.rules.get((ino, fam)) if ctx is not None and ino is not None else None
+    rules = ctx.rules.get((sh.ino, fam)) if ctx is not None else None
     if rules:
         flow = routing.Flow(src, dst, mark, None if sh.local_out else sh.in_dev, proto=sh.proto_num,
                             sport=cur["src"][1], dport=cur["dst"][1])
-        r = routing.choosing_rule(rules, flow, [lk.table_id for lk, _ in lookups])
+        r = routing.choosing_rule(rules, flow, [lk.table_id for lk in lookups])
         if r is not None:
             rule = r.text(ctx.table)
-    stage.route = Route([lk.table for lk, _ in lookups], rule, route_type(last.table_id, last_err), last.dev,
+    stage.route = Route([lk.table for lk in lookups], rule, last.type, last.dev,
                         last.gw, src if sh.local_out else None, last.err, mark)
     if checks:
-        lk = checks[-1][0]
-        stage.route.src_check = {"tables": [c.table for c, _ in checks], "dev": lk.dev, "err": lk.err}
-
-
-def _ino_of(sh: Shape, ctx: Context | None) -> int | None:
-    if ctx is None:
-        return None
-    for ino, name in ctx.netns_names.items():
-        if name == sh.netns:
-            return ino
-    try:
-        return int(sh.netns)
-    except ValueError:
-        return None
+        stage.route.src_check = {"tables": [c.table for c in checks], "dev": checks[-1].dev, "err": checks[-1].err}
 
 
 _U64 = struct.Struct("=Q")
@@ -627,8 +626,8 @@ def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
     except ValueError:
         fate = Fate.NONE
     reason = ctx.drop_reason(h["drop_reason"]) if fate == Fate.DROPPED and not aged else None
-    stages = list(_STAGE.iter_unpack(raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE]))
-    tpl = _template(stages, ino, fam, ctx, reason)
+    raw_stages = raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE]
+    tpl = _template(list(_STAGE.iter_unpack(raw_stages)), raw_stages, ino, fam, ctx, reason)
     af, alen = _INET.get(fam, (socket.AF_INET, 4))
     end = "aged out" if aged else _END_BY_FATE.get(fate)
     if fate == Fate.DELIVERED and not aged:
@@ -640,6 +639,7 @@ def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
     # locally generated: the first hook stage is output (rule walks see iif lo)
     hooks = [p.label for p in tpl.plans if p.obs is not None]
     sh.local_out = bool(hooks) and hooks[0] == "output"
+    sh.ino = ino
     return sh
 
 

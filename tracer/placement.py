@@ -46,7 +46,7 @@ IPTABLES_NAMES = frozenset(LEGACY)
 NFT_FAMILIES = {2: (4,), 10: (6,), 1: (4, 6)}
 # expressions and xt matches/targets that make a netns register conntrack
 CT_EXPRS = frozenset({"ct", "nat", "masq", "redir", "connlimit", "ct_expect"})
-CT_XT = frozenset({"state", "conntrack", "CONNMARK", "connmark", "CT", "helper", "conntrack"})
+CT_XT = frozenset({"state", "conntrack", "CONNMARK", "connmark", "CT", "helper"})
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,11 @@ class HookPlan:
     tables[i] what the packet crosses between observer i-1 and observer i."""
     priorities: list[int]
     tables: list[list[Table]] = field(default_factory=list)
-    after_last: list[Table] = field(default_factory=list)   # always empty unless slots ran out
 
     def tables_after(self, i: int) -> list[Table]:
-        """What runs between observer i and the next one (or the end of the hook)."""
-        return self.tables[i + 1] if i + 1 < len(self.tables) else self.after_last
+        """What runs between observer i and the next one (none after the last:
+        an observer follows every table)."""
+        return self.tables[i + 1] if i + 1 < len(self.tables) else []
 
 
 Registered = dict[tuple[int, int], list[Table]]   # (family, hook) -> tables

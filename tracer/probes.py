@@ -16,10 +16,10 @@ import os
 from dataclasses import dataclass, field
 
 from . import libbpf, netns
+from .placement import HOOKS as HOOK_NAMES
+from .placement import PRIO_FIRST, PRIO_LAST  # noqa: F401  (re-exported)
 
 NFPROTO = {4: 2, 6: 10}
-HOOK_NAMES = ("prerouting", "input", "forward", "output", "postrouting")
-from .placement import PRIO_FIRST, PRIO_LAST  # noqa: E402,F401  (re-exported)
 
 # name and priority of our classic tc filters, to find stale ones
 CLS_NAME = "pkttrace"

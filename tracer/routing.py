@@ -125,8 +125,9 @@ def choosing_rule(rules: list[Rule], flow: Flow, tables: list[int]) -> Rule | No
         if not rule_matches(r, flow):
             continue
         if r.action != FR_ACT_TO_TBL:
-            # unreachable/prohibit/blackhole rules end the walk without a lookup
-            return r if i == len(tables) else None
+            # unreachable/prohibit/blackhole rules end the walk before any
+            # table gave the result: no rule chose the final table
+            return None
         if i < len(tables) and r.table == tables[i]:
             if i == len(tables) - 1:
                 return r

@@ -107,7 +107,7 @@ class Tracer:
         self.placed: dict[str | None, Placed] = {}
         self._extra_objs: list[libbpf.BpfObject] = []   # observer banks loaded later
         self._observer_fds: dict[int, int] = {}           # slot -> program fd
-        self._initial: dict = {}
+        self._initial: dict = {}   # ns -> ruleset read before load, placed at attach
         self.attach_failures = 0
         self._last_replace_check = 0.0
         # called with (raw record bytes, aged) for every packet reported: --record
@@ -187,7 +187,7 @@ class Tracer:
                      "on_fib_lookup", "on_fib6_lookup"):
             self.attachments.append(probes.attach_tracepoint(obj, prog))
         for ns in self.opts.netns:
-            self.placed[ns] = self._place(ns, 0, self._initial.get(ns) or self._registered(ns))
+            self.placed[ns] = self._place(ns, 0, self._initial.pop(ns))
             self._learn_rules(ns)
             if self.opts.tc != "off":
                 self._attach_tc(ns)
@@ -274,13 +274,9 @@ class Tracer:
         for ns, old in list(self.placed.items()):
             self._learn_rules(ns)
             try:
-                reg = placement.registered(ns)
-            except (OSError, netns.NetnsError):
-                self.attach_failures += 1
-                continue
-            if reg == old.registered:
-                continue
-            try:
+                reg = self._registered(ns)
+                if reg == old.registered:
+                    continue
                 new = self._place(ns, 1 - old.bank, reg)
             except probes.AttachError:
                 self.attach_failures += 1
