@@ -4,16 +4,24 @@
  * namespaces and emit one record per packet when its traversal ends.
  *
  * Attach points (all observe only; none changes a verdict):
- *   tp_btf  netif_receive_skb, net_dev_queue, kfree_skb, consume_skb,
- *           skb_copy_datagram_iovec, fib_table_lookup, fib6_table_lookup
+ *   tp_btf  netif_receive_skb, net_dev_queue, net_dev_xmit, kfree_skb,
+ *           consume_skb, skb_copy_datagram_iovec, sk_data_ready, napi_poll,
+ *           fib_table_lookup, fib6_table_lookup
  *   netfilter links  nf_obs_N at chosen priorities of each hook (user space
  *           knows which priority slot N was attached at)
  *   TCX / cls_bpf  tc_ingress, tc_egress (return TCX_NEXT == TC_ACT_UNSPEC)
  *
  * A packet is identified by its struct sk_buff pointer while it is in
- * flight; the record lives in the `inflight` hash until the packet is
- * transmitted, delivered, consumed or freed.  Records whose end is never
- * seen are aged out by user space, so none is lost without being counted.
+ * flight; the record lives in the `inflight` hash until the kernel's last
+ * word on it: it left a device (net_dev_xmit), was delivered, consumed,
+ * absorbed by reassembly or freed.  Records whose end is never seen are
+ * aged out by user space, so none is lost without being counted.
+ *
+ * Everything a record says must be the kernel's answer for that packet:
+ * route lookups are claimed by the packet whose addresses they looked up,
+ * the route's result is read from the dst the kernel attached to the skb,
+ * and a packet the kernel generates while processing another (ICMP error,
+ * RST) names that packet as its cause.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -30,9 +38,21 @@
 #define NFPROTO_IPV6 10
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define IPPROTO_FRAGMENT 44
+#define AF_INET 2
+#define AF_INET6 10
+#define RTF_GATEWAY 0x0002
+#define RTF_LOCAL 0x80000000
+#define NETDEV_TX_OK 0
 /* Route lookups older than this are not attributed to a new packet: the
  * lookup for a locally generated packet happens just before LOCAL_OUT. */
 #define ROUTE_MAX_AGE_NS (10 * 1000 * 1000ULL)
+/* A reply is generated while its cause is being processed (nested in the
+ * same softirq pass): microseconds, generous for slow (emulated) CPUs. */
+#define CAUSE_MAX_AGE_NS (5 * 1000 * 1000ULL)
+/* A packet handed to a veth reaches the peer's backlog at once and is
+ * received in the same or the next softirq run. */
+#define HANDOFF_MAX_AGE_NS (1000 * 1000 * 1000ULL)
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -83,6 +103,43 @@ struct {
 } pending_in SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_active);
+} active SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_tc_last);
+} tc_last SEC(".maps");
+
+/* Runtime, per traced netns (index in cfg.netns_ino): 1 when its ruleset
+ * has NAT, so a header filter cannot judge a packet at first sight. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PT_MAX_NETNS);
+	__type(key, __u32);
+	__type(value, __u32);
+} netns_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct pt_handoff);
+} handoff SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct pt_frag_key);
+	__type(value, __u64);
+} frag_groups SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 4 << 20); /* resized by user space before load */
 } events SEC(".maps");
@@ -122,6 +179,8 @@ struct pkt_info {
 	__u8 family;
 	__u8 proto;
 	__u8 tos;
+	__u8 frag;      /* a fragment (not reassembled) */
+	__u32 frag_id;
 };
 
 static __always_inline void stat_inc(__u32 idx)
@@ -132,15 +191,33 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1;
 }
 
-static __always_inline bool netns_traced(__u32 ino)
+/* Index of a traced netns in cfg.netns_ino, or -1. */
+static __always_inline int netns_index(__u32 ino)
 {
 	for (int i = 0; i < PT_MAX_NETNS; i++) {
 		if (i >= cfg.n_netns)
 			break;
 		if (cfg.netns_ino[i] == ino)
-			return true;
+			return i;
 	}
-	return false;
+	return -1;
+}
+
+static __always_inline bool netns_traced(__u32 ino)
+{
+	return netns_index(ino) >= 0;
+}
+
+static __always_inline bool netns_may_nat(__u32 ino)
+{
+	int i = netns_index(ino);
+	__u32 k, *v;
+
+	if (i < 0)
+		return false;
+	k = i;
+	v = bpf_map_lookup_elem(&netns_nat, &k);
+	return v && *v;
 }
 
 static __always_inline __u8 family_of_ethertype(__u16 proto_be)
@@ -168,6 +245,10 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 		pi->tos = iph.tos;
 		__builtin_memcpy(pi->saddr, &iph.saddr, 4);
 		__builtin_memcpy(pi->daddr, &iph.daddr, 4);
+		if (iph.frag_off & bpf_htons(0x3fff)) { /* MF or an offset */
+			pi->frag = 1;
+			pi->frag_id = bpf_ntohs(iph.id);
+		}
 		/* ports only in the first fragment */
 		if (iph.frag_off & bpf_htons(0x1fff))
 			return 0;
@@ -178,11 +259,25 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 		if (bpf_probe_read_kernel(&ip6, sizeof(ip6), l3) || ip6.version != 6)
 			return -1;
 		pi->family = 6;
-		pi->proto = ip6.nexthdr; /* extension headers are not walked */
+		pi->proto = ip6.nexthdr;
 		pi->tos = (ip6.priority << 4) | (ip6.flow_lbl[0] >> 4);
 		__builtin_memcpy(pi->saddr, &ip6.saddr, 16);
 		__builtin_memcpy(pi->daddr, &ip6.daddr, 16);
 		l4 = l3 + sizeof(ip6);
+		if (ip6.nexthdr == IPPROTO_FRAGMENT) {
+			/* a fragment header right after the fixed header (other
+			 * extension headers are not walked yet) */
+			struct frag_hdr fh;
+
+			if (bpf_probe_read_kernel(&fh, sizeof(fh), l4))
+				return 0;
+			pi->proto = fh.nexthdr;
+			pi->frag = 1;
+			pi->frag_id = bpf_ntohl(fh.identification);
+			if (fh.frag_off & bpf_htons(0xfff8))
+				return 0;
+			l4 += sizeof(fh);
+		}
 	} else {
 		return -1;
 	}
@@ -200,6 +295,26 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 static __always_inline const void *skb_l3(const struct sk_buff *skb)
 {
 	return skb->head + skb->network_header;
+}
+
+static __always_inline bool addr_eq(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, b + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
+static __always_inline bool addr_zero(const __u8 *a)
+{
+	__u64 a0, a1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, a + 8, 8);
+	return !a0 && !a1;
 }
 
 /* net and mask live in the const volatile config: read them through volatile
@@ -287,12 +402,13 @@ static __always_inline void rejected_forget(const void *skb)
 
 /* First sight of a packet: with a header-only filter it can be judged now,
  * and a packet that does not match gets no record at all (every later probe
- * then returns at once).  False when it was rejected. */
-static __always_inline bool first_sight_wanted(const void *skb, const struct pkt_info *pi)
+ * then returns at once) -- unless NAT in its netns may make it match later:
+ * then its whole path is kept and judged at its end.  False when rejected. */
+static __always_inline bool first_sight_wanted(const void *skb, const struct pkt_info *pi, __u32 netns)
 {
 	__u64 *slot;
 
-	if (!cfg.early_reject || (match_header(pi) & cfg.filter) == cfg.filter)
+	if (!cfg.early_reject || (match_header(pi) & cfg.filter) == cfg.filter || netns_may_nat(netns))
 		return true;
 	slot = rejected_slot();
 	if (slot)
@@ -308,9 +424,10 @@ static __always_inline struct pt_record *rec_lookup(const void *skb)
 	return bpf_map_lookup_elem(&inflight, &key);
 }
 
-/* Start a record for a packet first seen now.  NULL if the table is full. */
+/* Start a record for a packet first seen now (id 0: a new one).  NULL if
+ * the table is full. */
 static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
-						 const struct pkt_info *pi, __u64 now)
+						 const struct pkt_info *pi, __u64 now, __u64 id)
 {
 	__u64 key = (__u64)skb;
 	__u32 zero = 0;
@@ -320,7 +437,7 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 		return NULL;
 	/* Only the header is reset: stages past n_stages are never read. */
 	__builtin_memset(r, 0, offsetof(struct pt_record, stages));
-	r->id = next_id();
+	r->id = id ? id : next_id();
 	r->first_ts = now;
 	r->last_ts = now;
 	r->netns = netns;
@@ -335,12 +452,56 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 	r->family = pi->family;
 	r->proto = pi->proto;
 	r->match = match_header(pi);
+	if (pi->frag) {
+		r->flags = PT_REC_FRAG;
+		r->frag_id = pi->frag_id;
+	}
 	if (bpf_map_update_elem(&inflight, &key, r, BPF_NOEXIST)) {
 		stat_inc(PT_STAT_CREATE_FAILED);
 		return NULL;
 	}
 	stat_inc(PT_STAT_CREATED);
 	return bpf_map_lookup_elem(&inflight, &key);
+}
+
+/* ---- the packet this CPU is processing, and what it causes ---- */
+
+static __always_inline struct pt_active *active_slot(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&active, &zero);
+}
+
+static __always_inline void active_set(const void *skb, const struct pt_record *r, __u64 now)
+{
+	struct pt_active *a = active_slot();
+
+	if (a) {
+		a->skb = (__u64)skb;
+		a->id = r->id;
+		a->ts = now;
+	}
+}
+
+/* A locally generated packet seen for the first time: if this CPU is in the
+ * middle of processing a packet from the address it is sent to, the kernel
+ * made it in reply (ICMP error, RST from REJECT or a closed port, echo
+ * reply).  Marks that packet and returns its id (0: no cause). */
+static __always_inline __u64 cause_of(const void *skb, const struct pkt_info *pi, __u64 now)
+{
+	struct pt_active *a = active_slot();
+	struct pt_record *p;
+	__u64 key;
+
+	if (!a || !a->skb || a->skb == (__u64)skb || now - a->ts > CAUSE_MAX_AGE_NS)
+		return 0;
+	key = a->skb;
+	p = bpf_map_lookup_elem(&inflight, &key);
+	if (!p || p->id != a->id || p->family != pi->family || !addr_eq(pi->daddr, p->cur_saddr))
+		return 0;
+	p->flags |= PT_REC_CAUSED;
+	return p->id;
 }
 
 /* FNV-1a step: the path signature identifies a path's shape, so user space
@@ -360,7 +521,8 @@ static __always_inline __u32 path_signature(const struct pt_record *r, __u32 n)
 	__u32 prev_mark = 0;
 	__u8 prev_kind = 0, prev_tos = 0;
 
-	h = sig_mix(h, r->fate | (r->family << 8) | (r->proto << 16));
+	h = sig_mix(h, r->fate | (r->family << 8) | (r->proto << 16) |
+		    ((r->flags & PT_REC_CAUSED) << 24));
 	h = sig_mix(h, r->drop_reason);
 	for (int i = 0; i < PT_MAX_STAGES; i++) {
 		const struct pt_stage *s = &r->stages[i];
@@ -369,9 +531,13 @@ static __always_inline __u32 path_signature(const struct pt_record *r, __u32 n)
 		if (i >= n)
 			break;
 		if (s->kind == PT_STAGE_ADDR) {
-			/* NAT: which side, where; gateway: none of its bytes */
-			h = sig_mix(h, s->kind | (s->slot << 8) |
-				    (((const struct pt_addr_stage *)s)->what << 16));
+			const struct pt_addr_stage *a = (const void *)s;
+
+			/* NAT: which side, where; gateway: none of its bytes;
+			 * nexthop: route type and device */
+			h = sig_mix(h, s->kind | (s->slot << 8) | (a->what << 16) | (a->rtype << 24));
+			if (a->what == PT_ADDR_NEXTHOP)
+				h = sig_mix(h, a->ifindex);
 			continue;
 		}
 		if (s->kind >= PT_STAGE_PREROUTING && s->kind <= PT_STAGE_POSTROUTING) {
@@ -381,7 +547,7 @@ static __always_inline __u32 path_signature(const struct pt_record *r, __u32 n)
 			prev_mark = s->mark;
 			prev_tos = s->tos;
 		}
-		h = sig_mix(h, s->kind | (s->slot << 8) | (changed << 16));
+		h = sig_mix(h, s->kind | (s->slot << 8) | (changed << 16) | (s->flags << 24));
 		h = sig_mix(h, s->ifindex);
 		/* a deliver stage's aux is the socket inode: per packet */
 		h = sig_mix(h, s->kind == PT_STAGE_DELIVER ? 0 : s->aux);
@@ -441,13 +607,24 @@ static __always_inline struct pt_stage *stage_add(struct pt_record *r, __u8 kind
 	return s;
 }
 
-/* The packet's traversal ended: emit it if it matched, and forget it. */
-static __always_inline void rec_finish(const void *skb, struct pt_record *r, __u8 fate)
+static __always_inline struct pt_stage *last_stage(struct pt_record *r)
 {
-	__u64 key = (__u64)skb;
 	__u32 n = r->n_stages;
 
-	r->fate = fate;
+	if (!n || n > PT_MAX_STAGES)
+		return NULL;
+	return &r->stages[(n - 1) & (PT_MAX_STAGES - 1)];
+}
+
+/* A record is complete: count or emit it if it matched the filter.
+ * Global (verified once, not at every caller): it is the heaviest piece. */
+__noinline int pt_emit(struct pt_record *r)
+{
+	__u32 n;
+
+	if (!r)
+		return 0;
+	n = r->n_stages;
 	if (n > PT_MAX_STAGES)
 		n = PT_MAX_STAGES;
 	if ((r->match & cfg.filter) != cfg.filter) {
@@ -464,7 +641,77 @@ static __always_inline void rec_finish(const void *skb, struct pt_record *r, __u
 		else
 			stat_inc(PT_STAT_EMITTED);
 	}
+	return 0;
+}
+
+/* The packet's traversal ended: emit it if it matched, and forget it. */
+static __always_inline void rec_finish(const void *skb, struct pt_record *r, __u8 fate)
+{
+	__u64 key = (__u64)skb;
+	struct pt_active *a = active_slot();
+
+	if (a && a->skb == key)
+		a->skb = 0;
+	r->fate = fate;
+	pt_emit(r);
 	bpf_map_delete_elem(&inflight, &key);
+}
+
+/* How a packet that left a device ends. */
+static __always_inline __u8 fate_tx(const struct pt_record *r)
+{
+	if (r->flags & PT_REC_REDIRECTED)
+		return PT_FATE_REDIRECTED;
+	return (r->seen & PT_SEEN_FORWARD) ? PT_FATE_FORWARDED : PT_FATE_SENT;
+}
+
+/* ---- fragments ---- */
+
+/* The id of the packet the fragments of r's datagram become (created on
+ * first ask: the first fragment absorbed may end before it exists). */
+static __always_inline __u64 frag_group_id(const struct pt_record *r)
+{
+	struct pt_frag_key k = {};
+	__u64 id, *v;
+
+	k.netns = r->netns;
+	k.frag_id = r->frag_id;
+	__builtin_memcpy(k.saddr, r->saddr, 16);
+	__builtin_memcpy(k.daddr, r->daddr, 16);
+	k.family = r->family;
+	k.proto = r->proto;
+	v = bpf_map_lookup_elem(&frag_groups, &k);
+	if (v)
+		return *v;
+	id = next_id();
+	bpf_map_update_elem(&frag_groups, &k, &id, BPF_NOEXIST);
+	v = bpf_map_lookup_elem(&frag_groups, &k);
+	return v ? *v : id;
+}
+
+/* A fragment's skb ended while its datagram was being reassembled, or a
+ * fragment's skb now carries the whole datagram: it was absorbed.  Returns
+ * the id of the packet it became. */
+static __always_inline __u64 frag_absorbed(const void *skb, struct pt_record *r)
+{
+	__u64 into = frag_group_id(r);
+
+	r->link = into;
+	rec_finish(skb, r, PT_FATE_REASSEMBLED);
+	return into;
+}
+
+/* A drop reason of this kernel, by name (numbers differ between kernels). */
+#define DROP_REASON(name) \
+	(bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_##name) ? \
+	 bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_##name) : -1)
+
+/* Reasons with which the kernel gives up on a fragment (not absorbed). */
+static __always_inline bool frag_failed(__u32 reason)
+{
+	return reason == DROP_REASON(FRAG_REASM_TIMEOUT) || reason == DROP_REASON(FRAG_TOO_FAR) ||
+	       reason == DROP_REASON(DUP_FRAG) || reason == DROP_REASON(NETFILTER_DROP) ||
+	       reason == DROP_REASON(NOMEM) || reason == DROP_REASON(PKT_TOO_BIG);
 }
 
 /* ---- local delivery ---- */
@@ -523,38 +770,42 @@ static __always_inline void pending_resolve(const void *except)
 		deliver((const void *)key, r, PT_DELIVER_STACK, 0);
 }
 
-static __always_inline bool addr_eq(const __u8 *a, const __u8 *b)
-{
-	__u64 a0, a1, b0, b1;
+/* ---- route lookups: buffered per CPU, claimed by the packet whose flow they are ---- */
 
-	__builtin_memcpy(&a0, a, 8);
-	__builtin_memcpy(&a1, a + 8, 8);
-	__builtin_memcpy(&b0, b, 8);
-	__builtin_memcpy(&b1, b + 8, 8);
-	return a0 == b0 && a1 == b1;
+static __always_inline struct pt_route_buf *route_buffer(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&route_buf, &zero);
 }
 
-/* ---- route lookups: buffered per CPU, attributed at the next stage ---- */
-
 /* A ring: lookups nobody claims (ARP's, those of packets without a record)
- * are overwritten by newer ones, which belong to the packet being routed. */
+ * are overwritten by newer ones. */
 static __always_inline void route_push(__u8 family, __u32 table, __s32 err, __u32 oif, __u32 mark,
-				       __u8 gw_family, const void *gw, const void *daddr)
+				       __u8 gw_family, const void *gw, const void *daddr, const void *saddr)
 {
-	struct pt_route_ev *ev;
-	__u32 zero = 0;
-	struct pt_route_buf *b = bpf_map_lookup_elem(&route_buf, &zero);
+	struct pt_route_buf *b = route_buffer();
 	__u64 now = bpf_ktime_get_ns();
+	struct pt_route_ev *ev;
 	__u32 n;
 
 	if (!b)
 		return;
 	n = b->n;
-	if (n && now - b->ev[(n - 1) & (PT_MAX_ROUTE - 1)].ts > ROUTE_MAX_AGE_NS)
+	if (n && (!b->live || now - b->ev[(n - 1) & (PT_MAX_ROUTE - 1)].ts > ROUTE_MAX_AGE_NS)) {
 		n = 0; /* nobody claimed those: not ours */
-	if (n >= PT_MAX_ROUTE)
-		stat_inc(PT_STAT_ROUTE_DROPPED);
+		b->live = 0;
+	}
 	ev = &b->ev[n & (PT_MAX_ROUTE - 1)];
+	if (n >= PT_MAX_ROUTE && ev->family) {
+		/* overwritten unclaimed: a loss when every slot waits to be
+		 * claimed; else newer lookups were claimed past it, so it was
+		 * nobody's (ARP's, a packet without a record) */
+		if (b->live >= PT_MAX_ROUTE)
+			stat_inc(PT_STAT_ROUTE_DROPPED);
+		if (b->live)
+			b->live -= 1;
+	}
 	*ev = (struct pt_route_ev){
 		.ts = now, .table = table, .err = err, .oif = oif, .mark = mark, .family = family,
 		.gw_family = gw_family,
@@ -564,39 +815,65 @@ static __always_inline void route_push(__u8 family, __u32 table, __s32 err, __u3
 	else if (gw_family == 6)
 		bpf_probe_read_kernel(ev->gw, 16, gw);
 	bpf_probe_read_kernel(ev->daddr, family == 4 ? 4 : 16, daddr);
+	bpf_probe_read_kernel(ev->saddr, family == 4 ? 4 : 16, saddr);
 	b->n = n + 1;
+	b->live += 1;
 }
 
-static __always_inline void route_discard(void)
+/* Is lookup ev for the packet with these addresses?  The decision looks up
+ * its destination from its source (a locally generated packet: from no
+ * source yet); fib_validate_source looks up its source from its destination.
+ * Lookups made for the ICMP error about a packet look up its source from no
+ * source, or its destination from no source (xfrm's address-type checks):
+ * neither matches a received packet's decision. */
+#define ROUTE_LOCAL_OUT 1    /* the packet is locally generated */
+#define ROUTE_CHECKS 2       /* take source checks too */
+static __always_inline __u8 route_match(const struct pt_route_ev *ev, const __u8 *saddr, const __u8 *daddr,
+					__u32 how)
 {
-	__u32 zero = 0;
-	struct pt_route_buf *b = bpf_map_lookup_elem(&route_buf, &zero);
-
-	if (b)
-		b->n = 0;
+	if (addr_eq(ev->daddr, daddr) &&
+	    (addr_eq(ev->saddr, saddr) || ((how & ROUTE_LOCAL_OUT) && addr_zero(ev->saddr))))
+		return 1;
+	if ((how & ROUTE_CHECKS) && addr_eq(ev->daddr, saddr) && addr_eq(ev->saddr, daddr))
+		return 2;
+	return 0;
 }
 
-/* Move the lookups made since `since` on this CPU into the record. */
-static __always_inline void route_take(struct pt_record *r, __u8 kind, __u64 since)
+/* Move this packet's lookups made since `since` on this CPU into the
+ * record.  Returns how many decision lookups (not source checks) it took.
+ * Global: verified once. */
+__noinline int route_take(struct pt_record *r, __u8 kind, __u64 since, __u32 how)
 {
-	__u32 zero = 0;
-	struct pt_route_buf *b = bpf_map_lookup_elem(&route_buf, &zero);
-	__u32 n;
+	struct pt_route_buf *b = route_buffer();
+	__u32 n, start;
+	int decisions = 0, taken = 0;
 
-	__u32 start;
-
-	if (!b || !b->n)
-		return;
+	if (!r || !b || !b->n || !b->live)
+		return 0;
 	n = b->n;
 	start = n > PT_MAX_ROUTE ? n - PT_MAX_ROUTE : 0;
 	for (int i = 0; i < PT_MAX_ROUTE; i++) {
 		struct pt_route_ev *ev = &b->ev[(start + i) & (PT_MAX_ROUTE - 1)];
 		struct pt_stage *s;
+		__u8 m;
 
 		if (start + i >= n)
 			break;
-		if (ev->ts < since || ev->family != r->family)
+		if (ev->ts < since)
 			continue;
+		m = ev->family == r->family ? route_match(ev, r->cur_saddr, r->cur_daddr, how) : 0;
+		if (!m) {
+			/* a packet's lookups are made one after the other:
+			 * what comes after another's (the ICMP error's, say)
+			 * is not its own, even where it looks alike */
+			if (taken)
+				break;
+			continue;
+		}
+		taken = 1;
+		ev->family = 0;
+		if (b->live)
+			b->live -= 1;
 		/* a locally generated packet is routed before its first hook */
 		if (ev->ts < r->first_ts)
 			r->first_ts = ev->ts;
@@ -607,10 +884,9 @@ static __always_inline void route_take(struct pt_record *r, __u8 kind, __u64 sin
 		s->mark = ev->mark;
 		s->aux = ev->table;
 		s->aux2 = ev->err;
-		/* fib_validate_source (rp_filter, or any lookup when rules
-		 * exist) looks up the packet's source: not the decision */
-		s->ct = addr_eq(ev->daddr, r->cur_saddr) && !addr_eq(ev->daddr, r->cur_daddr) ?
-			PT_ROUTE_SRC_CHECK : 0;
+		s->ct = m == 2 ? PT_ROUTE_SRC_CHECK : 0;
+		if (m == 1)
+			decisions++;
 		if (ev->gw_family && !ev->err) {
 			struct pt_addr_stage *a = (void *)stage_add(r, PT_STAGE_ADDR, ev->ts);
 
@@ -621,7 +897,76 @@ static __always_inline void route_take(struct pt_record *r, __u8 kind, __u64 sin
 			}
 		}
 	}
-	b->n = 0;
+	if (!b->live)
+		b->n = 0;
+	return decisions;
+}
+
+/* A packet without a record reached a hook after routing: its lookups are
+ * nobody's; do not let them wait to be claimed by the next packet of its
+ * flow (rejected packets only: a header is parsed only if any wait). */
+static __always_inline void route_discard(const void *l3, __u8 family)
+{
+	struct pt_route_buf *b = route_buffer();
+	struct pkt_info pi;
+	__u32 n, start;
+
+	if (!b || !b->live || parse_l3(l3, family, &pi))
+		return;
+	n = b->n;
+	start = n > PT_MAX_ROUTE ? n - PT_MAX_ROUTE : 0;
+	for (int i = 0; i < PT_MAX_ROUTE; i++) {
+		struct pt_route_ev *ev = &b->ev[(start + i) & (PT_MAX_ROUTE - 1)];
+
+		if (start + i >= n)
+			break;
+		if (ev->family == family && route_match(ev, pi.saddr, pi.daddr, ROUTE_LOCAL_OUT | ROUTE_CHECKS)) {
+			ev->family = 0;
+			if (b->live)
+				b->live -= 1;
+		}
+	}
+	if (!b->live)
+		b->n = 0;
+}
+
+/* What routing attached to the packet (skb dst): the nexthop the kernel
+ * chose (one of an ECMP group), its device and the route type (local, even
+ * where the lookup reported the merged local/main table as main). */
+__noinline int route_result(struct pt_record *r, __u64 refdst, __u64 ts)
+{
+	struct dst_entry *dst = (struct dst_entry *)(refdst & ~1UL);
+	struct pt_addr_stage *a;
+
+	if (!r || !dst)
+		return 0;
+	a = (void *)stage_add(r, PT_STAGE_ADDR, ts);
+	if (!a)
+		return 0;
+	__builtin_memset(a->addr, 0, sizeof(a->addr)); /* stage_add put the time there */
+	a->what = PT_ADDR_NEXTHOP;
+	a->family = r->family;
+	a->ifindex = BPF_CORE_READ(dst, dev, ifindex);
+	if (r->family == 4) {
+		struct rtable *rt = (struct rtable *)dst;
+		__u8 gwf = BPF_CORE_READ(rt, rt_gw_family);
+
+		a->rtype = BPF_CORE_READ(rt, rt_type);
+		if (gwf == AF_INET) {
+			bpf_core_read(a->addr, 4, &rt->rt_gw4);
+		} else if (gwf == AF_INET6) {
+			bpf_core_read(a->addr, 16, &rt->rt_gw6);
+			a->family = 6;
+		}
+	} else {
+		struct rt6_info *rt = (struct rt6_info *)dst;
+		__u32 flags = BPF_CORE_READ(rt, rt6i_flags);
+
+		a->rtype = (flags & RTF_LOCAL) ? RTN_LOCAL : RTN_UNICAST;
+		if (flags & RTF_GATEWAY)
+			bpf_core_read(a->addr, 16, &rt->rt6i_gateway);
+	}
+	return 0;
 }
 
 SEC("tp_btf/fib_table_lookup")
@@ -631,6 +976,10 @@ int BPF_PROG(on_fib_lookup, u32 tb_id, const struct flowi4 *flp,
 	__u32 oif = 0;
 	__u8 gw_family = 0;
 
+	/* no input interface, not even loopback: an address-type check
+	 * (inet_addr_type, for ICMP errors and xfrm), not a packet's route */
+	if (!flp->__fl_common.flowic_iif)
+		return 0;
 	if (nhc) {
 		struct net_device *dev = nhc->nhc_dev;
 
@@ -640,10 +989,10 @@ int BPF_PROG(on_fib_lookup, u32 tb_id, const struct flowi4 *flp,
 				return 0;
 			oif = dev->ifindex;
 		}
-		gw_family = nhc->nhc_gw_family == 2 ? 4 : nhc->nhc_gw_family == 10 ? 6 : 0;
+		gw_family = nhc->nhc_gw_family == AF_INET ? 4 : nhc->nhc_gw_family == AF_INET6 ? 6 : 0;
 	}
 	route_push(4, tb_id, err, oif, flp->__fl_common.flowic_mark, gw_family, nhc ? &nhc->nhc_gw : NULL,
-		   &flp->daddr);
+		   &flp->daddr, &flp->saddr);
 	return 0;
 }
 
@@ -662,18 +1011,22 @@ int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *re
 	dev = res->nh ? res->nh->nh_common.nhc_dev : NULL;
 	if (dev)
 		oif = dev->ifindex;
-	if (res->nh && res->nh->nh_common.nhc_gw_family == 10)
+	if (res->nh && res->nh->nh_common.nhc_gw_family == AF_INET6)
 		gw_family = 6;
-	/* fib6 reports failures as route types; map them to errnos like fib4 */
+	/* fib6 reports failures as route types; map them to errnos like fib4.
+	 * Nothing found in this table is the null entry: like fib4's -EAGAIN
+	 * (the rules go on to the next table), not an unreachable route. */
 	type = res->fib6_type;
-	if (type == RTN_UNREACHABLE)
-		err = -101; /* ENETUNREACH */
+	if (res->f6i == net->ipv6.fib6_null_entry)
+		err = -11; /* EAGAIN */
+	else if (type == RTN_UNREACHABLE)
+		err = -113; /* EHOSTUNREACH */
 	else if (type == RTN_PROHIBIT)
 		err = -13;  /* EACCES */
 	else if (type == RTN_BLACKHOLE)
 		err = -22;  /* EINVAL */
 	route_push(6, table ? table->tb6_id : 0, err, oif, flp->__fl_common.flowic_mark, gw_family,
-		   gw_family ? &res->nh->nh_common.nhc_gw : NULL, &flp->daddr);
+		   gw_family ? &res->nh->nh_common.nhc_gw : NULL, &flp->daddr, &flp->saddr);
 	return 0;
 }
 
@@ -726,7 +1079,7 @@ static __always_inline void nat_stage(struct pt_record *r, __u8 what, __u8 slot,
 	 * the object's BTF, which the Python mirror is checked against.  A CO-RE
 	 * existence check keeps it there; the kernel has no such type, so
 	 * libbpf patches this to 0 at load. */
-	a->_pad0 = bpf_core_type_exists(struct pt_addr_stage);
+	a->rtype = bpf_core_type_exists(struct pt_addr_stage);
 	__builtin_memcpy(a->addr, addr, 16);
 	a->port = port;
 	a->what = what;
@@ -779,11 +1132,12 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	rejected_pkt = is_rejected(skb);
 	r = rejected_pkt ? NULL : rec_lookup(skb);
 	if (rejected_pkt) {
-		/* its route lookups are nobody's: do not let them pile up */
+		/* its route lookups are nobody's: do not let them wait */
 		if (first && (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD ||
 			      kind == PT_STAGE_OUTPUT))
-			route_discard();
-		/* judged at first sight; only NAT can make it match since */
+			route_discard(l3, family);
+		/* judged at first sight; only NAT can make it match since (a
+		 * ruleset that gained NAT after the packet was first seen) */
 		if (first || (kind != PT_STAGE_PREROUTING && kind != PT_STAGE_OUTPUT &&
 			      kind != PT_STAGE_POSTROUTING) || !ct_natted(nfct))
 			return NF_ACCEPT;
@@ -791,28 +1145,54 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 			return NF_ACCEPT;
 		rejected_forget(skb);
 		stat_inc(PT_STAT_LATE);
-		r = rec_new(skb, state->net->ns.inum, &pi, now);
+		r = rec_new(skb, state->net->ns.inum, &pi, now, 0);
 		if (!r)
 			return NF_ACCEPT;
 		r->flags |= PT_REC_LATE;
 		parsed = true;
 	} else if (!r) {
+		__u64 cause = 0;
+
 		/* links are per netns: only traced namespaces reach here */
-		if (parse_l3(l3, family, &pi) || !first_sight_wanted(skb, &pi))
+		if (parse_l3(l3, family, &pi))
 			return NF_ACCEPT;
-		r = rec_new(skb, state->net->ns.inum, &pi, now);
+		/* first seen at OUTPUT: generated here, maybe in reply */
+		if (kind == PT_STAGE_OUTPUT)
+			cause = cause_of(skb, &pi, now);
+		if (!first_sight_wanted(skb, &pi, state->net->ns.inum))
+			return NF_ACCEPT;
+		r = rec_new(skb, state->net->ns.inum, &pi, now, 0);
 		if (!r)
 			return NF_ACCEPT;
+		r->cause = cause;
 		parsed = true;
-	} else if (ct_natted(nfct) && !parse_l3(l3, family, &pi)) {
-		parsed = true;
-		/* NAT may have rewritten addresses or ports: match again */
-		if ((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT)) & ~r->match)
-			r->match |= match_header(&pi);
+	} else if ((r->flags & PT_REC_FRAG) || ct_natted(nfct)) {
+		if (!parse_l3(l3, family, &pi)) {
+			parsed = true;
+			if (!pi.frag && (r->flags & PT_REC_FRAG)) {
+				/* reassembled: this skb now carries the whole
+				 * datagram, a new packet with its own record */
+				__u8 match = r->match;
+				__u64 into = frag_absorbed(skb, r);
+
+				r = rec_new(skb, state->net->ns.inum, &pi, now, into);
+				if (!r)
+					return NF_ACCEPT;
+				r->match |= match & ~(PT_F_SRC | PT_F_DST | PT_F_PROTO | PT_F_PORT);
+			}
+			/* NAT may have rewritten addresses or ports: match again */
+			if ((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT)) & ~r->match)
+				r->match |= match_header(&pi);
+		}
 	}
-	if (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD || kind == PT_STAGE_OUTPUT)
-		route_take(r, first ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
-			   r->n_stages ? r->last_ts : now - ROUTE_MAX_AGE_NS);
+	if (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD || kind == PT_STAGE_OUTPUT) {
+		bool local = kind == PT_STAGE_OUTPUT || (r->seen & PT_SEEN_OUTPUT);
+
+		if (route_take(r, first ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
+			       r->n_stages ? r->last_ts : now - ROUTE_MAX_AGE_NS,
+			       ROUTE_CHECKS | (local ? ROUTE_LOCAL_OUT : 0)))
+			route_result(r, skb->_skb_refdst, now);
+	}
 	if (kind == PT_STAGE_INPUT) {
 		struct pt_pending *p = pending();
 
@@ -831,6 +1211,7 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	if (out)
 		r->out_ifindex = out;
 	r->match |= match_stage(mark, in, out);
+	active_set(skb, r, now);
 	s = stage_add(r, kind, now);
 	if (!s)
 		return NF_ACCEPT;
@@ -880,7 +1261,92 @@ NF_OBS(13)
 NF_OBS(14)
 NF_OBS(15)
 
+/* ---- tc: verdicts seen from outside ---- */
+
+static __always_inline __u8 skb_redirected(const struct sk_buff *skb)
+{
+	if (!bpf_core_field_exists(skb->redirected))
+		return 0;
+	return BPF_CORE_READ_BITFIELD_PROBED(skb, redirected) ? PT_STF_REDIRECTED : 0;
+}
+
+/* An skb without a record appeared on a device of a traced netns: a copy
+ * that tc (mirred) made of the packet it just saw shares that packet's
+ * data.  Name it on the packet's tc stage: mirror (the packet went on) or
+ * redirect (the packet itself ends there). */
+static __always_inline void tc_copy_seen(const struct sk_buff *skb, __u32 ifindex)
+{
+	__u32 zero = 0;
+	struct pt_tc_last *t = bpf_map_lookup_elem(&tc_last, &zero);
+	struct pt_record *r;
+	struct pt_stage *s;
+	__u64 key;
+
+	if (!t || !t->skb || t->skb == (__u64)skb || t->head != (__u64)BPF_CORE_READ(skb, head))
+		return;
+	key = t->skb;
+	r = bpf_map_lookup_elem(&inflight, &key);
+	if (!r || r->id != t->id)
+		return;
+	s = last_stage(r);
+	if (!s || (s->kind != PT_STAGE_TC_INGRESS && s->kind != PT_STAGE_TC_EGRESS) || s->aux)
+		return;
+	s->aux = ifindex;
+	if (skb_redirected(skb)) {
+		s->aux2 = PT_TC_REDIRECT;
+		r->flags |= PT_REC_REDIRECTED;
+		r->out_ifindex = ifindex;
+	} else {
+		s->aux2 = PT_TC_MIRROR;
+	}
+}
+
 /* ---- device-level tracepoints ---- */
+
+/* A veth's peer device (the priv area follows struct net_device; since
+ * 6.12 it is the flexible member `priv`). */
+static __always_inline struct net_device *veth_peer(const struct net_device *dev)
+{
+	char kind[5] = {};
+	const char *k = BPF_CORE_READ(dev, rtnl_link_ops, kind);
+	const void *priv;
+
+	if (!k || bpf_probe_read_kernel(kind, sizeof(kind), k) ||
+	    kind[0] != 'v' || kind[1] != 'e' || kind[2] != 't' || kind[3] != 'h' || kind[4])
+		return NULL;
+	if (bpf_core_field_exists(struct net_device, priv))
+		priv = (const void *)dev + bpf_core_field_offset(struct net_device, priv);
+	else
+		priv = (const void *)dev + ((bpf_core_type_size(struct net_device) + 31) & ~31);
+	return BPF_CORE_READ((struct veth_priv *)priv, peer);
+}
+
+/* The packet leaves on dev: when dev is a veth whose peer is in a traced
+ * netns, the packet goes on there as the same skb.  Reserve the id of its
+ * record there, so both records name each other. */
+static __always_inline void handoff_reserve(const void *skb, struct pt_record *r, const struct net_device *dev)
+{
+	struct net_device *peer = veth_peer(dev);
+	struct pt_handoff h = {};
+	__u64 key = (__u64)skb;
+	__u32 ino;
+
+	/* only for a record that is shown: the continuation is kept whatever
+	 * the filter says of it (one journey, one verdict) */
+	if (!cfg.emit || (r->match & cfg.filter) != cfg.filter || !peer)
+		return;
+	ino = BPF_CORE_READ(peer, nd_net.net, ns.inum);
+	if (!netns_traced(ino))
+		return;
+	h.prev = r->id;
+	h.next = next_id();
+	h.ts = bpf_ktime_get_ns();
+	h.prev_netns = r->netns;
+	if (bpf_map_update_elem(&handoff, &key, &h, BPF_ANY))
+		return;
+	r->next = h.next;
+	r->next_netns = ino;
+}
 
 SEC("tp_btf/netif_receive_skb")
 int BPF_PROG(on_rx, struct sk_buff *skb)
@@ -901,45 +1367,96 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	mark = skb->mark;
 	r = rec_lookup(skb);
 	if (!r) {
+		__u64 key = (__u64)skb;
+		struct pt_handoff *h = bpf_map_lookup_elem(&handoff, &key);
+		__u64 id = 0, prev = 0;
+		__u32 prev_netns = 0;
+
 		/* the network header is not reset yet here; data is at L3 */
-		if (parse_l3(skb->data, family, &pi) || !first_sight_wanted(skb, &pi))
+		if (parse_l3(skb->data, family, &pi))
 			return 0;
-		r = rec_new(skb, netns, &pi, now);
+		if (h) {
+			if (now - h->ts < HANDOFF_MAX_AGE_NS) {
+				id = h->next;
+				prev = h->prev;
+				prev_netns = h->prev_netns;
+			} else {
+				stat_inc(PT_STAT_HANDOFF_LOST);
+			}
+			bpf_map_delete_elem(&handoff, &key);
+		}
+		tc_copy_seen(skb, ifindex);
+		/* a continuation is kept whatever the filter: its first part matched */
+		if (!prev && !first_sight_wanted(skb, &pi, netns))
+			return 0;
+		r = rec_new(skb, netns, &pi, now, id);
 		if (!r)
 			return 0;
+		if (prev) {
+			r->prev = prev;
+			r->prev_netns = prev_netns;
+			r->match = cfg.filter;
+		}
 	}
 	if (!r->in_ifindex)
 		r->in_ifindex = ifindex;
 	r->match |= match_stage(mark, ifindex, 0);
+	active_set(skb, r, now);
 	s = stage_add(r, PT_STAGE_RX, now);
 	if (s) {
 		s->ifindex = ifindex;
 		s->mark = mark;
+		s->flags = skb_redirected(skb);
 	}
 	return 0;
 }
 
+/* Handed to a device (after tc egress): queued to its qdisc, or straight
+ * to the driver.  Not the end yet: a qdisc may still drop it. */
 SEC("tp_btf/net_dev_queue")
 int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 {
 	struct pt_record *r = rec_lookup(skb);
 	__u32 ifindex, mark;
 	struct pt_stage *s;
+	__u8 redirected;
 
 	if (!r) {
 		rejected_forget(skb);
+		if (netns_traced(skb->dev->nd_net.net->ns.inum))
+			tc_copy_seen(skb, skb->dev->ifindex);
 		return 0;
 	}
 	ifindex = skb->dev->ifindex;
 	mark = skb->mark;
+	redirected = skb_redirected(skb);
 	r->out_ifindex = ifindex;
 	r->match |= match_stage(mark, 0, ifindex);
+	r->flags |= PT_REC_QUEUED;
+	if (redirected)
+		r->flags |= PT_REC_REDIRECTED;
 	s = stage_add(r, PT_STAGE_TX, bpf_ktime_get_ns());
 	if (s) {
 		s->ifindex = ifindex;
 		s->mark = mark;
+		s->flags = redirected;
 	}
-	rec_finish(skb, r, (r->seen & PT_SEEN_FORWARD) ? PT_FATE_FORWARDED : PT_FATE_SENT);
+	return 0;
+}
+
+/* The driver took it: the packet left this netns on dev. */
+SEC("tp_btf/net_dev_xmit")
+int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, unsigned int len)
+{
+	struct pt_record *r;
+
+	if (rc != NETDEV_TX_OK)
+		return 0; /* busy: requeued, it will be sent again */
+	r = rec_lookup(skb);
+	if (!r || !(r->flags & PT_REC_QUEUED))
+		return 0;
+	handoff_reserve(skb, r, dev);
+	rec_finish(skb, r, fate_tx(r));
 	return 0;
 }
 
@@ -948,15 +1465,23 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 {
 	struct pt_record *r = rec_lookup(skb);
 	struct pt_stage *s;
+	__u8 kind;
 
 	if (!r) {
 		rejected_forget(skb);
 		return 0;
 	}
-	/* input routing failed (no route, unreachable): the lookups made since
-	 * PREROUTING are why it is dropped */
-	if (r->n_stages && r->stages[(r->n_stages - 1) & (PT_MAX_STAGES - 1)].kind == PT_STAGE_PREROUTING)
-		route_take(r, PT_STAGE_ROUTE, r->last_ts);
+	if ((r->flags & PT_REC_FRAG) && !frag_failed(reason)) {
+		frag_absorbed(skb, r);
+		return 0;
+	}
+	/* input routing failed (no route, unreachable): its lookups are why
+	 * (no source check is made then: lookups of its source since were
+	 * made for the ICMP error) */
+	s = last_stage(r);
+	kind = s ? s->kind : 0;
+	if (kind == PT_STAGE_PREROUTING)
+		route_take(r, PT_STAGE_ROUTE, r->last_ts, 0);
 	r->drop_reason = reason;
 	r->drop_location = (__u64)location;
 	s = stage_add(r, PT_STAGE_DROP, bpf_ktime_get_ns());
@@ -964,7 +1489,9 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 		s->ifindex = skb->dev ? skb->dev->ifindex : 0;
 		s->mark = skb->mark;
 	}
-	rec_finish(skb, r, PT_FATE_DROPPED);
+	/* the packet tc redirected a copy of ends here: it went on as the copy */
+	rec_finish(skb, r, (r->flags & PT_REC_REDIRECTED) && !(r->flags & PT_REC_QUEUED) ?
+		   PT_FATE_REDIRECTED : PT_FATE_DROPPED);
 	return 0;
 }
 
@@ -975,6 +1502,16 @@ int BPF_PROG(on_consume_skb, struct sk_buff *skb)
 
 	if (!r) {
 		rejected_forget(skb);
+		return 0;
+	}
+	if (r->flags & PT_REC_FRAG) {
+		frag_absorbed(skb, r);
+		return 0;
+	}
+	/* handed to a device and freed without being sent as itself: GSO
+	 * made segments of it, which left instead */
+	if (r->flags & (PT_REC_QUEUED | PT_REC_REDIRECTED)) {
+		rec_finish(skb, r, fate_tx(r));
 		return 0;
 	}
 	if (!(r->seen & PT_SEEN_INPUT)) {
@@ -1028,8 +1565,11 @@ int BPF_PROG(on_napi_poll, struct napi_struct *napi, int work, int budget)
 static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 {
 	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
+	struct pt_tc_last *t;
 	struct pt_record *r;
 	struct pt_stage *s;
+	__u32 zero = 0;
+	__u8 redirected;
 	__u64 now;
 
 	if (is_rejected(skb))
@@ -1039,20 +1579,34 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 	if (!r) {
 		struct pkt_info pi;
 		__u8 family = family_of_ethertype(ctx->protocol);
+		__u32 netns = skb->dev->nd_net.net->ns.inum;
 
+		/* a copy tc made of the packet it saw last (mirred to egress) */
+		tc_copy_seen(skb, ctx->ifindex);
 		/* programs are attached to traced namespaces' devices only */
-		if (!family || parse_l3(skb_l3(skb), family, &pi) || !first_sight_wanted(skb, &pi))
+		if (!family || parse_l3(skb_l3(skb), family, &pi) || !first_sight_wanted(skb, &pi, netns))
 			return;
-		r = rec_new(skb, skb->dev->nd_net.net->ns.inum, &pi, now);
+		r = rec_new(skb, netns, &pi, now, 0);
 		if (!r)
 			return;
 	}
+	redirected = kind == PT_STAGE_TC_EGRESS ? skb_redirected(skb) : 0;
+	if (redirected)
+		r->flags |= PT_REC_REDIRECTED;
 	r->match |= match_stage(ctx->mark, kind == PT_STAGE_TC_INGRESS ? ctx->ifindex : 0,
 				kind == PT_STAGE_TC_EGRESS ? ctx->ifindex : 0);
+	active_set(skb, r, now);
 	s = stage_add(r, kind, now);
 	if (s) {
 		s->ifindex = ctx->ifindex;
 		s->mark = ctx->mark;
+		s->flags = redirected;
+	}
+	t = bpf_map_lookup_elem(&tc_last, &zero);
+	if (t) {
+		t->skb = (__u64)skb;
+		t->head = (__u64)skb->head;
+		t->id = r->id;
 	}
 }
 

@@ -11,7 +11,7 @@
 
 #define PT_MAX_STAGES 32   /* stages kept per packet; more are counted, not kept */
 #define PT_MAX_NETNS 8     /* network namespaces traced at once */
-#define PT_MAX_ROUTE 8     /* route lookups buffered per CPU between two stages */
+#define PT_MAX_ROUTE 16    /* route lookups buffered per CPU between two stages */
 #define PT_NF_SLOTS 16     /* netfilter observer programs (nf_obs_N): two banks of */
 #define PT_NF_BANK 8       /* eight, so observers can be re-placed while the old
 			      ones still run; slot % PT_NF_BANK == 0 is the first
@@ -36,6 +36,17 @@ enum pt_stage_kind {
 				     stage before it (NAT rewrite, route gateway) */
 };
 
+/* struct pt_stage.flags */
+#define PT_STF_REDIRECTED 1       /* skb->redirected: tc (mirred, bpf_redirect) sent it here */
+
+/* struct pt_stage.aux2 of a tc stage: what the kernel did with the packet
+ * after the tc programs and filters, when seen from outside tc (0: nothing
+ * seen, user space infers ok / shot / redirect from the next stage) */
+enum pt_tc_verdict {
+	PT_TC_MIRROR = 1,         /* a copy went to aux (ifindex); the packet went on */
+	PT_TC_REDIRECT = 2,       /* a copy went to aux and the packet itself ended */
+};
+
 /* struct pt_stage.ct: conntrack state when a netfilter observer saw it */
 enum pt_ct {
 	PT_CT_NONE = 0,           /* no conntrack entry (yet, or invalid) */
@@ -54,6 +65,9 @@ enum pt_addr_what {
 	PT_ADDR_NAT_SRC = 1,      /* source address/port after NAT */
 	PT_ADDR_NAT_DST = 2,      /* destination address/port after NAT */
 	PT_ADDR_GW = 3,           /* gateway of the route lookup before it */
+	PT_ADDR_NEXTHOP = 4,      /* what the kernel attached to the packet after the
+				     lookups before it (skb dst): the nexthop chosen
+				     (ECMP), its device and the route type */
 };
 
 /* How a record ended (struct pt_record.fate). */
@@ -64,6 +78,8 @@ enum pt_fate {
 	PT_FATE_SENT = 3,
 	PT_FATE_DROPPED = 4,
 	PT_FATE_CONSUMED = 5,     /* consume_skb before any local delivery was seen */
+	PT_FATE_REDIRECTED = 6,   /* left on a device tc redirected it to */
+	PT_FATE_REASSEMBLED = 7,  /* an IP fragment absorbed by reassembly (pt_record.link) */
 };
 
 /* struct pt_record.seen: which hooks the packet crossed, for the fate */
@@ -85,6 +101,10 @@ enum pt_fate {
 /* Flags in struct pt_record.flags */
 #define PT_REC_TRUNCATED (1u << 0)  /* more than PT_MAX_STAGES stages */
 #define PT_REC_LATE      (1u << 1)  /* matched the filter only after NAT: earlier stages not kept */
+#define PT_REC_QUEUED    (1u << 2)  /* handed to a device (net_dev_queue): ends when it leaves */
+#define PT_REC_CAUSED    (1u << 3)  /* the kernel generated a packet in reply while processing it */
+#define PT_REC_REDIRECTED (1u << 4) /* tc redirected it */
+#define PT_REC_FRAG      (1u << 5)  /* an IP fragment (frag_id set) */
 
 /* Per-CPU counters (array index).  Every packet that is not shown is counted
  * in exactly one of FILTERED, LOST, CREATE_FAILED or aged out (user space). */
@@ -99,7 +119,8 @@ enum pt_stat {
 	PT_STAT_REJECTED = 7,      /* no record: the header filter failed at first sight */
 	PT_STAT_LATE = 8,          /* rejected, then matched after NAT: record from there */
 	PT_STAT_PATH_OVERFLOW = 9, /* count mode: path_counts full, packet not counted by path */
-	PT_STAT__MAX = 10,
+	PT_STAT_HANDOFF_LOST = 10, /* continuation in the next netns reserved, never claimed */
+	PT_STAT__MAX = 11,
 };
 
 struct pt_config {
@@ -117,7 +138,8 @@ struct pt_config {
 	__u8 proto;                    /* IPPROTO_* */
 	__u8 emit;                     /* 1: write matching records to the ring buffer */
 	/* filter has only header criteria (SRC/DST/PROTO/PORT): a packet can be
-	 * judged at first sight and needs no record when it does not match */
+	 * judged at first sight and needs no record when it does not match,
+	 * except in a namespace where NAT may rewrite it (map netns_nat) */
 	__u8 early_reject;
 	__u8 count;                    /* 1: count packets per path in the kernel (serve) */
 	__u8 _pad1[2];
@@ -137,16 +159,17 @@ struct pt_stage {
 	__u8 tos;       /* IPv4 TOS / IPv6 traffic class */
 	__u8 family;    /* 4 or 6 */
 	__u8 ct;        /* netfilter: enum pt_ct | PT_CT_REPLY; route: PT_ROUTE_* */
-	__u8 _pad[3];
+	__u8 flags;     /* PT_STF_* */
+	__u8 _pad[2];
 };
 
 /* A stage of kind PT_STAGE_ADDR: same size, kind at the same offset. */
 struct pt_addr_stage {
-	__u8 addr[16];
+	__u8 addr[16];  /* NAT: new address; GW, NEXTHOP: gateway (zero: none) */
 	__u16 port;     /* host order; NAT of TCP/UDP only */
 	__u8 what;      /* enum pt_addr_what */
-	__u8 _pad0;
-	__u32 _pad1;
+	__u8 rtype;     /* NEXTHOP: RTN_* of the route attached (0: unknown) */
+	__u32 ifindex;  /* NEXTHOP: device the route sends it to */
 	__u8 kind;      /* PT_STAGE_ADDR */
 	__u8 slot;      /* NAT: the observer slot that saw the rewrite */
 	__u8 _pad2;
@@ -186,24 +209,37 @@ struct pt_record {
 	__u16 cur_dport;
 	__u8 cur_saddr[16];
 	__u8 cur_daddr[16];
+	/* Links to other records (ids; 0: none).  The kernel decides them when
+	 * the packet's record ends, so each record is emitted complete. */
+	__u64 cause;              /* the packet being processed when the kernel made
+				     this one (ICMP error, RST, echo reply) */
+	__u64 prev;               /* this packet's record in the netns it came from */
+	__u64 next;               /* ... in the netns it went on to (veth) */
+	__u64 link;               /* REASSEMBLED: the packet it became */
+	__u32 next_netns;         /* inode of the netns of `next` */
+	__u32 prev_netns;         /* inode of the netns of `prev` */
+	__u32 frag_id;            /* PT_REC_FRAG: IP id (v4) / fragment id (v6) */
+	__u32 _pad1;
 	struct pt_stage stages[PT_MAX_STAGES];
 };
 
 #define PT_SHAPE_OFF 32
 #define PT_SHAPE_LEN 24
 
-/* A route lookup waiting, per CPU, for the packet it belongs to. */
+/* A route lookup waiting, per CPU, for the packet it belongs to: the one
+ * whose addresses are the flow's (lookups carry no skb). */
 struct pt_route_ev {
 	__u64 ts;
 	__u32 table;
 	__s32 err;
 	__u32 oif;        /* result device */
 	__u32 mark;       /* flow mark used for the lookup */
-	__u8 family;
+	__u8 family;      /* 0: claimed */
 	__u8 gw_family;   /* 4, 6 or 0: no gateway (directly connected) */
 	__u8 _pad[6];
 	__u8 gw[16];
 	__u8 daddr[16];   /* destination looked up (the source, for a source check) */
+	__u8 saddr[16];   /* source of the flow (zero: not chosen yet) */
 };
 
 /* Per CPU: the packet last seen at LOCAL_IN, until the local stack is done
@@ -222,9 +258,46 @@ enum pt_deliver_how {
 };
 
 struct pt_route_buf {
-	__u32 n;
-	__u32 _pad;
+	__u32 n;          /* lookups pushed since the buffer was last empty */
+	__u32 live;       /* of those, not claimed yet */
 	struct pt_route_ev ev[PT_MAX_ROUTE];
+};
+
+/* Per CPU: the packet whose processing this CPU is in (last stage seen), so
+ * a packet the kernel generates meanwhile (ICMP error, RST) names its cause. */
+struct pt_active {
+	__u64 skb;
+	__u64 id;
+	__u64 ts;
+};
+
+/* A packet handed to a veth whose peer is in a traced netns: its record in
+ * the next netns takes the reserved id (key: skb pointer). */
+struct pt_handoff {
+	__u64 prev;
+	__u64 next;
+	__u64 ts;
+	__u32 prev_netns;
+	__u32 _pad;
+};
+
+/* Fragments of one datagram (key) and the id of the packet they become. */
+struct pt_frag_key {
+	__u32 netns;
+	__u32 frag_id;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u8 family;
+	__u8 proto;
+	__u8 _pad[2];
+};
+
+/* Per CPU: the packet tc saw last, so a clone that tc sends elsewhere
+ * (mirred) is known by its shared data. */
+struct pt_tc_last {
+	__u64 skb;
+	__u64 head;
+	__u64 id;
 };
 
 /* Count mode (pkttrace serve): packets per distinct path, no event per

@@ -12,9 +12,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # systemd: systemd-analyze (the unit file test); prometheus: prometheus and
-# promtool (the exporter's integration tests start a private server).
+# promtool (the exporter's integration tests start a private server);
+# tcpdump: the ground truth the ECMP tests compare pkttrace's choice with.
 APT_PKGS=(clang llvm libbpf-dev libbpf1 bpftool make iproute2 iptables nftables iperf3 iputils-ping util-linux
-          python3-venv systemd prometheus)
+          python3-venv systemd prometheus tcpdump)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,7 +12,7 @@ import enum
 
 PT_MAX_STAGES = 32
 PT_MAX_NETNS = 8
-PT_MAX_ROUTE = 8
+PT_MAX_ROUTE = 16
 PT_NF_SLOTS = 16
 PT_NF_BANK = 8      # slots per bank; slot % PT_NF_BANK == 0 is a hook's first observer
 
@@ -54,6 +54,8 @@ class Fate(enum.IntEnum):
     SENT = 3
     DROPPED = 4
     CONSUMED = 5
+    REDIRECTED = 6     # left on the device tc redirected it to
+    REASSEMBLED = 7    # a fragment absorbed by reassembly (record.link: the packet it became)
 
 
 class Ct(enum.IntEnum):
@@ -73,6 +75,16 @@ class AddrWhat(enum.IntEnum):
     NAT_SRC = 1
     NAT_DST = 2
     GW = 3
+    NEXTHOP = 4    # the skb's dst after routing: chosen nexthop, device, route type
+
+
+class TcVerdict(enum.IntEnum):
+    """pt_stage.aux2 of a tc stage, when a copy was seen leaving tc."""
+    MIRROR = 1
+    REDIRECT = 2
+
+
+STF_REDIRECTED = 1    # pt_stage.flags: skb->redirected (tc sent it here)
 
 
 class DeliverHow(enum.IntEnum):
@@ -86,7 +98,7 @@ class DeliverHow(enum.IntEnum):
 SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT = 1, 2, 4
 F_MARK, F_SRC, F_DST, F_PROTO, F_PORT, F_IFACE = 1, 2, 4, 8, 16, 32
 F_HEADER = F_SRC | F_DST | F_PROTO | F_PORT   # criteria judged from the IP header alone
-REC_TRUNCATED, REC_LATE = 1, 2
+REC_TRUNCATED, REC_LATE, REC_QUEUED, REC_CAUSED, REC_REDIRECTED, REC_FRAG = 1, 2, 4, 8, 16, 32
 
 
 class Stat(enum.IntEnum):
@@ -100,9 +112,10 @@ class Stat(enum.IntEnum):
     REJECTED = 7
     LATE = 8
     PATH_OVERFLOW = 9
+    HANDOFF_LOST = 10
 
 
-PT_STAT_MAX = 10
+PT_STAT_MAX = 11
 
 
 class PtConfig(ctypes.Structure):
@@ -141,7 +154,8 @@ class PtStage(ctypes.Structure):
         ("tos", u8),
         ("family", u8),
         ("ct", u8),
-        ("_pad", u8 * 3),
+        ("flags", u8),
+        ("_pad", u8 * 2),
     ]
 
 
@@ -150,8 +164,8 @@ class PtAddrStage(ctypes.Structure):
         ("addr", u8 * 16),
         ("port", u16),
         ("what", u8),
-        ("_pad0", u8),
-        ("_pad1", u32),
+        ("rtype", u8),
+        ("ifindex", u32),
         ("kind", u8),
         ("slot", u8),
         ("_pad2", u8),
@@ -189,6 +203,14 @@ class PtRecord(ctypes.Structure):
         ("cur_dport", u16),
         ("cur_saddr", u8 * 16),
         ("cur_daddr", u8 * 16),
+        ("cause", u64),
+        ("prev", u64),
+        ("next", u64),
+        ("link", u64),
+        ("next_netns", u32),
+        ("prev_netns", u32),
+        ("frag_id", u32),
+        ("_pad1", u32),
         ("stages", PtStage * PT_MAX_STAGES),
     ]
 
@@ -210,6 +232,7 @@ class PtRouteEv(ctypes.Structure):
         ("_pad", u8 * 6),
         ("gw", u8 * 16),
         ("daddr", u8 * 16),
+        ("saddr", u8 * 16),
     ]
 
 
@@ -218,7 +241,31 @@ class PtPending(ctypes.Structure):
 
 
 class PtRouteBuf(ctypes.Structure):
-    _fields_ = [("n", u32), ("_pad", u32), ("ev", PtRouteEv * PT_MAX_ROUTE)]
+    _fields_ = [("n", u32), ("live", u32), ("ev", PtRouteEv * PT_MAX_ROUTE)]
+
+
+class PtActive(ctypes.Structure):
+    _fields_ = [("skb", u64), ("id", u64), ("ts", u64)]
+
+
+class PtHandoff(ctypes.Structure):
+    _fields_ = [("prev", u64), ("next", u64), ("ts", u64), ("prev_netns", u32), ("_pad", u32)]
+
+
+class PtFragKey(ctypes.Structure):
+    _fields_ = [
+        ("netns", u32),
+        ("frag_id", u32),
+        ("saddr", u8 * 16),
+        ("daddr", u8 * 16),
+        ("family", u8),
+        ("proto", u8),
+        ("_pad", u8 * 2),
+    ]
+
+
+class PtTcLast(ctypes.Structure):
+    _fields_ = [("skb", u64), ("head", u64), ("id", u64)]
 
 
 RECORD_HEADER_SIZE = PtRecord.stages.offset
@@ -246,6 +293,10 @@ MIRRORS = {
     "pt_route_buf": PtRouteBuf,
     "pt_pending": PtPending,
     "pt_path_key": PtPathKey,
+    "pt_active": PtActive,
+    "pt_handoff": PtHandoff,
+    "pt_frag_key": PtFragKey,
+    "pt_tc_last": PtTcLast,
 }
 
 

@@ -134,7 +134,7 @@ class PacketFilter:
             return False
         if self.proto is not None and pkt.proto_num != self.proto:
             return False
-        if self.port is not None and self.port not in (pkt.sport, pkt.dport):
+        if self.port is not None and self.port not in pkt.ports():
             return False
         if self.ifindex is not None and not any(self.ifindex in (s.ifindex, s.in_ifindex) for s in pkt.stages):
             return False

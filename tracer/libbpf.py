@@ -62,9 +62,12 @@ _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes
 @_PRINT_FN
 def _print_cb(level, fmt, args):
     # x86_64/aarch64 pass va_list by pointer, so vsnprintf can format it here.
-    buf = ctypes.create_string_buffer(1024)
+    # A verifier log comes as one message: big enough for its last lines,
+    # which say why a program was refused.
+    buf = ctypes.create_string_buffer(1 << 20)
     _libc.vsnprintf(buf, len(buf), fmt, ctypes.c_void_p(args))
-    _log.append(buf.value.decode(errors="replace").rstrip())
+    msg = buf.value.decode(errors="replace").rstrip()
+    _log.extend(msg.splitlines()[-40:] if len(msg) > 4096 else [msg])
     del _log[:-200]  # keep the tail: the verifier's last lines say why
     return 0
 
@@ -216,6 +219,10 @@ class Map:
 
     def lookup(self, key, value) -> bool:
         return lib().bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value)) == 0
+
+    def update(self, key, value, flags: int = 0) -> None:
+        if lib().bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), ctypes.c_uint64(flags)):
+            raise BpfError(_errmsg(f"update map {self.name}", ctypes.get_errno()))
 
     def delete(self, key) -> bool:
         return lib().bpf_map_delete_elem(self.fd, ctypes.byref(key)) == 0

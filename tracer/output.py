@@ -43,6 +43,8 @@ def _detail(s: Stage) -> str:
         parts.append(f"table {tables}" + (f" → {res}" if res else ""))
     elif s.mark:
         parts.append(f"mark {_mark(s.mark)}")
+    if s.verdict and s.verdict != "ok":
+        parts.append(s.verdict + (f" → {s.target}" if s.target else ""))
     return "  ".join(parts)
 
 
@@ -52,7 +54,7 @@ def _route(s: Stage) -> str:
     out = f"rule {r.rule} → " if r.rule else ""
     out += "table " + " → ".join(r.tables)
     if r.err:
-        out += f" → {r.type} ({r.err})"
+        out += f" → {r.type} ({r.err}{': no route' if r.err == 'ENETUNREACH' else ''})"
     else:
         res = (f"via {r.gw} " if r.gw else "") + (f"dev {r.dev}" if r.dev else "")
         out += f" → {r.type}" if r.type == "local" else (f" → {res.strip()}" if res else "")
@@ -81,6 +83,10 @@ def format_packet(p: Packet) -> str:
             f"{_endpoint(p.dst, p.dport, p.family)}  {p.fate.upper()}")
     if p.netns:
         head += f"  netns {p.netns}"
+    if p.cause is not None:
+        head += f"  in reply to #{p.cause}"
+    if p.prev is not None:
+        head += f"  ← #{p.prev} from netns {p.prev_netns}"
     lines = [head]
     for s in p.path:
         dev = f"{s.in_dev}→{s.dev}" if s.in_dev and s.dev and s.in_dev != s.dev else (s.dev or "")
@@ -89,7 +95,15 @@ def format_packet(p: Packet) -> str:
             lines.append(f"  {'':>11}    · {_table_line(t)}")
     if p.drop:
         where = " ".join(x for x in (p.drop.get("table"), p.drop.get("stage")) if x)
+        if p.drop.get("before_priority") is not None:
+            where += f", before priority {p.drop['before_priority']}"
+        elif p.drop.get("stage") in ("qdisc", "tx") and p.drop.get("dev"):
+            where += f" on {p.drop['dev']}"
         lines.append(f"  dropped: {p.drop['reason']} at {p.drop['location']}" + (f" (in {where})" if where else ""))
+    if p.reassembled is not None:
+        lines.append(f"  reassembled into #{p.reassembled}")
+    if p.next is not None:
+        lines.append(f"  → #{p.next} in netns {p.next_netns}")
     if p.process:
         lines.append(f"  read by {p.process['comm']} (pid {p.process['pid']})")
     if p.fate == "unknown":

@@ -25,12 +25,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import routing
-from .events import (CT_REPLY, NF_STAGES, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE, REC_TRUNCATED, AddrWhat, Ct,
-                     DeliverHow, Fate, PtAddrStage, PtRecord, PtStage, StageKind)
+from .events import (CT_REPLY, NF_STAGES, REC_CAUSED, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
+                     REC_TRUNCATED, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
+                     StageKind, TcVerdict)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
 FATE_NAMES = {Fate.FORWARDED: "forwarded", Fate.DELIVERED: "delivered", Fate.SENT: "sent",
-              Fate.DROPPED: "dropped", Fate.CONSUMED: "consumed", Fate.NONE: "unknown"}
+              Fate.DROPPED: "dropped", Fate.CONSUMED: "consumed", Fate.REDIRECTED: "redirected",
+              Fate.REASSEMBLED: "reassembled", Fate.NONE: "unknown"}
+# RTN_* of the route the kernel attached to a packet (struct rtable.rt_type)
+RTN_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
+             7: "unreachable", 8: "prohibit"}
+TC_STAGES = ("tc_ingress", "tc_egress")
 ROUTE_TABLES = {255: "local", 254: "main", 253: "default"}
 DROP_PREFIX = "SKB_DROP_REASON_"
 
@@ -88,7 +94,7 @@ class TableStep:
     mark: int
     dscp: int
     ct: str | None
-    verdict: str                        # accept | drop
+    verdict: str                        # accept | drop | reject
     mark_in: int = 0
     dscp_in: int = 0
     nat: dict | None = None             # {"src"|"dst": {"from": "a:p", "to": "b:p"}}
@@ -154,6 +160,8 @@ class Stage:
     in_ifindex: int = 0
     how: str | None = None             # deliver: how delivery was seen
     socket_inode: int | None = None    # deliver: the socket it was queued to
+    verdict: str | None = None         # tc stages: ok | shot | redirect | mirror
+    target: str | None = None          # tc redirect/mirror: the device it (or a copy) went to
 
     def to_json(self) -> dict:
         d = {"stage": self.stage, "t_ns": self.t_ns, "dev": self.dev, "mark": self.mark}
@@ -166,6 +174,10 @@ class Stage:
             d["tables"] = [t.to_json() for t in self.tables]
         if self.in_dev is not None:
             d["in_dev"] = self.in_dev
+        if self.verdict is not None:
+            d["verdict"] = self.verdict
+            if self.target is not None:
+                d["target"] = self.target
         if self.how:
             d["how"] = self.how
         if self.socket_inode:
@@ -214,6 +226,12 @@ class Values:
     process: dict | None = None
     truncated: bool = False
     late_match: bool = False           # matched only after NAT: earlier stages not kept
+    cause: int | None = None           # the packet whose processing made the kernel generate this one
+    prev: int | None = None            # this packet's record in the netns it came from
+    next: int | None = None            # ... in the netns it went on to
+    prev_netns: str | None = None
+    next_netns: str | None = None
+    reassembled: int | None = None     # a fragment: the packet it became
 
 
 class Packet:
@@ -296,6 +314,18 @@ class Packet:
                     out.append(_endpoint_addr(t.nat[which]["to"]))
         return out
 
+    def ports(self) -> list[int]:
+        """Every port the packet had (NAT included), in order."""
+        out = [p for p in (self.sport, self.dport) if p is not None]
+        for s in self.path:
+            for t in s.tables:
+                for side in ("src", "dst"):
+                    if t.nat and side in t.nat:
+                        ep = t.nat[side]["to"]
+                        if ep.startswith("[") or ep.count(":") == 1:
+                            out.append(int(ep.rsplit(":", 1)[1]))
+        return out
+
     def to_json(self) -> dict:
         v, sh = self._v(), self._shape
         d = {"id": v.id, "netns": sh.netns, "family": sh.family, "proto": sh.proto, "src": v.src, "dst": v.dst}
@@ -310,6 +340,13 @@ class Packet:
             d["truncated"] = True
         if v.late_match:
             d["late_match"] = True
+        for k in ("cause", "prev", "next", "reassembled"):
+            if getattr(v, k) is not None:
+                d[k] = getattr(v, k)
+        if v.prev is not None:
+            d["prev_netns"] = v.prev_netns
+        if v.next is not None:
+            d["next_netns"] = v.next_netns
         if sh.end:
             d["end"] = sh.end
         return d
@@ -332,7 +369,8 @@ def _value_field(name: str) -> property:
 
 for _f in ("netns", "family", "proto", "proto_num", "fate", "in_dev", "out_dev", "end", "path_sig"):
     setattr(Packet, _f, _shape_field(_f))
-for _f in ("id", "src", "dst", "sport", "dport", "drop", "process", "truncated", "late_match"):
+for _f in ("id", "src", "dst", "sport", "dport", "drop", "process", "truncated", "late_match", "cause", "prev", "next",
+           "prev_netns", "next_netns", "reassembled"):
     setattr(Packet, _f, _value_field(_f))
 
 
@@ -370,8 +408,8 @@ def ct_name(code: int, tracked: bool) -> str | None:
 _DELIVER_HOW = {DeliverHow.QUEUED: "queued to socket", DeliverHow.READ: "read by process",
                 DeliverHow.CONSUMED: "consumed after input", DeliverHow.STACK: "taken by the local stack"}
 
-_END_BY_FATE = {Fate.FORWARDED: "tx", Fate.SENT: "tx", Fate.DROPPED: "kfree_skb",
-                Fate.CONSUMED: "consume_skb", Fate.NONE: "aged out"}
+_END_BY_FATE = {Fate.FORWARDED: "tx", Fate.SENT: "tx", Fate.REDIRECTED: "tx", Fate.DROPPED: "kfree_skb",
+                Fate.CONSUMED: "consume_skb", Fate.REASSEMBLED: "reassembled", Fate.NONE: "aged out"}
 
 
 # The record header and a stage, as struct formats built from the ctypes
@@ -397,7 +435,7 @@ _STAGE_SIZE = ctypes.sizeof(PtStage)
 assert _HDR.size == _HDR_SIZE and _STAGE.size == _STAGE_SIZE == _ADDR.size
 _INET = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
 # fields of a raw stage tuple
-_TS, _IFX, _MARK, _AUX, _AUX2, _KIND, _SLOT, _TOS, _FAM, _CT = range(10)
+_TS, _IFX, _MARK, _AUX, _AUX2, _KIND, _SLOT, _TOS, _FAM, _CT, _FLAGS = range(11)
 
 
 @dataclass
@@ -418,10 +456,15 @@ class _Plan:
     raws: list[int]                     # indices of all its raw stages
     obs: list[_Obs] | None = None       # hook stages
     drop_tables: list | None = None     # hook stage before a netfilter drop: tables after the last observer
+    drop_verdict: str = "drop"          # ... and what they did: drop, or reject (sent an ICMP error / RST)
     tracked: bool = False               # conntrack runs in this netns/family (no entry = invalid)
     in_dev: str | None = None
     lookups: list[tuple] | None = None  # route: (table, table_id, dev, err, gw raw index, src_check) per raw stage
+    nexthop: int | None = None          # route: raw index of the NEXTHOP stage (what the kernel attached)
+    rtype: int = 0                      # route: RTN_* of that route (0: unknown)
     how: str | None = None
+    verdict: str | None = None          # tc stages
+    target: str | None = None
 
 
 @dataclass
@@ -431,6 +474,8 @@ class _Template:
     deliver_raw: int | None             # raw index of a deliver-by-socket stage
     drop_stage: str | None = None       # where a drop happened: hook, route, tc_ingress, ...
     drop_table: str | None = None
+    drop_dev: str | None = None
+    drop_before: int | None = None      # netfilter drop before our first observer of that hook: its priority
 
 
 def _nf_drop(reason: str | None) -> bool:
@@ -438,9 +483,10 @@ def _nf_drop(reason: str | None) -> bool:
 
 
 def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: Context,
-              drop_reason: str | None) -> _Template:
+              drop_reason: str | None, caused: bool = False) -> _Template:
     plans: list[_Plan] = []
     deliver_raw = None
+    drop_raw = None
     tracked = fam in ctx.conntrack.get(ino, ())
     for i, st in enumerate(stages):
         ifindex, aux, aux2, kind, slot = st[_IFX], st[_AUX], st[_AUX2], st[_KIND], st[_SLOT]
@@ -450,11 +496,15 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
             continue  # a newer kernel object with a stage we do not know
         prev = plans[-1] if plans else None
         if kind == StageKind.ADDR:
-            what = _addr_stage(raw_stages, i)[2]
+            a = _addr_stage(raw_stages, i)
+            what = a[2]
             if prev is not None and prev.obs and what in (AddrWhat.NAT_SRC, AddrWhat.NAT_DST):
                 prev.obs[-1].nat.append((i, what))
             elif prev is not None and prev.lookups and what == AddrWhat.GW:
                 prev.lookups[-1] = prev.lookups[-1][:4] + (i,) + prev.lookups[-1][5:]
+            elif prev is not None and prev.lookups and what == AddrWhat.NEXTHOP:
+                prev.nexthop, prev.rtype = i, a[3]
+                prev.dev = ctx.dev(ino, a[4]) or prev.dev
             continue
         dev = ctx.dev(ino, ifindex)
         if kind in NF_STAGES:
@@ -475,7 +525,7 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
             if prev is not None and prev.label == kind.label:
                 prev.raws.append(i)
                 prev.lookups.append(lk)
-                if not lk[5]:
+                if not lk[5] and prev.nexthop is None:
                     prev.dev = dev or prev.dev
                 continue
             plans.append(_Plan(kind.label, dev, i, [i], lookups=[lk]))
@@ -485,18 +535,88 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
                 deliver_raw = i
         else:
             plans.append(_Plan(kind.label, dev, i, [i]))
+            if kind == StageKind.DROP:
+                drop_raw = i
+            elif kind in (StageKind.TC_INGRESS, StageKind.TC_EGRESS) and aux2 in (TcVerdict.MIRROR,
+                                                                                  TcVerdict.REDIRECT):
+                # a copy was seen leaving tc for another device
+                plans[-1].verdict = "mirror" if aux2 == TcVerdict.MIRROR else "redirect"
+                plans[-1].target = ctx.dev(ino, aux)
+    _tc_verdicts(plans, stages, ino, ctx, drop_reason)
     hooks = [p for p in plans if p.obs is not None]
     tpl = _Template(plans, hooks[-1].label if hooks else None, deliver_raw)
     if drop_reason is not None:
-        before = [p for p in plans if p.label != "drop"]
-        last = before[-1] if before else None
-        tpl.drop_stage = last.label if last is not None else None
-        if last is not None and last.obs is not None and _nf_drop(drop_reason):
+        tpl.drop_dev = ctx.dev(ino, stages[drop_raw][_IFX]) if drop_raw is not None else None
+        _drop_place(tpl, plans, stages, ino, fam, ctx, drop_reason, caused)
+    return tpl
+
+
+def _tc_verdicts(plans: list[_Plan], stages: list[tuple], ino: int, ctx: Context, drop_reason: str | None) -> None:
+    """What happened to the packet after each tc stage, seen from the next:
+    dropped by tc (`shot`), sent to another device by tc (`redirect`: that
+    stage has skb->redirected), or went on (`ok`)."""
+    for k, p in enumerate(plans):
+        if p.label not in TC_STAGES or p.verdict is not None:
+            continue
+        nxt = plans[k + 1] if k + 1 < len(plans) else None
+        p.verdict = "ok"
+        if nxt is None:
+            continue
+        if nxt.label == "drop" and drop_reason is not None and drop_reason.startswith("TC_"):
+            p.verdict = "shot"
+        elif stages[nxt.first][_FLAGS] & STF_REDIRECTED and nxt.dev != p.dev:
+            p.verdict, p.target = "redirect", nxt.dev
+
+
+def _route_failed(p: _Plan) -> bool:
+    decisions = [lk for lk in p.lookups if not lk[5]] or p.lookups
+    return bool(decisions[-1][3])
+
+
+def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: int, fam: int, ctx: Context,
+                reason: str, caused: bool) -> None:
+    """Where the kernel dropped the packet: the stage, and for netfilter the table."""
+    before = [p for p in plans if p.label != "drop"]
+    last = before[-1] if before else None
+    if last is None:
+        return
+    nf = _nf_drop(reason)
+    tpl.drop_stage = last.label
+    if last.obs is not None:
+        if nf:
             # dropped between the last observer that saw it and the next one
             key = (ino, fam, StageKind[last.label.upper()] - StageKind.PREROUTING, stages[last.obs[-1].raw][_SLOT])
             last.drop_tables = ctx.slot_after.get(key, [])
             tpl.drop_table = _names(last.drop_tables) if last.drop_tables else None
-    return tpl
+            # the table sent an ICMP error or RST back before dropping it
+            last.drop_verdict = "reject" if caused else "drop"
+        return
+    after = None
+    if last.lookups is not None:
+        if _route_failed(last):
+            return  # routing said no: drop.stage is "route"
+        # routed, then dropped on the way to the next hook (ip_forward: TTL,
+        # MTU; or a netfilter hook function before our first observer)
+        if last.label == "reroute":
+            after = "postrouting"
+        elif last.rtype == 2 or (not last.rtype and last.dev in (None, "lo")):
+            after = "input"
+        else:
+            after = "forward"
+    elif last.label == "tx":
+        tpl.drop_stage = "qdisc" if reason.startswith("QDISC") else "tx"
+        return
+    elif last.label in ("rx", "tc_ingress") and nf:
+        after = "prerouting"
+    elif last.label == "postrouting" or last.label in TC_STAGES:
+        return
+    if after is not None:
+        tpl.drop_stage = after
+        if nf:
+            # a hook function registered before our first observer there
+            hook = ("prerouting", "input", "forward", "output", "postrouting").index(after)
+            firsts = [prio for (i, f, h, _s), prio in ctx.slot_priority.items() if (i, f, h) == (ino, fam, hook)]
+            tpl.drop_before = min(firsts) if firsts else None
 
 
 def _endpoint(addr: str, port: int | None, fam: int) -> str:
@@ -514,7 +634,8 @@ def _materialize(sh: Shape, raw_stages: bytes, base: int, v: Values, ctx: Contex
     path = []
     for p in tpl.plans:
         t0 = st[p.first]
-        stage = Stage(p.label, t0[_TS] - base, p.dev, t0[_MARK], ifindex=t0[_IFX], in_dev=p.in_dev, how=p.how)
+        stage = Stage(p.label, t0[_TS] - base, p.dev, t0[_MARK], ifindex=t0[_IFX], in_dev=p.in_dev, how=p.how,
+                      verdict=p.verdict, target=p.target)
         if p.obs is not None:
             _hook_stage(stage, p, st, raw_stages, base, cur, sh, fam)
         elif p.lookups is not None:
@@ -554,7 +675,8 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
     if p.drop_tables is not None:
         stage.tables.append(TableStep(_names(p.drop_tables),
                                       p.drop_tables[-1][1] if p.drop_tables else None,
-                                      last[_MARK], last[_TOS] >> 2, stage.ct, "drop", last[_MARK], last[_TOS] >> 2))
+                                      last[_MARK], last[_TOS] >> 2, stage.ct, p.drop_verdict, last[_MARK],
+                                      last[_TOS] >> 2))
 
 
 def _after_conntrack(o: _Obs, p: _Plan) -> bool:
@@ -589,9 +711,25 @@ def _route_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, bas
         (checks if src_check else lookups).append(lk)
     if not lookups:
         lookups, checks = checks, []
-    stage.lookups = lookups + checks
     last = lookups[-1]
+    rtype = RTN_TYPES.get(p.rtype) if p.nexthop is not None and not last.err else None
+    if rtype == "local" and [lk.table_id for lk in lookups] == [254]:
+        # without custom rules the kernel looks up local and main merged
+        # into one table it calls main: the route found is the local table's
+        last.table, last.table_id = ctx.table(255) if ctx is not None else "local", 255
+    stage.lookups = lookups + checks
     mark = last.mark
+    dev, gw, err, typ = last.dev, last.gw, last.err, last.type
+    if p.nexthop is not None and not last.err:
+        # what the kernel attached: the nexthop it chose (ECMP), its device
+        a = _addr_stage(raw_stages, p.nexthop)
+        dev = p.dev
+        gaf, glen = _INET.get(a[-2], (sh.af, sh.alen))
+        gw = socket.inet_ntop(gaf, a[0][:glen]) if any(a[0][:glen]) else None
+        typ = rtype or typ
+    elif err == "EAGAIN":
+        # no table had a route: the lookup as a whole says ENETUNREACH
+        err, typ = "ENETUNREACH", "unreachable"
     src, dst = cur["src"][0], cur["dst"][0]
     rule = None
     rules = ctx.rules.get((sh.ino, fam)) if ctx is not None else None
@@ -601,8 +739,8 @@ def _route_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, bas
         r = routing.choosing_rule(rules, flow, [lk.table_id for lk in lookups])
         if r is not None:
             rule = r.text(ctx.table)
-    stage.route = Route([lk.table for lk in lookups], rule, last.type, last.dev,
-                        last.gw, src if sh.local_out else None, last.err, mark)
+    stage.dev = dev
+    stage.route = Route([lk.table for lk in lookups], rule, typ, dev, gw, src if sh.local_out else None, err, mark)
     if checks:
         stage.route.src_check = {"tables": [c.table for c in checks], "dev": checks[-1].dev, "err": checks[-1].err}
 
@@ -613,12 +751,17 @@ _N_OFF = PtRecord.n_stages.offset
 _VALS = struct.Struct("=Q16xQ")
 _TAIL = struct.Struct("=BBBBHH16s16sI16s")
 _TAIL_OFF = PtRecord.match.offset
+_FLAGS_OFF = PtRecord.flags.offset
+# links to other records: cause, prev, next, link (reassembled), next_netns, prev_netns
+_LINKS = struct.Struct("=QQQQII")
+_LINKS_OFF = PtRecord.cause.offset
 
 
 def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
     """Resolve everything packets of this path shape share."""
     h = dict(zip(("ino", "drop_reason", "in_if", "out_if", "sig", "fam", "proto", "fate", "n"),
                  struct.unpack_from("=IIIIIBBBB", raw, PT_SHAPE_OFF)))
+    flags = raw[_FLAGS_OFF]
     n = min(h["n"], (len(raw) - _HDR_SIZE) // _STAGE_SIZE)
     ino, fam, proto = h["ino"], h["fam"], h["proto"]
     try:
@@ -627,7 +770,8 @@ def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
         fate = Fate.NONE
     reason = ctx.drop_reason(h["drop_reason"]) if fate == Fate.DROPPED and not aged else None
     raw_stages = raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE]
-    tpl = _template(list(_STAGE.iter_unpack(raw_stages)), raw_stages, ino, fam, ctx, reason)
+    tpl = _template(list(_STAGE.iter_unpack(raw_stages)), raw_stages, ino, fam, ctx, reason,
+                    caused=bool(flags & REC_CAUSED))
     af, alen = _INET.get(fam, (socket.AF_INET, 4))
     end = "aged out" if aged else _END_BY_FATE.get(fate)
     if fate == Fate.DELIVERED and not aged:
@@ -649,11 +793,22 @@ def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
     v = Values(pid_, socket.inet_ntop(sh.af, saddr[:sh.alen]), socket.inet_ntop(sh.af, daddr[:sh.alen]),
                sport if sh.ports else None, dport if sh.ports else None, truncated=bool(flags & REC_TRUNCATED),
                late_match=bool(flags & REC_LATE))
+    if len(raw) >= _LINKS_OFF + _LINKS.size:
+        cause, prev, nxt, link, next_ns, prev_ns = _LINKS.unpack_from(raw, _LINKS_OFF)
+        names = ctx.netns_names if ctx is not None else {}
+        v.cause = cause or None
+        v.reassembled = link or None
+        if prev:
+            v.prev, v.prev_netns = prev, names.get(prev_ns, str(prev_ns))
+        if nxt:
+            v.next, v.next_netns = nxt, names.get(next_ns, str(next_ns))
     if sh.drop_reason is not None:
         sym = ctx.symbolize if ctx is not None else None
         tpl = sh.template
         v.drop = {"reason": sh.drop_reason, "location": sym(drop_loc) if sym else hex(drop_loc),
-                  "last_hook": tpl.last_hook, "stage": tpl.drop_stage, "table": tpl.drop_table}
+                  "last_hook": tpl.last_hook, "stage": tpl.drop_stage, "table": tpl.drop_table, "dev": tpl.drop_dev}
+        if tpl.drop_before is not None:
+            v.drop["before_priority"] = tpl.drop_before
     elif sh.fate == "delivered":
         tpl = sh.template
         if pid:

@@ -54,6 +54,7 @@ class Table:
     """Something registered at a hook: a table, an nft base chain, NAT, conntrack."""
     name: str
     priority: int
+    nat: bool = False        # a nat table or chain: may rewrite addresses and ports
 
 
 @dataclass
@@ -113,11 +114,12 @@ def read_nft(ns: str | None) -> tuple[Registered, set[int]]:
         if hooknum is None or hooknum > 4:
             continue
         name = _table_name(c.get_attr("NFTA_CHAIN_TABLE"), c.get_attr("NFTA_CHAIN_NAME"), nfproto, hooknum)
-        if c.get_attr("NFTA_CHAIN_TYPE") == "nat":
+        nat = c.get_attr("NFTA_CHAIN_TYPE") == "nat"
+        if nat:
             prio = NAT_PRIORITY.get(hooknum, prio)
             conntrack.update(NFT_FAMILIES[nfproto])
         for fam in NFT_FAMILIES[nfproto]:
-            reg.setdefault((fam, hooknum), []).append(Table(name, prio))
+            reg.setdefault((fam, hooknum), []).append(Table(name, prio, nat))
     for r in rules:
         if r["nfgen_family"] in NFT_FAMILIES and _uses_conntrack(r):
             conntrack.update(NFT_FAMILIES[r["nfgen_family"]])
@@ -141,7 +143,7 @@ def read_legacy(ns: str | None) -> Registered:
                 prio, hooks = LEGACY[t]
                 for h in hooks:
                     reg.setdefault((fam, h), []).append(
-                        Table(f"{t} (legacy)", NAT_PRIORITY[h] if prio is None else prio))
+                        Table(f"{t} (legacy)", NAT_PRIORITY[h] if prio is None else prio, t == "nat"))
     return reg
 
 
@@ -156,6 +158,11 @@ def registered(ns: str | None) -> Registered:
         for h in (PRE, OUTPUT):
             reg.setdefault((fam, h), []).append(Table("conntrack", PRI_CONNTRACK))
     return {k: sorted(set(v), key=lambda t: (t.priority, t.name)) for k, v in reg.items()}
+
+
+def has_nat(reg: Registered) -> bool:
+    """Can a table of this ruleset rewrite addresses or ports?"""
+    return any(t.nat for tables in reg.values() for t in tables)
 
 
 def plan_hook(tables: list[Table], bank: int = 0) -> HookPlan:

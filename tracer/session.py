@@ -104,6 +104,7 @@ class Tracer:
         self._last_age_scan = 0.0
         self._last_relearn = 0.0
         self._ns_inodes: dict[str | None, int] = {}
+        self._ns_index: dict[int, int] = {}          # netns inode -> index in the BPF config
         self.placed: dict[str | None, Placed] = {}
         self._extra_objs: list[libbpf.BpfObject] = []   # observer banks loaded later
         self._observer_fds: dict[int, int] = {}           # slot -> program fd
@@ -169,6 +170,7 @@ class Tracer:
             raise TraceError(f"at most {events.PT_MAX_NETNS} network namespaces can be traced at once")
         for i, ino in enumerate(inodes):
             cfg.netns_ino[i] = ino
+        self._ns_index = {ino: i for i, ino in enumerate(inodes)}
         cfg.n_netns = len(inodes)
         cfg.emit = 1 if self.opts.emit else 0
         cfg.count = 1 if self.opts.count else 0
@@ -182,7 +184,7 @@ class Tracer:
 
     def _attach(self) -> None:
         obj = self.obj
-        for prog in ("on_rx", "on_dev_queue", "on_kfree_skb", "on_consume_skb",
+        for prog in ("on_rx", "on_dev_queue", "on_dev_xmit", "on_kfree_skb", "on_consume_skb",
                      "on_copy_datagram", "on_sk_data_ready", "on_napi_poll",
                      "on_fib_lookup", "on_fib6_lookup"):
             self.attachments.append(probes.attach_tracepoint(obj, prog))
@@ -247,6 +249,9 @@ class Tracer:
                 self.ctx.slot_after[key] = [(t.name, t.priority) for t in hp.tables_after(i)]
         self.ctx.conntrack[ino] = sorted({fam for (fam, h), ts in reg.items()
                                           for t in ts if t.name == "conntrack"})
+        # with NAT a header filter cannot judge a packet at first sight
+        self.obj.map("netns_nat").update(ctypes.c_uint32(self._ns_index[ino]),
+                                         ctypes.c_uint32(placement.has_nat(reg)))
         self.ctx.shapes.clear()  # they hold table names
         self.ctx.generation += 1
         return Placed(bank, reg, plans, links)

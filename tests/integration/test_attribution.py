@@ -218,6 +218,6 @@ def test_placement_reads_iptables_nft_and_native_nft(lab):
     assert reg[(4, placement.PRE)] == [placement.Table("conntrack", -200), placement.Table("mangle", -150)]
     assert reg[(6, placement.INPUT)] == [placement.Table("fw/in", 10)]
     # the nat chain runs inside the NAT core hook at +100, whatever its own priority
-    assert reg[(4, placement.POST)] == [placement.Table("n/post", 100)]
+    assert reg[(4, placement.POST)] == [placement.Table("n/post", 100, nat=True)]
     plan = placement.plan(reg)
     assert plan[(4, placement.PRE)].priorities == [placement.PRIO_FIRST, -199, -149]

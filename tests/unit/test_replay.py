@@ -104,7 +104,7 @@ def test_drop_names_reason_symbol_and_hook(packets):
     p = one(packets, proto="udp", dport=5009)
     assert p.fate == "dropped"
     assert p.drop == {"reason": "NETFILTER_DROP", "location": p.drop["location"], "last_hook": "forward",
-                      "stage": "forward", "table": "filter"}
+                      "stage": "forward", "table": "filter", "dev": "rc"}
     assert p.drop["location"].startswith("nft_do_chain+0x")
     assert p.stage_names()[-1] == "drop" and len(p.path[-2].observations) == 1
     assert p.path[-2].tables[-1].verdict == "drop"
