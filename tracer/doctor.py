@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from . import libbpf, probes
 
-TRACEPOINTS = ("netif_receive_skb", "net_dev_queue", "kfree_skb", "consume_skb",
-               "skb_copy_datagram_iovec", "fib_table_lookup", "fib6_table_lookup")
+TRACEPOINTS = ("netif_receive_skb", "net_dev_queue", "net_dev_xmit", "kfree_skb", "consume_skb",
+               "skb_copy_datagram_iovec", "sk_data_ready", "napi_poll", "fib_table_lookup", "fib6_table_lookup")
 BTF_KIND_FUNC = 12
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_TRACING = 26

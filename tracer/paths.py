@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import routing
-from .events import (CT_REPLY, NF_STAGES, REC_CAUSED, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
+from .events import (CT_REPLY, NF_STAGES, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
                      REC_TRUNCATED, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
                      StageKind, TcVerdict)
 
@@ -727,22 +727,34 @@ def _route_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, bas
         gaf, glen = _INET.get(a[-2], (sh.af, sh.alen))
         gw = socket.inet_ntop(gaf, a[0][:glen]) if any(a[0][:glen]) else None
         typ = rtype or typ
-    elif err == "EAGAIN":
-        # no table had a route: the lookup as a whole says ENETUNREACH
-        err, typ = "ENETUNREACH", "unreachable"
+    elif err:
+        dev = gw = None  # (fib6 names the null entry's device, loopback)
+        if err == "EAGAIN":
+            # no table had a route: the lookup as a whole says ENETUNREACH
+            err, typ = "ENETUNREACH", "unreachable"
     src, dst = cur["src"][0], cur["dst"][0]
     rule = None
     rules = ctx.rules.get((sh.ino, fam)) if ctx is not None else None
     if rules:
         flow = routing.Flow(src, dst, mark, None if sh.local_out else sh.in_dev, proto=sh.proto_num,
                             sport=cur["src"][1], dport=cur["dst"][1])
-        r = routing.choosing_rule(rules, flow, [lk.table_id for lk in lookups])
+        r = routing.choosing_rule(rules, flow, [lk.table_id for lk in _last_walk(lookups)])
         if r is not None:
             rule = r.text(ctx.table)
     stage.dev = dev
-    stage.route = Route([lk.table for lk in lookups], rule, typ, dev, gw, src if sh.local_out else None, err, mark)
+    stage.route = Route([lk.table for lk in _last_walk(lookups)], rule, typ, dev, gw, src if sh.local_out else None,
+                        err, mark)
     if checks:
         stage.route.src_check = {"tables": [c.table for c in checks], "dev": checks[-1].dev, "err": checks[-1].err}
+
+
+def _last_walk(lookups: list[Lookup]) -> list[Lookup]:
+    """The lookups of the last walk through the rules: the kernel may route
+    one packet more than once in a row (xfrm looks up an ICMP error's route
+    again), each walk starting again at the first table."""
+    first = lookups[0].table_id
+    starts = [i for i, lk in enumerate(lookups) if lk.table_id == first]
+    return lookups[starts[-1]:]
 
 
 _U64 = struct.Struct("=Q")
@@ -790,8 +802,10 @@ def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
 def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
     pid_, drop_loc = _VALS.unpack_from(raw, 0)
     _m, _s, flags, _p, sport, dport, saddr, daddr, pid, comm = _TAIL.unpack_from(raw, _TAIL_OFF)
+    # a fragment after the first carries no ports
+    ports = sh.ports and not (flags & REC_FRAG and not sport and not dport)
     v = Values(pid_, socket.inet_ntop(sh.af, saddr[:sh.alen]), socket.inet_ntop(sh.af, daddr[:sh.alen]),
-               sport if sh.ports else None, dport if sh.ports else None, truncated=bool(flags & REC_TRUNCATED),
+               sport if ports else None, dport if ports else None, truncated=bool(flags & REC_TRUNCATED),
                late_match=bool(flags & REC_LATE))
     if len(raw) >= _LINKS_OFF + _LINKS.size:
         cause, prev, nxt, link, next_ns, prev_ns = _LINKS.unpack_from(raw, _LINKS_OFF)

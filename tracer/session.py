@@ -392,13 +392,29 @@ class Tracer:
                 continue
             if not m.delete(key):
                 continue  # ended meanwhile: the kernel reported it
-            self.aged += 1
+            # a fragment whose datagram was reassembled, freed without a
+            # tracepoint (local-delivery defrag merges them): it was absorbed
+            aged = not self._absorbed_fragment(rec)
+            self.aged += aged
             if (rec.match & want) == want and self.opts.emit:
-                out.append(self._packet(PtRecord.from_buffer_copy(rec), aged=True))
+                out.append(self._packet(PtRecord.from_buffer_copy(rec), aged=aged))
                 if self.on_raw:
                     n = min(rec.n_stages, events.PT_MAX_STAGES)
-                    self.on_raw(bytes(rec)[:events.RECORD_HEADER_SIZE + n * events.STAGE_SIZE], True)
+                    self.on_raw(bytes(rec)[:events.RECORD_HEADER_SIZE + n * events.STAGE_SIZE], aged)
         return out
+
+    def _absorbed_fragment(self, rec: PtRecord) -> bool:
+        """If rec is a fragment of a datagram the kernel reassembled, end it
+        as the kernel would have told: reassembled into that packet."""
+        if not rec.flags & events.REC_FRAG:
+            return False
+        k = events.PtFragKey(netns=rec.netns, frag_id=rec.frag_id, family=rec.family, proto=rec.proto)
+        k.saddr[:], k.daddr[:] = rec.saddr[:], rec.daddr[:]
+        into = ctypes.c_uint64()
+        if not self.obj.map("frag_groups").lookup(k, into):
+            return False
+        rec.fate, rec.link = events.Fate.REASSEMBLED, into.value
+        return True
 
     def packets(self, count: int | None = None, duration: float | None = None) -> Iterator[paths.Packet]:
         """Yield packets until count packets were yielded or duration seconds passed."""

@@ -673,10 +673,15 @@ def test_tbf_qdisc_drops_match_the_qdisc_counters(lab, trace, doc):
 
 # ==== fragments ========================================================================
 
-def test_fragments_point_to_the_reassembled_packet(lab, trace, doc):
+@pytest.mark.parametrize("defrag", ["conntrack", "local"])
+def test_fragments_point_to_the_reassembled_packet(lab, trace, doc, defrag):
     a = lab.addr
-    # a conntrack user: nf_defrag reassembles before conntrack
-    lab.iptables("-A", "INPUT", "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED", "-j", "ACCEPT")
+    if defrag == "conntrack":
+        # a conntrack user: nf_defrag reassembles before conntrack, and the
+        # fragments it chains are freed with the packet they became
+        lab.iptables("-A", "INPUT", "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED", "-j", "ACCEPT")
+    # else ip_local_deliver reassembles before INPUT and frees the merged
+    # fragments without a tracepoint: they end when they age out
     payload = bytes(range(256)) * 11 + bytes(184)   # 3000 bytes: 3 fragments at MTU 1500
     cap = trace(filter=PacketFilter(src=parse_cidr(a["client4"]), dst=parse_cidr(a["router_c4"]), proto=UDP),
                 age_after=2.0)
@@ -700,7 +705,7 @@ def test_fragments_point_to_the_reassembled_packet(lab, trace, doc):
     frags = [pj(p) for p in pkts if p is not whole]
     assert len(frags) == 3, seen(cap)
     assert [(f["fate"], f.get("reassembled")) for f in frags] == [("reassembled", whole.id)] * 3, frags
-    doc("IP fragments and the packet reassembly made of them",
+    doc(f"IP fragments and the packet reassembly made of them ({defrag} defrag)",
         *(p for p in pkts if p is not whole), whole)
 
 
