@@ -53,6 +53,8 @@
 /* A packet handed to a veth reaches the peer's backlog at once and is
  * received in the same or the next softirq run. */
 #define HANDOFF_MAX_AGE_NS (1000 * 1000 * 1000ULL)
+/* Records waiting in the ring before the reader is woken (~100 records). */
+#define RINGBUF_WAKEUP_BYTES (64 * 1024)
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -633,10 +635,16 @@ __noinline int pt_emit(struct pt_record *r)
 		r->path_sig = path_signature(r, n);
 		count_path(r);
 	} else if (cfg.emit) {
+		/* Wake the reader only once a batch waits: a wakeup per record
+		 * (irq_work, epoll) costs more than the record; user space also
+		 * polls on a short timeout, so a lone record is not delayed long. */
+		__u64 wake = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= RINGBUF_WAKEUP_BYTES ?
+			BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+
 		r->path_sig = path_signature(r, n);
 		/* Send only the stages used: most paths need a third of them. */
 		if (bpf_ringbuf_output(&events, r,
-				       offsetof(struct pt_record, stages) + n * sizeof(struct pt_stage), 0))
+				       offsetof(struct pt_record, stages) + n * sizeof(struct pt_stage), wake))
 			stat_inc(PT_STAT_LOST);
 		else
 			stat_inc(PT_STAT_EMITTED);

@@ -115,17 +115,18 @@ class PathCounts:
 class Collector:
     """prometheus-client custom collector over a running count-mode Tracer."""
 
-    def __init__(self, tracer: Tracer, lock: threading.Lock | None = None):
+    def __init__(self, tracer: Tracer, lock: threading.Lock | None = None, bpf_stats: bool = False):
         self.tracer = tracer
         self.paths = PathCounts(tracer)
         self.lock = lock or threading.Lock()
         self.kernel = platform.release()
         self._last_scrape = 0.0
         self.stats_fd = -1
-        try:
-            self.stats_fd = libbpf.enable_run_time_stats()
-        except libbpf.BpfError:
-            pass   # run time then reads 0; the doctor tells why
+        if bpf_stats:
+            try:
+                self.stats_fd = libbpf.enable_run_time_stats()
+            except libbpf.BpfError:
+                pass   # run time then reads 0; the doctor tells why
 
     def close(self) -> None:
         if self.stats_fd >= 0:

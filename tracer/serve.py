@@ -50,6 +50,9 @@ class ServeOptions:
     age_after: float = 5.0
     tc: str = "auto"
     max_paths: int = 1024
+    # BPF run-time statistics for the pkttrace_bpf_* metrics: they cost every
+    # run of every BPF program on the host ~25 ns, so they are opt-in
+    bpf_stats: bool = False
     tick: float = 0.5        # seconds between age-out / ruleset checks
 
 
@@ -70,7 +73,7 @@ class Exporter:
             self.tracer.start()     # every probe attached, or an error: never half-working
         except TraceError as e:
             raise ServeError(str(e)) from None
-        self.collector = Collector(self.tracer, self.lock)
+        self.collector = Collector(self.tracer, self.lock, bpf_stats=self.opts.bpf_stats)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(self.collector)
         host, port = self.opts.listen

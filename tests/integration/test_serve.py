@@ -57,7 +57,7 @@ def served(lab):
     ns.bind(sock_path)
     ns.settimeout(30)
     env = dict(os.environ, NOTIFY_SOCKET=sock_path, PKTTRACE_LISTEN=f"127.0.0.1:{port}",
-               PKTTRACE_NETNS=lab.router)
+               PKTTRACE_NETNS=lab.router, PKTTRACE_BPF_STATS="1")
     proc = subprocess.Popen([sys.executable, "-m", "tracer", "serve"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -85,4 +85,4 @@ def test_env_example_names_the_cli_variables():
             line = line.strip()
             if line and not line.startswith("#"):
                 names.add(line.split("=", 1)[0])
-    assert names == {"PKTTRACE_LISTEN", "PKTTRACE_NETNS", "PKTTRACE_AGE_AFTER", "PKTTRACE_TC"}
+    assert names == {"PKTTRACE_LISTEN", "PKTTRACE_NETNS", "PKTTRACE_AGE_AFTER", "PKTTRACE_TC", "PKTTRACE_BPF_STATS"}
