@@ -61,12 +61,40 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Set by user space between open and load; see struct pt_config. */
 const volatile struct pt_config cfg = {};
 
+/* Records of packets in flight.  Each CPU keeps the records of the packets
+ * it is processing in its slots (no hashing, no sharing); a record whose
+ * packet is queued for later (qdisc, neighbour, reassembly, socket backlog),
+ * or that a new packet needs the slot of, is parked in `inflight`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_slots);
+} slots_meta SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct pt_record);
+} slots SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192); /* resized by user space before load */
 	__type(key, __u64);
 	__type(value, struct pt_record);
 } inflight SEC(".maps");
+
+/* How many records are parked: while none is, a packet not in this CPU's
+ * slots has no record and the shared table is not searched.  [0]: parked
+ * minus ended by the kernel; [1]: deleted by user space (aged out). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __s64);
+} parked SEC(".maps");
 
 /* A record is too big for the BPF stack: build new ones here. */
 struct {
@@ -419,24 +447,147 @@ static __always_inline bool first_sight_wanted(const void *skb, const struct pkt
 	return false;
 }
 
+static __always_inline struct pt_slots *slots_of_cpu(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&slots_meta, &zero);
+}
+
+static __always_inline bool any_parked(void)
+{
+	__u32 zero = 0, one = 1;
+	__s64 *n = bpf_map_lookup_elem(&parked, &zero);
+	__s64 *gone = bpf_map_lookup_elem(&parked, &one);
+
+	return n && gone && *n - *gone > 0;
+}
+
+static __always_inline void parked_add(__s64 d)
+{
+	__u32 zero = 0;
+	__s64 *n = bpf_map_lookup_elem(&parked, &zero);
+
+	if (n)
+		__sync_fetch_and_add(n, d);
+}
+
+/* The slot of this CPU holding skb's record, or -1. */
+static __always_inline int slot_of(const struct pt_slots *m, __u64 key)
+{
+	for (int i = 0; i < PT_SLOTS; i++)
+		if (m->skb[i] == key)
+			return i;
+	return -1;
+}
+
+static __always_inline struct pt_record *slot_record(int i)
+{
+	__u32 k = i;
+
+	if (i < 0 || i >= PT_SLOTS)
+		return NULL;
+	return bpf_map_lookup_elem(&slots, &k);
+}
+
 static __always_inline struct pt_record *rec_lookup(const void *skb)
 {
+	struct pt_slots *m = slots_of_cpu();
 	__u64 key = (__u64)skb;
+	int i;
 
+	if (!m)
+		return NULL;
+	i = slot_of(m, key);
+	if (i >= 0)
+		return slot_record(i);
+	if (!any_parked())
+		return NULL;
 	return bpf_map_lookup_elem(&inflight, &key);
 }
 
+/* Move the record in slot i to the shared table: its packet goes on later,
+ * maybe on another CPU.  Returns false if the table is full (the record
+ * stays in its slot: the packet may still end on this CPU). */
+static __always_inline bool slot_park(struct pt_slots *m, int i)
+{
+	struct pt_record *r = slot_record(i);
+	__u64 key;
+
+	if (!r || i < 0 || i >= PT_SLOTS)
+		return false;
+	key = m->skb[i];
+	if (!key)
+		return false;
+	if (bpf_map_update_elem(&inflight, &key, r, BPF_ANY)) {
+		stat_inc(PT_STAT_CREATE_FAILED);
+		return false;
+	}
+	m->skb[i] = 0;
+	parked_add(1);
+	stat_inc(PT_STAT_PARKED);
+	return true;
+}
+
+/* skb's packet is queued where it may go on later or elsewhere. */
+static __always_inline void rec_park(const void *skb)
+{
+	struct pt_slots *m = slots_of_cpu();
+
+	if (m)
+		slot_park(m, slot_of(m, (__u64)skb));
+}
+
+/* A slot for a new record: a free one, else the least recently used one
+ * after parking its record.  -1 if none can be had. */
+static __always_inline int slot_take(struct pt_slots *m, __u64 key, __u64 now)
+{
+	int i, oldest = 0;
+
+	for (i = 0; i < PT_SLOTS; i++)
+		if (!m->skb[i])
+			break;
+	if (i == PT_SLOTS) {
+		/* the record whose last stage is the oldest */
+		__u64 t, best = ~0ULL;
+
+		for (int j = 0; j < PT_SLOTS; j++) {
+			struct pt_record *o = slot_record(j);
+
+			t = o ? o->last_ts : 0;
+			if (t < best) {
+				best = t;
+				oldest = j;
+			}
+		}
+		if (!slot_park(m, oldest))
+			return -1;
+		i = oldest;
+	}
+	i &= PT_SLOTS - 1;
+	m->skb[i] = key;
+	return i;
+}
+
 /* Start a record for a packet first seen now (id 0: a new one).  NULL if
- * the table is full. */
+ * no slot can be had. */
 static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 						 const struct pkt_info *pi, __u64 now, __u64 id)
 {
-	__u64 key = (__u64)skb;
-	__u32 zero = 0;
-	struct pt_record *r = bpf_map_lookup_elem(&scratch, &zero);
+	struct pt_slots *m = slots_of_cpu();
+	struct pt_record *r;
+	int i;
 
-	if (!r)
+	if (!m)
 		return NULL;
+	i = slot_take(m, (__u64)skb, now);
+	r = slot_record(i);
+	if (!r) {
+		if (i >= 0)
+			m->skb[i & (PT_SLOTS - 1)] = 0;
+		stat_inc(PT_STAT_CREATE_FAILED);
+		return NULL;
+	}
 	/* Only the header is reset: stages past n_stages are never read. */
 	__builtin_memset(r, 0, offsetof(struct pt_record, stages));
 	r->id = id ? id : next_id();
@@ -458,12 +609,25 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 		r->flags = PT_REC_FRAG;
 		r->frag_id = pi->frag_id;
 	}
-	if (bpf_map_update_elem(&inflight, &key, r, BPF_NOEXIST)) {
-		stat_inc(PT_STAT_CREATE_FAILED);
-		return NULL;
-	}
 	stat_inc(PT_STAT_CREATED);
-	return bpf_map_lookup_elem(&inflight, &key);
+	return r;
+}
+
+/* Forget skb's record, wherever it is. */
+static __always_inline void rec_forget(__u64 key)
+{
+	struct pt_slots *m = slots_of_cpu();
+	int i;
+
+	if (m) {
+		i = slot_of(m, key);
+		if (i >= 0) {
+			m->skb[i & (PT_SLOTS - 1)] = 0;
+			return;
+		}
+	}
+	if (!bpf_map_delete_elem(&inflight, &key))
+		parked_add(-1);
 }
 
 /* ---- the packet this CPU is processing, and what it causes ---- */
@@ -499,7 +663,7 @@ static __always_inline __u64 cause_of(const void *skb, const struct pkt_info *pi
 	if (!a || !a->skb || a->skb == (__u64)skb || now - a->ts > CAUSE_MAX_AGE_NS)
 		return 0;
 	key = a->skb;
-	p = bpf_map_lookup_elem(&inflight, &key);
+	p = rec_lookup((const void *)key);
 	if (!p || p->id != a->id || p->family != pi->family || !addr_eq(pi->daddr, p->cur_saddr))
 		return 0;
 	p->flags |= PT_REC_CAUSED;
@@ -662,7 +826,7 @@ static __always_inline void rec_finish(const void *skb, struct pt_record *r, __u
 		a->skb = 0;
 	r->fate = fate;
 	pt_emit(r);
-	bpf_map_delete_elem(&inflight, &key);
+	rec_forget(key);
 }
 
 /* How a packet that left a device ends. */
@@ -756,7 +920,7 @@ static __always_inline struct pt_record *pending_take(__u64 *key)
 	*key = p->skb;
 	id = p->id;
 	p->skb = 0;
-	r = bpf_map_lookup_elem(&inflight, key);
+	r = rec_lookup((const void *)*key);
 	if (!r || r->id != id)
 		return NULL; /* it ended already (and the pointer may be reused) */
 	return r;
@@ -1293,7 +1457,7 @@ static __always_inline void tc_copy_seen(const struct sk_buff *skb, __u32 ifinde
 	if (!t || !t->skb || t->skb == (__u64)skb || t->head != (__u64)BPF_CORE_READ(skb, head))
 		return;
 	key = t->skb;
-	r = bpf_map_lookup_elem(&inflight, &key);
+	r = rec_lookup((const void *)key);
 	if (!r || r->id != t->id)
 		return;
 	s = last_stage(r);
@@ -1356,6 +1520,47 @@ static __always_inline void handoff_reserve(const void *skb, struct pt_record *r
 	r->next_netns = ino;
 }
 
+/* First sight of a packet entering a traced netns on a device: a packet
+ * handed over by a veth from another traced netns takes the id reserved for
+ * it; a copy tc made is named on the original; else the filter decides. */
+static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, const void *l3, __u8 family,
+							__u32 netns, __u32 ifindex, __u64 now)
+{
+	__u64 key = (__u64)skb;
+	struct pt_handoff *h = bpf_map_lookup_elem(&handoff, &key);
+	__u64 id = 0, prev = 0;
+	__u32 prev_netns = 0;
+	struct pt_record *r;
+	struct pkt_info pi;
+
+	if (parse_l3(l3, family, &pi))
+		return NULL;
+	if (h) {
+		if (now - h->ts < HANDOFF_MAX_AGE_NS) {
+			id = h->next;
+			prev = h->prev;
+			prev_netns = h->prev_netns;
+		} else {
+			stat_inc(PT_STAT_HANDOFF_LOST);
+		}
+		bpf_map_delete_elem(&handoff, &key);
+	}
+	tc_copy_seen(skb, ifindex);
+	/* a continuation is kept whatever the filter: its first part matched */
+	if (!prev && !first_sight_wanted(skb, &pi, netns))
+		return NULL;
+	r = rec_new(skb, netns, &pi, now, id);
+	if (r && prev) {
+		r->prev = prev;
+		r->prev_netns = prev_netns;
+		r->match = cfg.filter;
+	}
+	return r;
+}
+
+/* Received on a device: only attached without tc observers (tc ingress
+ * marks the receive then, and runs in the traced namespaces only, where
+ * this tracepoint runs for every packet of the host). */
 SEC("tp_btf/netif_receive_skb")
 int BPF_PROG(on_rx, struct sk_buff *skb)
 {
@@ -1366,7 +1571,6 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	__u32 ifindex, mark;
 	struct pt_record *r;
 	struct pt_stage *s;
-	struct pkt_info pi;
 
 	pending_resolve(skb);
 	if (!family || !netns_traced(netns))
@@ -1374,38 +1578,11 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	ifindex = dev->ifindex;
 	mark = skb->mark;
 	r = rec_lookup(skb);
-	if (!r) {
-		__u64 key = (__u64)skb;
-		struct pt_handoff *h = bpf_map_lookup_elem(&handoff, &key);
-		__u64 id = 0, prev = 0;
-		__u32 prev_netns = 0;
-
-		/* the network header is not reset yet here; data is at L3 */
-		if (parse_l3(skb->data, family, &pi))
-			return 0;
-		if (h) {
-			if (now - h->ts < HANDOFF_MAX_AGE_NS) {
-				id = h->next;
-				prev = h->prev;
-				prev_netns = h->prev_netns;
-			} else {
-				stat_inc(PT_STAT_HANDOFF_LOST);
-			}
-			bpf_map_delete_elem(&handoff, &key);
-		}
-		tc_copy_seen(skb, ifindex);
-		/* a continuation is kept whatever the filter: its first part matched */
-		if (!prev && !first_sight_wanted(skb, &pi, netns))
-			return 0;
-		r = rec_new(skb, netns, &pi, now, id);
-		if (!r)
-			return 0;
-		if (prev) {
-			r->prev = prev;
-			r->prev_netns = prev_netns;
-			r->match = cfg.filter;
-		}
-	}
+	/* the network header is not reset yet here; data is at L3 */
+	if (!r)
+		r = rx_first_sight(skb, skb->data, family, netns, ifindex, now);
+	if (!r)
+		return 0;
 	if (!r->in_ifindex)
 		r->in_ifindex = ifindex;
 	r->match |= match_stage(mark, ifindex, 0);
@@ -1419,8 +1596,24 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	return 0;
 }
 
+/* Does the device queue packets in a qdisc (as opposed to noqueue, which
+ * hands them to the driver right away)?  At tc egress the tx queue is not
+ * picked yet: the root qdisc, or the first queue's for multiqueue (mq). */
+static __always_inline bool dev_has_qdisc(const struct net_device *dev)
+{
+	struct netdev_queue *txq;
+	struct Qdisc *q = BPF_CORE_READ(dev, qdisc);
+
+	if (q && BPF_CORE_READ(q, enqueue))
+		return true;
+	txq = BPF_CORE_READ(dev, _tx);
+	q = txq ? BPF_CORE_READ(txq, qdisc) : NULL;
+	return q && BPF_CORE_READ(q, enqueue);
+}
+
 /* Handed to a device (after tc egress): queued to its qdisc, or straight
- * to the driver.  Not the end yet: a qdisc may still drop it. */
+ * to the driver.  Not the end yet: a qdisc may still drop it.  Only
+ * attached without tc observers (tc egress marks the hand-over then). */
 SEC("tp_btf/net_dev_queue")
 int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 {
@@ -1449,6 +1642,9 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 		s->mark = mark;
 		s->flags = redirected;
 	}
+	/* a qdisc queues it: it may leave later, from another CPU */
+	if (dev_has_qdisc(skb->dev))
+		rec_park(skb);
 	return 0;
 }
 
@@ -1457,12 +1653,27 @@ SEC("tp_btf/net_dev_xmit")
 int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, unsigned int len)
 {
 	struct pt_record *r;
+	struct pt_stage *s;
 
 	if (rc != NETDEV_TX_OK)
 		return 0; /* busy: requeued, it will be sent again */
 	r = rec_lookup(skb);
-	if (!r || !(r->flags & PT_REC_QUEUED))
+	if (!r)
 		return 0;
+	s = last_stage(r);
+	if (!s || s->kind != PT_STAGE_TX) {
+		/* (the skb may be freed already: only the arguments are read;
+		 * the mark is the one it had at the device, at tc egress) */
+		__u32 mark = s ? s->mark : 0;
+
+		s = stage_add(r, PT_STAGE_TX, bpf_ktime_get_ns());
+		if (s) {
+			s->ifindex = dev->ifindex;
+			s->mark = mark;
+			s->flags = (r->flags & PT_REC_REDIRECTED) ? PT_STF_REDIRECTED : 0;
+		}
+		r->out_ifindex = dev->ifindex;
+	}
 	handoff_reserve(skb, r, dev);
 	rec_finish(skb, r, fate_tx(r));
 	return 0;
@@ -1561,10 +1772,21 @@ int BPF_PROG(on_sk_data_ready, const struct sock *sk)
 	return 0;
 }
 
+/* The end of a poll: packets whose records are still in this CPU's slots
+ * are held somewhere (neighbour or reassembly queue, socket backlog) and
+ * may go on from another CPU: park them. */
 SEC("tp_btf/napi_poll")
 int BPF_PROG(on_napi_poll, struct napi_struct *napi, int work, int budget)
 {
+	struct pt_slots *m;
+
 	pending_resolve(NULL);
+	m = slots_of_cpu();
+	if (!m)
+		return 0;
+	for (int i = 0; i < PT_SLOTS; i++)
+		if (m->skb[i])
+			slot_park(m, i);
 	return 0;
 }
 
@@ -1573,6 +1795,7 @@ int BPF_PROG(on_napi_poll, struct napi_struct *napi, int work, int budget)
 static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 {
 	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
+	bool ingress = kind == PT_STAGE_TC_INGRESS;
 	struct pt_tc_last *t;
 	struct pt_record *r;
 	struct pt_stage *s;
@@ -1580,29 +1803,39 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 	__u8 redirected;
 	__u64 now;
 
+	if (ingress)
+		pending_resolve(skb);
 	if (is_rejected(skb))
 		return;
 	now = bpf_ktime_get_ns();
 	r = rec_lookup(skb);
 	if (!r) {
-		struct pkt_info pi;
 		__u8 family = family_of_ethertype(ctx->protocol);
 		__u32 netns = skb->dev->nd_net.net->ns.inum;
 
-		/* a copy tc made of the packet it saw last (mirred to egress) */
-		tc_copy_seen(skb, ctx->ifindex);
 		/* programs are attached to traced namespaces' devices only */
-		if (!family || parse_l3(skb_l3(skb), family, &pi) || !first_sight_wanted(skb, &pi, netns))
+		if (!family)
 			return;
-		r = rec_new(skb, netns, &pi, now, 0);
+		if (ingress) {
+			r = rx_first_sight(skb, skb_l3(skb), family, netns, ctx->ifindex, now);
+		} else {
+			struct pkt_info pi;
+
+			/* a copy tc made of the packet it saw last (mirred to egress) */
+			tc_copy_seen(skb, ctx->ifindex);
+			if (parse_l3(skb_l3(skb), family, &pi) || !first_sight_wanted(skb, &pi, netns))
+				return;
+			r = rec_new(skb, netns, &pi, now, 0);
+		}
 		if (!r)
 			return;
 	}
-	redirected = kind == PT_STAGE_TC_EGRESS ? skb_redirected(skb) : 0;
+	redirected = ingress ? 0 : skb_redirected(skb);
 	if (redirected)
 		r->flags |= PT_REC_REDIRECTED;
-	r->match |= match_stage(ctx->mark, kind == PT_STAGE_TC_INGRESS ? ctx->ifindex : 0,
-				kind == PT_STAGE_TC_EGRESS ? ctx->ifindex : 0);
+	if (ingress && !r->in_ifindex)
+		r->in_ifindex = ctx->ifindex;
+	r->match |= match_stage(ctx->mark, ingress ? ctx->ifindex : 0, ingress ? 0 : ctx->ifindex);
 	active_set(skb, r, now);
 	s = stage_add(r, kind, now);
 	if (s) {
@@ -1615,6 +1848,14 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 		t->skb = (__u64)skb;
 		t->head = (__u64)skb->head;
 		t->id = r->id;
+	}
+	if (!ingress) {
+		/* handed to the device: it ends when a driver takes it; a
+		 * qdisc may queue it for later, maybe for another CPU */
+		r->out_ifindex = ctx->ifindex;
+		r->flags |= PT_REC_QUEUED;
+		if (dev_has_qdisc(skb->dev))
+			rec_park(skb);
 	}
 }
 

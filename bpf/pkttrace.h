@@ -11,6 +11,7 @@
 
 #define PT_MAX_STAGES 32   /* stages kept per packet; more are counted, not kept */
 #define PT_MAX_NETNS 8     /* network namespaces traced at once */
+#define PT_SLOTS 4         /* records kept per CPU while their packet is processed there */
 #define PT_MAX_ROUTE 16    /* route lookups buffered per CPU between two stages */
 #define PT_NF_SLOTS 16     /* netfilter observer programs (nf_obs_N): two banks of */
 #define PT_NF_BANK 8       /* eight, so observers can be re-placed while the old
@@ -120,7 +121,8 @@ enum pt_stat {
 	PT_STAT_LATE = 8,          /* rejected, then matched after NAT: record from there */
 	PT_STAT_PATH_OVERFLOW = 9, /* count mode: path_counts full, packet not counted by path */
 	PT_STAT_HANDOFF_LOST = 10, /* continuation in the next netns reserved, never claimed */
-	PT_STAT__MAX = 11,
+	PT_STAT_PARKED = 11,       /* records moved from a CPU's slots to the shared table */
+	PT_STAT__MAX = 12,
 };
 
 struct pt_config {
@@ -261,6 +263,14 @@ struct pt_route_buf {
 	__u32 n;          /* lookups pushed since the buffer was last empty */
 	__u32 live;       /* of those, not claimed yet */
 	struct pt_route_ev ev[PT_MAX_ROUTE];
+};
+
+/* Per CPU: which packet (skb pointer, 0: free) each record slot holds.  A
+ * packet is processed on one CPU from its first stage to its end unless it
+ * is queued (a qdisc, the neighbour or reassembly queue, a socket backlog):
+ * then its record is parked in the shared `inflight` table. */
+struct pt_slots {
+	__u64 skb[PT_SLOTS];
 };
 
 /* Per CPU: the packet whose processing this CPU is in (last stage seen), so

@@ -12,6 +12,7 @@ import enum
 
 PT_MAX_STAGES = 32
 PT_MAX_NETNS = 8
+PT_SLOTS = 4          # per-CPU record slots
 PT_MAX_ROUTE = 16
 PT_NF_SLOTS = 16
 PT_NF_BANK = 8      # slots per bank; slot % PT_NF_BANK == 0 is a hook's first observer
@@ -113,9 +114,10 @@ class Stat(enum.IntEnum):
     LATE = 8
     PATH_OVERFLOW = 9
     HANDOFF_LOST = 10
+    PARKED = 11
 
 
-PT_STAT_MAX = 11
+PT_STAT_MAX = 12
 
 
 class PtConfig(ctypes.Structure):
@@ -244,6 +246,10 @@ class PtRouteBuf(ctypes.Structure):
     _fields_ = [("n", u32), ("live", u32), ("ev", PtRouteEv * PT_MAX_ROUTE)]
 
 
+class PtSlots(ctypes.Structure):
+    _fields_ = [("skb", u64 * PT_SLOTS)]
+
+
 class PtActive(ctypes.Structure):
     _fields_ = [("skb", u64), ("id", u64), ("ts", u64)]
 
@@ -294,6 +300,7 @@ MIRRORS = {
     "pt_pending": PtPending,
     "pt_path_key": PtPathKey,
     "pt_active": PtActive,
+    "pt_slots": PtSlots,
     "pt_handoff": PtHandoff,
     "pt_frag_key": PtFragKey,
     "pt_tc_last": PtTcLast,

@@ -245,6 +245,18 @@ class Map:
             return None
         return sum(vals)
 
+    def percpu_values(self, index: int, value_type) -> list:
+        """Per-CPU array: the value of one index on every CPU, as value_type
+        (each CPU's value is padded to 8 bytes)."""
+        ncpu = possible_cpus()
+        size = (ctypes.sizeof(value_type) + 7) & ~7
+        buf = ctypes.create_string_buffer(size * ncpu)
+        key = ctypes.c_uint32(index)
+        if lib().bpf_map_lookup_elem(self.fd, ctypes.byref(key), buf):
+            raise BpfError(_errmsg(f"read map {self.name}", ctypes.get_errno()))
+        return [value_type.from_buffer_copy(buf.raw[i * size:i * size + ctypes.sizeof(value_type)])
+                for i in range(ncpu)]
+
     def percpu_u64(self, index: int) -> list[int]:
         """Per-CPU array of u64: the values of one index on every CPU."""
         ncpu = possible_cpus()

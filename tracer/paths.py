@@ -582,6 +582,11 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
         return
     nf = _nf_drop(reason)
     tpl.drop_stage = last.label
+    if reason.startswith("QDISC") or (last.label == "tx" and not reason.startswith("TC_")):
+        # handed to the device (tc egress, or the queue tracepoint), then
+        # dropped in its queue (qdisc, or a driver that could not take it)
+        tpl.drop_stage = "qdisc"
+        return
     if last.obs is not None:
         if nf:
             # dropped between the last observer that saw it and the next one
@@ -603,9 +608,6 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
             after = "input"
         else:
             after = "forward"
-    elif last.label == "tx":
-        tpl.drop_stage = "qdisc" if reason.startswith("QDISC") else "tx"
-        return
     elif last.label in ("rx", "tc_ingress") and nf:
         after = "prerouting"
     elif last.label == "postrouting" or last.label in TC_STAGES:

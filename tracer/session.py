@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,6 +21,7 @@ from .events import PtConfig, PtRecord, Stat
 from .filters import PacketFilter
 
 OBJECT_ENV = "PKTTRACE_BPF_OBJECT"
+_U64 = struct.Struct("=Q")
 
 
 class TraceError(Exception):
@@ -105,6 +107,8 @@ class Tracer:
         self._last_relearn = 0.0
         self._ns_inodes: dict[str | None, int] = {}
         self._ns_index: dict[int, int] = {}          # netns inode -> index in the BPF config
+        self._aged_ids: dict[int, None] = {}         # records reported as aged out (bounded)
+        self._parked_deleted = 0                     # parked records user space deleted (aged out)
         self.placed: dict[str | None, Placed] = {}
         self._extra_objs: list[libbpf.BpfObject] = []   # observer banks loaded later
         self._observer_fds: dict[int, int] = {}           # slot -> program fd
@@ -153,9 +157,11 @@ class Tracer:
             obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
             if i >= need:
                 obj.program(name).set_autoload(False)
-        if self.opts.tc == "off":
-            for name in ("tc_ingress", "tc_egress"):
-                obj.program(name).set_autoload(False)
+        # tc observers mark the receive and the hand-over to a device in the
+        # traced namespaces only; the rx/queue tracepoints stand in for them
+        # without tc, at the cost of a program run per packet of the host
+        for name in (self._device_programs(off=True)):
+            obj.program(name).set_autoload(False)
         obj.map("inflight").set_max_entries(self.opts.max_inflight)
         # the ring must exist; without emit it only needs one page
         obj.map("events").set_max_entries(self.opts.ringbuf_bytes if self.opts.emit else 4096)
@@ -184,7 +190,8 @@ class Tracer:
 
     def _attach(self) -> None:
         obj = self.obj
-        for prog in ("on_rx", "on_dev_queue", "on_dev_xmit", "on_kfree_skb", "on_consume_skb",
+        device = [p for p in ("on_rx", "on_dev_queue") if p not in self._device_programs(off=True)]
+        for prog in (*device, "on_dev_xmit", "on_kfree_skb", "on_consume_skb",
                      "on_copy_datagram", "on_sk_data_ready", "on_napi_poll",
                      "on_fib_lookup", "on_fib6_lookup"):
             self.attachments.append(probes.attach_tracepoint(obj, prog))
@@ -193,6 +200,12 @@ class Tracer:
             self._learn_rules(ns)
             if self.opts.tc != "off":
                 self._attach_tc(ns)
+
+    def _device_programs(self, off: bool) -> tuple[str, ...]:
+        """The device-level programs not used (off=True) in this tc mode."""
+        tc = ("tc_ingress", "tc_egress")
+        rx_tx = ("on_rx", "on_dev_queue")
+        return (tc if self.opts.tc == "off" else rx_tx) if off else (rx_tx if self.opts.tc == "off" else tc)
 
     def _registered(self, ns: str | None) -> placement.Registered:
         try:
@@ -362,7 +375,10 @@ class Tracer:
     def _drain_ring(self) -> list[paths.Packet]:
         """One batch from the ring: bounded, so memory stays flat when it is full."""
         out = []
+        aged = self._aged_ids
         for raw in self.ring.drain(max_records=4096):
+            if aged and _U64.unpack_from(raw)[0] in aged:
+                continue  # reported as aged out from its slot: its late end is not a new packet
             out.append(self._packet(raw))
             if self.on_raw:
                 self.on_raw(raw, False)
@@ -380,18 +396,47 @@ class Tracer:
                 pkt = paths.assemble(rec, self.ctx, aged=aged)
         return pkt
 
+    def _slot_records(self) -> list[tuple[int, int, PtRecord]]:
+        """(cpu, skb, record) of the records held in the CPUs' slots."""
+        metas = self.obj.map("slots_meta").percpu_values(0, events.PtSlots)
+        out = []
+        for i in range(events.PT_SLOTS):
+            if not any(m.skb[i] for m in metas):
+                continue
+            recs = self.obj.map("slots").percpu_values(i, PtRecord)
+            out.extend((cpu, m.skb[i], recs[cpu]) for cpu, m in enumerate(metas) if m.skb[i])
+        return out
+
     def age_out(self, older_than: float | None = None) -> list[paths.Packet]:
-        """Forget records idle for age_after seconds; report the matching ones."""
+        """Forget records idle for age_after seconds; report the matching ones.
+
+        Parked records are deleted from the shared table.  A record in a
+        CPU's slot is that CPU's to free: it is reported once here, and
+        not again when the kernel later parks or reuses its slot."""
         limit = time.monotonic_ns() - int((self.opts.age_after if older_than is None else older_than) * 1e9)
         m = self.obj.map("inflight")
         out = []
-        want = self.opts.filter.flags
+        idle = []
         rec = PtRecord()
         for key in list(m.keys(ctypes.c_uint64)):
             if not m.lookup(key, rec) or rec.last_ts > limit:
                 continue
             if not m.delete(key):
                 continue  # ended meanwhile: the kernel reported it
+            self._parked_deleted += 1
+            if rec.id not in self._aged_ids:   # else reported from its slot already
+                idle.append(PtRecord.from_buffer_copy(rec))
+        if self._parked_deleted:
+            # tell the kernel: it searches the shared table only while any is parked
+            self.obj.map("parked").update(ctypes.c_uint32(1), ctypes.c_int64(self._parked_deleted))
+        for _cpu, _skb, r in self._slot_records():
+            if r.last_ts <= limit and r.id not in self._aged_ids:
+                idle.append(r)
+        want = self.opts.filter.flags
+        for rec in idle:
+            self._aged_ids[rec.id] = None
+            if len(self._aged_ids) > 65536:
+                self._aged_ids.pop(next(iter(self._aged_ids)))
             # a fragment whose datagram was reassembled, freed without a
             # tracepoint (local-delivery defrag merges them): it was absorbed
             aged = not self._absorbed_fragment(rec)
@@ -448,7 +493,8 @@ class Tracer:
             attach_failures=self.attach_failures)
 
     def inflight(self) -> int:
-        return sum(1 for _ in self.obj.map("inflight").keys(ctypes.c_uint64))
+        """Records in flight: parked in the shared table, and in the CPUs' slots."""
+        return sum(1 for _ in self.obj.map("inflight").keys(ctypes.c_uint64)) + len(self._slot_records())
 
     # ---- tear-down ----
 

@@ -26,7 +26,7 @@ def test_local_delivery_to_router_address(lab, trace):
     names = p.stage_names()
     assert p.fate == "delivered"
     # ICMP has no early demux: the input route lookup must be there
-    assert p.crossed("rx", "prerouting", "route", "input", "deliver"), names
+    assert p.crossed("tc_ingress", "prerouting", "route", "input", "deliver"), names
     assert not {"forward", "output", "postrouting", "tx"} & set(names), names
     assert p.in_dev == "rc"
 
@@ -48,7 +48,7 @@ def test_forwarded_ipv4(lab, trace):
     p = cap.until(lambda p: _from_to(p, lab.addr["client4"], lab.addr["server4"], ICMP))
     names = p.stage_names()
     assert p.fate == "forwarded"
-    assert p.crossed("rx", "prerouting", "route", "forward", "postrouting", "tx"), names
+    assert p.crossed("tc_ingress", "prerouting", "route", "forward", "postrouting", "tx"), names
     assert not {"input", "output", "deliver"} & set(names), names
     assert (p.in_dev, p.out_dev) == ("rc", "rs")
     route = p.path[names.index("route")]
@@ -63,7 +63,7 @@ def test_forwarded_ipv6(lab, trace):
     p = cap.until(lambda p: p.src == lab.addr["client6"] and p.family == "ipv6")
     names = p.stage_names()
     assert p.fate == "forwarded"
-    assert p.crossed("rx", "prerouting", "route", "forward", "postrouting", "tx"), names
+    assert p.crossed("tc_ingress", "prerouting", "route", "forward", "postrouting", "tx"), names
     assert not {"input", "output", "deliver"} & set(names), names
     assert (p.in_dev, p.out_dev) == ("rc", "rs")
 
@@ -75,7 +75,7 @@ def test_router_originated_packet_is_sent(lab, trace):
     names = p.stage_names()
     assert p.fate == "sent"
     assert p.crossed("output", "postrouting", "tx"), names
-    assert not {"rx", "prerouting", "forward", "input"} & set(names), names
+    assert not {"rx", "tc_ingress", "prerouting", "forward", "input"} & set(names), names
     # output routing happens before the OUTPUT hook
     assert names.index("route") < names.index("output")
 
@@ -113,7 +113,7 @@ def test_mark_filter_shows_only_marked_packets_with_mark_change(lab, trace):
     assert pre.mark == 0 and pre.mark_out == 0x1
     assert pre.observations[0].priority < -150 < pre.observations[-1].priority
     # stages before the mark was set are shown too
-    assert p.path[0].stage == "rx" and p.path[0].mark == 0
+    assert p.path[0].stage == "tc_ingress" and p.path[0].mark == 0
     assert p.path[-1].mark == 0x1
 
 
@@ -197,6 +197,20 @@ def test_header_filter_still_catches_a_packet_that_matches_only_after_dnat(lab, 
     # kept, from before the translation that made it match
     assert not p.late_match and p.fate == "forwarded"
     assert p.dst == lab.addr["router_c4"]
-    assert p.stage_names()[0] == "rx"
-    assert p.crossed("rx", "tc_ingress", "prerouting", "route", "forward", "postrouting", "tx")
+    assert p.stage_names()[0] == "tc_ingress"
+    assert p.crossed("tc_ingress", "prerouting", "route", "forward", "postrouting", "tc_egress", "tx")
     assert p.out_dev == "rs"
+
+
+def test_without_tc_observers_rx_and_tx_come_from_the_tracepoints(lab, trace):
+    """--tc off: netif_receive_skb marks the receive and net_dev_queue the
+    hand-over to the device; net_dev_xmit still ends the packet."""
+    cap = trace(filter=PacketFilter(proto=ICMP), tc="off")
+    assert lab.ping(lab.client, lab.addr["server4"]) == 1
+    p = cap.until(lambda p: _from_to(p, lab.addr["client4"], lab.addr["server4"], ICMP))
+    names = p.stage_names()
+    assert p.fate == "forwarded"
+    assert names[0] == "rx" and names[-1] == "tx", names
+    assert p.crossed("rx", "prerouting", "route", "forward", "postrouting", "tx"), names
+    assert not {"tc_ingress", "tc_egress"} & set(names), names
+    assert (p.in_dev, p.out_dev) == ("rc", "rs")

@@ -505,7 +505,8 @@ def test_filter_on_dnat_target_shows_the_whole_path_live_and_in_replay(lab, trac
 
     d = pj(p)
     assert d["fate"] == "forwarded", d
-    assert names(d)[0] == "rx" and "tc_ingress" in names(d), names(d)
+    # the first stage: received on rc (tc ingress marks the receive)
+    assert names(d)[0] == "tc_ingress", names(d)
     assert not d.get("late_match"), d
     assert not p.late_match
     nat = [t for t in stage_json(d, "prerouting")["tables"] if "dst" in t]
@@ -604,7 +605,7 @@ def test_tc_mirror_shows_verdict_target_and_original_still_forwarded(lab, trace,
         assert srv.recv(2.0) == b"mirrored", "set-up: the original did not reach the server"
         # the original: received on rc (a mirrored copy starts on rs2)
         p = cap.until(lambda p: is_flow(p, src=a["client4"], dst=a["server4"], dport=5031)
-                      and p.path and p.path[0].stage == "rx")
+                      and p.path and p.path[0].stage == "tc_ingress" and p.path[0].dev == "rc")
     assert action_stats(tc(lab, "-s", "filter", "show", "dev", "rc", "ingress"), "Mirror") == 1
 
     d = pj(p)

@@ -34,15 +34,15 @@ def one(packets, **want):
 def test_forwarded_ipv4_path(packets):
     p = one(packets, proto="icmp", src="10.71.1.2", dst="10.71.2.2")
     assert p.fate == "forwarded" and p.end == "tx"
-    assert p.stage_names() == ["rx", "tc_ingress", "prerouting", "route", "forward", "postrouting",
-                               "tc_egress", "tx"]
+    # tc ingress marks the receive, tc egress the hand-over, tx the driver taking it
+    assert p.stage_names() == ["tc_ingress", "prerouting", "route", "forward", "postrouting", "tc_egress", "tx"]
     assert (p.in_dev, p.out_dev, p.netns) == ("rc", "rs", "ptlab-rtr")
-    route = p.path[3]
+    route = p.path[2]
     # the demo's `ip rule` makes the kernel walk the rules: local, then main;
     # then it looks up the source (fib_validate_source), shown apart
     assert route.route.tables == ["local", "main"] and route.dev == "rs"
     assert route.route.rule == "32766: from all lookup main" and route.route.src_check["dev"] == "rc"
-    fwd = p.path[4]
+    fwd = p.path[3]
     assert (fwd.in_dev, fwd.dev) == ("rc", "rs")
     # the first observer, and one after the filter table (priority 0)
     assert [o.priority for o in fwd.observations] == [-2147483647, 1]
@@ -54,14 +54,14 @@ def test_forwarded_ipv4_path(packets):
 def test_forwarded_ipv6_consults_local_then_main(packets):
     p = one(packets, family="ipv6", src="fd71:1::2", dst="fd71:2::2")
     assert p.fate == "forwarded"
-    assert p.crossed("rx", "prerouting", "route", "forward", "postrouting", "tx")
+    assert p.crossed("tc_ingress", "prerouting", "route", "forward", "postrouting", "tx")
     assert [lk.table for lk in p.path[p.stage_names().index("route")].lookups] == ["local", "main"]
 
 
 def test_delivered_to_router(packets):
     p = one(packets, proto="icmp", dst="10.71.1.1")
     assert p.fate == "delivered" and p.end == "consumed after input"
-    assert p.stage_names() == ["rx", "tc_ingress", "prerouting", "route", "input", "deliver"]
+    assert p.stage_names() == ["tc_ingress", "prerouting", "route", "input", "deliver"]
 
 
 def test_sent_by_router_routes_before_output(packets):
