@@ -162,6 +162,15 @@ struct {
 	__type(value, struct pt_handoff);
 } handoff SEC(".maps");
 
+/* Hand-offs reserved and not claimed yet (or evicted unclaimed): while
+ * none is, a packet's first sight needs no look in `handoff`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __s64);
+} handoffs SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 1024);
@@ -413,6 +422,13 @@ static __always_inline __u64 *rejected_slot(void)
 	return bpf_map_lookup_elem(&rejected, &zero);
 }
 
+static __always_inline bool rejected_in_flight(void)
+{
+	__u64 *slot = rejected_slot();
+
+	return slot && *slot;
+}
+
 static __always_inline bool is_rejected(const void *skb)
 {
 	__u64 *slot = rejected_slot();
@@ -609,6 +625,9 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 		r->flags = PT_REC_FRAG;
 		r->frag_id = pi->frag_id;
 	}
+	/* only where NAT may rewrite it are headers compared at every hook */
+	if (netns_may_nat(netns))
+		r->flags |= PT_REC_NAT_NS;
 	stat_inc(PT_STAT_CREATED);
 	return r;
 }
@@ -973,14 +992,14 @@ static __always_inline void route_push(__u8 family, __u32 table, __s32 err, __u3
 		/* overwritten unclaimed: a loss when every slot waits to be
 		 * claimed; else newer lookups were claimed past it, so it was
 		 * nobody's (ARP's, a packet without a record) */
-		if (b->live >= PT_MAX_ROUTE)
+		if (b->live >= PT_MAX_ROUTE && !ev->weak)
 			stat_inc(PT_STAT_ROUTE_DROPPED);
 		if (b->live)
 			b->live -= 1;
 	}
 	*ev = (struct pt_route_ev){
 		.ts = now, .table = table, .err = err, .oif = oif, .mark = mark, .family = family,
-		.gw_family = gw_family,
+		.gw_family = gw_family, .weak = rejected_in_flight(),
 	};
 	if (gw_family == 4)
 		bpf_probe_read_kernel(ev->gw, 4, gw);
@@ -1072,34 +1091,6 @@ __noinline int route_take(struct pt_record *r, __u8 kind, __u64 since, __u32 how
 	if (!b->live)
 		b->n = 0;
 	return decisions;
-}
-
-/* A packet without a record reached a hook after routing: its lookups are
- * nobody's; do not let them wait to be claimed by the next packet of its
- * flow (rejected packets only: a header is parsed only if any wait). */
-static __always_inline void route_discard(const void *l3, __u8 family)
-{
-	struct pt_route_buf *b = route_buffer();
-	struct pkt_info pi;
-	__u32 n, start;
-
-	if (!b || !b->live || parse_l3(l3, family, &pi))
-		return;
-	n = b->n;
-	start = n > PT_MAX_ROUTE ? n - PT_MAX_ROUTE : 0;
-	for (int i = 0; i < PT_MAX_ROUTE; i++) {
-		struct pt_route_ev *ev = &b->ev[(start + i) & (PT_MAX_ROUTE - 1)];
-
-		if (start + i >= n)
-			break;
-		if (ev->family == family && route_match(ev, pi.saddr, pi.daddr, ROUTE_LOCAL_OUT | ROUTE_CHECKS)) {
-			ev->family = 0;
-			if (b->live)
-				b->live -= 1;
-		}
-	}
-	if (!b->live)
-		b->n = 0;
 }
 
 /* What routing attached to the packet (skb dst): the nexthop the kernel
@@ -1304,12 +1295,10 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	rejected_pkt = is_rejected(skb);
 	r = rejected_pkt ? NULL : rec_lookup(skb);
 	if (rejected_pkt) {
-		/* its route lookups are nobody's: do not let them wait */
-		if (first && (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD ||
-			      kind == PT_STAGE_OUTPUT))
-			route_discard(l3, family);
-		/* judged at first sight; only NAT can make it match since (a
-		 * ruleset that gained NAT after the packet was first seen) */
+		/* Judged at first sight; only NAT can make it match since (a
+		 * ruleset that gained NAT after the packet was first seen).
+		 * Its route lookups were pushed weak: overwritten silently,
+		 * and claimable only by a packet of their flow. */
 		if (first || (kind != PT_STAGE_PREROUTING && kind != PT_STAGE_OUTPUT &&
 			      kind != PT_STAGE_POSTROUTING) || !ct_natted(nfct))
 			return NF_ACCEPT;
@@ -1338,7 +1327,7 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 			return NF_ACCEPT;
 		r->cause = cause;
 		parsed = true;
-	} else if ((r->flags & PT_REC_FRAG) || ct_natted(nfct)) {
+	} else if ((r->flags & PT_REC_FRAG) || ((r->flags & PT_REC_NAT_NS) && ct_natted(nfct))) {
 		if (!parse_l3(l3, family, &pi)) {
 			parsed = true;
 			if (!pi.frag && (r->flags & PT_REC_FRAG)) {
@@ -1439,7 +1428,8 @@ static __always_inline __u8 skb_redirected(const struct sk_buff *skb)
 {
 	if (!bpf_core_field_exists(skb->redirected))
 		return 0;
-	return BPF_CORE_READ_BITFIELD_PROBED(skb, redirected) ? PT_STF_REDIRECTED : 0;
+	/* a direct load: skb is a BTF pointer in every program that asks */
+	return BPF_CORE_READ_BITFIELD(skb, redirected) ? PT_STF_REDIRECTED : 0;
 }
 
 /* An skb without a record appeared on a device of a traced netns: a copy
@@ -1454,7 +1444,7 @@ static __always_inline void tc_copy_seen(const struct sk_buff *skb, __u32 ifinde
 	struct pt_stage *s;
 	__u64 key;
 
-	if (!t || !t->skb || t->skb == (__u64)skb || t->head != (__u64)BPF_CORE_READ(skb, head))
+	if (!t || !t->skb || t->skb == (__u64)skb || t->head != (__u64)skb->head)
 		return;
 	key = t->skb;
 	r = rec_lookup((const void *)key);
@@ -1474,6 +1464,23 @@ static __always_inline void tc_copy_seen(const struct sk_buff *skb, __u32 ifinde
 }
 
 /* ---- device-level tracepoints ---- */
+
+static __always_inline void handoffs_add(__s64 d)
+{
+	__u32 zero = 0;
+	__s64 *n = bpf_map_lookup_elem(&handoffs, &zero);
+
+	if (n)
+		__sync_fetch_and_add(n, d);
+}
+
+static __always_inline bool handoffs_waiting(void)
+{
+	__u32 zero = 0;
+	__s64 *n = bpf_map_lookup_elem(&handoffs, &zero);
+
+	return n && *n > 0;
+}
 
 /* A veth's peer device (the priv area follows struct net_device; since
  * 6.12 it is the flexible member `priv`). */
@@ -1516,6 +1523,7 @@ static __always_inline void handoff_reserve(const void *skb, struct pt_record *r
 	h.prev_netns = r->netns;
 	if (bpf_map_update_elem(&handoff, &key, &h, BPF_ANY))
 		return;
+	handoffs_add(1);
 	r->next = h.next;
 	r->next_netns = ino;
 }
@@ -1527,7 +1535,7 @@ static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, con
 							__u32 netns, __u32 ifindex, __u64 now)
 {
 	__u64 key = (__u64)skb;
-	struct pt_handoff *h = bpf_map_lookup_elem(&handoff, &key);
+	struct pt_handoff *h = handoffs_waiting() ? bpf_map_lookup_elem(&handoff, &key) : NULL;
 	__u64 id = 0, prev = 0;
 	__u32 prev_netns = 0;
 	struct pt_record *r;
@@ -1543,7 +1551,8 @@ static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, con
 		} else {
 			stat_inc(PT_STAT_HANDOFF_LOST);
 		}
-		bpf_map_delete_elem(&handoff, &key);
+		if (!bpf_map_delete_elem(&handoff, &key))
+			handoffs_add(-1);
 	}
 	tc_copy_seen(skb, ifindex);
 	/* a continuation is kept whatever the filter: its first part matched */
@@ -1601,14 +1610,15 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
  * picked yet: the root qdisc, or the first queue's for multiqueue (mq). */
 static __always_inline bool dev_has_qdisc(const struct net_device *dev)
 {
+	/* direct loads: dev comes from a BTF pointer (skb->dev) */
 	struct netdev_queue *txq;
-	struct Qdisc *q = BPF_CORE_READ(dev, qdisc);
+	struct Qdisc *q = dev->qdisc;
 
-	if (q && BPF_CORE_READ(q, enqueue))
+	if (q && q->enqueue)
 		return true;
-	txq = BPF_CORE_READ(dev, _tx);
-	q = txq ? BPF_CORE_READ(txq, qdisc) : NULL;
-	return q && BPF_CORE_READ(q, enqueue);
+	txq = dev->_tx;
+	q = txq ? txq->qdisc : NULL;
+	return q && q->enqueue;
 }
 
 /* Handed to a device (after tc egress): queued to its qdisc, or straight

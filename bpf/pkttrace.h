@@ -106,6 +106,7 @@ enum pt_fate {
 #define PT_REC_CAUSED    (1u << 3)  /* the kernel generated a packet in reply while processing it */
 #define PT_REC_REDIRECTED (1u << 4) /* tc redirected it */
 #define PT_REC_FRAG      (1u << 5)  /* an IP fragment (frag_id set) */
+#define PT_REC_NAT_NS    (1u << 6)  /* first seen in a netns whose ruleset has NAT */
 
 /* Per-CPU counters (array index).  Every packet that is not shown is counted
  * in exactly one of FILTERED, LOST, CREATE_FAILED or aged out (user space). */
@@ -238,7 +239,9 @@ struct pt_route_ev {
 	__u32 mark;       /* flow mark used for the lookup */
 	__u8 family;      /* 0: claimed */
 	__u8 gw_family;   /* 4, 6 or 0: no gateway (directly connected) */
-	__u8 _pad[6];
+	__u8 weak;        /* made while a packet without a record was in flight
+			     here: most likely nobody's, overwritten silently */
+	__u8 _pad[5];
 	__u8 gw[16];
 	__u8 daddr[16];   /* destination looked up (the source, for a source check) */
 	__u8 saddr[16];   /* source of the flow (zero: not chosen yet) */

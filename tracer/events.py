@@ -99,7 +99,7 @@ class DeliverHow(enum.IntEnum):
 SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT = 1, 2, 4
 F_MARK, F_SRC, F_DST, F_PROTO, F_PORT, F_IFACE = 1, 2, 4, 8, 16, 32
 F_HEADER = F_SRC | F_DST | F_PROTO | F_PORT   # criteria judged from the IP header alone
-REC_TRUNCATED, REC_LATE, REC_QUEUED, REC_CAUSED, REC_REDIRECTED, REC_FRAG = 1, 2, 4, 8, 16, 32
+REC_TRUNCATED, REC_LATE, REC_QUEUED, REC_CAUSED, REC_REDIRECTED, REC_FRAG, REC_NAT_NS = 1, 2, 4, 8, 16, 32, 64
 
 
 class Stat(enum.IntEnum):
@@ -231,7 +231,8 @@ class PtRouteEv(ctypes.Structure):
         ("mark", u32),
         ("family", u8),
         ("gw_family", u8),
-        ("_pad", u8 * 6),
+        ("weak", u8),
+        ("_pad", u8 * 5),
         ("gw", u8 * 16),
         ("daddr", u8 * 16),
         ("saddr", u8 * 16),
