@@ -251,7 +251,7 @@ def bpf_cost_trial(lab, duration: float) -> dict:
     breakdown = {name: {"runs_per_pkt": v["runs"] / pkts, "ns_per_run": v["ns"] / v["runs"],
                         "ns_per_pkt": v["ns"] / pkts} for name, v in sorted(progs.items())}
     return {"bpf_ns_per_pkt": total / pkts, "bpf_runs_per_pkt": sum(v["runs"] for v in progs.values()) / pkts,
-            "bpf_progs": breakdown}
+            "bpf_progs": breakdown, "bpf_trial_delivered": r["delivered"], "bpf_trial_sent": r["sent"]}
 
 
 # ---- modes -------------------------------------------------------------------
@@ -603,9 +603,13 @@ def accounting(samples: list[dict]) -> list[dict]:
             accounted = sm["created"] + sm.get("not_traced", 0)
         else:
             accounted = sum(sm.get(k, 0) for k in ("shown", "filtered", "lost", "not_traced"))
-        rows.append({"mode": s["mode"], "round": s["round"], "delivered": s["delivered"], "sent": s["sent"],
-                     **sm, "accounted": accounted, "accounted_over_delivered": accounted / s["delivered"],
-                     "accounted_over_sent": accounted / s["sent"],
+        # the tracer's summary covers both trials it ran through: the main
+        # one and the shorter one with BPF stats on
+        delivered = s["delivered"] + s.get("bpf_trial_delivered", 0)
+        sent = s["sent"] + s.get("bpf_trial_sent", 0)
+        rows.append({"mode": s["mode"], "round": s["round"], "delivered": delivered, "sent": sent,
+                     **sm, "accounted": accounted, "accounted_over_delivered": accounted / delivered,
+                     "accounted_over_sent": accounted / sent,
                      "drain_s": s.get("drain_s")})
     return rows
 

@@ -155,6 +155,14 @@ struct {
 	__type(value, __u32);
 } netns_nat SEC(".maps");
 
+/* Runtime, per traced netns: the observers right after a NAT table. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PT_MAX_NETNS);
+	__type(key, __u32);
+	__type(value, struct pt_nat_slots);
+} nat_slots SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
@@ -625,7 +633,8 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 		r->flags = PT_REC_FRAG;
 		r->frag_id = pi->frag_id;
 	}
-	/* only where NAT may rewrite it are headers compared at every hook */
+	/* only where NAT may rewrite it are headers compared after NAT tables */
+	r->ns_index = netns_index(netns) & (PT_MAX_NETNS - 1);
 	if (netns_may_nat(netns))
 		r->flags |= PT_REC_NAT_NS;
 	stat_inc(PT_STAT_CREATED);
@@ -1266,6 +1275,17 @@ static __always_inline void nat_check(struct pt_record *r, const struct pkt_info
 	}
 }
 
+/* Does observer `slot` of this hook follow a NAT table in r's netns? */
+static __always_inline bool after_nat(const struct pt_record *r, __u8 family, __u8 hook, __u8 slot)
+{
+	__u32 k = r->ns_index;
+	struct pt_nat_slots *ns = bpf_map_lookup_elem(&nat_slots, &k);
+
+	if (!ns || hook > 4)
+		return false;
+	return ns->after_nat[(family == 6 ? 5 : 0) + hook] & (1u << slot);
+}
+
 static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 {
 	const struct nf_hook_state *state = ctx->state;
@@ -1327,7 +1347,8 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 			return NF_ACCEPT;
 		r->cause = cause;
 		parsed = true;
-	} else if ((r->flags & PT_REC_FRAG) || ((r->flags & PT_REC_NAT_NS) && ct_natted(nfct))) {
+	} else if ((r->flags & PT_REC_FRAG) ||
+		   ((r->flags & PT_REC_NAT_NS) && after_nat(r, family, hook, slot) && ct_natted(nfct))) {
 		if (!parse_l3(l3, family, &pi)) {
 			parsed = true;
 			if (!pi.frag && (r->flags & PT_REC_FRAG)) {

@@ -201,7 +201,7 @@ struct pt_record {
 	__u8 match;               /* PT_F_* criteria matched so far */
 	__u8 seen;                /* PT_SEEN_* */
 	__u8 flags;               /* PT_REC_* */
-	__u8 _pad0;
+	__u8 ns_index;            /* index of its netns in pt_config.netns_ino */
 	__u16 sport;              /* host order */
 	__u16 dport;
 	__u8 saddr[16];           /* addresses and ports at first sight */
@@ -266,6 +266,13 @@ struct pt_route_buf {
 	__u32 n;          /* lookups pushed since the buffer was last empty */
 	__u32 live;       /* of those, not claimed yet */
 	struct pt_route_ev ev[PT_MAX_ROUTE];
+};
+
+/* Runtime, per traced netns (map nat_slots): the observer slots that
+ * follow a NAT table, per family (0: IPv4, 1: IPv6) and hook.  Only there
+ * can a packet's addresses have changed since the observer before. */
+struct pt_nat_slots {
+	__u16 after_nat[10];     /* [family * 5 + hook], family 0: IPv4, 1: IPv6 */
 };
 
 /* Per CPU: which packet (skb pointer, 0: free) each record slot holds.  A

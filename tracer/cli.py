@@ -156,8 +156,9 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
                f"{tracer.ready_s * 1000:.0f} ms); Ctrl-C to stop", err=True)
     limit_reached = False
     try:
-        for pkt in tracer.packets(count=count, duration=duration):
-            printer.packet(pkt)
+        for pkt in tracer.packets(count=count, duration=duration, after_batch=printer.flush):
+            printer.batch(pkt)
+        printer.flush()
         limit_reached = count is not None
     except KeyboardInterrupt:
         pass

@@ -194,7 +194,7 @@ class PtRecord(ctypes.Structure):
         ("match", u8),
         ("seen", u8),
         ("flags", u8),
-        ("_pad0", u8),
+        ("ns_index", u8),
         ("sport", u16),
         ("dport", u16),
         ("saddr", u8 * 16),
@@ -245,6 +245,10 @@ class PtPending(ctypes.Structure):
 
 class PtRouteBuf(ctypes.Structure):
     _fields_ = [("n", u32), ("live", u32), ("ev", PtRouteEv * PT_MAX_ROUTE)]
+
+
+class PtNatSlots(ctypes.Structure):
+    _fields_ = [("after_nat", u16 * 10)]   # [family * 5 + hook], family 0: IPv4, 1: IPv6
 
 
 class PtSlots(ctypes.Structure):
@@ -302,6 +306,7 @@ MIRRORS = {
     "pt_path_key": PtPathKey,
     "pt_active": PtActive,
     "pt_slots": PtSlots,
+    "pt_nat_slots": PtNatSlots,
     "pt_handoff": PtHandoff,
     "pt_frag_key": PtFragKey,
     "pt_tc_last": PtTcLast,

@@ -5,6 +5,7 @@ from typing import TextIO
 
 from .paths import Packet, Stage, TableStep, packet_json
 from .session import Counters
+from .templates import Templates
 
 
 def _endpoint(addr: str, port: int | None, family: str) -> str:
@@ -17,6 +18,10 @@ def _time(t_ns: int) -> str:
     if t_ns < 1_000_000:
         return f"+{t_ns / 1000:.1f}µs"
     return f"+{t_ns / 1e6:.3f}ms"
+
+
+def _time_col(t_ns: int) -> str:
+    return f"{_time(t_ns):>11}"
 
 
 def _mark(m: int | None) -> str:
@@ -78,7 +83,7 @@ def _table_line(t: TableStep) -> str:
     return f"{t.table:<14} " + "  ".join(parts) if parts else t.table
 
 
-def format_packet(p: Packet) -> str:
+def _format_packet(p: Packet) -> str:
     head = (f"#{p.id} {p.family} {p.proto} {_endpoint(p.src, p.sport, p.family)} → "
             f"{_endpoint(p.dst, p.dport, p.family)}  {p.fate.upper()}")
     if p.netns:
@@ -90,7 +95,7 @@ def format_packet(p: Packet) -> str:
     lines = [head]
     for s in p.path:
         dev = f"{s.in_dev}→{s.dev}" if s.in_dev and s.dev and s.in_dev != s.dev else (s.dev or "")
-        lines.append(f"  {_time(s.t_ns):>11}  {s.stage:<12} {dev:<14} {_detail(s)}".rstrip())
+        lines.append(f"  {_time_col(s.t_ns)}  {s.stage:<12} {dev:<14} {_detail(s)}".rstrip())
         for t in s.tables:
             lines.append(f"  {'':>11}    · {_table_line(t)}")
     if p.drop:
@@ -115,8 +120,10 @@ def format_packet(p: Packet) -> str:
     return "\n".join(lines)
 
 
-def format_json(p: Packet) -> str:
-    return packet_json(p)
+# Packets of one flow on one path render alike but for ids and times: each
+# renderer keeps its texts as templates (tracer/templates.py).
+format_packet = Templates(_format_packet, _time, _time_col)
+format_json = Templates(packet_json, str)
 
 
 def summary(c: Counters) -> str:
@@ -132,6 +139,14 @@ class Printer:
     def __init__(self, out: TextIO, as_json: bool):
         self.out, self.as_json = out, as_json
 
-    def packet(self, p: Packet) -> None:
+    def packet(self, p: Packet, flush: bool = True) -> None:
         self.out.write((format_json(p) if self.as_json else format_packet(p) + "\n") + "\n")
+        if flush:
+            self.out.flush()
+
+    def batch(self, p: Packet) -> None:
+        """A packet of a batch: flushed by flush() when the batch is done."""
+        self.packet(p, flush=False)
+
+    def flush(self) -> None:
         self.out.flush()

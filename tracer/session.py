@@ -262,9 +262,19 @@ class Tracer:
                 self.ctx.slot_after[key] = [(t.name, t.priority) for t in hp.tables_after(i)]
         self.ctx.conntrack[ino] = sorted({fam for (fam, h), ts in reg.items()
                                           for t in ts if t.name == "conntrack"})
-        # with NAT a header filter cannot judge a packet at first sight
-        self.obj.map("netns_nat").update(ctypes.c_uint32(self._ns_index[ino]),
-                                         ctypes.c_uint32(placement.has_nat(reg)))
+        # with NAT a header filter cannot judge a packet at first sight, and
+        # the observers right after a NAT table compare its addresses
+        idx = ctypes.c_uint32(self._ns_index[ino])
+        self.obj.map("netns_nat").update(idx, ctypes.c_uint32(placement.has_nat(reg)))
+        nat = events.PtNatSlots()
+        self.obj.map("nat_slots").lookup(idx, nat)
+        for (fam, hook), hp in plans.items():
+            k = (5 if fam == 6 else 0) + hook
+            for i in range(len(hp.priorities)):
+                bit = 1 << (bank * events.PT_NF_BANK + i)
+                nat.after_nat[k] = (nat.after_nat[k] | bit) if any(t.nat for t in hp.tables[i]) \
+                    else (nat.after_nat[k] & ~bit)
+        self.obj.map("nat_slots").update(idx, nat)
         self.ctx.shapes.clear()  # they hold table names
         self.ctx.generation += 1
         return Placed(bank, reg, plans, links)
@@ -461,8 +471,12 @@ class Tracer:
         rec.fate, rec.link = events.Fate.REASSEMBLED, into.value
         return True
 
-    def packets(self, count: int | None = None, duration: float | None = None) -> Iterator[paths.Packet]:
-        """Yield packets until count packets were yielded or duration seconds passed."""
+    def packets(self, count: int | None = None, duration: float | None = None,
+                after_batch=None) -> Iterator[paths.Packet]:
+        """Yield packets until count packets were yielded or duration seconds passed.
+
+        after_batch() is called once the packets of each poll are handed out
+        (a sink flushes there: not per packet, and never later than a poll)."""
         deadline = None if duration is None else time.monotonic() + duration
         n = 0
         while not self.stopping:
@@ -479,6 +493,8 @@ class Tracer:
                     self.shown -= rest
                     self.unread += rest
                     return
+            if after_batch is not None and batch:
+                after_batch()
 
     def counters(self) -> Counters:
         st = self.obj.map("stats")

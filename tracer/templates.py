@@ -1,0 +1,168 @@
+"""Render packets of one flow and path fast: the text as a template.
+
+A flood is mostly packets of a few flows, each taking one path: their JSON
+lines and human blocks differ only in the packet id, the times of their
+stages and the ids they link to.  The first packet of each (path shape,
+everything else in its record) is rendered by the one renderer
+(`paths.Packet.to_json`, `output.format_packet`) with sentinel values in
+place of those; the sentinels in the text become template holes, and every
+later packet of the same kind fills them.  Nothing but the id, times and
+links is ever taken from the template, so the text is the renderer's own.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from itertools import repeat
+from operator import itemgetter, sub as _sub
+from typing import Callable
+
+from .events import PT_MAX_STAGES, PtRecord, StageKind
+from .paths import _HDR_SIZE, _LINKS_OFF, _N_OFF, _STAGE_SIZE, Packet
+
+# Sentinels: the id, and the time of raw stage i (ns after the first stage),
+# chosen so that each renders as a token found nowhere else in the text.
+_SENT_ID = 7_100_000_000_000_000_000
+_SENT_LINK = 7_200_000_000_000_000_000          # + 0..3: cause, prev, next, reassembled
+_SENT_T = 7_000_000_000_000                     # + i * 1000: distinct at the human view's resolution
+_T_STEP = 1000
+_TS_OFF = 0                                     # a stage's time is its first 8 bytes
+_KIND_OFF = 24
+_U64 = struct.Struct("=Q")
+_LINKS4 = struct.Struct("=QQQQ")                # cause, prev, next, link: ids
+_LINK_BYTES = _LINKS4.size
+
+
+class _Shape:
+    """Per path shape: how to read the parts of a record that are not times."""
+
+    def __init__(self, raw: bytes):
+        n = min(raw[_N_OFF], PT_MAX_STAGES)
+        fmt = "="
+        self.timed = []                         # raw indices of stages that carry a time
+        for i in range(n):
+            kind = raw[_HDR_SIZE + i * _STAGE_SIZE + _KIND_OFF]
+            if kind == StageKind.ADDR:
+                fmt += f"{_STAGE_SIZE}s"        # an address where other stages have a time
+            else:
+                fmt += f"8x{_STAGE_SIZE - 8}s"
+                self.timed.append(i)
+        self.n = n
+        self.stages = struct.Struct(fmt)
+        self.size = _HDR_SIZE + n * _STAGE_SIZE
+        # id, first_ts, then the link ids, then every timed stage's time
+        offs = [0, 8] + [_LINKS_OFF + 8 * k for k in range(4)] + \
+               [_HDR_SIZE + i * _STAGE_SIZE + _TS_OFF for i in self.timed]
+        fmt, pos = "=", 0
+        for off in offs:
+            fmt += f"{off - pos}xQ"
+            pos = off + 8
+        self.values = struct.Struct(fmt)
+
+    def key(self, raw: bytes) -> tuple:
+        # everything but id, times and link ids (which links exist is kept):
+        # the header around them, and the stages
+        links = raw[_LINKS_OFF:_LINKS_OFF + _LINK_BYTES]
+        return (raw[24:_LINKS_OFF], links.count(0) // 8 if links == bytes(_LINK_BYTES) else
+                tuple(bool(x) for x in _LINKS4.unpack(links)),
+                raw[_LINKS_OFF + _LINK_BYTES:_HDR_SIZE], self.stages.unpack_from(raw, _HDR_SIZE))
+
+    def sentinel_raw(self, raw: bytes) -> bytes:
+        b = bytearray(raw[:self.size])
+        _U64.pack_into(b, 0, _SENT_ID)
+        _U64.pack_into(b, 8, 0)                 # first_ts: times are then the sentinels themselves
+        for k in range(4):
+            if _U64.unpack_from(b, _LINKS_OFF + 8 * k)[0]:
+                _U64.pack_into(b, _LINKS_OFF + 8 * k, _SENT_LINK + k)
+        for j, i in enumerate(self.timed):
+            _U64.pack_into(b, _HDR_SIZE + i * _STAGE_SIZE + _TS_OFF, _SENT_T + j * _T_STEP)
+        return bytes(b)
+
+
+class Templates:
+    """A cache of rendered texts with holes, for one renderer.
+
+    render(pkt) -> str is the renderer; time(t_ns) -> str how it writes a
+    time (int for JSON, "+1.2µs" for the human view), and fill(t_ns) the
+    text that stands for a time in a template (time() as padded by the
+    renderer: a sentinel is too wide to be padded)."""
+
+    def __init__(self, render: Callable[[Packet], str], time: Callable[[int], str],
+                 fill: Callable[[int], str] | None = None, max_entries: int = 4096):
+        self.render, self.time, self.max_entries = render, time, max_entries
+        self.fill = fill or time
+        self._shapes: dict[int, tuple] = {}     # id(Shape) -> (Shape object, _Shape)
+        self._texts: dict[tuple, tuple] = {}    # key -> (Shape object, format string, holes)
+        self.hits = self.misses = 0
+
+    def __call__(self, pkt: Packet) -> str:
+        raw, shape = pkt._raw, pkt._shape
+        if raw is None or pkt._vals is not None or pkt._path is not None:
+            return self.render(pkt)             # built or changed by hand: no template
+        sh = self._shapes.get(id(shape))
+        if sh is None or sh[0] is not shape:
+            if len(self._shapes) >= self.max_entries:
+                self._shapes.clear()
+            sh = self._shapes[id(shape)] = (shape, _Shape(raw))
+        meta = sh[1]
+        if len(raw) < meta.size:
+            return self.render(pkt)
+        key = meta.key(raw)
+        t = self._texts.get(key)
+        if t is None or t[0] is not shape:
+            t = self._compile(pkt, meta)
+            if t is None:
+                return self.render(pkt)
+            if len(self._texts) >= self.max_entries:
+                self._texts.clear()
+            self._texts[key] = t
+            self.misses += 1
+        else:
+            self.hits += 1
+        return self._fill(t[1], meta, raw)
+
+    def _compile(self, pkt: Packet, meta: _Shape):
+        """The text of pkt with holes: rendered from a copy of its record
+        whose id, times and links are sentinels."""
+        ctx = pkt._ctx
+        probe = Packet._from_raw(meta.sentinel_raw(pkt._raw), pkt._shape, ctx)
+        text = self.render(probe)
+        tokens = {str(_SENT_ID): -1}
+        for k in range(4):
+            tokens[str(_SENT_LINK + k)] = -2 - k
+        for j in range(len(meta.timed)):
+            tokens[self.time(_SENT_T + j * _T_STEP)] = j
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+        # %s holes in the order of the text; each picks from the values
+        # (id, cause, prev, next, reassembled, time of timed stage 0, 1, ...)
+        out, order = [], []
+        pos = 0
+        for m in pattern.finditer(text):
+            out.append(text[pos:m.start()].replace("%", "%%"))
+            out.append("%s")
+            h = tokens[m.group(0)]
+            order.append(0 if h == -1 else 1 + (-h - 2) if h < -1 else 5 + h)
+            pos = m.end()
+        out.append(text[pos:].replace("%", "%%"))
+        n_times = len(meta.timed)
+        # the common case: the id, then every time in stage order, no link
+        natural = order == [0] + [5 + j for j in range(n_times)]
+        fmt = ("".join(out), None if natural else itemgetter(*order) if len(order) > 1 else
+               (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ()))
+        # the sentinels must stand for values only: a text that renders
+        # differently with them (a time or id used for anything but
+        # printing) would be wrong; check the packet itself against it
+        if self._fill(fmt, meta, pkt._raw) != self.render(Packet._from_raw(pkt._raw, pkt._shape, ctx)):
+            return None
+        return pkt._shape, fmt
+
+    def _fill(self, fmt: tuple, meta: _Shape, raw: bytes) -> str:
+        text, pick = fmt
+        v = meta.values.unpack_from(raw, 0)
+        # id, links, then the times after the first stage (C loops: map)
+        times = map(_sub, v[6:], repeat(v[1]))
+        if self.fill is not str:      # (% writes ints as str() would, without a call each)
+            times = map(self.fill, times)
+        if pick is None:
+            return text % (v[0], *times)
+        return text % pick((*v[:1], *v[2:6], *times))
