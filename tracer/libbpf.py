@@ -59,12 +59,19 @@ _log: list[str] = []
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
+LIBBPF_DEBUG = 2
+# A verifier log comes as one message: big enough for its last lines, which
+# say why a program was refused.  One buffer: libbpf calls back thousands of
+# times while loading.
+_print_buf = ctypes.create_string_buffer(1 << 20)
+
+
 @_PRINT_FN
 def _print_cb(level, fmt, args):
+    if level >= LIBBPF_DEBUG:
+        return 0  # relocation chatter: never why something failed
     # x86_64/aarch64 pass va_list by pointer, so vsnprintf can format it here.
-    # A verifier log comes as one message: big enough for its last lines,
-    # which say why a program was refused.
-    buf = ctypes.create_string_buffer(1 << 20)
+    buf = _print_buf
     _libc.vsnprintf(buf, len(buf), fmt, ctypes.c_void_p(args))
     msg = buf.value.decode(errors="replace").rstrip()
     _log.extend(msg.splitlines()[-40:] if len(msg) > 4096 else [msg])
