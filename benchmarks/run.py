@@ -618,15 +618,21 @@ def accounting(samples: list[dict]) -> list[dict]:
 # (run_time_ns / run_cnt per program) on the same lab.  Kept next to the
 # targets so the report says it whenever the number is short.
 BOUND_BY = {
-    "serve-udp-ratio": "every packet still gets a full in-flight record (hash insert + delete) over ~17 probe "
-                       "runs, plus the path signature and a per-CPU path counter at its end; counting without "
-                       "a per-packet record (per-CPU current-packet slot) is the next lever",
-    "filter-nomatch-udp-ratio": "~15 probe runs per forwarded packet even when they return at once (observers "
-                                "now only where tables are registered: 4 at PREROUTING here, 2 TCX, tracepoints "
-                                "that fire in every netns): ~2 us of BPF time against ~12 us of CPU per packet",
-    "trace-all-udp-ratio": "the collector takes most of one of the 2 cores the sender, router and receiver "
-                           "share; with per-table attribution a JSON line costs ~90 us (11k lines/s); every "
-                           "loss is counted",
+    "serve-udp-ratio": "~15 program runs per forwarded packet on this lab (7 netfilter observers: a table "
+                       "group each, 2 tc, route, xmit, and tracepoints that fire in the client and server "
+                       "namespaces too); with an untraced router at ~2.2 us of CPU per packet, ~1 us of BPF "
+                       "time (bpf_stats on; ~25 ns of each run is the stats' own) is the 0.62",
+    "serve-bpf-ns": "the floor of ~15 runs at ~30-40 ns each with bpf_stats on is ~500 ns before any work; "
+                    "fewer runs needs fewer observers (one per hook where tables share nothing to report)",
+    "filter-nomatch-udp-ratio": "every observer still runs for a packet that matched nothing (netfilter "
+                                "links and TCX are per netns, not per flow): ~15 runs returning early",
+    "filter-nomatch-bpf-ns": "same floor as serve: the runs, not their work",
+    "trace-all-udp-ratio": "the collector takes one of the 2 cores the sender, router and receiver share "
+                           "(~250k JSON lines/s from templates); every loss is counted",
+    "collector-json-per-s": "a template per (path shape, record) is filled with the id and times: Python's "
+                            "%-formatting of a ~1 KB line is most of the ~4 us",
+    "start-to-ready-s": "verifier time: ~70 ms per netfilter observer program (one per table group) and the "
+                        "tracepoint programs; TCX links ~12 ms each (8 here)",
 }
 
 

@@ -215,7 +215,8 @@ struct {
 	__type(value, __u64);
 } rejected SEC(".maps");
 
-extern void *bpf_cast_to_kern_ctx(void *) __ksym;
+/* 6.2+: weak, so the object loads on older kernels (without tc observers) */
+extern void *bpf_cast_to_kern_ctx(void *) __ksym __weak;
 
 /* Addresses, protocol and ports read from an IP header. */
 struct pkt_info {
@@ -1286,10 +1287,12 @@ static __always_inline bool after_nat(const struct pt_record *r, __u8 family, __
 	return ns->after_nat[(family == 6 ? 5 : 0) + hook] & (1u << slot);
 }
 
-static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
+/* One observation of a packet at a netfilter hook.  first: the hook's
+ * first observation (before every table); slot, prio, flags: see
+ * PT_SLOT_* and struct pt_stage. */
+static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_hook_state *state, __u8 slot,
+					 bool first, __s32 prio, __u8 stflags)
 {
-	const struct nf_hook_state *state = ctx->state;
-	struct sk_buff *skb = ctx->skb;
 	__u8 hook = state->hook;
 	__u8 pf = state->pf;
 	__u8 family = pf == NFPROTO_IPV4 ? 4 : pf == NFPROTO_IPV6 ? 6 : 0;
@@ -1297,7 +1300,6 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 	__u32 out = state->out ? state->out->ifindex : 0;
 	__u32 mark = skb->mark;
 	__u64 nfct = skb->_nfct;
-	bool first = slot % PT_NF_BANK == 0;
 	const void *l3 = skb_l3(skb);
 	bool parsed = false;
 	__u64 now;
@@ -1399,6 +1401,8 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 		return NF_ACCEPT;
 	s->ifindex = out ? out : in;
 	s->aux = in;
+	s->aux2 = prio;
+	s->flags = stflags;
 	s->mark = mark;
 	s->slot = slot;
 	s->ct = ct_state(nfct);
@@ -1415,6 +1419,11 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
 		s->tos = (b[0] << 4) | (b[1] >> 4);
 	}
 	return NF_ACCEPT;
+}
+
+static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
+{
+	return nf_observe_at(ctx->skb, ctx->state, slot, slot % PT_NF_BANK == 0, 0, 0);
 }
 
 /* One program per priority slot, so each observation says where it was made
@@ -1442,6 +1451,74 @@ NF_OBS(12)
 NF_OBS(13)
 NF_OBS(14)
 NF_OBS(15)
+
+/* ---- netfilter, fentry backend (kernels without netfilter links) ----
+ *
+ * Where netfilter BPF links are missing (before 6.4), the hook machinery
+ * itself is observed: nf_hook_slow runs the hook functions of one hook for
+ * one packet; each nft base chain (nft_do_chain) and x_tables table
+ * (ip(6)t_do_table) says its verdict.  These fire in every netns: the
+ * packet's must be traced.  A hook with no table registered does not run
+ * nf_hook_slow at all: there is nothing between the stages around it. */
+
+#define NF_DROP 0
+#define NF_ACCEPT_V 1
+#define NF_VERDICT_MASK 0xff
+
+SEC("fentry/nf_hook_slow")
+int BPF_PROG(fe_hook_entry, struct sk_buff *skb, struct nf_hook_state *state,
+	     const struct nf_hook_entries *e, unsigned int s)
+{
+	if (netns_traced(state->net->ns.inum))
+		nf_observe_at(skb, state, 0, true, 0, 0);
+	return 0;
+}
+
+SEC("fexit/nf_hook_slow")
+int BPF_PROG(fx_hook_exit, struct sk_buff *skb, struct nf_hook_state *state,
+	     const struct nf_hook_entries *e, unsigned int s, int ret)
+{
+	/* 1: every hook function accepted it (else it may be freed already) */
+	if (ret == 1 && netns_traced(state->net->ns.inum))
+		nf_observe_at(skb, state, PT_SLOT_EXIT, false, 0x7fffffff, 0);
+	return 0;
+}
+
+/* After one table: its priority, and whether it dropped the packet (then
+ * nf_hook_slow frees it after we return: it is still whole here). */
+static __always_inline void table_done(struct sk_buff *skb, const struct nf_hook_state *state, __s32 prio,
+				       unsigned int ret)
+{
+	__u8 v = ret & NF_VERDICT_MASK;
+
+	if ((v != NF_DROP && v != NF_ACCEPT_V) || !netns_traced(state->net->ns.inum))
+		return; /* stolen or queued: no longer ours to read */
+	nf_observe_at(skb, state, PT_SLOT_TABLE, false, prio, v == NF_DROP ? PT_STF_NF_DROP : 0);
+}
+
+SEC("fexit/nft_do_chain")
+int BPF_PROG(fx_nft_chain, struct nft_pktinfo *pkt, void *priv, unsigned int ret)
+{
+	/* priv is the chain of a base chain: its hook priority is the table's */
+	struct nft_base_chain *bc = (void *)priv - bpf_core_field_offset(struct nft_base_chain, chain);
+
+	table_done(pkt->skb, pkt->state, BPF_CORE_READ(bc, ops.priority), ret);
+	return 0;
+}
+
+SEC("fexit/ipt_do_table")
+int BPF_PROG(fx_ipt_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state, unsigned int ret)
+{
+	table_done(skb, state, BPF_CORE_READ((struct xt_table *)priv, priority), ret);
+	return 0;
+}
+
+SEC("fexit/ip6t_do_table")
+int BPF_PROG(fx_ip6t_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state, unsigned int ret)
+{
+	table_done(skb, state, BPF_CORE_READ((struct xt_table *)priv, priority), ret);
+	return 0;
+}
 
 /* ---- tc: verdicts seen from outside ---- */
 
@@ -1806,6 +1883,21 @@ int BPF_PROG(on_sk_data_ready, const struct sock *sk)
 /* The end of a poll: packets whose records are still in this CPU's slots
  * are held somewhere (neighbour or reassembly queue, socket backlog) and
  * may go on from another CPU: park them. */
+/* Before 6.3 there is no sk_data_ready tracepoint: the function it sits in
+ * (sock_def_readable, UDP's and TCP's data_ready) observed at entry. */
+SEC("fentry/sock_def_readable")
+int BPF_PROG(fe_sk_data_ready, struct sock *sk)
+{
+	struct pt_record *r;
+	__u64 key;
+
+	r = pending_take(&key);
+	if (r)
+		deliver((const void *)key, r, PT_DELIVER_QUEUED,
+			sk->sk_socket && sk->sk_socket->file ? sk->sk_socket->file->f_inode->i_ino : 0);
+	return 0;
+}
+
 SEC("tp_btf/napi_poll")
 int BPF_PROG(on_napi_poll, struct napi_struct *napi, int work, int budget)
 {

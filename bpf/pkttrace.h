@@ -39,6 +39,15 @@ enum pt_stage_kind {
 
 /* struct pt_stage.flags */
 #define PT_STF_REDIRECTED 1       /* skb->redirected: tc (mirred, bpf_redirect) sent it here */
+#define PT_STF_NF_DROP 2          /* fentry backend: the table observed here said drop */
+
+/* struct pt_stage.slot of a netfilter stage.  Netfilter links (nflink
+ * backend): the observer slot 0..PT_NF_SLOTS-1, whose priority user space
+ * knows.  fentry backend (kernels without netfilter links): the hook's
+ * entry is slot 0; these two follow a table: */
+#define PT_SLOT_TABLE 0xfe        /* after the table (nft base chain, x_tables
+				     table) at priority aux2 */
+#define PT_SLOT_EXIT 0xff         /* after every hook function of the hook */
 
 /* struct pt_stage.aux2 of a tc stage: what the kernel did with the packet
  * after the tc programs and filters, when seen from outside tc (0: nothing
