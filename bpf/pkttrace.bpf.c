@@ -1282,6 +1282,8 @@ static __always_inline bool after_nat(const struct pt_record *r, __u8 family, __
 	__u32 k = r->ns_index;
 	struct pt_nat_slots *ns = bpf_map_lookup_elem(&nat_slots, &k);
 
+	if (slot >= PT_NF_SLOTS)
+		return true; /* fentry backend: any observation after the first */
 	if (!ns || hook > 4)
 		return false;
 	return ns->after_nat[(family == 6 ? 5 : 0) + hook] & (1u << slot);

@@ -101,9 +101,11 @@ def filter_options(fn):
               help="Report a packet as 'unknown' when its end is not seen within this time.")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also save the raw records (and the names they need) for `pkttrace replay`.")
+@click.option("--backend", type=click.Choice(["auto", "nflink", "fentry"]), default="auto", show_default=True,
+              help="How netfilter hooks are observed: netfilter BPF links (6.4+) or fentry (older kernels).")
 @click.pass_context
 def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, duration, tc_mode, age_after,
-         record_path):
+         record_path, backend):
     """Show the path each packet really takes through the Linux network stack.
 
     \b
@@ -124,7 +126,7 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, d
     pf = build_filter(mark, src, dst, proto, port, iface, ns_list[0])
     _require_root()
     from .session import TraceOptions
-    opts = TraceOptions(netns=ns_list, filter=pf, tc=tc_mode, age_after=age_after)
+    opts = TraceOptions(netns=ns_list, filter=pf, tc=tc_mode, age_after=age_after, backend=backend)
     run_trace(opts, count=count, duration=duration, as_json=as_json, record_path=record_path)
 
 
@@ -154,6 +156,8 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
     where = ", ".join(n or "current netns" for n in opts.netns)
     click.echo(f"pkttrace: tracing {where} ({len(tracer.attachments)} probes, ready in "
                f"{tracer.ready_s * 1000:.0f} ms); Ctrl-C to stop", err=True)
+    for note in tracer.plan.notes:   # what this kernel's backends cannot see, once
+        click.echo(f"pkttrace: note: {note}", err=True)
     limit_reached = False
     try:
         for pkt in tracer.packets(count=count, duration=duration, after_batch=printer.flush):

@@ -6,21 +6,15 @@ fentry is asked for with a minimal program.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
-import struct
 import uuid
 from dataclasses import dataclass
 
-from . import libbpf, probes
+from . import backends, libbpf, probes
 
 TRACEPOINTS = ("netif_receive_skb", "net_dev_queue", "net_dev_xmit", "kfree_skb", "consume_skb",
                "skb_copy_datagram_iovec", "sk_data_ready", "napi_poll", "fib_table_lookup", "fib6_table_lookup")
-BTF_KIND_FUNC = 12
-BPF_PROG_LOAD = 5
-BPF_PROG_TYPE_TRACING = 26
-BPF_TRACE_FENTRY = 24
 
 
 @dataclass
@@ -36,21 +30,10 @@ class Check:
 
 
 def _fentry_check(btf: libbpf.Btf) -> Check:
-    tid = btf.find("ip_rcv", BTF_KIND_FUNC)
-    if tid is None:
-        return Check("fentry/fexit", False, "no BTF for ip_rcv", required=False)
-    insns = (ctypes.c_uint64 * 2)(0x00000000000000B7, 0x0000000000000095)  # r0 = 0; exit
-    lic = ctypes.create_string_buffer(b"GPL")
-    attr = (ctypes.c_ubyte * 128)()
-    struct.pack_into("=IIQQ", attr, 0, BPF_PROG_TYPE_TRACING, 2, ctypes.addressof(insns), ctypes.addressof(lic))
-    struct.pack_into("=I", attr, 68, BPF_TRACE_FENTRY)
-    struct.pack_into("=I", attr, 108, tid)
-    try:
-        fd = libbpf.bpf_syscall(BPF_PROG_LOAD, attr)
-    except OSError as e:
-        return Check("fentry/fexit", False, f"refused: {os.strerror(e.errno)} (not needed)", required=False)
-    os.close(fd)
-    return Check("fentry/fexit", True, "loads (not needed on this kernel)", required=False)
+    why = backends.fentry_refusal(btf)
+    if why is None:
+        return Check("fentry/fexit", True, "loads (the fentry backend can run)", required=False)
+    return Check("fentry/fexit", False, why, required=False)
 
 
 def _kprobe_check() -> Check:
@@ -59,27 +42,44 @@ def _kprobe_check() -> Check:
                  "not built in (no kprobe PMU); pkttrace does not need them", required=False)
 
 
-def _attach_checks(obj: libbpf.BpfObject) -> list[Check]:
-    """Create and close one netfilter and one TCX link in a throwaway netns."""
+def _attach_checks(obj: libbpf.BpfObject, plan: backends.Plan) -> list[Check]:
+    """Create and close the links the plan uses, in a throwaway netns."""
     from pyroute2 import netns as pr_netns
     name = f"pkttrace-doctor-{uuid.uuid4().hex[:8]}"
     out = []
     pr_netns.create(name)
     try:
-        try:
-            link = probes.attach_netfilter(obj.program("nf_obs_0").fd, 4, 0, probes.PRIO_FIRST, name)
-            link.close()
-            out.append(Check("netfilter BPF links", True, "attach per netns (Linux 6.4+)"))
-        except probes.AttachError as e:
-            out.append(Check("netfilter BPF links", False, str(e)))
-        try:
-            link = probes.attach_tcx(obj.program("tc_ingress").fd, 1, "lo", True, name)
-            link.close()
-            out.append(Check("TCX links", True, "tc observers as fd-owned links (Linux 6.6+)"))
-        except probes.AttachError as e:
-            out.append(Check("TCX links", False, f"{e}; classic clsact + cls_bpf will be used", required=False))
+        if plan.netfilter == "nflink":
+            try:
+                link = probes.attach_netfilter(obj.program("nf_obs_0").fd, 4, 0, probes.PRIO_FIRST, name)
+                link.close()
+                out.append(Check("netfilter BPF links", True, "attach per netns (Linux 6.4+)"))
+            except probes.AttachError as e:
+                out.append(Check("netfilter BPF links", False, str(e)))
+        if plan.tc:
+            try:
+                link = probes.attach_tcx(obj.program("tc_ingress").fd, 1, "lo", True, name)
+                link.close()
+                out.append(Check("TCX links", True, "tc observers as fd-owned links (Linux 6.6+)"))
+            except probes.AttachError as e:
+                out.append(Check("TCX links", False, f"{e}; classic clsact + cls_bpf will be used",
+                                 required=False))
     finally:
         pr_netns.remove(name)
+    return out
+
+
+def _feature_checks(plan: backends.Plan) -> list[Check]:
+    """Per feature: the backend that observes it, or why it is not seen."""
+    nf = ("netfilter BPF links: an observer before the first table and after each one"
+          if plan.netfilter == "nflink" else "fentry on nf_hook_slow and on each table (nft_do_chain, ...)")
+    out = [Check("netfilter hooks and tables", True, nf),
+           Check("tc stages and verdicts", plan.tc,
+                 "tc observers" if plan.tc else "unavailable: tc programs cannot name their packet before 6.2 "
+                 "(kfunc bpf_cast_to_kern_ctx); rx/tx from tracepoints", required=False),
+           Check("socket delivery (UDP queued)", plan.data_ready is not None,
+                 {"tp": "tracepoint sk_data_ready", "fentry": "fentry on sock_def_readable"}.get(
+                     plan.data_ready, "unavailable: seen only when the datagram is read"), required=False)]
     return out
 
 
@@ -109,6 +109,12 @@ def run() -> list[Check]:
         btf.close()
     checks.append(_kprobe_check())
     try:
+        bplan = backends.plan(backends.probe())
+    except backends.BackendError as e:
+        checks.append(Check("backends", False, str(e)))
+        return checks
+    checks.extend(_feature_checks(bplan))
+    try:
         obj = libbpf.BpfObject(object_path())
     except (libbpf.BpfError, TraceError) as e:
         checks.append(Check("BPF object", False, str(e)))
@@ -117,18 +123,23 @@ def run() -> list[Check]:
         for p in obj.programs():
             if p.name.startswith("nf_obs_"):
                 p.set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
+            if p.name in bplan.off or (p.name.startswith("nf_obs_") and p.name != "nf_obs_0"):
+                p.set_autoload(False)
         obj.load()
         checks.append(Check("BPF programs load", True, f"{object_path()}"))
-        checks.extend(_attach_checks(obj))
+        checks.extend(_attach_checks(obj, bplan))
     except libbpf.BpfError as e:
         checks.append(Check("BPF programs load", False, str(e)))
     finally:
         obj.close()
+    checks.append(Check("plan", True, bplan.describe(), required=False))
     return checks
 
 
 def plan(checks: list[Check]) -> str:
     """What pkttrace will use, in one line."""
     by = {c.name: c for c in checks}
-    tc = "TCX" if by.get("TCX links", Check("", False, "")).ok else "classic cls_bpf"
-    return f"pkttrace will use: tp_btf tracepoints, netfilter BPF links, {tc} for tc ingress/egress"
+    used = by["plan"].detail if "plan" in by else "tp_btf tracepoints"
+    if "TCX links" in by and not by["TCX links"].ok:
+        used = used.replace("TCX or cls_bpf", "classic cls_bpf")
+    return f"pkttrace will use: {used}"

@@ -86,6 +86,9 @@ class TcVerdict(enum.IntEnum):
 
 
 STF_REDIRECTED = 1    # pt_stage.flags: skb->redirected (tc sent it here)
+STF_NF_DROP = 2       # pt_stage.flags: fentry backend, the table observed here said drop
+SLOT_TABLE = 0xFE     # pt_stage.slot, fentry backend: after the table at priority aux2
+SLOT_EXIT = 0xFF      # ... after every hook function of the hook
 
 
 class DeliverHow(enum.IntEnum):

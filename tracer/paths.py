@@ -26,7 +26,7 @@ from typing import Callable
 
 from . import routing
 from .events import (CT_REPLY, NF_STAGES, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
-                     REC_TRUNCATED, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
+                     REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_NF_DROP, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
                      StageKind, TcVerdict)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
@@ -51,6 +51,8 @@ class Context:
     slot_tables: dict[tuple[int, int, int, int], list] = field(default_factory=dict)
     slot_after: dict[tuple[int, int, int, int], list] = field(default_factory=dict)
     conntrack: dict[int, list[int]] = field(default_factory=dict)     # ino -> families with conntrack hooks
+    # (ino, fam, hook) -> [(table, priority)] registered there, in priority order (fentry backend)
+    registered: dict[tuple[int, int, int], list] = field(default_factory=dict)
     rules: dict[tuple[int, int], list] = field(default_factory=dict)  # (ino, fam) -> [routing.Rule]
     generation: int = 0                # bumped when observers or rules change (recordings re-save names)
     drop_reasons: dict[int, str] = field(default_factory=dict)         # enum value -> name
@@ -457,6 +459,7 @@ class _Plan:
     obs: list[_Obs] | None = None       # hook stages
     drop_tables: list | None = None     # hook stage before a netfilter drop: tables after the last observer
     drop_verdict: str = "drop"          # ... and what they did: drop, or reject (sent an ICMP error / RST)
+    drop_in_last: bool = False          # fentry backend: the last observed table itself dropped it
     tracked: bool = False               # conntrack runs in this netns/family (no entry = invalid)
     in_dev: str | None = None
     lookups: list[tuple] | None = None  # route: (table, table_id, dev, err, gw raw index, src_check) per raw stage
@@ -508,12 +511,18 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
             continue
         dev = ctx.dev(ino, ifindex)
         if kind in NF_STAGES:
-            key = (ino, fam, kind - StageKind.PREROUTING, slot)
-            ob = _Obs(i, ctx.slot_priority.get(key), ctx.slot_tables.get(key, []))
             # a reroute inside OUTPUT (mangle changed the mark) sits between
             # two observers of that hook: they still make one output stage
             hook_plan = prev if prev is not None and prev.label == kind.label else \
                 plans[-2] if len(plans) > 1 and prev.label == "reroute" and plans[-2].label == kind.label else None
+            if slot in (SLOT_TABLE, SLOT_EXIT):
+                # fentry backend: after the table at priority aux2, or after
+                # every hook function; with it, what ran since the last look
+                last = hook_plan.obs[-1].priority if hook_plan is not None and hook_plan.obs else None
+                ob = _table_obs(i, slot, aux2, last, ctx.registered.get((ino, fam, kind - StageKind.PREROUTING), []))
+            else:
+                key = (ino, fam, kind - StageKind.PREROUTING, slot)
+                ob = _Obs(i, ctx.slot_priority.get(key), ctx.slot_tables.get(key, []))
             if hook_plan is not None and hook_plan.obs is not None:
                 hook_plan.raws.append(i)
                 hook_plan.obs.append(ob)
@@ -549,6 +558,23 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
         tpl.drop_dev = ctx.dev(ino, stages[drop_raw][_IFX]) if drop_raw is not None else None
         _drop_place(tpl, plans, stages, ino, fam, ctx, drop_reason, caused)
     return tpl
+
+
+
+PRIO_MAX = 2**31 - 1
+
+
+def _table_obs(raw: int, slot: int, prio: int, last: int | None, registered: list) -> _Obs:
+    """An observation of the fentry backend: after one table (an nft base
+    chain or x_tables table at `prio`), or after every hook function.  The
+    tables crossed since the last observation are what is registered
+    between the two priorities (conntrack, NAT, ... run unobserved)."""
+    lo = last if last is not None else -(2**31)
+    hi = prio if slot == SLOT_TABLE else PRIO_MAX
+    tables = [(n, p) for n, p in registered if lo < p <= hi]
+    if slot == SLOT_TABLE and not any(p == prio for _n, p in tables):
+        tables.append((f"(table at {prio})", prio))   # not (yet) in the ruleset read
+    return _Obs(raw, hi, tables)
 
 
 def _tc_verdicts(plans: list[_Plan], stages: list[tuple], ino: int, ctx: Context, drop_reason: str | None) -> None:
@@ -589,12 +615,23 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
         return
     if last.obs is not None:
         if nf:
-            # dropped between the last observer that saw it and the next one
-            key = (ino, fam, StageKind[last.label.upper()] - StageKind.PREROUTING, stages[last.obs[-1].raw][_SLOT])
-            last.drop_tables = ctx.slot_after.get(key, [])
-            tpl.drop_table = _names(last.drop_tables) if last.drop_tables else None
             # the table sent an ICMP error or RST back before dropping it
             last.drop_verdict = "reject" if caused else "drop"
+            lst = stages[last.obs[-1].raw]
+            if lst[_SLOT] == SLOT_TABLE and lst[_FLAGS] & STF_NF_DROP:
+                # fentry backend: the table observed last said drop itself
+                last.drop_in_last = True
+                tpl.drop_table = _names(last.obs[-1].tables[-1:])
+                return
+            # dropped between the last observer that saw it and the next one
+            key = (ino, fam, StageKind[last.label.upper()] - StageKind.PREROUTING, lst[_SLOT])
+            if lst[_SLOT] in (0, SLOT_TABLE) and key not in ctx.slot_after:
+                # fentry backend: something registered after that priority
+                after = last.obs[-1].priority if lst[_SLOT] == SLOT_TABLE else -(2**31)
+                last.drop_tables = [(n, p) for n, p in ctx.registered.get(key[:3], []) if p > after]
+            else:
+                last.drop_tables = ctx.slot_after.get(key, [])
+            tpl.drop_table = _names(last.drop_tables) if last.drop_tables else None
         return
     after = None
     if last.lookups is not None:
@@ -670,11 +707,12 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
             nat[side] = {"from": _endpoint(before[0], before[1], fam), "to": _endpoint(addr, cur[side][1], fam)}
         if k == 0 and not nat:
             continue  # the first observer runs before every table
+        verdict = p.drop_verdict if p.drop_in_last and k == len(p.obs) - 1 else "accept"
         stage.tables.append(TableStep(
             _names(o.tables), o.tables[-1][1] if o.tables else None,
-            s[_MARK], s[_TOS] >> 2, stage.observations[k].ct, "accept", prev[_MARK], prev[_TOS] >> 2, nat or None))
+            s[_MARK], s[_TOS] >> 2, stage.observations[k].ct, verdict, prev[_MARK], prev[_TOS] >> 2, nat or None))
         prev = s
-    if p.drop_tables is not None:
+    if p.drop_tables is not None and not p.drop_in_last:
         stage.tables.append(TableStep(_names(p.drop_tables),
                                       p.drop_tables[-1][1] if p.drop_tables else None,
                                       last[_MARK], last[_TOS] >> 2, stage.ct, p.drop_verdict, last[_MARK],

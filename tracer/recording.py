@@ -28,6 +28,7 @@ def _ctx_to_json(ctx: paths.Context, symbols: dict[int, str]) -> dict:
         "slot_tables": [[*k, v] for k, v in sorted(ctx.slot_tables.items())],
         "slot_after": [[*k, v] for k, v in sorted(ctx.slot_after.items())],
         "conntrack": [[ino, fams] for ino, fams in sorted(ctx.conntrack.items())],
+        "registered": [[*k, v] for k, v in sorted(ctx.registered.items())],
         "rules": [[ino, fam, [routing.rule_to_json(r) for r in rules]] for (ino, fam), rules in sorted(ctx.rules.items())],
         "drop_reasons": [[v, n] for v, n in sorted(ctx.drop_reasons.items())],
         "symbols": [[a, s] for a, s in sorted(symbols.items())],
@@ -41,6 +42,7 @@ def _ctx_update(ctx: paths.Context, symbols: dict[int, str], d: dict) -> None:
     ctx.slot_tables.update({tuple(row[:4]): [tuple(t) for t in row[4]] for row in d.get("slot_tables", [])})
     ctx.slot_after.update({tuple(row[:4]): [tuple(t) for t in row[4]] for row in d.get("slot_after", [])})
     ctx.conntrack.update({ino: fams for ino, fams in d.get("conntrack", [])})
+    ctx.registered.update({tuple(row[:3]): [tuple(t) for t in row[3]] for row in d.get("registered", [])})
     ctx.rules.update({(ino, fam): [routing.rule_from_json(r) for r in rules] for ino, fam, rules in d.get("rules", [])})
     ctx.drop_reasons.update({v: n for v, n in d.get("drop_reasons", [])})
     symbols.update({a: s for a, s in d.get("symbols", [])})

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Iterator
 
-from . import events, libbpf, netns, paths, placement, probes, routing
+from . import backends, events, libbpf, netns, paths, placement, probes, routing
 from .events import PtConfig, PtRecord, Stat
 from .filters import PacketFilter
 
@@ -53,6 +53,7 @@ class TraceOptions:
     ringbuf_bytes: int = 8 << 20
     age_after: float = 5.0             # seconds without a stage before a record is aged out
     tc: str = "auto"                   # auto | tcx | classic | off
+    backend: str = "auto"              # auto | nflink | fentry: how netfilter hooks are observed
     replace_every: float = 2.0         # seconds between checks of the ruleset (observer re-placement)
 
 
@@ -108,6 +109,7 @@ class Tracer:
         self._ns_inodes: dict[str | None, int] = {}
         self._ns_index: dict[int, int] = {}          # netns inode -> index in the BPF config
         self._aged_ids: dict[int, None] = {}         # records reported as aged out (bounded)
+        self.plan: backends.Plan | None = None       # the backend of each feature on this kernel
         self._parked_deleted = 0                     # parked records user space deleted (aged out)
         self.placed: dict[str | None, Placed] = {}
         self._extra_objs: list[libbpf.BpfObject] = []   # observer banks loaded later
@@ -133,6 +135,10 @@ class Tracer:
             except netns.NetnsError as e:
                 raise TraceError(str(e)) from None
         try:
+            self.plan = backends.plan(backends.probe(), self.opts.backend, self.opts.tc)
+        except backends.BackendError as e:
+            raise TraceError(str(e)) from None
+        try:
             self._load()
             self._attach()
         except (libbpf.BpfError, probes.AttachError) as e:
@@ -152,15 +158,17 @@ class Tracer:
         # Only the observers the rulesets need now: each costs ~70 ms of
         # verifier time.  More are loaded when a ruleset change needs them.
         self._initial = {ns: self._registered(ns) for ns in self.opts.netns}
-        need = max(len(hp.priorities) for reg in self._initial.values() for hp in placement.plan(reg).values())
+        need = max(len(hp.priorities) for reg in self._initial.values() for hp in placement.plan(reg).values()) \
+            if self.plan.netfilter == "nflink" else 0
         for i, name in enumerate(_nf_programs()):
             obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
             if i >= need:
                 obj.program(name).set_autoload(False)
-        # tc observers mark the receive and the hand-over to a device in the
+        # what this kernel cannot run, or this backend does not use: tc
+        # observers mark the receive and the hand-over to a device in the
         # traced namespaces only; the rx/queue tracepoints stand in for them
         # without tc, at the cost of a program run per packet of the host
-        for name in (self._device_programs(off=True)):
+        for name in self.plan.off:
             obj.program(name).set_autoload(False)
         obj.map("inflight").set_max_entries(self.opts.max_inflight)
         # the ring must exist; without emit it only needs one page
@@ -190,22 +198,16 @@ class Tracer:
 
     def _attach(self) -> None:
         obj = self.obj
-        device = [p for p in ("on_rx", "on_dev_queue") if p not in self._device_programs(off=True)]
-        for prog in (*device, "on_dev_xmit", "on_kfree_skb", "on_consume_skb",
-                     "on_copy_datagram", "on_sk_data_ready", "on_napi_poll",
-                     "on_fib_lookup", "on_fib6_lookup"):
-            self.attachments.append(probes.attach_tracepoint(obj, prog))
+        for prog in ("on_rx", "on_dev_queue", "on_dev_xmit", "on_kfree_skb", "on_consume_skb",
+                     "on_copy_datagram", "on_sk_data_ready", "fe_sk_data_ready", "on_napi_poll",
+                     "on_fib_lookup", "on_fib6_lookup", *backends.FENTRY_PROGRAMS):
+            if prog not in self.plan.off:
+                self.attachments.append(probes.attach_tracepoint(obj, prog))
         for ns in self.opts.netns:
             self.placed[ns] = self._place(ns, 0, self._initial.pop(ns))
             self._learn_rules(ns)
-            if self.opts.tc != "off":
+            if self.plan.tc:
                 self._attach_tc(ns)
-
-    def _device_programs(self, off: bool) -> tuple[str, ...]:
-        """The device-level programs not used (off=True) in this tc mode."""
-        tc = ("tc_ingress", "tc_egress")
-        rx_tx = ("on_rx", "on_dev_queue")
-        return (tc if self.opts.tc == "off" else rx_tx) if off else (rx_tx if self.opts.tc == "off" else tc)
 
     def _registered(self, ns: str | None) -> placement.Registered:
         try:
@@ -242,6 +244,14 @@ class Tracer:
         ino = self._ns_inodes[ns]
         plans = placement.plan(reg, bank)
         links: list[probes.FdLink] = []
+        # the fentry backend observes the tables themselves: it names them by
+        # the priorities of what is registered, and places nothing
+        for key in [k for k in self.ctx.registered if k[0] == ino]:
+            del self.ctx.registered[key]
+        for (fam, hook), tables in reg.items():
+            self.ctx.registered[(ino, fam, hook)] = [(t.name, t.priority) for t in tables]
+        if self.plan.netfilter != "nflink":
+            plans = {}
         try:
             for (fam, hook), hp in plans.items():
                 for i, prio in enumerate(hp.priorities):

@@ -1,0 +1,182 @@
+"""Which mechanism observes each part of a packet's path on this kernel.
+
+Every feature is probed, not inferred from a version number: a type or a
+function in the kernel's BTF, a symbol in /proc/kallsyms, or a minimal
+program the kernel is asked to load.  Two backends observe netfilter:
+
+  nflink  netfilter BPF links at chosen priorities (Linux 6.4+): one
+          observer before the first table of each hook and one after each
+          table; nothing to patch in the kernel, works without fentry.
+  fentry  fentry/fexit on the hook machinery (nf_hook_slow) and on each
+          table (nft_do_chain, ipt_do_table, ip6t_do_table), for kernels
+          without netfilter links (Debian 12's 6.1).  A table tells its
+          verdict itself; a hook where no table is registered runs no hook
+          function, so it shows no stage.
+
+The rest is shared: tp_btf tracepoints for devices, drops, routes and
+delivery (sk_data_ready by fentry on sock_def_readable before 6.3), and tc
+observers where tc programs can name their packet (bpf_cast_to_kern_ctx,
+6.2+), else the receive/queue tracepoints.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import re
+import struct
+from dataclasses import dataclass, field
+
+from . import libbpf
+
+BACKENDS = ("auto", "nflink", "fentry")
+BTF_KIND_FUNC = 12
+BTF_KIND_STRUCT = 4
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_FENTRY = 24
+MIN_KERNEL = (5, 8)            # BPF ring buffer, tp_btf with CO-RE
+
+# fentry backend programs and the kernel function each needs
+FENTRY_PROGRAMS = {
+    "fe_hook_entry": "nf_hook_slow",
+    "fx_hook_exit": "nf_hook_slow",
+    "fx_nft_chain": "nft_do_chain",
+    "fx_ipt_table": "ipt_do_table",
+    "fx_ip6t_table": "ip6t_do_table",
+}
+FENTRY_DATA_READY = ("fe_sk_data_ready", "sock_def_readable")
+
+
+class BackendError(Exception):
+    """The kernel lacks what pkttrace needs; the message names it."""
+
+
+@dataclass(frozen=True)
+class Features:
+    """What this kernel offers pkttrace (probed)."""
+    kernel: str
+    netfilter_link: bool        # BPF_PROG_TYPE_NETFILTER (struct bpf_nf_ctx), 6.4+
+    cast_kfunc: bool            # bpf_cast_to_kern_ctx, 6.2+: tc observers know their skb
+    sk_data_ready_tp: bool      # tracepoint sk:sk_data_ready, 6.3+
+    fentry: str | None          # None if fentry loads, else why not
+    functions: frozenset = field(default_factory=frozenset)   # kernel functions present (kallsyms)
+
+
+@dataclass
+class Plan:
+    """The backend chosen for each feature, and what it cannot see."""
+    netfilter: str                              # "nflink" | "fentry"
+    tc: bool                                    # tc observers (else receive/queue tracepoints)
+    data_ready: str | None                      # "tp" | "fentry" | None
+    off: set[str] = field(default_factory=set)  # programs not to load
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        nf = "netfilter BPF links" if self.netfilter == "nflink" else "fentry on nf_hook_slow and each table"
+        tc = "tc observers (TCX or cls_bpf)" if self.tc else "receive/queue tracepoints (no tc stages)"
+        return f"tp_btf tracepoints, {nf}, {tc}"
+
+
+def _kernel_version() -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", platform.release())
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _kallsyms(names) -> frozenset:
+    want, found = set(names), set()
+    try:
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] in want:
+                    found.add(parts[2])
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+def fentry_refusal(btf: libbpf.Btf) -> str | None:
+    """Load a minimal fentry program (on ip_rcv); None if the kernel takes it."""
+    tid = btf.find("ip_rcv", BTF_KIND_FUNC)
+    if tid is None:
+        return "no BTF for ip_rcv"
+    insns = (ctypes.c_uint64 * 2)(0x00000000000000B7, 0x0000000000000095)  # r0 = 0; exit
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = (ctypes.c_ubyte * 128)()
+    struct.pack_into("=IIQQ", attr, 0, BPF_PROG_TYPE_TRACING, 2, ctypes.addressof(insns), ctypes.addressof(lic))
+    struct.pack_into("=I", attr, 68, BPF_TRACE_FENTRY)
+    struct.pack_into("=I", attr, 108, tid)
+    try:
+        fd = libbpf.bpf_syscall(BPF_PROG_LOAD, attr)
+    except OSError as e:
+        return f"refused: {os.strerror(e.errno)}"
+    os.close(fd)
+    return None
+
+
+def probe() -> Features:
+    """Probe this kernel; BackendError below Linux 5.8 or without BTF."""
+    if _kernel_version() < MIN_KERNEL:
+        raise BackendError(f"Linux {platform.release()} is too old: pkttrace needs 5.8 or later "
+                           "(BPF ring buffer, BTF tracepoints)")
+    try:
+        btf = libbpf.Btf.vmlinux()
+    except libbpf.BpfError as e:
+        raise BackendError(str(e)) from None
+    try:
+        funcs = {*FENTRY_PROGRAMS.values(), FENTRY_DATA_READY[1]}
+        return Features(
+            kernel=platform.release(),
+            netfilter_link=btf.find("bpf_nf_ctx", BTF_KIND_STRUCT) is not None,
+            cast_kfunc=btf.find("bpf_cast_to_kern_ctx", BTF_KIND_FUNC) is not None,
+            sk_data_ready_tp=btf.has_type("btf_trace_sk_data_ready", libbpf.BTF_KIND_TYPEDEF),
+            fentry=fentry_refusal(btf),
+            functions=_kallsyms(funcs))
+    finally:
+        btf.close()
+
+
+def plan(feat: Features, backend: str = "auto", tc: str = "auto") -> Plan:
+    """Choose per feature; BackendError if the asked-for backend cannot run here."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}: choose {', '.join(BACKENDS)}")
+    fentry_ok = feat.fentry is None and "nf_hook_slow" in feat.functions
+    if backend == "auto":
+        backend = "nflink" if feat.netfilter_link else "fentry" if fentry_ok else ""
+        if not backend:
+            raise BackendError("this kernel has neither netfilter BPF links (Linux 6.4+) nor fentry on "
+                               f"nf_hook_slow ({feat.fentry or 'nf_hook_slow not found'}): "
+                               "netfilter hooks cannot be observed")
+    elif backend == "nflink" and not feat.netfilter_link:
+        raise BackendError("--backend nflink: this kernel has no netfilter BPF links (Linux 6.4+)")
+    elif backend == "fentry" and not fentry_ok:
+        raise BackendError(f"--backend fentry: fentry on nf_hook_slow is not available here "
+                           f"({feat.fentry or 'nf_hook_slow not found'})")
+    p = Plan(netfilter=backend, tc=tc != "off" and feat.cast_kfunc, data_ready=None)
+    nf_obs = {f"nf_obs_{i}" for i in range(16)}
+    if backend == "nflink":
+        p.off |= set(FENTRY_PROGRAMS)
+    else:
+        p.off |= nf_obs
+        for prog, fn in FENTRY_PROGRAMS.items():
+            if fn not in feat.functions:
+                p.off.add(prog)
+        if "nft_do_chain" not in feat.functions:
+            p.notes.append("nf_tables is not loaded: nft and iptables-nft tables are not observed one by one")
+        p.notes.append("fentry backend: a hook where no table is registered shows no stage")
+    if tc != "off" and not feat.cast_kfunc:
+        p.notes.append("no tc stages or tc verdicts: tc observers need the kfunc bpf_cast_to_kern_ctx "
+                       "(Linux 6.2+); receive and hand-over come from tracepoints")
+    p.off |= {"on_rx", "on_dev_queue"} if p.tc else {"tc_ingress", "tc_egress"}
+    if feat.sk_data_ready_tp:
+        p.data_ready = "tp"
+        p.off.add(FENTRY_DATA_READY[0])
+    elif feat.fentry is None and FENTRY_DATA_READY[1] in feat.functions:
+        p.data_ready = "fentry"
+        p.off.add("on_sk_data_ready")
+    else:
+        p.off |= {"on_sk_data_ready", FENTRY_DATA_READY[0]}
+        p.notes.append("no sk_data_ready tracepoint (Linux 6.3+) and no fentry: a UDP datagram queued to a "
+                       "socket is seen delivered only when read")
+    return p
