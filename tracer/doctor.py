@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from . import backends, libbpf, probes
 
+# tracepoints a kernel may lack, and what stands in for them
+OPTIONAL_TRACEPOINTS = {"sk_data_ready": " (Linux 6.3+): fentry on sock_def_readable stands in where fentry works"}
 TRACEPOINTS = ("netif_receive_skb", "net_dev_queue", "net_dev_xmit", "kfree_skb", "consume_skb",
                "skb_copy_datagram_iovec", "sk_data_ready", "napi_poll", "fib_table_lookup", "fib6_table_lookup")
 
@@ -99,7 +101,9 @@ def run() -> list[Check]:
         checks.append(Check("kernel BTF", True, "/sys/kernel/btf/vmlinux (CO-RE relocations)"))
         for tp in TRACEPOINTS:
             ok = btf.has_type(f"btf_trace_{tp}", libbpf.BTF_KIND_TYPEDEF)
-            checks.append(Check(f"tracepoint {tp}", ok, "tp_btf" if ok else "missing in this kernel"))
+            optional = OPTIONAL_TRACEPOINTS.get(tp)
+            checks.append(Check(f"tracepoint {tp}", ok, "tp_btf" if ok else f"missing in this kernel{optional or ''}",
+                                required=optional is None))
         reasons = btf.enum("skb_drop_reason")
         checks.append(Check("drop reasons", bool(reasons), f"{len(reasons)} names from BTF enum skb_drop_reason"
                             if reasons else "enum skb_drop_reason missing: reasons shown as numbers",
