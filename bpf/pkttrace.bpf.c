@@ -834,10 +834,16 @@ __noinline int pt_emit(struct pt_record *r)
 		__u64 wake = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= RINGBUF_WAKEUP_BYTES ?
 			BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 
+		__u64 size;
+
 		r->path_sig = path_signature(r, n);
-		/* Send only the stages used: most paths need a third of them. */
-		if (bpf_ringbuf_output(&events, r,
-				       offsetof(struct pt_record, stages) + n * sizeof(struct pt_stage), wake))
+		/* Send only the stages used: most paths need a third of them.
+		 * (Bounded again right here: older verifiers lose n's bound.) */
+		size = offsetof(struct pt_record, stages) + n * sizeof(struct pt_stage);
+		barrier_var(size);
+		if (size > sizeof(struct pt_record))
+			size = sizeof(struct pt_record);
+		if (bpf_ringbuf_output(&events, r, size, wake))
 			stat_inc(PT_STAT_LOST);
 		else
 			stat_inc(PT_STAT_EMITTED);
@@ -1284,22 +1290,22 @@ static __always_inline bool after_nat(const struct pt_record *r, __u8 family, __
 
 	if (slot >= PT_NF_SLOTS)
 		return true; /* fentry backend: any observation after the first */
-	if (!ns || hook > 4)
+	__u32 i = (family == 6 ? 5 : 0) + hook;
+
+	/* bounded right at the access: older verifiers lose hook's bound */
+	barrier_var(i);
+	if (!ns || i >= 10)
 		return false;
-	return ns->after_nat[(family == 6 ? 5 : 0) + hook] & (1u << slot);
+	return ns->after_nat[i] & (1u << slot);
 }
 
 /* One observation of a packet at a netfilter hook.  first: the hook's
  * first observation (before every table); slot, prio, flags: see
  * PT_SLOT_* and struct pt_stage. */
-static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_hook_state *state, __u8 slot,
-					 bool first, __s32 prio, __u8 stflags)
+static __always_inline int nf_observe_dev(struct sk_buff *skb, __u8 pf, __u8 hook, __u32 in, __u32 out,
+					  __u32 netns, __u8 slot, bool first, __s32 prio, __u8 stflags)
 {
-	__u8 hook = state->hook;
-	__u8 pf = state->pf;
 	__u8 family = pf == NFPROTO_IPV4 ? 4 : pf == NFPROTO_IPV6 ? 6 : 0;
-	__u32 in = state->in ? state->in->ifindex : 0;
-	__u32 out = state->out ? state->out->ifindex : 0;
 	__u32 mark = skb->mark;
 	__u64 nfct = skb->_nfct;
 	const void *l3 = skb_l3(skb);
@@ -1330,7 +1336,7 @@ static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_ho
 			return NF_ACCEPT;
 		rejected_forget(skb);
 		stat_inc(PT_STAT_LATE);
-		r = rec_new(skb, state->net->ns.inum, &pi, now, 0);
+		r = rec_new(skb, netns, &pi, now, 0);
 		if (!r)
 			return NF_ACCEPT;
 		r->flags |= PT_REC_LATE;
@@ -1344,9 +1350,9 @@ static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_ho
 		/* first seen at OUTPUT: generated here, maybe in reply */
 		if (kind == PT_STAGE_OUTPUT)
 			cause = cause_of(skb, &pi, now);
-		if (!first_sight_wanted(skb, &pi, state->net->ns.inum))
+		if (!first_sight_wanted(skb, &pi, netns))
 			return NF_ACCEPT;
-		r = rec_new(skb, state->net->ns.inum, &pi, now, 0);
+		r = rec_new(skb, netns, &pi, now, 0);
 		if (!r)
 			return NF_ACCEPT;
 		r->cause = cause;
@@ -1361,7 +1367,7 @@ static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_ho
 				__u8 match = r->match;
 				__u64 into = frag_absorbed(skb, r);
 
-				r = rec_new(skb, state->net->ns.inum, &pi, now, into);
+				r = rec_new(skb, netns, &pi, now, into);
 				if (!r)
 					return NF_ACCEPT;
 				r->match |= match & ~(PT_F_SRC | PT_F_DST | PT_F_PROTO | PT_F_PORT);
@@ -1421,6 +1427,13 @@ static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_ho
 		s->tos = (b[0] << 4) | (b[1] >> 4);
 	}
 	return NF_ACCEPT;
+}
+
+static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_hook_state *state, __u8 slot,
+					 bool first, __s32 prio, __u8 stflags)
+{
+	return nf_observe_dev(skb, state->pf, state->hook, state->in ? state->in->ifindex : 0,
+			      state->out ? state->out->ifindex : 0, state->net->ns.inum, slot, first, prio, stflags);
 }
 
 static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
@@ -1885,6 +1898,109 @@ int BPF_PROG(on_sk_data_ready, const struct sock *sk)
 /* The end of a poll: packets whose records are still in this CPU's slots
  * are held somewhere (neighbour or reassembly queue, socket backlog) and
  * may go on from another CPU: park them. */
+/* ---- fentry backend: the end of each hook, whether or not a table ran ----
+ *
+ * nf_hook_slow runs only where a hook function is registered: the
+ * function the hook hands the packet to next (its okfn) says the packet
+ * crossed it.  Its observation is the hook's last: after every table.
+ * Where nf_hook_slow ran, its exit said that already. */
+
+static __always_inline __u32 dst_ifindex(const struct sk_buff *skb)
+{
+	struct dst_entry *dst = (struct dst_entry *)(skb->_skb_refdst & ~1UL);
+
+	return dst ? BPF_CORE_READ(dst, dev, ifindex) : 0;
+}
+
+static __always_inline void hook_done(struct sk_buff *skb, __u8 pf, __u8 hook)
+{
+	struct net_device *dev = skb->dev;
+	struct pt_record *r;
+	struct pt_stage *s;
+	__u32 netns, in = 0, out = 0;
+	bool first;
+
+	if (dev) {
+		netns = dev->nd_net.net->ns.inum;
+	} else {
+		/* a locally generated packet has no device before ip_output:
+		 * its route's device says which netns it is in */
+		struct dst_entry *dst = (struct dst_entry *)(skb->_skb_refdst & ~1UL);
+
+		if (!dst)
+			return;
+		netns = BPF_CORE_READ(dst, dev, nd_net.net, ns.inum);
+	}
+	if (!netns_traced(netns))
+		return;
+	r = rec_lookup(skb);
+	s = r ? last_stage(r) : NULL;
+	/* nf_hook_slow's exit saw it already */
+	if (s && s->kind == PT_STAGE_PREROUTING + hook && s->slot == PT_SLOT_EXIT)
+		return;
+	/* the hook's first observation unless its entry was seen */
+	first = true;
+	if (s) {
+		for (int i = 0; i < PT_MAX_STAGES; i++) {
+			__u32 n = r->n_stages;
+			struct pt_stage *t;
+
+			if (i >= n)
+				break;
+			t = &r->stages[(n - 1 - i) & (PT_MAX_STAGES - 1)];
+			if (t->kind == PT_STAGE_PREROUTING + hook) {
+				first = false;
+				break;
+			}
+			if (t->kind != PT_STAGE_ADDR && t->kind != PT_STAGE_ROUTE && t->kind != PT_STAGE_REROUTE)
+				break;
+		}
+	}
+	if (hook == 0 || hook == 1)
+		in = dev ? dev->ifindex : 0;
+	else if (hook == 2) {
+		in = dev ? dev->ifindex : 0;
+		out = dst_ifindex(skb);
+	} else if (hook == 3)
+		out = dst_ifindex(skb);
+	else
+		out = dev ? dev->ifindex : dst_ifindex(skb);
+	nf_observe_dev(skb, pf, hook, in, out, netns, PT_SLOT_EXIT, first, 0x7fffffff, 0);
+}
+
+#define HOOK_DONE(NAME, FUNC, PF, HOOK)                                                         \
+	SEC("fentry/" #FUNC)                                                                    \
+	int BPF_PROG(NAME, struct net *net, struct sock *sk, struct sk_buff *skb)              \
+	{                                                                                       \
+		hook_done(skb, PF, HOOK);                                                       \
+		return 0;                                                                       \
+	}
+HOOK_DONE(fd_pre4, ip_rcv_finish, NFPROTO_IPV4, 0)
+HOOK_DONE(fd_in4, ip_local_deliver_finish, NFPROTO_IPV4, 1)
+HOOK_DONE(fd_fwd4, ip_forward_finish, NFPROTO_IPV4, 2)
+HOOK_DONE(fd_post4, ip_finish_output, NFPROTO_IPV4, 4)
+HOOK_DONE(fd_pre6, ip6_rcv_finish, NFPROTO_IPV6, 0)
+HOOK_DONE(fd_in6, ip6_input_finish, NFPROTO_IPV6, 1)
+HOOK_DONE(fd_fwd6, ip6_forward_finish, NFPROTO_IPV6, 2)
+HOOK_DONE(fd_post6, ip6_finish_output, NFPROTO_IPV6, 4)
+
+/* LOCAL_OUT: __ip_local_out runs the hook and says 1 when it may go on. */
+SEC("fexit/__ip_local_out")
+int BPF_PROG(fd_out4, struct net *net, struct sock *sk, struct sk_buff *skb, int ret)
+{
+	if (ret == 1)
+		hook_done(skb, NFPROTO_IPV4, 3);
+	return 0;
+}
+
+SEC("fexit/__ip6_local_out")
+int BPF_PROG(fd_out6, struct net *net, struct sock *sk, struct sk_buff *skb, int ret)
+{
+	if (ret == 1)
+		hook_done(skb, NFPROTO_IPV6, 3);
+	return 0;
+}
+
 /* Before 6.3 there is no sk_data_ready tracepoint: the function it sits in
  * (sock_def_readable, UDP's and TCP's data_ready) observed at entry. */
 SEC("fentry/sock_def_readable")

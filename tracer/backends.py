@@ -44,8 +44,18 @@ FENTRY_PROGRAMS = {
     "fx_nft_chain": "nft_do_chain",
     "fx_ipt_table": "ipt_do_table",
     "fx_ip6t_table": "ip6t_do_table",
+    # the function each hook hands the packet to: it crossed the hook, tables or none
+    "fd_pre4": "ip_rcv_finish", "fd_in4": "ip_local_deliver_finish", "fd_fwd4": "ip_forward_finish",
+    "fd_out4": "__ip_local_out", "fd_post4": "ip_finish_output",
+    "fd_pre6": "ip6_rcv_finish", "fd_in6": "ip6_input_finish", "fd_fwd6": "ip6_forward_finish",
+    "fd_out6": "__ip6_local_out", "fd_post6": "ip6_finish_output",
 }
 FENTRY_DATA_READY = ("fe_sk_data_ready", "sock_def_readable")
+# what a fentry program that cannot be attached costs; the rest are required
+OPTIONAL = frozenset(p for p in FENTRY_PROGRAMS if p.startswith("fd_") or p.startswith("fx_") and "table" in p
+                     or p == "fx_nft_chain")
+WHAT_IS_MISSED = {p: "a hook with no table registered shows no stage there" for p in FENTRY_PROGRAMS
+                  if p.startswith("fd_")}
 
 
 class BackendError(Exception):
@@ -164,7 +174,11 @@ def plan(feat: Features, backend: str = "auto", tc: str = "auto") -> Plan:
                 p.off.add(prog)
         if "nft_do_chain" not in feat.functions:
             p.notes.append("nf_tables is not loaded: nft and iptables-nft tables are not observed one by one")
-        p.notes.append("fentry backend: a hook where no table is registered shows no stage")
+        missing = sorted({fn for prog, fn in FENTRY_PROGRAMS.items() if prog.startswith("fd_") and fn not in
+                          feat.functions})
+        if missing:
+            p.notes.append("fentry backend: a hook where no table is registered shows no stage where "
+                           f"{', '.join(missing)} cannot be attached")
     if tc != "off" and not feat.cast_kfunc:
         p.notes.append("no tc stages or tc verdicts: tc observers need the kfunc bpf_cast_to_kern_ctx "
                        "(Linux 6.2+); receive and hand-over come from tracepoints")

@@ -522,7 +522,9 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
                 ob = _table_obs(i, slot, aux2, last, ctx.registered.get((ino, fam, kind - StageKind.PREROUTING), []))
             else:
                 key = (ino, fam, kind - StageKind.PREROUTING, slot)
-                ob = _Obs(i, ctx.slot_priority.get(key), ctx.slot_tables.get(key, []))
+                # (the fentry backend's hook entry has no placed slot: before every table)
+                ob = _Obs(i, ctx.slot_priority.get(key, PRIO_FIRST if slot == 0 else None),
+                          ctx.slot_tables.get(key, []))
             if hook_plan is not None and hook_plan.obs is not None:
                 hook_plan.raws.append(i)
                 hook_plan.obs.append(ob)
@@ -562,6 +564,7 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
 
 
 PRIO_MAX = 2**31 - 1
+PRIO_FIRST = -(2**31) + 1            # where the first observer of a hook sits (placement.PRIO_FIRST)
 
 
 def _table_obs(raw: int, slot: int, prio: int, last: int | None, registered: list) -> _Obs:

@@ -201,8 +201,16 @@ class Tracer:
         for prog in ("on_rx", "on_dev_queue", "on_dev_xmit", "on_kfree_skb", "on_consume_skb",
                      "on_copy_datagram", "on_sk_data_ready", "fe_sk_data_ready", "on_napi_poll",
                      "on_fib_lookup", "on_fib6_lookup", *backends.FENTRY_PROGRAMS):
-            if prog not in self.plan.off:
+            if prog in self.plan.off:
+                continue
+            try:
                 self.attachments.append(probes.attach_tracepoint(obj, prog))
+            except probes.AttachError as e:
+                if prog not in backends.OPTIONAL:
+                    raise
+                # a function the kernel will not let us trace: say what is not seen
+                self.plan.notes.append(f"{backends.FENTRY_PROGRAMS[prog]} cannot be traced here ({e}): "
+                                       f"{backends.WHAT_IS_MISSED.get(prog, 'less detail')}")
         for ns in self.opts.netns:
             self.placed[ns] = self._place(ns, 0, self._initial.pop(ns))
             self._learn_rules(ns)

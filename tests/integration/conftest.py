@@ -15,6 +15,10 @@ class Capture:
     def __init__(self, tracer: Tracer):
         self.tracer = tracer
         self.packets = []
+        # the stages that mark the receive and the hand-over to a device:
+        # tc observers where the kernel lets tc programs name their packet
+        # (6.2+), else the netif_receive_skb / net_dev_queue tracepoints
+        self.rx, self.tx = ("tc_ingress", "tc_egress") if tracer.plan.tc else ("rx", "tx")
 
     def until(self, pred, timeout: float = 5.0):
         """Poll until some packet satisfies pred; returns it (or fails the test)."""

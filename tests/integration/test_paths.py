@@ -26,7 +26,7 @@ def test_local_delivery_to_router_address(lab, trace):
     names = p.stage_names()
     assert p.fate == "delivered"
     # ICMP has no early demux: the input route lookup must be there
-    assert p.crossed("tc_ingress", "prerouting", "route", "input", "deliver"), names
+    assert p.crossed(cap.rx, "prerouting", "route", "input", "deliver"), names
     assert not {"forward", "output", "postrouting", "tx"} & set(names), names
     assert p.in_dev == "rc"
 
@@ -48,13 +48,13 @@ def test_forwarded_ipv4(lab, trace):
     p = cap.until(lambda p: _from_to(p, lab.addr["client4"], lab.addr["server4"], ICMP))
     names = p.stage_names()
     assert p.fate == "forwarded"
-    assert p.crossed("tc_ingress", "prerouting", "route", "forward", "postrouting", "tx"), names
+    assert p.crossed(cap.rx, "prerouting", "route", "forward", "postrouting", "tx"), names
     assert not {"input", "output", "deliver"} & set(names), names
     assert (p.in_dev, p.out_dev) == ("rc", "rs")
     route = p.path[names.index("route")]
     assert route.lookups[-1].table == "main" and route.dev == "rs" and route.lookups[-1].err is None
-    assert names.index("tc_ingress") < names.index("prerouting") < names.index("postrouting") < \
-        names.index("tc_egress") < names.index("tx")
+    assert names.index(cap.rx) < names.index("prerouting") < names.index("postrouting") < \
+        names.index(cap.tx) <= names.index("tx")
 
 
 def test_forwarded_ipv6(lab, trace):
@@ -63,7 +63,7 @@ def test_forwarded_ipv6(lab, trace):
     p = cap.until(lambda p: p.src == lab.addr["client6"] and p.family == "ipv6")
     names = p.stage_names()
     assert p.fate == "forwarded"
-    assert p.crossed("tc_ingress", "prerouting", "route", "forward", "postrouting", "tx"), names
+    assert p.crossed(cap.rx, "prerouting", "route", "forward", "postrouting", "tx"), names
     assert not {"input", "output", "deliver"} & set(names), names
     assert (p.in_dev, p.out_dev) == ("rc", "rs")
 
@@ -113,7 +113,7 @@ def test_mark_filter_shows_only_marked_packets_with_mark_change(lab, trace):
     assert pre.mark == 0 and pre.mark_out == 0x1
     assert pre.observations[0].priority < -150 < pre.observations[-1].priority
     # stages before the mark was set are shown too
-    assert p.path[0].stage == "tc_ingress" and p.path[0].mark == 0
+    assert p.path[0].stage == cap.rx and p.path[0].mark == 0
     assert p.path[-1].mark == 0x1
 
 
@@ -197,8 +197,8 @@ def test_header_filter_still_catches_a_packet_that_matches_only_after_dnat(lab, 
     # kept, from before the translation that made it match
     assert not p.late_match and p.fate == "forwarded"
     assert p.dst == lab.addr["router_c4"]
-    assert p.stage_names()[0] == "tc_ingress"
-    assert p.crossed("tc_ingress", "prerouting", "route", "forward", "postrouting", "tc_egress", "tx")
+    assert p.stage_names()[0] == cap.rx
+    assert p.crossed(cap.rx, "prerouting", "route", "forward", "postrouting", cap.tx, "tx")
     assert p.out_dev == "rs"
 
 
