@@ -13,9 +13,12 @@ fi
 
 # systemd: systemd-analyze (the unit file test); prometheus: prometheus and
 # promtool (the exporter's integration tests start a private server);
-# tcpdump: the ground truth the ECMP tests compare pkttrace's choice with.
+# tcpdump: the ground truth the ECMP tests compare pkttrace's choice with;
+# qemu-system-x86, busybox-static, cpio, xz-utils, kmod: ../shared/kernel-vm/
+# run-vm.sh, which runs the tests under Debian's 6.1 and 6.12 kernels
+# (scripts/kernel-matrix.sh).
 APT_PKGS=(clang llvm libbpf-dev libbpf1 bpftool make iproute2 iptables nftables iperf3 iputils-ping util-linux
-          python3-venv systemd prometheus tcpdump)
+          python3-venv systemd prometheus tcpdump qemu-system-x86 busybox-static cpio xz-utils kmod)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,4 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+rc=0
+.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@" || rc=$?
+# then the integration tests that exercise every backend, under Debian 12's
+# 6.1 (fentry) and 6.12 (netfilter links and fentry) kernels in qemu
+# (PKTTRACE_NO_MATRIX=1 skips it, e.g. when iterating on one test)
+if [ -z "${PKTTRACE_NO_MATRIX:-}" ]; then
+  scripts/kernel-matrix.sh --subset || rc=1
+fi
+exit $rc

@@ -102,6 +102,7 @@ def filter_options(fn):
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also save the raw records (and the names they need) for `pkttrace replay`.")
 @click.option("--backend", type=click.Choice(["auto", "nflink", "fentry"]), default="auto", show_default=True,
+              envvar="PKTTRACE_BACKEND",
               help="How netfilter hooks are observed: netfilter BPF links (6.4+) or fentry (older kernels).")
 @click.pass_context
 def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, duration, tc_mode, age_after,

@@ -708,8 +708,8 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
             before = cur[side]
             cur[side] = (addr, port if sh.ports else None)
             nat[side] = {"from": _endpoint(before[0], before[1], fam), "to": _endpoint(addr, cur[side][1], fam)}
-        if k == 0 and not nat:
-            continue  # the first observer runs before every table
+        if (k == 0 or not o.tables) and not nat:
+            continue  # the first observer runs before every table; none ran since the last look
         verdict = p.drop_verdict if p.drop_in_last and k == len(p.obs) - 1 else "accept"
         stage.tables.append(TableStep(
             _names(o.tables), o.tables[-1][1] if o.tables else None,

@@ -53,7 +53,8 @@ class TraceOptions:
     ringbuf_bytes: int = 8 << 20
     age_after: float = 5.0             # seconds without a stage before a record is aged out
     tc: str = "auto"                   # auto | tcx | classic | off
-    backend: str = "auto"              # auto | nflink | fentry: how netfilter hooks are observed
+    # auto | nflink | fentry: how netfilter hooks are observed ($PKTTRACE_BACKEND)
+    backend: str = field(default_factory=lambda: os.environ.get("PKTTRACE_BACKEND", "auto"))
     replace_every: float = 2.0         # seconds between checks of the ruleset (observer re-placement)
 
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The integration tests under the kernels routers run: Debian 12's own 6.1
+# and its 6.12 backport, booted in qemu over this machine's root filesystem
+# (../shared/kernel-vm/run-vm.sh), once per backend each kernel has.  Prints
+# a table kernel x backend x passed/failed/skipped, and the skip reasons
+# (each names the kernel feature that is missing).
+#
+#   scripts/kernel-matrix.sh            # every integration test (~40 min under TCG)
+#   scripts/kernel-matrix.sh --subset   # the paths and backend tests (~12 min): what CI runs
+#
+# Exit status: 1 if any test failed.  A VM that cannot boot here (no qemu,
+# no kernel package reachable: run-vm.sh's status 125) is reported as such
+# and does not count as a test failure; --strict makes it one.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+VM=${PKTTRACE_KERNEL_VM:-../shared/kernel-vm/run-vm.sh}
+TESTS=(tests/integration)
+STRICT=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --subset) TESTS=(tests/integration/test_paths.py tests/integration/test_backends.py) ;;
+    --strict) STRICT=1 ;;
+    *) echo "kernel-matrix.sh: unknown option $1 (--subset, --strict)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ ! -x "$VM" ]; then
+  echo "kernel-matrix.sh: no kernel VM runner at $VM (set PKTTRACE_KERNEL_VM)" >&2
+  exit 2
+fi
+
+# kernel backend: 6.1 has no netfilter links (fentry only); 6.12 has both
+RUNS=("6.1 auto" "6.12 nflink" "6.12 fentry")
+LOGDIR=$(mktemp -d /tmp/pkttrace-matrix.XXXXXX)
+rows=()
+failed=0
+for run in "${RUNS[@]}"; do
+  set -- $run
+  kernel=$1 backend=$2
+  log="$LOGDIR/$kernel-$backend.log"
+  echo "kernel-matrix: Linux $kernel, backend $backend ..." >&2
+  KR_TIMEOUT=${KR_TIMEOUT:-3000} KR_ENV="PKTTRACE_BACKEND" PKTTRACE_BACKEND=$backend \
+    "$VM" "$kernel" -- .venv/bin/python -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" >"$log" 2>&1
+  rc=$?
+  summary=$(grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|skipped).* =+$|(passed|failed|error).* in [0-9.]+s" "$log" | tail -1)
+  p=$(grep -oE "[0-9]+ passed" <<<"$summary" | grep -oE "[0-9]+" || true)
+  f=$(grep -oE "[0-9]+ failed" <<<"$summary" | grep -oE "[0-9]+" || true)
+  e=$(grep -oE "[0-9]+ error" <<<"$summary" | grep -oE "[0-9]+" || true)
+  s=$(grep -oE "[0-9]+ skipped" <<<"$summary" | grep -oE "[0-9]+" || true)
+  if [ "$rc" -eq 125 ] || [ "$rc" -eq 124 ]; then
+    state="VM unavailable (run-vm.sh status $rc)"
+    [ -n "$STRICT" ] && failed=1
+  elif [ "$rc" -ne 0 ]; then
+    state="FAILED"
+    failed=1
+  else
+    state="ok"
+  fi
+  rows+=("$(printf '| %-6s | %-8s | %6s | %6s | %7s | %s' "$kernel" "$backend" "${p:-0}" "$(( ${f:-0} + ${e:-0} ))" "${s:-0}" "$state")")
+  grep -E "^SKIPPED" "$log" | sed "s/^/    [$kernel $backend] /" >&2 || true
+  if [ "$state" = FAILED ]; then
+    grep -E "^(FAILED|ERROR) " "$log" | sed "s/^/    [$kernel $backend] /" >&2 || true
+  fi
+done
+
+echo
+echo "| kernel | backend  | passed | failed | skipped | status"
+echo "|--------|----------|--------|--------|---------|-------"
+printf '%s\n' "${rows[@]}"
+echo "logs: $LOGDIR"
+exit $failed
