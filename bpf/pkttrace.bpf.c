@@ -869,7 +869,9 @@ static __always_inline __u8 fate_tx(const struct pt_record *r)
 {
 	if (r->flags & PT_REC_REDIRECTED)
 		return PT_FATE_REDIRECTED;
-	return (r->seen & PT_SEEN_FORWARD) ? PT_FATE_FORWARDED : PT_FATE_SENT;
+	/* (received and sent on: forwarded, even where no FORWARD hook ran
+	 * that we could see) */
+	return (r->seen & (PT_SEEN_FORWARD | PT_SEEN_RX)) ? PT_FATE_FORWARDED : PT_FATE_SENT;
 }
 
 /* ---- fragments ---- */
@@ -1672,6 +1674,8 @@ static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, con
 	if (!prev && !first_sight_wanted(skb, &pi, netns))
 		return NULL;
 	r = rec_new(skb, netns, &pi, now, id);
+	if (r)
+		r->seen |= PT_SEEN_RX;
 	if (r && prev) {
 		r->prev = prev;
 		r->prev_netns = prev_netns;
@@ -1754,6 +1758,11 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 	ifindex = skb->dev->ifindex;
 	mark = skb->mark;
 	redirected = skb_redirected(skb);
+	/* no hook took its route (fentry backend, a hook we could not see):
+	 * its lookups are still waiting */
+	if (!(r->seen & (PT_SEEN_INPUT | PT_SEEN_FORWARD | PT_SEEN_OUTPUT)) &&
+	    route_take(r, PT_STAGE_ROUTE, r->last_ts, ROUTE_CHECKS | ((r->seen & PT_SEEN_RX) ? 0 : ROUTE_LOCAL_OUT)))
+		route_result(r, skb->_skb_refdst, bpf_ktime_get_ns());
 	r->out_ifindex = ifindex;
 	r->match |= match_stage(mark, 0, ifindex);
 	r->flags |= PT_REC_QUEUED;
@@ -1882,8 +1891,7 @@ int BPF_PROG(on_copy_datagram, const struct sk_buff *skb, int len)
  * socket, on the CPU that is processing the packet pending at LOCAL_IN.
  * UDP reads linear skbs without the copy tracepoint and frees them without
  * consume_skb, so this is where UDP delivery is seen. */
-SEC("tp_btf/sk_data_ready")
-int BPF_PROG(on_sk_data_ready, const struct sock *sk)
+static __always_inline void data_ready(const struct sock *sk)
 {
 	struct pt_record *r;
 	__u64 key;
@@ -1892,6 +1900,12 @@ int BPF_PROG(on_sk_data_ready, const struct sock *sk)
 	if (r)
 		deliver((const void *)key, r, PT_DELIVER_QUEUED,
 			sk->sk_socket && sk->sk_socket->file ? sk->sk_socket->file->f_inode->i_ino : 0);
+}
+
+SEC("tp_btf/sk_data_ready")
+int BPF_PROG(on_sk_data_ready, const struct sock *sk)
+{
+	data_ready(sk);
 	return 0;
 }
 
@@ -1984,6 +1998,24 @@ HOOK_DONE(fd_in6, ip6_input_finish, NFPROTO_IPV6, 1)
 HOOK_DONE(fd_fwd6, ip6_forward_finish, NFPROTO_IPV6, 2)
 HOOK_DONE(fd_post6, ip6_finish_output, NFPROTO_IPV6, 4)
 
+/* Where no hook function is registered, NF_HOOK calls the okfn directly,
+ * and the compiler may inline that call (6.1: ip_rcv_finish): the input
+ * route lookup, which every received packet without a route goes through
+ * right after PREROUTING, says it crossed the hook then. */
+SEC("fentry/ip_route_input_noref")
+int BPF_PROG(fd_pre4_route, struct sk_buff *skb)
+{
+	hook_done(skb, NFPROTO_IPV4, 0);
+	return 0;
+}
+
+SEC("fentry/ip6_route_input")
+int BPF_PROG(fd_pre6_route, struct sk_buff *skb)
+{
+	hook_done(skb, NFPROTO_IPV6, 0);
+	return 0;
+}
+
 /* LOCAL_OUT: __ip_local_out runs the hook and says 1 when it may go on. */
 SEC("fexit/__ip_local_out")
 int BPF_PROG(fd_out4, struct net *net, struct sock *sk, struct sk_buff *skb, int ret)
@@ -2006,13 +2038,7 @@ int BPF_PROG(fd_out6, struct net *net, struct sock *sk, struct sk_buff *skb, int
 SEC("fentry/sock_def_readable")
 int BPF_PROG(fe_sk_data_ready, struct sock *sk)
 {
-	struct pt_record *r;
-	__u64 key;
-
-	r = pending_take(&key);
-	if (r)
-		deliver((const void *)key, r, PT_DELIVER_QUEUED,
-			sk->sk_socket && sk->sk_socket->file ? sk->sk_socket->file->f_inode->i_ino : 0);
+	data_ready(sk);
 	return 0;
 }
 

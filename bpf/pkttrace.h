@@ -96,6 +96,7 @@ enum pt_fate {
 #define PT_SEEN_INPUT   (1u << 0)
 #define PT_SEEN_FORWARD (1u << 1)
 #define PT_SEEN_OUTPUT  (1u << 2)
+#define PT_SEEN_RX      (1u << 3)   /* received on a device (not generated here) */
 
 /* Filter criteria.  A packet is shown when every active criterion matched at
  * some stage of its path (not necessarily the same stage): a mark set late

@@ -49,6 +49,8 @@ FENTRY_PROGRAMS = {
     "fd_out4": "__ip_local_out", "fd_post4": "ip_finish_output",
     "fd_pre6": "ip6_rcv_finish", "fd_in6": "ip6_input_finish", "fd_fwd6": "ip6_forward_finish",
     "fd_out6": "__ip6_local_out", "fd_post6": "ip6_finish_output",
+    # (where the direct call to ip_rcv_finish is inlined: the input route lookup)
+    "fd_pre4_route": "ip_route_input_noref", "fd_pre6_route": "ip6_route_input",
 }
 FENTRY_DATA_READY = ("fe_sk_data_ready", "sock_def_readable")
 # what a fentry program that cannot be attached costs; the rest are required

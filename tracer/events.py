@@ -99,7 +99,7 @@ class DeliverHow(enum.IntEnum):
     STACK = 4      # passed INPUT, freed by the stack without an event (TCP ACK)
 
 
-SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT = 1, 2, 4
+SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT, SEEN_RX = 1, 2, 4, 8
 F_MARK, F_SRC, F_DST, F_PROTO, F_PORT, F_IFACE = 1, 2, 4, 8, 16, 32
 F_HEADER = F_SRC | F_DST | F_PROTO | F_PORT   # criteria judged from the IP header alone
 REC_TRUNCATED, REC_LATE, REC_QUEUED, REC_CAUSED, REC_REDIRECTED, REC_FRAG, REC_NAT_NS = 1, 2, 4, 8, 16, 32, 64
