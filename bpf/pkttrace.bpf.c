@@ -1761,7 +1761,7 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 	/* no hook took its route (fentry backend, a hook we could not see):
 	 * its lookups are still waiting */
 	if (!(r->seen & (PT_SEEN_INPUT | PT_SEEN_FORWARD | PT_SEEN_OUTPUT)) &&
-	    route_take(r, PT_STAGE_ROUTE, r->last_ts, ROUTE_CHECKS | ((r->seen & PT_SEEN_RX) ? 0 : ROUTE_LOCAL_OUT)))
+	    route_take(r, PT_STAGE_ROUTE, r->first_ts, ROUTE_CHECKS | ((r->seen & PT_SEEN_RX) ? 0 : ROUTE_LOCAL_OUT)))
 		route_result(r, skb->_skb_refdst, bpf_ktime_get_ns());
 	r->out_ifindex = ifindex;
 	r->match |= match_stage(mark, 0, ifindex);

@@ -505,8 +505,9 @@ def test_filter_on_dnat_target_shows_the_whole_path_live_and_in_replay(lab, trac
 
     d = pj(p)
     assert d["fate"] == "forwarded", d
-    # the first stage: received on rc (tc ingress marks the receive)
-    assert names(d)[0] == "tc_ingress", names(d)
+    # the first stage: received on rc (tc ingress marks the receive, or
+    # netif_receive_skb where the kernel has no tc observers)
+    assert names(d)[0] == cap.rx and d["path"][0]["dev"] == "rc", names(d)
     assert not d.get("late_match"), d
     assert not p.late_match
     nat = [t for t in stage_json(d, "prerouting")["tables"] if "dst" in t]
@@ -576,7 +577,16 @@ def _tc_stage(d: dict, name: str) -> dict:
     return s
 
 
+def _need_tc_stages():
+    """tc verdicts are seen by tc observers, which need the kfunc
+    bpf_cast_to_kern_ctx (Linux 6.2+): skip where the kernel lacks it."""
+    from tracer import backends
+    if not backends.probe().cast_kfunc:
+        pytest.skip("no tc stages on this kernel: kfunc bpf_cast_to_kern_ctx missing (Linux 6.2+)")
+
+
 def test_tc_redirect_shows_verdict_target_and_redirected_fate(lab, trace, doc):
+    _need_tc_stages()
     a = lab.addr
     tc(lab, "qdisc", "add", "dev", "rc", "clsact")
     tc(lab, "filter", "add", "dev", "rc", "ingress", "prio", "1", *u32_udp_dport(5030),
@@ -595,6 +605,7 @@ def test_tc_redirect_shows_verdict_target_and_redirected_fate(lab, trace, doc):
 
 
 def test_tc_mirror_shows_verdict_target_and_original_still_forwarded(lab, trace, doc):
+    _need_tc_stages()
     a = lab.addr
     tc(lab, "qdisc", "add", "dev", "rc", "clsact")
     tc(lab, "filter", "add", "dev", "rc", "ingress", "prio", "1", *u32_udp_dport(5031),
@@ -617,6 +628,7 @@ def test_tc_mirror_shows_verdict_target_and_original_still_forwarded(lab, trace,
 
 
 def test_tc_drop_shows_shot_verdict_and_tc_ingress_drop(lab, trace, doc):
+    _need_tc_stages()
     a = lab.addr
     tc(lab, "qdisc", "add", "dev", "rc", "clsact")
     how = add_tc_drop(lab, "rc", 5032)
