@@ -585,12 +585,17 @@ def _need_tc_stages():
         pytest.skip("no tc stages on this kernel: kfunc bpf_cast_to_kern_ctx missing (Linux 6.2+)")
 
 
+def mirred_on_rc_ingress(lab, dport: int, action: str, dev: str) -> None:
+    """On the router's rc ingress: UDP to dport gets `mirred egress <action> dev <dev>`."""
+    tc(lab, "qdisc", "add", "dev", "rc", "clsact")
+    tc(lab, "filter", "add", "dev", "rc", "ingress", "prio", "1", *u32_udp_dport(dport),
+       "action", "mirred", "egress", action, "dev", dev)
+
+
 def test_tc_redirect_shows_verdict_target_and_redirected_fate(lab, trace, doc):
     _need_tc_stages()
     a = lab.addr
-    tc(lab, "qdisc", "add", "dev", "rc", "clsact")
-    tc(lab, "filter", "add", "dev", "rc", "ingress", "prio", "1", *u32_udp_dport(5030),
-       "action", "mirred", "egress", "redirect", "dev", "rs")
+    mirred_on_rc_ingress(lab, 5030, "redirect", "rs")
     cap = trace(filter=PacketFilter(proto=UDP, port=5030))
     udp_from(lab.client, a["server4"], 5030)
     p = cap.until(lambda p: is_flow(p, src=a["client4"], dst=a["server4"], dport=5030))
@@ -607,9 +612,7 @@ def test_tc_redirect_shows_verdict_target_and_redirected_fate(lab, trace, doc):
 def test_tc_mirror_shows_verdict_target_and_original_still_forwarded(lab, trace, doc):
     _need_tc_stages()
     a = lab.addr
-    tc(lab, "qdisc", "add", "dev", "rc", "clsact")
-    tc(lab, "filter", "add", "dev", "rc", "ingress", "prio", "1", *u32_udp_dport(5031),
-       "action", "mirred", "egress", "mirror", "dev", "rs2")
+    mirred_on_rc_ingress(lab, 5031, "mirror", "rs2")
     cap = trace(filter=PacketFilter(proto=UDP, port=5031))
     with lab.udp_server(lab.server, a["server4"], 5031) as srv:
         udp_from(lab.client, a["server4"], 5031, b"mirrored")
