@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ ! -x "$VM" ]; then
+if [ ! -f "$VM" ]; then
   echo "kernel-matrix.sh: no kernel VM runner at $VM (set PKTTRACE_KERNEL_VM)" >&2
   exit 2
 fi
@@ -41,7 +41,7 @@ for run in "${RUNS[@]}"; do
   log="$LOGDIR/$kernel-$backend.log"
   echo "kernel-matrix: Linux $kernel, backend $backend ..." >&2
   KR_TIMEOUT=${KR_TIMEOUT:-3000} KR_ENV="PKTTRACE_BACKEND" PKTTRACE_BACKEND=$backend \
-    "$VM" "$kernel" -- .venv/bin/python -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" >"$log" 2>&1
+    bash "$VM" "$kernel" -- .venv/bin/python -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" >"$log" 2>&1
   rc=$?
   summary=$(grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|skipped).* =+$|(passed|failed|error).* in [0-9.]+s" "$log" | tail -1)
   p=$(grep -oE "[0-9]+ passed" <<<"$summary" | grep -oE "[0-9]+" || true)
