@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import routing
+from .placement import PRIO_FIRST
 from .events import (CT_REPLY, NF_STAGES, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
                      REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_NF_DROP, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
                      StageKind, TcVerdict)
@@ -563,8 +564,7 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
 
 
 
-PRIO_MAX = 2**31 - 1
-PRIO_FIRST = -(2**31) + 1            # where the first observer of a hook sits (placement.PRIO_FIRST)
+PRIO_MIN, PRIO_MAX = -(2**31), 2**31 - 1   # INT_MIN/INT_MAX: before/after every hook function
 
 
 def _table_obs(raw: int, slot: int, prio: int, last: int | None, registered: list) -> _Obs:
@@ -572,7 +572,7 @@ def _table_obs(raw: int, slot: int, prio: int, last: int | None, registered: lis
     chain or x_tables table at `prio`), or after every hook function.  The
     tables crossed since the last observation are what is registered
     between the two priorities (conntrack, NAT, ... run unobserved)."""
-    lo = last if last is not None else -(2**31)
+    lo = last if last is not None else PRIO_MIN
     hi = prio if slot == SLOT_TABLE else PRIO_MAX
     tables = [(n, p) for n, p in registered if lo < p <= hi]
     if slot == SLOT_TABLE and not any(p == prio for _n, p in tables):
@@ -630,7 +630,7 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
             key = (ino, fam, StageKind[last.label.upper()] - StageKind.PREROUTING, lst[_SLOT])
             if lst[_SLOT] in (0, SLOT_TABLE) and key not in ctx.slot_after:
                 # fentry backend: something registered after that priority
-                after = last.obs[-1].priority if lst[_SLOT] == SLOT_TABLE else -(2**31)
+                after = last.obs[-1].priority if lst[_SLOT] == SLOT_TABLE else PRIO_MIN
                 last.drop_tables = [(n, p) for n, p in ctx.registered.get(key[:3], []) if p > after]
             else:
                 last.drop_tables = ctx.slot_after.get(key, [])
