@@ -106,6 +106,13 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_nf_pos);
+} nf_pos SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, PT_STAT__MAX);
 	__type(key, __u32);
 	__type(value, __u64);
@@ -438,11 +445,23 @@ static __always_inline bool rejected_in_flight(void)
 	return slot && *slot;
 }
 
+/* The slot holds the rejected skb's address; its low bit (an skb is
+ * aligned) says the packet was judged knowing its header after NAT, so
+ * nothing later can make it match. */
+#define PT_REJECTED_FINAL 1ULL
+
 static __always_inline bool is_rejected(const void *skb)
 {
 	__u64 *slot = rejected_slot();
 
-	return slot && *slot == (__u64)skb;
+	return slot && (*slot & ~PT_REJECTED_FINAL) == (__u64)skb;
+}
+
+static __always_inline bool rejected_final(void)
+{
+	__u64 *slot = rejected_slot();
+
+	return slot && (*slot & PT_REJECTED_FINAL);
 }
 
 /* The packet ended without a record: forget it was rejected (the pointer
@@ -451,7 +470,7 @@ static __always_inline void rejected_forget(const void *skb)
 {
 	__u64 *slot = rejected_slot();
 
-	if (slot && *slot == (__u64)skb)
+	if (slot && (*slot & ~PT_REJECTED_FINAL) == (__u64)skb)
 		*slot = 0;
 }
 
@@ -1284,6 +1303,62 @@ static __always_inline void nat_check(struct pt_record *r, const struct pkt_info
 	}
 }
 
+/* Match bits of the header a packet of a confirmed connection has after
+ * every NAT table: its NAT bindings are fixed by then, and that header is
+ * the other direction's tuple turned around.  -1 when not known yet (no
+ * conntrack entry, untracked, or a connection still unconfirmed, whose
+ * NAT the nat tables are about to decide). */
+static __always_inline int ct_post_nat_match(__u64 nfct, __u8 family, __u8 proto)
+{
+	struct nf_conn *ct = (struct nf_conn *)(nfct & ~7ULL);
+	struct nf_conntrack_tuple t;
+	struct pkt_info pi = {};
+	__u8 info = nfct & 7;
+
+	if (!ct || info == IP_CT_UNTRACKED || !(BPF_CORE_READ(ct, status) & IPS_CONFIRMED))
+		return -1;
+	if (bpf_core_read(&t, sizeof(t), &ct->tuplehash[info >= IP_CT_IS_REPLY ? IP_CT_DIR_ORIGINAL :
+										    IP_CT_DIR_REPLY].tuple))
+		return -1;
+	pi.family = family;
+	pi.proto = proto;
+	__builtin_memcpy(pi.saddr, &t.dst.u3, 16);
+	__builtin_memcpy(pi.daddr, &t.src.u3, 16);
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		pi.sport = bpf_ntohs(t.dst.u.all);
+		pi.dport = bpf_ntohs(t.src.u.all);
+	}
+	return match_header(&pi);
+}
+
+/* A record kept only because NAT might make its packet match (a header
+ * filter in a netns with NAT): once conntrack has confirmed the packet's
+ * connection, its header after NAT is known; if neither that nor what the
+ * record saw matches, the packet is judged here as it would have been at
+ * first sight, and every later probe returns at once. */
+static __always_inline bool ct_reject(const void *skb, const struct pt_record *r, __u64 nfct)
+{
+	__u64 *slot;
+	int m;
+
+	if (!cfg.early_reject || !nfct || !(r->flags & PT_REC_NAT_NS) || (r->flags & PT_REC_FRAG) ||
+	    (r->match & cfg.filter) == cfg.filter)
+		return false;
+	m = ct_post_nat_match(nfct, r->family, r->proto);
+	if (m < 0 || ((r->match | m) & cfg.filter) == cfg.filter)
+		return false;
+	rec_forget((__u64)skb);
+	slot = rejected_slot();
+	if (slot) {
+		/* the verifier refuses bit operations on a pointer: set the
+		 * bit on the stored value (volatile: not folded back) */
+		*(volatile __u64 *)slot = (__u64)skb;
+		*(volatile __u64 *)slot |= PT_REJECTED_FINAL;
+	}
+	stat_inc(PT_STAT_FILTERED);
+	return true;
+}
+
 /* Does observer `slot` of this hook follow a NAT table in r's netns? */
 static __always_inline bool after_nat(const struct pt_record *r, __u8 family, __u8 hook, __u8 slot)
 {
@@ -1322,17 +1397,21 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, __u8 pf, __u8 hoo
 	if (!family || hook > 4)
 		return NF_ACCEPT;
 	kind = PT_STAGE_PREROUTING + hook; /* enum order follows NF_INET_* */
-	now = bpf_ktime_get_ns();
-	/* a rejected packet has no record: the per-CPU slot is cheaper than the hash */
+	/* a rejected packet has no record: the per-CPU slot is cheaper than
+	 * the hash, and it is checked before anything else is read */
 	rejected_pkt = is_rejected(skb);
+	if (rejected_pkt && (first || rejected_final() ||
+			     (kind != PT_STAGE_PREROUTING && kind != PT_STAGE_OUTPUT &&
+			      kind != PT_STAGE_POSTROUTING)))
+		return NF_ACCEPT;
+	now = bpf_ktime_get_ns();
 	r = rejected_pkt ? NULL : rec_lookup(skb);
 	if (rejected_pkt) {
 		/* Judged at first sight; only NAT can make it match since (a
 		 * ruleset that gained NAT after the packet was first seen).
 		 * Its route lookups were pushed weak: overwritten silently,
 		 * and claimable only by a packet of their flow. */
-		if (first || (kind != PT_STAGE_PREROUTING && kind != PT_STAGE_OUTPUT &&
-			      kind != PT_STAGE_POSTROUTING) || !ct_natted(nfct))
+		if (!ct_natted(nfct))
 			return NF_ACCEPT;
 		if (parse_l3(l3, family, &pi) || (match_header(&pi) & cfg.filter) != cfg.filter)
 			return NF_ACCEPT;
@@ -1359,6 +1438,8 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, __u8 pf, __u8 hoo
 			return NF_ACCEPT;
 		r->cause = cause;
 		parsed = true;
+	} else if (ct_reject(skb, r, nfct)) {
+		return NF_ACCEPT;
 	} else if ((r->flags & PT_REC_FRAG) ||
 		   ((r->flags & PT_REC_NAT_NS) && after_nat(r, family, hook, slot) && ct_natted(nfct))) {
 		if (!parse_l3(l3, family, &pi)) {
@@ -1438,36 +1519,80 @@ static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_ho
 			      state->out ? state->out->ifindex : 0, state->net->ns.inum, slot, first, prio, stflags);
 }
 
-static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 slot)
+/* Forget where a freed packet was in its hook: its pointer will be reused. */
+static __always_inline void nf_pos_forget(const void *skb)
 {
-	return nf_observe_at(ctx->skb, ctx->state, slot, slot % PT_NF_BANK == 0, 0, 0);
+	__u32 zero = 0;
+	struct pt_nf_pos *p = bpf_map_lookup_elem(&nf_pos, &zero);
+
+	if (!p)
+		return;
+	for (int i = 0; i < PT_NF_POS; i++)
+		if (p->skb[i] == (__u64)skb)
+			p->skb[i] = 0;
 }
 
-/* One program per priority slot, so each observation says where it was made
- * (netfilter links carry no cookie).  Section "netfilter" is unknown to
- * libbpf 1.1: user space sets the program type before load. */
-#define NF_OBS(N)                                              \
-	SEC("netfilter")                                       \
-	int nf_obs_##N(struct bpf_nf_ctx *ctx)                 \
-	{                                                      \
-		return nf_observe(ctx, N);                     \
+/* Which observer of its hook (0: the first) this run of bank's program is.
+ * A packet listed at the same hook continues there, unless every observer
+ * the hook has has seen it (then it is there again: a new traversal); any
+ * other packet starts at the first.  A packet freed mid-hook is forgotten
+ * (kfree_skb/consume_skb), so a new packet at its address starts afresh. */
+static __always_inline __u8 nf_position(const void *skb, const struct nf_hook_state *state, __u8 bank)
+{
+	__u32 zero = 0, where, k;
+	struct pt_nf_pos *p = bpf_map_lookup_elem(&nf_pos, &zero);
+	struct pt_nat_slots *ns;
+	__u8 fh = (state->pf == NFPROTO_IPV6 ? 5 : 0) + state->hook;
+	int i, found = -1, ns_i;
+
+	if (!p)
+		return 0;
+	where = state->net->ns.inum ^ ((__u32)bank << 24 | (__u32)fh << 16);
+	for (i = 0; i < PT_NF_POS; i++)
+		if (p->skb[i] == (__u64)skb)
+			found = i;
+	if (found >= 0 && found < PT_NF_POS && p->where[found] == where) {
+		ns_i = netns_index(state->net->ns.inum);
+		k = ns_i;
+		ns = ns_i >= 0 ? bpf_map_lookup_elem(&nat_slots, &k) : NULL;
+		/* bounded right at the access: older verifiers lose fh's bound */
+		barrier_var(fh);
+		if (ns && bank < 2 && fh < 10 && p->count[found] + 1 < ns->observers[bank * 10 + fh])
+			return ++p->count[found];
 	}
-NF_OBS(0)
-NF_OBS(1)
-NF_OBS(2)
-NF_OBS(3)
-NF_OBS(4)
-NF_OBS(5)
-NF_OBS(6)
-NF_OBS(7)
-NF_OBS(8)
-NF_OBS(9)
-NF_OBS(10)
-NF_OBS(11)
-NF_OBS(12)
-NF_OBS(13)
-NF_OBS(14)
-NF_OBS(15)
+	if (found < 0)
+		found = p->next++ & (PT_NF_POS - 1);
+	barrier_var(found);
+	if (found < 0 || found >= PT_NF_POS)
+		return 0;
+	p->skb[found] = (__u64)skb;
+	p->where[found] = where;
+	p->count[found] = 0;
+	return 0;
+}
+
+static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
+{
+	__u8 i = nf_position(ctx->skb, ctx->state, bank);
+
+	return nf_observe_at(ctx->skb, ctx->state, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), i == 0, 0, 0);
+}
+
+/* One program per bank, attached at every observer slot of the bank: it
+ * works out which slot it runs at (nf_position), so only one program is
+ * verified per bank.  Section "netfilter" is unknown to libbpf 1.1: user
+ * space sets the program type before load. */
+SEC("netfilter")
+int nf_obs_0(struct bpf_nf_ctx *ctx)
+{
+	return nf_observe(ctx, 0);
+}
+
+SEC("netfilter")
+int nf_obs_1(struct bpf_nf_ctx *ctx)
+{
+	return nf_observe(ctx, 1);
+}
 
 /* ---- netfilter, fentry backend (kernels without netfilter links) ----
  *
@@ -1818,6 +1943,7 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 	struct pt_stage *s;
 	__u8 kind;
 
+	nf_pos_forget(skb);
 	if (!r) {
 		rejected_forget(skb);
 		return 0;
@@ -1851,6 +1977,7 @@ int BPF_PROG(on_consume_skb, struct sk_buff *skb)
 {
 	struct pt_record *r = rec_lookup(skb);
 
+	nf_pos_forget(skb);
 	if (!r) {
 		rejected_forget(skb);
 		return 0;

@@ -13,10 +13,14 @@
 #define PT_MAX_NETNS 8     /* network namespaces traced at once */
 #define PT_SLOTS 4         /* records kept per CPU while their packet is processed there */
 #define PT_MAX_ROUTE 16    /* route lookups buffered per CPU between two stages */
-#define PT_NF_SLOTS 16     /* netfilter observer programs (nf_obs_N): two banks of */
-#define PT_NF_BANK 8       /* eight, so observers can be re-placed while the old
-			      ones still run; slot % PT_NF_BANK == 0 is the first
-			      observer of its hook */
+#define PT_NF_SLOTS 16     /* netfilter observer slots: two banks of eight, so */
+#define PT_NF_BANK 8       /* observers can be re-placed while the old ones still
+			      run; slot % PT_NF_BANK == 0 is the first observer of
+			      its hook.  One program per bank (nf_obs_0, nf_obs_1)
+			      is attached at every slot: it counts where it is */
+#define PT_NF_POS 4        /* packets per CPU whose place in a hook is counted:
+			      nested hook traversals (a reply generated inside
+			      a hook) each keep their own */
 
 /* What a stage is.  The numbers are part of the record format. */
 enum pt_stage_kind {
@@ -283,6 +287,19 @@ struct pt_route_buf {
  * can a packet's addresses have changed since the observer before. */
 struct pt_nat_slots {
 	__u16 after_nat[10];     /* [family * 5 + hook], family 0: IPv4, 1: IPv6 */
+	__u8 observers[20];      /* [bank * 10 + family * 5 + hook]: observers attached */
+};
+
+/* Per CPU: where in a hook each packet being observed is.  Netfilter links
+ * carry no cookie, so one program serves every slot of its bank and counts
+ * its runs for one packet in one hook: the first observer of a hook comes
+ * before every table, at the lowest priority. */
+struct pt_nf_pos {
+	__u64 skb[PT_NF_POS];
+	__u32 where[PT_NF_POS];  /* netns inode ^ (bank, family, hook) */
+	__u8 count[PT_NF_POS];   /* observers of the hook seen so far - 1 */
+	__u8 next;               /* entry to take for a packet not listed */
+	__u8 pad[3];
 };
 
 /* Per CPU: which packet (skb pointer, 0: free) each record slot holds.  A

@@ -96,16 +96,21 @@ def _kernel_version() -> tuple[int, int]:
 
 
 def _kallsyms(names) -> frozenset:
-    want, found = set(names), set()
+    """Which of names are kernel functions (vmlinux or a loaded module).
+
+    One pass of a regular expression over the whole file: splitting its
+    ~120,000 lines in Python cost ~55 ms of every start."""
+    names = sorted(set(names))
+    if not names:
+        return frozenset()
+    # "address type name" then a tab and "[module]", or the end of the line
+    pattern = re.compile(rb" [tTwW] (" + b"|".join(re.escape(n.encode()) for n in names) + rb")[\t\n]")
     try:
-        with open("/proc/kallsyms") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] in want:
-                    found.add(parts[2])
+        with open("/proc/kallsyms", "rb") as f:
+            text = f.read()
     except OSError:
-        pass
-    return frozenset(found)
+        return frozenset()
+    return frozenset(m.decode() for m in pattern.findall(text))
 
 
 def fentry_refusal(btf: libbpf.Btf) -> str | None:
@@ -166,7 +171,7 @@ def plan(feat: Features, backend: str = "auto", tc: str = "auto") -> Plan:
         raise BackendError(f"--backend fentry: fentry on nf_hook_slow is not available here "
                            f"({feat.fentry or 'nf_hook_slow not found'})")
     p = Plan(netfilter=backend, tc=tc != "off" and feat.cast_kfunc, data_ready=None)
-    nf_obs = {f"nf_obs_{i}" for i in range(16)}
+    nf_obs = {"nf_obs_0", "nf_obs_1"}
     if backend == "nflink":
         p.off |= set(FENTRY_PROGRAMS)
     else:

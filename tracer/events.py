@@ -16,6 +16,7 @@ PT_SLOTS = 4          # per-CPU record slots
 PT_MAX_ROUTE = 16
 PT_NF_SLOTS = 16
 PT_NF_BANK = 8      # slots per bank; slot % PT_NF_BANK == 0 is a hook's first observer
+PT_NF_POS = 4       # per CPU: packets whose place in a hook is counted
 
 u8, u16, u32, s32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64
 
@@ -251,7 +252,13 @@ class PtRouteBuf(ctypes.Structure):
 
 
 class PtNatSlots(ctypes.Structure):
-    _fields_ = [("after_nat", u16 * 10)]   # [family * 5 + hook], family 0: IPv4, 1: IPv6
+    _fields_ = [("after_nat", u16 * 10),    # [family * 5 + hook], family 0: IPv4, 1: IPv6
+                ("observers", u8 * 20)]   # [bank * 10 + family * 5 + hook]: observers attached
+
+
+class PtNfPos(ctypes.Structure):
+    _fields_ = [("skb", u64 * PT_NF_POS), ("where", u32 * PT_NF_POS), ("count", u8 * PT_NF_POS),
+                ("next", u8), ("pad", u8 * 3)]
 
 
 class PtSlots(ctypes.Structure):
@@ -310,6 +317,7 @@ MIRRORS = {
     "pt_active": PtActive,
     "pt_slots": PtSlots,
     "pt_nat_slots": PtNatSlots,
+    "pt_nf_pos": PtNfPos,
     "pt_handoff": PtHandoff,
     "pt_frag_key": PtFragKey,
     "pt_tc_last": PtTcLast,

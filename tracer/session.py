@@ -81,7 +81,8 @@ class Counters:
 
 
 def _nf_programs() -> list[str]:
-    return [f"nf_obs_{i}" for i in range(events.PT_NF_SLOTS)]
+    """The observer program of each bank: attached at every slot of its bank."""
+    return [f"nf_obs_{bank}" for bank in range(events.PT_NF_SLOTS // events.PT_NF_BANK)]
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Tracer:
         self._parked_deleted = 0                     # parked records user space deleted (aged out)
         self.placed: dict[str | None, Placed] = {}
         self._extra_objs: list[libbpf.BpfObject] = []   # observer banks loaded later
-        self._observer_fds: dict[int, int] = {}           # slot -> program fd
+        self._observer_fds: dict[int, int] = {}           # bank -> program fd
         self._initial: dict = {}   # ns -> ruleset read before load, placed at attach
         self.attach_failures = 0
         self._last_replace_check = 0.0
@@ -156,11 +157,10 @@ class Tracer:
 
     def _load(self) -> None:
         obj = self.obj = libbpf.BpfObject(object_path())
-        # Only the observers the rulesets need now: each costs ~70 ms of
-        # verifier time.  More are loaded when a ruleset change needs them.
+        # Only the first bank's observer program now (~80 ms of verifier
+        # time each): the second is loaded at the first re-placement.
         self._initial = {ns: self._registered(ns) for ns in self.opts.netns}
-        need = max(len(hp.priorities) for reg in self._initial.values() for hp in placement.plan(reg).values()) \
-            if self.plan.netfilter == "nflink" else 0
+        need = 1 if self.plan.netfilter == "nflink" else 0
         for i, name in enumerate(_nf_programs()):
             obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
             if i >= need:
@@ -224,17 +224,16 @@ class Tracer:
         except (OSError, netns.NetnsError) as e:
             raise probes.AttachError(f"reading the netfilter ruleset of netns {ns or '(host)'}: {e}") from None
 
-    def _observer_fd(self, slot: int) -> int:
-        """The program of an observer slot, loading its whole bank first if
-        it is not loaded yet: a second load of the same file that shares
-        every map (records, counters, config) with the first."""
-        if slot not in self._observer_fds:
-            bank = slot // events.PT_NF_BANK
-            names = _nf_programs()[bank * events.PT_NF_BANK:(bank + 1) * events.PT_NF_BANK]
+    def _observer_fd(self, bank: int) -> int:
+        """The observer program of a bank, loading it if it is not loaded
+        yet: a second load of the same file that shares every map (records,
+        counters, config) with the first."""
+        if bank not in self._observer_fds:
+            name = _nf_programs()[bank]
             obj = libbpf.BpfObject(object_path())
             try:
                 for p in obj.programs():
-                    if p.name in names:
+                    if p.name == name:
                         p.set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
                     else:
                         p.set_autoload(False)
@@ -244,9 +243,8 @@ class Tracer:
                 obj.close()
                 raise probes.AttachError(str(e)) from None
             self._extra_objs.append(obj)
-            for n in names:
-                self._observer_fds[_nf_programs().index(n)] = obj.program(n).fd
-        return self._observer_fds[slot]
+            self._observer_fds[bank] = obj.program(name).fd
+        return self._observer_fds[bank]
 
     def _place(self, ns: str | None, bank: int, reg: placement.Registered) -> Placed:
         """Attach the observers of bank `bank` after each table registered in ns."""
@@ -261,10 +259,20 @@ class Tracer:
             self.ctx.registered[(ino, fam, hook)] = [(t.name, t.priority) for t in tables]
         if self.plan.netfilter != "nflink":
             plans = {}
+        idx = ctypes.c_uint32(self._ns_index[ino])
+        nat = events.PtNatSlots()
+        self.obj.map("nat_slots").lookup(idx, nat)
+        # how many observers each hook has, before any is attached: the
+        # bank's program counts its runs per packet up to that
+        for fam in (4, 6):
+            for hook in range(5):
+                hp = plans.get((fam, hook))
+                nat.observers[bank * 10 + (5 if fam == 6 else 0) + hook] = len(hp.priorities) if hp else 0
+        self.obj.map("nat_slots").update(idx, nat)
         try:
             for (fam, hook), hp in plans.items():
-                for i, prio in enumerate(hp.priorities):
-                    fd = self._observer_fd(bank * events.PT_NF_BANK + i)
+                fd = self._observer_fd(bank)
+                for prio in hp.priorities:
                     links.append(probes.attach_netfilter(fd, fam, hook, prio, ns))
         except probes.AttachError:
             for link in links:
@@ -283,9 +291,7 @@ class Tracer:
                                           for t in ts if t.name == "conntrack"})
         # with NAT a header filter cannot judge a packet at first sight, and
         # the observers right after a NAT table compare its addresses
-        idx = ctypes.c_uint32(self._ns_index[ino])
         self.obj.map("netns_nat").update(idx, ctypes.c_uint32(placement.has_nat(reg)))
-        nat = events.PtNatSlots()
         self.obj.map("nat_slots").lookup(idx, nat)
         for (fam, hook), hp in plans.items():
             k = (5 if fam == 6 else 0) + hook
@@ -345,20 +351,25 @@ class Tracer:
     def _attach_tc(self, ns: str | None) -> None:
         ing, egr = self.obj.program("tc_ingress").fd, self.obj.program("tc_egress").fd
         mode = self.opts.tc
-        for ifindex, ifname in sorted(netns.links(ns).items()):
-            for prog_fd, ingress in ((ing, True), (egr, False)):
-                if mode in ("auto", "tcx"):
-                    try:
-                        self.attachments.append(probes.attach_tcx(prog_fd, ifindex, ifname, ingress, ns))
-                        continue
-                    except probes.AttachError:
-                        if mode == "tcx":
-                            raise
-                        mode = "classic"  # kernel before 6.6: no TCX anywhere
-                # stale filters of a pkttrace that was killed: ours to remove
-                stale = probes.remove_classic_filter(ns, ifindex, ingress)
-                self.attachments.append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns,
-                                                                 adopt_qdisc=stale))
+        points = [(prog_fd, ifindex, ifname, ingress) for ifindex, ifname in sorted(netns.links(ns).items())
+                  for prog_fd, ingress in ((ing, True), (egr, False))]
+        if mode in ("auto", "tcx") and points:
+            try:
+                self.attachments.append(probes.attach_tcx(*points[0], ns))
+            except probes.AttachError:
+                if mode == "tcx":
+                    raise
+                mode = "classic"  # kernel before 6.6: no TCX anywhere
+            else:
+                # TCX is there (each attach waits for an RCU grace period
+                # under the RTNL lock: ~12 ms, one after the other)
+                self.attachments.extend(probes.attach_tcx(*p, ns) for p in points[1:])
+                return
+        for prog_fd, ifindex, ifname, ingress in points:
+            # stale filters of a pkttrace that was killed: ours to remove
+            stale = probes.remove_classic_filter(ns, ifindex, ingress)
+            self.attachments.append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns,
+                                                             adopt_qdisc=stale))
 
     def _learn_names(self) -> None:
         for ns, ino in self._ns_inodes.items():
