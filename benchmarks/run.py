@@ -54,7 +54,11 @@ ROUTER_RULES = (
 )
 
 WORKLOADS = ("udp", "tcp")
-UNITS = {"udp": "pps", "tcp": "Gb/s"}
+UNITS = {"udp": "pps", "tcp": "Gb/s", "paced": "pps"}
+# trace-all also gets a paced flow: 64 B UDP at this rate must be shown whole
+# (issue 12: no loss at all at 50,000 pps)
+PACED_PPS = 50_000
+MODE_WORKLOADS = {"trace-all": WORKLOADS + ("paced",)}
 PKTTRACE_MODES = ("filter-nomatch", "trace-all", "count-only", "serve")
 ALL_MODES = ("baseline", "filter-nomatch", "trace-all", "count-only", "serve", "nft-trace")
 
@@ -64,6 +68,8 @@ TARGETS = {  # name -> (threshold, comparison, description); issue 12's budget
     "filter-nomatch-udp-ratio": (0.95, ">=", "filter-nomatch UDP pps ratio"),
     "filter-nomatch-bpf-ns": (250, "<=", "filter-nomatch: BPF ns per forwarded packet"),
     "trace-all-udp-ratio": (0.60, ">=", "trace-all UDP pps ratio, losses counted"),
+    "trace-all-paced-lost": (0, "<=", f"trace-all: packets not shown of a paced {PACED_PPS:,} pps flow "
+                                      "(lost + not traced, every round)"),
     "collector-records-per-s": (1_000_000, ">=", "collector records/s, ring bytes to packets (one core)"),
     "collector-json-per-s": (300_000, ">=", "collector JSON lines/s (one core)"),
     "collector-human-per-s": (100_000, ">=", "collector human-readable packets/s (one core)"),
@@ -172,6 +178,8 @@ def iperf_trial(lab, workload: str, duration: float) -> dict:
                 "-t", f"{duration:g}", "-J"]
         if workload == "udp":
             argv += ["-u", "-l", str(UDP_LEN), "-b", "0"]
+        elif workload == "paced":   # iperf3's rate counts payload bytes
+            argv += ["-u", "-l", str(UDP_LEN), "-b", str(PACED_PPS * UDP_LEN * 8)]
         busy0, t0 = cpu_busy_ns(), time.monotonic_ns()
         client = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=duration + 30)
         busy, wall = cpu_busy_ns() - busy0, time.monotonic_ns() - t0
@@ -183,7 +191,7 @@ def iperf_trial(lab, workload: str, duration: float) -> dict:
     srv, cli = _iperf_json(out, "server"), _iperf_json(client.stdout, "client")
     rx = srv["end"]["sum_received"]
     res = {"cpu_busy_frac": busy / (wall * (os.cpu_count() or 1)), "seconds": rx["seconds"]}
-    if workload == "udp":
+    if workload in ("udp", "paced"):
         delivered = rx["packets"] - rx["lost_packets"]
         res.update(value=delivered / rx["seconds"], delivered=delivered,
                    sent=cli["end"]["sum_sent"]["packets"],
@@ -467,7 +475,7 @@ def run_traffic(modes: list, reps: int, duration: float, log) -> list[dict]:
             order = modes[k:] + modes[:k]
             log(f"round {rnd + 1}/{reps}: {', '.join(m.name for m in order)}")
             for mode in order:
-                for wl in WORKLOADS:
+                for wl in MODE_WORKLOADS.get(mode.name, WORKLOADS):
                     s = {"round": rnd, "mode": mode.name, "workload": wl, "unit": UNITS[wl]}
                     try:
                         with mode.active(lab) as info:
@@ -487,7 +495,7 @@ def run_traffic(modes: list, reps: int, duration: float, log) -> list[dict]:
 def _trial_line(s: dict) -> str:
     if "error" in s:
         return f"{s['mode']:<15} {s['workload']}  ERROR {s['error']}"
-    val = f"{s['value']:,.0f} pps" if s["workload"] == "udp" else f"{s['value']:.2f} Gb/s"
+    val = f"{s['value']:,.0f} pps" if UNITS[s["workload"]] == "pps" else f"{s['value']:.2f} Gb/s"
     extra = f"  ready {s['start_to_ready_s']:.2f} s" if "start_to_ready_s" in s else ""
     if s.get("summary_line"):
         extra += f"  [{s['summary_line'].removeprefix('pkttrace: ')}]"
@@ -521,7 +529,7 @@ def collector_bench(n: int) -> dict:
     +values: addresses, ports and the other per-packet values decoded too;
     +json: the JSON line `pkttrace --json` prints (the path built as text).
     """
-    from tracer.output import format_json, format_packet
+    from tracer.output import format_json_bytes, format_packet
     from tracer.paths import assemble
     ctx, raws = load_recording(RECORDING)
     stream = [raws[i % len(raws)] for i in range(n)]
@@ -536,7 +544,7 @@ def collector_bench(n: int) -> dict:
 
     def run_json():
         for raw, aged in stream:
-            format_json(assemble(raw, ctx, aged=aged))
+            format_json_bytes(assemble(raw, ctx, aged=aged))
 
     def run_human():
         for raw, aged in stream:
@@ -597,7 +605,7 @@ def accounting(samples: list[dict]) -> list[dict]:
     rows = []
     for s in samples:
         sm = s.get("summary")
-        if s["workload"] != "udp" or "error" in s or not sm:
+        if s["workload"] not in ("udp", "paced") or "error" in s or not sm:
             continue
         if sm.get("created") is not None:  # count-only: records started in the kernel
             accounted = sm["created"] + sm.get("not_traced", 0)
@@ -607,7 +615,8 @@ def accounting(samples: list[dict]) -> list[dict]:
         # one and the shorter one with BPF stats on
         delivered = s["delivered"] + s.get("bpf_trial_delivered", 0)
         sent = s["sent"] + s.get("bpf_trial_sent", 0)
-        rows.append({"mode": s["mode"], "round": s["round"], "delivered": delivered, "sent": sent,
+        rows.append({"mode": s["mode"] + (" paced" if s["workload"] == "paced" else ""), "round": s["round"],
+                     "workload": s["workload"], "delivered": delivered, "sent": sent,
                      **sm, "accounted": accounted, "accounted_over_delivered": accounted / delivered,
                      "accounted_over_sent": accounted / sent,
                      "drain_s": s.get("drain_s")})
@@ -642,6 +651,8 @@ def targets(stats: dict, acct: list[dict], collector: dict | None) -> list[dict]
 
     serve_mode = "serve" if "serve" in stats else "count-only"
     trace_rows = [r for r in acct if r["mode"] == "trace-all"]
+    paced_rows = [r for r in acct if r["mode"] == "trace-all paced"]
+    paced_lost = max((r.get("lost", 0) + r.get("not_traced", 0) for r in paced_rows), default=None)
     counted = bool(trace_rows) and all(r["accounted_over_delivered"] >= ACCOUNTED_MIN for r in trace_rows)
     trace_ratio = udp_ratio("trace-all")
     readies = {m: st["start_to_ready_s"] for m, st in stats.items() if st.get("start_to_ready_s") is not None}
@@ -656,6 +667,8 @@ def targets(stats: dict, acct: list[dict], collector: dict | None) -> list[dict]
         "filter-nomatch-bpf-ns": (bpf_ns("filter-nomatch"), ""),
         "trace-all-udp-ratio": (trace_ratio, f"losses counted: {'yes' if counted else 'NO'}"
                                 if trace_rows else "no summary"),
+        "trace-all-paced-lost": (paced_lost, f"{len(paced_rows)} rounds; shown/sent: " + ", ".join(
+            f"{r.get('shown', 0) / r['sent']:.3f}" for r in paced_rows) if paced_rows else ""),
         "collector-records-per-s": (collector.get("assemble") if collector else None, ""),
         "collector-json-per-s": (collector.get("assemble+json") if collector else None, ""),
         "collector-human-per-s": (collector.get("assemble+human") if collector else None, ""),
@@ -749,7 +762,7 @@ def render(res: dict) -> str:
         parts.append(f"\n### Collector (one core, {c['records']:,} records replayed from "
                      f"{c['distinct_records']} recorded ones)\n\n" + md_table(["stage", "records/s"], rows)
                      + "\n\nPer record, from the raw ring-buffer bytes: `paths.assemble` (path shape resolved, "
-                     "cached by the kernel's path signature), then the per-packet values, then `output.format_json`.")
+                     "cached by the kernel's path signature), then the per-packet values, then the JSON line as `pkttrace --json` writes it (`output.format_json_bytes`).")
     rows = [[t["description"], t["threshold"], _num(t["value"]),
              t["verdict"], t["note"], t["bound_by"] if t["verdict"] == "MISS" else None] for t in res["targets"]]
     parts.append("\n### Targets\n\n" + md_table(["target", "threshold", "measured", "verdict", "note", "bound by"],

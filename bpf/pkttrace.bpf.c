@@ -862,7 +862,10 @@ __noinline int pt_emit(struct pt_record *r)
 		barrier_var(size);
 		if (size > sizeof(struct pt_record))
 			size = sizeof(struct pt_record);
-		if (bpf_ringbuf_output(&events, r, size, wake))
+		/* once more on failure: on recent kernels the ring's lock can
+		 * refuse under contention (rqspinlock) with room to spare */
+		if (bpf_ringbuf_output(&events, r, size, wake) &&
+		    bpf_ringbuf_output(&events, r, size, BPF_RB_FORCE_WAKEUP))
 			stat_inc(PT_STAT_LOST);
 		else
 			stat_inc(PT_STAT_EMITTED);
@@ -1573,7 +1576,16 @@ static __always_inline __u8 nf_position(const void *skb, const struct nf_hook_st
 
 static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
 {
-	__u8 i = nf_position(ctx->skb, ctx->state, bank);
+	__u64 *rj = rejected_slot();
+	__u8 i;
+
+	/* A rejected packet (most packets, with a filter) costs one load
+	 * here: only NAT could still make it match, and only where its
+	 * connection was not known to be NATed when it was judged. */
+	if (rj && (*rj & ~PT_REJECTED_FINAL) == (__u64)ctx->skb &&
+	    ((*rj & PT_REJECTED_FINAL) || !ct_natted(ctx->skb->_nfct)))
+		return NF_ACCEPT;
+	i = nf_position(ctx->skb, ctx->state, bank);
 
 	return nf_observe_at(ctx->skb, ctx->state, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), i == 0, 0, 0);
 }

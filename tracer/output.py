@@ -124,6 +124,8 @@ def _format_packet(p: Packet) -> str:
 # renderer keeps its texts as templates (tracer/templates.py).
 format_packet = Templates(_format_packet, _time, _time_col)
 format_json = Templates(packet_json, str)
+# what `pkttrace --json` writes: the same lines as UTF-8 bytes
+format_json_bytes = Templates(packet_json, str, as_bytes=True)
 
 
 def summary(c: Counters) -> str:
@@ -138,11 +140,19 @@ def summary(c: Counters) -> str:
 class Printer:
     def __init__(self, out: TextIO, as_json: bool):
         self.out, self.as_json = out, as_json
+        # JSON lines go to the binary buffer under the text stream (when it
+        # has one), so the text layer never re-encodes them
+        self._bin = getattr(out, "buffer", None) if as_json else None
+        if self._bin is not None:
+            out.flush()                         # anything written as text before goes first
 
     def packet(self, p: Packet, flush: bool = True) -> None:
-        self.out.write((format_json(p) if self.as_json else format_packet(p) + "\n") + "\n")
+        if self._bin is not None:
+            self._bin.write(format_json_bytes(p) + b"\n")
+        else:
+            self.out.write((format_json(p) if self.as_json else format_packet(p) + "\n") + "\n")
         if flush:
-            self.out.flush()
+            self.flush()
 
     def batch(self, p: Packet) -> None:
         """A packet of a batch: flushed by flush() when the batch is done."""
@@ -150,3 +160,5 @@ class Printer:
 
     def flush(self) -> None:
         self.out.flush()
+        if self._bin is not None:
+            self._bin.flush()

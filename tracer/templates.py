@@ -31,6 +31,7 @@ _KIND_OFF = 24
 _U64 = struct.Struct("=Q")
 _LINKS4 = struct.Struct("=QQQQ")                # cause, prev, next, link: ids
 _LINK_BYTES = _LINKS4.size
+_NO_LINKS = bytes(_LINK_BYTES)
 
 
 class _Shape:
@@ -63,8 +64,7 @@ class _Shape:
         # everything but id, times and link ids (which links exist is kept):
         # the header around them, and the stages
         links = raw[_LINKS_OFF:_LINKS_OFF + _LINK_BYTES]
-        return (raw[24:_LINKS_OFF], links.count(0) // 8 if links == bytes(_LINK_BYTES) else
-                tuple(bool(x) for x in _LINKS4.unpack(links)),
+        return (raw[24:_LINKS_OFF], None if links == _NO_LINKS else tuple(map(bool, _LINKS4.unpack(links))),
                 raw[_LINKS_OFF + _LINK_BYTES:_HDR_SIZE], self.stages.unpack_from(raw, _HDR_SIZE))
 
     def sentinel_raw(self, raw: bytes) -> bytes:
@@ -85,20 +85,31 @@ class Templates:
     render(pkt) -> str is the renderer; time(t_ns) -> str how it writes a
     time (int for JSON, "+1.2µs" for the human view), and fill(t_ns) the
     text that stands for a time in a template (time() as padded by the
-    renderer: a sentinel is too wide to be padded)."""
+    renderer: a sentinel is too wide to be padded).
+
+    as_bytes: the texts are UTF-8 bytes, every hole an integer (%d): for
+    JSON lines, where all holes are ints, bytes formatting takes 0.7 µs
+    of a 2 KB line where str formatting takes 1.6."""
 
     def __init__(self, render: Callable[[Packet], str], time: Callable[[int], str],
-                 fill: Callable[[int], str] | None = None, max_entries: int = 4096):
+                 fill: Callable[[int], str] | None = None, max_entries: int = 4096, as_bytes: bool = False):
         self.render, self.time, self.max_entries = render, time, max_entries
         self.fill = fill or time
+        self.as_bytes = as_bytes
+        if as_bytes and (self.fill is not str or time is not str):
+            raise ValueError("as_bytes templates hold integers only")
         self._shapes: dict[int, tuple] = {}     # id(Shape) -> (Shape object, _Shape)
         self._texts: dict[tuple, tuple] = {}    # key -> (Shape object, format string, holes)
         self.hits = self.misses = 0
 
-    def __call__(self, pkt: Packet) -> str:
+    def _render(self, pkt: Packet) -> str | bytes:
+        text = self.render(pkt)
+        return text.encode() if self.as_bytes else text
+
+    def __call__(self, pkt: Packet) -> str | bytes:
         raw, shape = pkt._raw, pkt._shape
         if raw is None or pkt._vals is not None or pkt._path is not None:
-            return self.render(pkt)             # built or changed by hand: no template
+            return self._render(pkt)            # built or changed by hand: no template
         sh = self._shapes.get(id(shape))
         if sh is None or sh[0] is not shape:
             if len(self._shapes) >= self.max_entries:
@@ -106,13 +117,13 @@ class Templates:
             sh = self._shapes[id(shape)] = (shape, _Shape(raw))
         meta = sh[1]
         if len(raw) < meta.size:
-            return self.render(pkt)
+            return self._render(pkt)
         key = meta.key(raw)
         t = self._texts.get(key)
         if t is None or t[0] is not shape:
             t = self._compile(pkt, meta)
             if t is None:
-                return self.render(pkt)
+                return self._render(pkt)
             if len(self._texts) >= self.max_entries:
                 self._texts.clear()
             self._texts[key] = t
@@ -137,9 +148,10 @@ class Templates:
         # (id, cause, prev, next, reassembled, time of timed stage 0, 1, ...)
         out, order = [], []
         pos = 0
+        hole = "%d" if self.as_bytes else "%s"
         for m in pattern.finditer(text):
             out.append(text[pos:m.start()].replace("%", "%%"))
-            out.append("%s")
+            out.append(hole)
             h = tokens[m.group(0)]
             order.append(0 if h == -1 else 1 + (-h - 2) if h < -1 else 5 + h)
             pos = m.end()
@@ -147,16 +159,17 @@ class Templates:
         n_times = len(meta.timed)
         # the common case: the id, then every time in stage order, no link
         natural = order == [0] + [5 + j for j in range(n_times)]
-        fmt = ("".join(out), None if natural else itemgetter(*order) if len(order) > 1 else
+        joined = "".join(out)
+        fmt = (joined.encode() if self.as_bytes else joined, None if natural else itemgetter(*order) if len(order) > 1 else
                (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ()))
         # the sentinels must stand for values only: a text that renders
         # differently with them (a time or id used for anything but
         # printing) would be wrong; check the packet itself against it
-        if self._fill(fmt, meta, pkt._raw) != self.render(Packet._from_raw(pkt._raw, pkt._shape, ctx)):
+        if self._fill(fmt, meta, pkt._raw) != self._render(Packet._from_raw(pkt._raw, pkt._shape, ctx)):
             return None
         return pkt._shape, fmt
 
-    def _fill(self, fmt: tuple, meta: _Shape, raw: bytes) -> str:
+    def _fill(self, fmt: tuple, meta: _Shape, raw: bytes) -> str | bytes:
         text, pick = fmt
         v = meta.values.unpack_from(raw, 0)
         # id, links, then the times after the first stage (C loops: map)
@@ -165,4 +178,4 @@ class Templates:
             times = map(self.fill, times)
         if pick is None:
             return text % (v[0], *times)
-        return text % pick((*v[:1], *v[2:6], *times))
+        return text % pick(v[:1] + v[2:6] + tuple(times))

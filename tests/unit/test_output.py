@@ -193,3 +193,38 @@ def test_summary_counts():
     assert "2 not traced" in s
     assert "4 aged out" in s
     assert "\n" not in s
+
+
+def _recorded():
+    """(context, raw records) of tests/data/lab-demo.jsonl."""
+    from benchmarks.run import RECORDING, load_recording
+    return load_recording(RECORDING)
+
+
+def test_json_bytes_lines_equal_the_json_renderer_for_every_recorded_packet():
+    # twice each: the first renders and compiles a template, the second fills it
+    ctx, raws = _recorded()
+    fmt = output.Templates(output.packet_json, str, as_bytes=True)
+    for _ in range(2):
+        for raw, aged in raws:
+            pkt = assemble(raw, ctx, aged=aged)
+            assert fmt(pkt) == output.packet_json(assemble(raw, ctx, aged=aged)).encode()
+    assert fmt.hits >= len(raws) // 2 and fmt.misses > 0
+
+
+def test_bytes_templates_refuse_text_holes():
+    with pytest.raises(ValueError):
+        output.Templates(output._format_packet, output._time, output._time_col, as_bytes=True)
+
+
+def test_printer_json_goes_to_the_binary_buffer_after_earlier_text():
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8")
+    out.write("before\n")
+    p = output.Printer(out, as_json=True)
+    p.batch(forwarded_icmp())
+    p.batch(forwarded_icmp())
+    p.flush()
+    lines = raw.getvalue().decode().splitlines()
+    assert lines[0] == "before"
+    assert [json.loads(x)["id"] for x in lines[1:]] == [7, 7]
