@@ -8,11 +8,14 @@ after SNAT rewrote its source.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from . import events
+from .inputs import InputError, check_cidr_text, parse_uint
 
 PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+_SIGNED = re.compile(r"-?(?:[0-9]+|0[xX][0-9a-fA-F]+)")   # a number, but maybe out of range
 
 
 class FilterError(ValueError):
@@ -29,13 +32,14 @@ class Mark:
 
 
 def _u32(text: str, what: str) -> int:
+    # decimal or 0x-hex in ASCII digits: int(text, 0) would also take
+    # " 1", "1_0" and "+1", and int() every script's digits
     try:
-        v = int(text, 0)
-    except ValueError:
-        raise FilterError(f"invalid {what} {text!r}: expected a number such as 0x1 or 16") from None
-    if not 0 <= v <= 0xFFFFFFFF:
-        raise FilterError(f"invalid {what} {text!r}: must fit in 32 bits")
-    return v
+        return parse_uint(text, what, 0, 0xFFFFFFFF, hex_ok=True)
+    except InputError as e:
+        if _SIGNED.fullmatch(text):
+            raise FilterError(f"invalid {what} {text!r}: must fit in 32 bits") from None
+        raise FilterError(str(e)) from None
 
 
 def parse_mark(text: str) -> Mark:
@@ -50,7 +54,10 @@ def parse_mark(text: str) -> Mark:
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
-        return ipaddress.ip_network(text, strict=False)
+        # ipaddress itself takes ASCII digits only, no spaces
+        return ipaddress.ip_network(check_cidr_text(text), strict=False)
+    except InputError as e:
+        raise FilterError(str(e)) from None
     except ValueError:
         raise FilterError(f"invalid address or CIDR {text!r}: expected e.g. 10.0.0.0/8 or 2001:db8::1") from None
 
@@ -60,22 +67,18 @@ def parse_proto(text: str) -> int:
     if t in PROTOS:
         return PROTOS[t]
     try:
-        v = int(t, 0)
-    except ValueError:
-        raise FilterError(f"invalid protocol {text!r}: expected tcp, udp, icmp, icmpv6 or a number 0-255") from None
-    if not 0 <= v <= 255:
-        raise FilterError(f"invalid protocol {text!r}: a number must be 0-255")
-    return v
+        return parse_uint(text, "protocol", 0, 255, hex_ok=True)
+    except InputError:
+        raise FilterError(f"invalid protocol {text!r}: expected tcp, udp, icmp, icmpv6 or a number 0-255 "
+                          "(ASCII digits)") from None
 
 
 def parse_port(text: str | int) -> int:
+    """1-65535 in ASCII decimal (0 is no port: the filter would never match)."""
     try:
-        v = int(text)
-    except ValueError:
-        raise FilterError(f"invalid port {text!r}: expected 1-65535") from None
-    if not 1 <= v <= 65535:
-        raise FilterError(f"invalid port {text!r}: expected 1-65535")
-    return v
+        return parse_uint(text, "port", 1, 65535)
+    except InputError as e:
+        raise FilterError(str(e)) from None
 
 
 @dataclass(frozen=True)
