@@ -299,9 +299,3 @@ def escape(text: str) -> str:
         return text
     return "".join(c if c.isprintable() else _escape_char(c) for c in text)
 
-
-def escape_lines(text: str) -> str:
-    """escape() each line of a multi-line text: its line breaks are kept."""
-    if all(line.isprintable() for line in text.split("\n")):
-        return text
-    return "\n".join(escape(line) for line in text.split("\n"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
+from .inputs import escape
 from .paths import Packet, Stage, TableStep, packet_json
 from .session import Counters
 from .templates import Templates
@@ -83,18 +84,26 @@ def _table_line(t: TableStep) -> str:
     return f"{t.table:<14} " + "  ".join(parts) if parts else t.table
 
 
+def _name(name) -> str:
+    """A device, netns or process name as the system gave it: anyone who can
+    name a device can put an escape sequence in it (escaped before padding,
+    so columns stay aligned)."""
+    return escape(str(name))
+
+
 def _format_packet(p: Packet) -> str:
     head = (f"#{p.id} {p.family} {p.proto} {_endpoint(p.src, p.sport, p.family)} → "
             f"{_endpoint(p.dst, p.dport, p.family)}  {p.fate.upper()}")
     if p.netns:
-        head += f"  netns {p.netns}"
+        head += f"  netns {_name(p.netns)}"
     if p.cause is not None:
         head += f"  in reply to #{p.cause}"
     if p.prev is not None:
-        head += f"  ← #{p.prev} from netns {p.prev_netns}"
+        head += f"  ← #{p.prev} from netns {_name(p.prev_netns)}"
     lines = [head]
     for s in p.path:
-        dev = f"{s.in_dev}→{s.dev}" if s.in_dev and s.dev and s.in_dev != s.dev else (s.dev or "")
+        dev = (f"{_name(s.in_dev)}→{_name(s.dev)}" if s.in_dev and s.dev and s.in_dev != s.dev
+               else _name(s.dev or ""))
         lines.append(f"  {_time_col(s.t_ns)}  {s.stage:<12} {dev:<14} {_detail(s)}".rstrip())
         for t in s.tables:
             lines.append(f"  {'':>11}    · {_table_line(t)}")
@@ -108,16 +117,19 @@ def _format_packet(p: Packet) -> str:
     if p.reassembled is not None:
         lines.append(f"  reassembled into #{p.reassembled}")
     if p.next is not None:
-        lines.append(f"  → #{p.next} in netns {p.next_netns}")
+        lines.append(f"  → #{p.next} in netns {_name(p.next_netns)}")
     if p.process:
-        lines.append(f"  read by {p.process['comm']} (pid {p.process['pid']})")
+        lines.append(f"  read by {_name(p.process['comm'])} (pid {p.process['pid']})")
     if p.fate == "unknown":
         lines.append("  end not seen: aged out")
     if p.truncated:
         lines.append("  (path truncated: more stages than one record holds)")
     if p.late_match:
         lines.append("  (matched the filter only after NAT: stages before that were not kept)")
-    return "\n".join(lines)
+    # and every other name (tables, rules' iif/oif, drop devices): each
+    # entry is one line, so no control character (a newline in a name
+    # included) reaches the terminal, whatever field carries it
+    return "\n".join(map(escape, lines))
 
 
 # Packets of one flow on one path render alike but for ids and times: each
@@ -146,13 +158,22 @@ class Printer:
         if self._bin is not None:
             out.flush()                         # anything written as text before goes first
 
-    def packet(self, p: Packet, flush: bool = True) -> None:
+    def render(self, p: Packet) -> str | bytes:
+        """The text of one packet, as write() takes it."""
         if self._bin is not None:
-            self._bin.write(format_json_bytes(p) + b"\n")
+            return format_json_bytes(p) + b"\n"
+        return (format_json(p) if self.as_json else format_packet(p) + "\n") + "\n"
+
+    def write(self, text: str | bytes, flush: bool = True) -> None:
+        if self._bin is not None:
+            self._bin.write(text)
         else:
-            self.out.write((format_json(p) if self.as_json else format_packet(p) + "\n") + "\n")
+            self.out.write(text)
         if flush:
             self.flush()
+
+    def packet(self, p: Packet, flush: bool = True) -> None:
+        self.write(self.render(p), flush)
 
     def batch(self, p: Packet) -> None:
         """A packet of a batch: flushed by flush() when the batch is done."""

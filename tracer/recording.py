@@ -8,9 +8,12 @@ same code as live tracing, so recordings double as test fixtures.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import struct
-from typing import IO, Iterator
+from dataclasses import dataclass
+from typing import IO, Callable, Iterator
 
 from . import events, paths, routing
 
@@ -81,28 +84,298 @@ class Recorder:
 
 
 class RecordingError(ValueError):
-    pass
+    """The file is not a complete recording this pkttrace reads; one line says why."""
 
 
-def replay(lines: IO[str]) -> Iterator[paths.Packet]:
-    """Packets rebuilt from a recording."""
+# ---- reading: every line checked before it is used ---------------------------
+#
+# A recording is input like any other: it may be cut (the disk filled, the
+# tracer was killed), damaged, of another version, or not a recording at
+# all.  Each line is checked for what this version writes (types, sizes,
+# hex) before anything is built from it; only the last line may be cut,
+# which loses that line and nothing else.
+
+MAX_LINE = 64 << 20        # a context line of hundreds of namespaces is a few MB
+_HEX = re.compile(r"[0-9a-fA-F]*")
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+_RULE_FIELDS = {f.name for f in dataclasses.fields(routing.Rule)}
+_N_OFF = events.PtRecord.n_stages.offset
+
+
+@dataclass
+class Cut:
+    """What was left of a recording's last line: not read."""
+    lines: int = 0
+    bytes: int = 0
+
+    def __str__(self) -> str:
+        return f"last {self.lines} line(s) incomplete, ignored ({self.bytes} bytes)"
+
+
+def _is_int(v) -> bool:
+    return type(v) is int and _INT_MIN <= v <= _INT_MAX    # bool is an int to Python, not here
+
+
+def _is_str(v) -> bool:
+    return type(v) is str
+
+
+def _is_int_or_none(v) -> bool:
+    return v is None or _is_int(v)
+
+
+def _is_str_or_none(v) -> bool:
+    return v is None or _is_str(v)
+
+
+def _row(*checks):
+    def check(v) -> bool:
+        return type(v) is list and len(v) == len(checks) and all(c(x) for c, x in zip(checks, v))
+    return check
+
+
+def _list_of(check):
+    return lambda v: type(v) is list and all(check(x) for x in v)
+
+
+_TABLES = _list_of(_row(_is_str, _is_int))     # [(table, priority)]
+_I = _is_int
+# the rows of each kind of name a context line carries (as _ctx_to_json writes them)
+_CONTEXT_ROWS = {
+    "ifnames": _row(_I, _I, _is_str),
+    "netns_names": _row(_I, _is_str),
+    "slot_priority": _row(_I, _I, _I, _I, _I),
+    "slot_tables": _row(_I, _I, _I, _I, _TABLES),
+    "slot_after": _row(_I, _I, _I, _I, _TABLES),
+    "conntrack": _row(_I, _list_of(_I)),
+    "registered": _row(_I, _I, _I, _TABLES),
+    "rules": _row(_I, _I, _list_of(lambda r: type(r) is dict)),
+    "drop_reasons": _row(_I, _is_str),
+    "symbols": _row(_I, _is_str),
+}
+_RULE_TYPES = {
+    "priority": _is_int, "table": _is_int, "action": _is_int, "src": _is_str_or_none, "dst": _is_str_or_none,
+    "fwmark": _is_int_or_none, "fwmask": _is_int, "iif": _is_str_or_none, "oif": _is_str_or_none, "tos": _is_int,
+    "ipproto": _is_int, "sport": lambda v: v is None or _row(_I, _I)(v),
+    "dport": lambda v: v is None or _row(_I, _I)(v), "invert": lambda v: type(v) is bool,
+    "unsupported": lambda v: type(v) is bool,
+}
+
+
+def _rule(d: dict) -> routing.Rule:
+    if not {"priority", "table"} <= d.keys() <= _RULE_FIELDS or not all(_RULE_TYPES[k](v) for k, v in d.items()):
+        raise ValueError("not a routing rule")
+    return routing.rule_from_json(d)     # ValueError: an address that is not one
+
+
+def _check_context(d) -> dict:
+    """A context line's names, checked and converted; ValueError if any is not what the recorder writes."""
+    if type(d) is not dict:
+        raise ValueError("context is not an object")
+    for key, rows in d.items():
+        check = _CONTEXT_ROWS.get(key)
+        if check is None:
+            continue                      # names a later version added: not needed to rebuild paths
+        if type(rows) is not list or not all(check(r) for r in rows):
+            raise ValueError(f"bad {key!r}")
+    # converted here, so a bad rule is found while the file is checked
+    rules = [[ino, fam, [_rule(r) for r in rs]] for ino, fam, rs in d.get("rules", [])]
+    return dict(d, rules=rules)
+
+
+def _check_raw(d: dict) -> tuple[bytes, bool]:
+    raw, aged = d["raw"], d.get("aged", False)
+    if not _is_str(raw) or len(raw) % 2 or not _HEX.fullmatch(raw) or type(aged) is not bool:
+        raise ValueError("not a record")
+    b = bytes.fromhex(raw)
+    stages, rest = divmod(len(b) - events.RECORD_HEADER_SIZE, events.STAGE_SIZE)
+    # exactly the record the kernel sent: its header, and as many stages as it says
+    if stages < 0 or rest or stages != min(b[_N_OFF], events.PT_MAX_STAGES):
+        raise ValueError(f"a record of {len(b)} bytes")
+    return b, aged
+
+
+def _check_header(d) -> None:
+    if type(d) is not dict or "pkttrace_recording" not in d:
+        raise RecordingError("line 1: not a pkttrace recording (no header)")
+    version = d["pkttrace_recording"]
+    if not _is_int(version) or version < 1:
+        raise RecordingError(f"line 1: not a pkttrace recording (format {version!r})")
+    if version != FORMAT:
+        raise RecordingError(f"recording format {version} is newer than this pkttrace reads ({FORMAT}): "
+                             "replay it with a newer pkttrace")
+    if (d.get("record_size"), d.get("stage_size")) != (events.RECORD_HEADER_SIZE, events.STAGE_SIZE):
+        raise RecordingError("recorded with another record layout (another pkttrace version)")
+
+
+def _lines(source: IO) -> Iterator[tuple[int, str | bytes, bool]]:
+    """(line number, text, ends with a newline): text or binary streams, bounded lines."""
+    n = 0
+    while True:
+        try:
+            line = source.readline(MAX_LINE + 1)
+        except UnicodeDecodeError:        # a text stream over bytes that are not text
+            raise RecordingError(f"line {n + 1}: not UTF-8 text: is this a pkttrace recording?") from None
+        except OSError as e:
+            raise RecordingError(f"line {n + 1}: cannot read: {e.strerror}") from None
+        if not line:
+            return
+        n += 1
+        complete = line.endswith(b"\n" if isinstance(line, bytes) else "\n")
+        if not complete and len(line) > MAX_LINE:
+            raise RecordingError(f"line {n}: longer than {MAX_LINE >> 20} MiB: not a pkttrace recording")
+        yield n, line, complete
+
+
+# what the recorder writes (json.dumps: ASCII, ", " and ": " separators),
+# to tell a line cut short from anything else without a newline
+_STARTS = ('{"pkttrace_recording": ', '{"context": {', '{"raw": "')
+_RAW_CUT = re.compile(r'\{"raw": "[0-9a-f]*(.*)', re.S)
+_RAW_ENDS = ('", "aged": false}', '", "aged": true}')
+
+
+def _is_cut_line(text: str) -> bool:
+    """Could text be the start of a line the recorder writes, cut short?"""
+    if not text.isascii() or not text.isprintable():
+        return False                       # the recorder writes printable ASCII only
+    if any(s.startswith(text) for s in _STARTS):
+        return True                        # cut inside the opening itself
+    m = _RAW_CUT.fullmatch(text)
+    if m:
+        return any(end.startswith(m.group(1)) for end in _RAW_ENDS)
+    return text.startswith(_STARTS[:2])
+
+
+def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, object]]:
+    """The checked lines of a recording after its header: (n, "context", dict) or (n, "raw", (bytes, aged)).
+
+    A last line without its newline that does not parse is a cut tail:
+    counted in `cut`, not read."""
+    header = False
+    for n, line, complete in _lines(source):
+        size = len(line) if isinstance(line, bytes) else len(line.encode("utf-8", "surrogateescape"))
+        try:
+            text = line.decode("utf-8") if isinstance(line, bytes) else line
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and not text.strip():
+            continue
+        try:
+            if text is None:
+                raise ValueError
+            d = json.loads(text)
+        except (ValueError, RecursionError):    # not JSON, not UTF-8, or nested beyond reason
+            if not complete and text is not None and _is_cut_line(text):
+                cut.lines, cut.bytes = 1, size
+                break                  # the last line: nothing follows
+            what = "not JSON" if text is not None else "not UTF-8 text"
+            raise RecordingError(f"line {n}: {what}: is this a pkttrace recording?") from None
+        if not header:
+            _check_header(d)
+            header = True
+            continue
+        try:
+            if type(d) is not dict:
+                raise ValueError("not an object")
+            if "context" in d:
+                yield n, "context", _check_context(d["context"])
+            elif "raw" in d:
+                yield n, "raw", _check_raw(d)
+            else:
+                raise ValueError("neither a record nor names")
+        except (ValueError, TypeError, RecursionError) as e:
+            raise RecordingError(f"line {n}: not a line of a pkttrace recording ({e})") from None
+    if not header:
+        raise RecordingError("empty file: not a pkttrace recording" if not cut.bytes else
+                             "not a complete pkttrace recording (its header is cut)")
+
+
+# assembling a record is the live tracer's code, which trusts the kernel:
+# what a damaged record makes it raise
+_DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, struct.error, OverflowError, ZeroDivisionError,
+                  AttributeError, RecursionError)
+
+
+def _context(ctx: paths.Context, symbols: dict[int, str], d: dict) -> None:
+    _ctx_update(ctx, symbols, dict(d, rules=[]))
+    ctx.rules.update({(ino, fam): rules for ino, fam, rules in d.get("rules", [])})
+    ctx.shapes.clear()               # names changed: paths resolved with the old ones are stale
+
+
+def _replay(lines: IO, cut: Cut) -> Iterator[tuple[int, paths.Packet]]:
     ctx = paths.Context()
     symbols: dict[int, str] = {}
     ctx.symbolize = lambda a: symbols.get(a, hex(a))
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+    for n, kind, val in _items(lines, cut):
+        if kind == "context":
+            _context(ctx, symbols, val)
             continue
+        raw, aged = val
         try:
-            d = json.loads(line)
-        except json.JSONDecodeError:
-            raise RecordingError(f"line {n}: not JSON: is this a pkttrace recording?") from None
-        if n == 1:
-            if d.get("pkttrace_recording") != FORMAT:
-                raise RecordingError("not a pkttrace recording (or a newer format)")
-            if (d.get("record_size"), d.get("stage_size")) != (events.RECORD_HEADER_SIZE, events.STAGE_SIZE):
-                raise RecordingError("recorded with another record layout (another pkttrace version)")
-            continue
-        if "context" in d:
-            _ctx_update(ctx, symbols, d["context"])
-        elif "raw" in d:
-            yield paths.assemble(events.decode_record(bytes.fromhex(d["raw"])), ctx, aged=bool(d.get("aged")))
+            pkt = paths.assemble(events.decode_record(raw), ctx, aged=aged)
+            pkt.path                          # built lazily otherwise: build it while errors are ours
+        except _DECODE_ERRORS as e:
+            raise RecordingError(f"line {n}: a record that does not decode ({type(e).__name__})") from None
+        yield n, pkt
+
+
+def replay(lines: IO, cut: Cut | None = None) -> Iterator[paths.Packet]:
+    """Packets rebuilt from a recording (a text or binary stream).
+
+    Raises RecordingError, with the line, for anything that is not a
+    complete recording of this format; a cut last line is skipped and
+    described in `cut` (when given).  Each packet is built here (its path
+    and values), so a damaged record fails here, not in the caller."""
+    for _n, pkt in _replay(lines, cut if cut is not None else Cut()):
+        yield pkt
+
+
+def check(source: IO) -> Cut:
+    """Read a whole recording without building packets: RecordingError if it
+    is not a complete recording; what was cut at its end."""
+    cut = Cut()
+    for _ in _items(source, cut):
+        pass
+    return cut
+
+
+@dataclass
+class Replayed:
+    shown: int = 0
+    cut: Cut = dataclasses.field(default_factory=Cut)
+
+
+def replay_to(source: IO, render: Callable[[paths.Packet], object], write: Callable[[object], None],
+              keep: Callable[[paths.Packet], bool] | None = None, count: int | None = None) -> Replayed:
+    """What `pkttrace replay` does: the packets of a recording that keep()
+    accepts, each rendered and written, up to count.
+
+    A file that can be read twice is checked whole first, so a bad one is
+    refused before anything is written.  RecordingError for a bad file
+    (also for a record that cannot be shown); errors of write() are the
+    caller's."""
+    try:
+        start = source.tell() if source.seekable() else None
+    except OSError:
+        start = None
+    done = Replayed()
+    if start is not None:
+        done.cut = check(source)
+        try:
+            source.seek(start)
+        except OSError as e:
+            raise RecordingError(f"cannot read it again: {e.strerror}") from None
+    if count is not None and count <= 0:
+        return done
+    for n, pkt in _replay(source, done.cut):
+        try:
+            if keep is not None and not keep(pkt):
+                continue
+            text = render(pkt)
+        except _DECODE_ERRORS as e:
+            raise RecordingError(f"line {n}: a record that cannot be shown ({type(e).__name__})") from None
+        write(text)
+        done.shown += 1
+        if count is not None and done.shown >= count:
+            break
+    return done

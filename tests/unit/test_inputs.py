@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from tracer import inputs
-from tracer.inputs import InputError, check_ifname, check_output_path, escape, escape_lines, parse_seconds, parse_uint
+from tracer.inputs import InputError, check_ifname, check_output_path, escape, parse_seconds, parse_uint
 
 # --- numbers ------------------------------------------------------------------
 
@@ -187,7 +187,3 @@ def test_escape(raw, shown):
     assert escape(raw) == shown
     assert escape(shown) == shown             # idempotent
 
-
-def test_escape_lines_keeps_line_breaks():
-    assert escape_lines("a\x1bb\nc\x07") == "a\\x1bb\nc\\x07"
-    assert escape_lines("plain\ntext") == "plain\ntext"
