@@ -2137,6 +2137,19 @@ HOOK_DONE(fd_in6, ip6_input_finish, NFPROTO_IPV6, 1)
 HOOK_DONE(fd_fwd6, ip6_forward_finish, NFPROTO_IPV6, 2)
 HOOK_DONE(fd_post6, ip6_finish_output, NFPROTO_IPV6, 4)
 
+/* Where ip6_forward_finish cannot be traced (6.1: EBUSY), the output
+ * function it hands the packet to: a received packet reaching ip6_output
+ * without a LOCAL_OUT crossed FORWARD.  Attached only as that fallback. */
+SEC("fentry/ip6_output")
+int BPF_PROG(fd_fwd6_out, struct net *net, struct sock *sk, struct sk_buff *skb)
+{
+	struct pt_record *r = rec_lookup(skb);
+
+	if (r && !(r->seen & PT_SEEN_OUTPUT))
+		hook_done(skb, NFPROTO_IPV6, 2);
+	return 0;
+}
+
 /* Where no hook function is registered, NF_HOOK calls the okfn directly,
  * and the compiler may inline that call (6.1: ip_rcv_finish): the input
  * route lookup, which every received packet without a route goes through

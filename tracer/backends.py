@@ -51,7 +51,11 @@ FENTRY_PROGRAMS = {
     "fd_out6": "__ip6_local_out", "fd_post6": "ip6_finish_output",
     # (where the direct call to ip_rcv_finish is inlined: the input route lookup)
     "fd_pre4_route": "ip_route_input_noref", "fd_pre6_route": "ip6_route_input",
+    # (where ip6_forward_finish refuses fentry: the output function after it)
+    "fd_fwd6_out": "ip6_output",
 }
+# program -> the program it stands in for: attached only if that one could not be
+FALLBACK_FOR = {"fd_fwd6_out": "fd_fwd6"}
 FENTRY_DATA_READY = ("fe_sk_data_ready", "sock_def_readable")
 # what a fentry program that cannot be attached costs; the rest are required
 OPTIONAL = frozenset(p for p in FENTRY_PROGRAMS if p.startswith("fd_") or p.startswith("fx_") and "table" in p

@@ -199,19 +199,38 @@ class Tracer:
 
     def _attach(self) -> None:
         obj = self.obj
+        failed: dict[str, str] = {}          # optional programs that could not be attached, why
         for prog in ("on_rx", "on_dev_queue", "on_dev_xmit", "on_kfree_skb", "on_consume_skb",
                      "on_copy_datagram", "on_sk_data_ready", "fe_sk_data_ready", "on_napi_poll",
                      "on_fib_lookup", "on_fib6_lookup", *backends.FENTRY_PROGRAMS):
             if prog in self.plan.off:
                 continue
+            stands_for = backends.FALLBACK_FOR.get(prog)
+            if stands_for and stands_for not in failed and stands_for not in self.plan.off:
+                continue                 # what it stands in for is attached
             try:
                 self.attachments.append(probes.attach_tracepoint(obj, prog))
             except probes.AttachError as e:
                 if prog not in backends.OPTIONAL:
                     raise
+                failed[prog] = str(e)
+                if stands_for:
+                    continue             # its own note says what is missed
+                fallback = next((f for f, of in backends.FALLBACK_FOR.items() if of == prog), None)
+                if fallback and fallback not in self.plan.off:
+                    continue             # said once the stand-in is tried (below)
                 # a function the kernel will not let us trace: say what is not seen
                 self.plan.notes.append(f"{backends.FENTRY_PROGRAMS[prog]} cannot be traced here ({e}): "
                                        f"{backends.WHAT_IS_MISSED.get(prog, 'less detail')}")
+        for fallback, prog in backends.FALLBACK_FOR.items():
+            if prog in failed:
+                fn, stand_in = backends.FENTRY_PROGRAMS[prog], backends.FENTRY_PROGRAMS[fallback]
+                if any(getattr(a, "prog", None) == fallback for a in self.attachments):
+                    self.plan.notes.append(f"{fn} cannot be traced here ({failed[prog]}): its hook is seen "
+                                           f"at {stand_in} instead")
+                else:
+                    self.plan.notes.append(f"{fn} cannot be traced here ({failed[prog]}): "
+                                           f"{backends.WHAT_IS_MISSED.get(prog, 'less detail')}")
         for ns in self.opts.netns:
             self.placed[ns] = self._place(ns, 0, self._initial.pop(ns))
             self._learn_rules(ns)
