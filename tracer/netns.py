@@ -57,15 +57,43 @@ def _unknown(name: str) -> NetnsError:
     return NetnsError(f"unknown network namespace {name!r} (see `ip netns list`)")
 
 
+_nsfs_dev: int | None = None
+
+
+def _nsfs() -> int:
+    """st_dev of nsfs, where every namespace file lives (one superblock)."""
+    global _nsfs_dev
+    if _nsfs_dev is None:
+        _nsfs_dev = os.stat(SELF_NETNS).st_dev
+    return _nsfs_dev
+
+
 def inode(name: str | None) -> int:
-    """Inode number identifying the netns (what BPF sees as net->ns.inum)."""
+    """Inode number identifying the netns (what BPF sees as net->ns.inum).
+
+    A file left in /run/netns without a namespace mounted on it (an
+    interrupted `ip netns add`, or one half way through `ip netns del`)
+    is not a namespace: unknown, like a missing one."""
     target = SELF_NETNS if name is None else path(name)
     try:
-        return os.stat(target).st_ino
+        st = os.stat(target)
     except FileNotFoundError:
         raise _unknown(name) from None
     except OSError as e:
         raise NetnsError(f"cannot stat {target}: {e.strerror}") from None
+    if st.st_dev != _nsfs():
+        raise _unknown(name)
+    return st.st_ino
+
+
+def current_inode(name: str) -> int | None:
+    """The inode *name* names now, or None if it names no netns (deleted).
+
+    Never opens, never creates: one stat(2), cheap enough to poll."""
+    try:
+        return inode(name)
+    except NetnsError:
+        return None
 
 
 def _setns(fd: int, what: str) -> None:
@@ -79,7 +107,9 @@ def entered(name: str | None) -> Iterator[None]:
     """Run the block with the calling thread inside netns *name*.
 
     ``None`` means "stay where you are", so callers can pass an optional
-    namespace straight through.
+    namespace straight through.  Only an existing namespace is entered:
+    its file is opened read-only, never created (pyroute2's own netns
+    helpers default to O_CREAT and would re-create a deleted one).
     """
     if name is None:
         yield
@@ -95,6 +125,8 @@ def entered(name: str | None) -> Iterator[None]:
         except OSError as e:
             raise NetnsError(f"cannot open {target}: {e.strerror}") from None
         try:
+            if os.fstat(fd).st_dev != _nsfs():
+                raise _unknown(name)   # a plain file: no namespace mounted there
             _setns(fd, f"network namespace {name!r}")
         finally:
             os.close(fd)
@@ -114,26 +146,30 @@ def _ipr():
     return IPRoute()
 
 
+def ipr(ns: str | None):
+    """An rtnetlink socket (pyroute2 IPRoute) in the existing netns *ns*.
+
+    The socket is created inside entered(), so it stays in that namespace;
+    pyroute2's NetNS / IPRoute(netns=...) are never used: they open the
+    namespace with O_CREAT by default (re-creating a deleted one, in 0.7
+    and 0.9 alike) and fork a helper process per socket."""
+    with entered(ns):
+        return _ipr()
+
+
 def links(ns: str | None) -> dict[int, str]:
     """ifindex -> ifname for every link in netns *ns* (None = current)."""
-    if ns is not None and not exists(ns):
-        raise _unknown(ns)
     # The netlink socket is bound to the netns it was created in, so it is
     # enough to create it inside entered() and use it afterwards.
-    with entered(ns):
-        ipr = _ipr()
-    with ipr:
-        return {msg["index"]: msg.get("IFLA_IFNAME") for msg in ipr.get_links()}
+    with ipr(ns) as sock:
+        # get_attr: pyroute2 0.7's get("IFLA_IFNAME") returns None
+        return {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in sock.get_links()}
 
 
 def ifindex(name_ns: str | None, ifname: str) -> int:
     """ifindex of *ifname* inside netns *name_ns* (None = current)."""
-    if name_ns is not None and not exists(name_ns):
-        raise _unknown(name_ns)
-    with entered(name_ns):
-        ipr = _ipr()
-    with ipr:
-        found = ipr.link_lookup(ifname=ifname)
+    with ipr(name_ns) as sock:
+        found = sock.link_lookup(ifname=ifname)
     if not found:
         where = "the current network namespace" if name_ns is None else f"network namespace {name_ns!r}"
         raise NetnsError(f"no interface {ifname!r} in {where}")

@@ -131,9 +131,17 @@ class ClassicTcAttachment(Attachment):
         if self.closed:
             return
         self.closed = True
-        remove_classic_filter(self.ns, self.ifindex, self.ingress)
-        if self.added_qdisc:
-            _drop_clsact_if_empty(self.ns, self.ifindex)
+        try:
+            remove_classic_filter(self.ns, self.ifindex, self.ingress)
+            if self.added_qdisc:
+                _drop_clsact_if_empty(self.ns, self.ifindex)
+        except AttachError:
+            pass   # the netns is gone, and our filter with it
+
+    def forget(self) -> None:
+        """Its netns is gone: nothing to remove, and the name may already
+        stand for another namespace, whose filters are not ours."""
+        self.closed = True
 
 
 def _tc_parent(ingress: bool) -> int:
@@ -142,8 +150,12 @@ def _tc_parent(ingress: bool) -> int:
 
 
 def _ipr(ns: str | None):
-    from pyroute2 import IPRoute, NetNS
-    return NetNS(ns) if ns else IPRoute()
+    """rtnetlink in the existing netns ns (never pyroute2's NetNS, which
+    creates a missing namespace)."""
+    try:
+        return netns.ipr(ns)
+    except netns.NetnsError as e:
+        raise AttachError(str(e)) from None
 
 
 def attach_classic_tc(prog_fd: int, ifindex: int, ifname: str, ingress: bool,

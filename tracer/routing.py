@@ -12,6 +12,8 @@ import dataclasses
 import ipaddress
 from dataclasses import dataclass
 
+from . import netns
+
 FR_ACT_TO_TBL, FR_ACT_GOTO, FR_ACT_NOP = 1, 2, 3
 FR_ACT_BLACKHOLE, FR_ACT_UNREACHABLE, FR_ACT_PROHIBIT = 6, 7, 8
 FIB_RULE_INVERT = 0x2
@@ -181,7 +183,7 @@ def from_netlink(msg) -> Rule:
 
 def read_rules(ns: str | None, family: int) -> list[Rule]:
     """The RPDB of a netns for family 4 or 6, in evaluation order."""
-    from pyroute2 import IPRoute, NetNS
-    with (NetNS(ns) if ns else IPRoute()) as ipr:
+    # an existing netns only: pyroute2's NetNS would create a deleted one
+    with netns.ipr(ns) as ipr:
         msgs = ipr.get_rules(family=2 if family == 4 else 10)
     return sorted((from_netlink(m) for m in msgs), key=lambda r: r.priority)
