@@ -296,7 +296,7 @@ class Lab:
         with _ipr_in(ns) as ipr:
             links = {}
             for msg in ipr.get_links():
-                links[msg.get("IFLA_IFNAME")] = {
+                links[msg.get_attr("IFLA_IFNAME")] = {
                     "index": msg["index"],
                     "up": bool(msg["flags"] & 1),
                     "addresses": [],
@@ -304,7 +304,7 @@ class Lab:
             by_index = {v["index"]: v for v in links.values()}
             for msg in ipr.get_addr():
                 if msg["index"] in by_index:
-                    by_index[msg["index"]]["addresses"].append(msg.get("IFA_ADDRESS"))
+                    by_index[msg["index"]]["addresses"].append(msg.get_attr("IFA_ADDRESS"))
         return {"exists": True, "inode": netns.inode(ns), "links": links}
 
     def status(self) -> dict:
