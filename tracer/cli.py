@@ -1,6 +1,8 @@
 """The `pkttrace` command: a thin layer over tracer.session and friends.
 
 Bad input becomes one line on stderr and exit status 2, never a traceback.
+Every value is checked (tracer/inputs.py) before root is asked for and
+before any BPF is loaded; every line written to the terminal is escaped.
 """
 from __future__ import annotations
 
@@ -12,8 +14,16 @@ import click
 
 from . import filters, netns
 from .filters import FilterError, PacketFilter
+from .inputs import (MAX_SECONDS, InputError, InputPath, OutputPath, Seconds, UInt, check_ifname, dedupe, escape,
+                     open_output)
 
 EXIT_USAGE = 2
+
+
+def say(text: str) -> None:
+    """One line on stderr: messages quote what the user or the system named,
+    so they are escaped (a name with a newline or ESC stays one plain line)."""
+    click.echo(f"pkttrace: {escape(text)}", err=True)
 
 
 class UsageFailure(click.ClickException):
@@ -21,14 +31,14 @@ class UsageFailure(click.ClickException):
     exit_code = EXIT_USAGE
 
     def show(self, file=None) -> None:
-        click.echo(f"pkttrace: {self.format_message()}", err=True)
+        say(self.format_message())
 
 
 class RuntimeFailure(click.ClickException):
     """The kernel or the machine could not do it: one line, exit 1."""
 
     def show(self, file=None) -> None:
-        click.echo(f"pkttrace: {self.format_message()}", err=True)
+        say(self.format_message())
 
 
 def _parse(fn, value, *args):
@@ -38,8 +48,17 @@ def _parse(fn, value, *args):
         raise UsageFailure(str(e)) from None
 
 
+def _check_iface(iface: str | None) -> None:
+    if iface is not None:
+        try:
+            check_ifname(iface)
+        except InputError as e:
+            raise UsageFailure(str(e)) from None
+
+
 def build_filter(mark, src, dst, proto, port, iface, ns) -> PacketFilter:
     ifindex = None
+    _check_iface(iface)
     if iface is not None:
         if ns is not None:
             _require_root()  # entering a named netns needs CAP_SYS_ADMIN
@@ -81,7 +100,7 @@ def filter_options(fn):
         click.option("--proto", metavar="tcp|udp|icmp|icmpv6|N", help="IP protocol."),
         click.option("--port", metavar="N", help="TCP/UDP source or destination port."),
         click.option("--iface", metavar="NAME", help="Packets received or sent on this device."),
-        click.option("-c", "--count", type=click.IntRange(min=1), help="Stop after N packets."),
+        click.option("-c", "--count", type=UInt(1, (1 << 63) - 1), help="Stop after N packets."),
         click.option("--json", "as_json", is_flag=True, help="One JSON object per packet per line."),
     ]
     for o in reversed(opts):
@@ -90,17 +109,19 @@ def filter_options(fn):
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--netns", "netns_names", multiple=True, metavar="NAME",
-              help="Trace this named network namespace (repeatable; default: the current one).")
+@click.option("--netns", "netns_names", multiple=True, metavar="NAME", callback=dedupe,
+              help="Trace this named network namespace (repeatable, a name given twice is traced once; "
+                   "default: the current one).")
 @filter_options
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Stop after this many seconds.")
+@click.option("--duration", type=Seconds(0, lo_open=True), metavar="SECONDS",
+              help=f"Stop after this many seconds (more than 0, at most {MAX_SECONDS:.0f}).")
 @click.option("--tc", "tc_mode", type=click.Choice(["auto", "tcx", "classic", "off"]), default="auto",
               show_default=True, help="How to observe tc ingress/egress.")
-@click.option("--age-after", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
-              help="Report a packet as 'unknown' when its end is not seen within this time.")
-@click.option("--record", "record_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
-              help="Also save the raw records (and the names they need) for `pkttrace replay`.")
+@click.option("--age-after", type=Seconds(0.1), default=5.0, show_default=True, metavar="SECONDS",
+              help="Report a packet as 'unknown' when its end is not seen within this time (at least 0.1).")
+@click.option("--record", "record_path", type=OutputPath(), metavar="FILE",
+              help="Also save the raw records (and the names they need) for `pkttrace replay` "
+                   "(a regular file, created or replaced).")
 @click.option("--backend", type=click.Choice(["auto", "nflink", "fentry"]), default="auto", show_default=True,
               envvar="PKTTRACE_BACKEND",
               help="How netfilter hooks are observed: netfilter BPF links (6.4+) or fentry (older kernels).")
@@ -131,19 +152,27 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, d
     run_trace(opts, count=count, duration=duration, as_json=as_json, record_path=record_path)
 
 
+def _open_record(path: str | None):
+    """The --record file, opened (created or emptied) only once tracing will
+    start, and before any BPF is loaded: a bad path costs nothing."""
+    if not path:
+        return None
+    try:
+        return open_output(path, "--record")
+    except InputError as e:
+        raise UsageFailure(str(e)) from None
+
+
 def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) -> None:
     from .output import Printer, summary
     from .session import TraceError, Tracer
+    record = _open_record(record_path)
     tracer = Tracer(opts)
-    record = None
-    if record_path:
-        try:
-            record = open(record_path, "w")
-        except OSError as e:
-            raise UsageFailure(f"cannot write {record_path}: {e.strerror}") from None
     try:
         tracer.start()
     except TraceError as e:
+        if record:
+            record.close()
         raise RuntimeFailure(str(e)) from None
     if record:
         from .recording import Recorder
@@ -155,10 +184,10 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
     signal.signal(signal.SIGINT, _stop)
     printer = Printer(sys.stdout, as_json)
     where = ", ".join(n or "current netns" for n in opts.netns)
-    click.echo(f"pkttrace: tracing {where} ({len(tracer.attachments)} probes, ready in "
-               f"{tracer.ready_s * 1000:.0f} ms); Ctrl-C to stop", err=True)
+    say(f"tracing {where} ({len(tracer.attachments)} probes, ready in "
+        f"{tracer.ready_s * 1000:.0f} ms); Ctrl-C to stop")
     for note in tracer.plan.notes:   # what this kernel's backends cannot see, once
-        click.echo(f"pkttrace: note: {note}", err=True)
+        say(f"note: {note}")
     limit_reached = False
     try:
         for pkt in tracer.packets(count=count, duration=duration, after_batch=printer.flush):
@@ -184,21 +213,22 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
         tracer.close()
         if record:
             record.close()
-        click.echo(f"pkttrace: {summary(c)}", err=True)
+        say(summary(c))
 
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:9632", show_default=True, envvar="PKTTRACE_LISTEN",
               metavar="ADDRESS:PORT", help="Where to serve /metrics (explicit address; [::1]:PORT for IPv6).")
-@click.option("--netns", "netns_names", multiple=True, envvar="PKTTRACE_NETNS", metavar="NAME",
-              help="Count in this named network namespace (repeatable; default: the current one).")
+@click.option("--netns", "netns_names", multiple=True, envvar="PKTTRACE_NETNS", metavar="NAME", callback=dedupe,
+              help="Count in this named network namespace (repeatable, a name given twice counts once; "
+                   "default: the current one).")
 @click.option("--tc", "tc_mode", type=click.Choice(["auto", "tcx", "classic", "off"]), default="auto",
               show_default=True, envvar="PKTTRACE_TC", help="How to observe tc ingress/egress.")
-@click.option("--age-after", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+@click.option("--age-after", type=Seconds(0.1), default=5.0, show_default=True,
               envvar="PKTTRACE_AGE_AFTER", metavar="SECONDS",
-              help="Forget a packet whose end is not seen within this time (counted as aged out).")
-@click.option("--max-paths", type=click.IntRange(min=16, max=1 << 20), default=1024, show_default=True,
-              envvar="PKTTRACE_MAX_PATHS", help="Distinct paths counted; more are counted as overflow.")
+              help="Forget a packet whose end is not seen within this time (counted as aged out; at least 0.1).")
+@click.option("--max-paths", type=UInt(16, 1 << 20), default=1024, show_default=True,
+              envvar="PKTTRACE_MAX_PATHS", help="Distinct paths counted (16-1048576); more are counted as overflow.")
 @click.option("--bpf-stats/--no-bpf-stats", default=False, show_default=True, envvar="PKTTRACE_BPF_STATS",
               help="Export each BPF program's run time (kernel BPF stats: ~25 ns more on every run of every "
                    "BPF program of the host while pkttrace serves).")
@@ -213,11 +243,8 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
     Example:
       pkttrace serve --listen 127.0.0.1:9632 --netns ptlab-rtr
     """
-    from .serve import Exporter, ServeError, ServeOptions, parse_listen
-    try:
-        addr = parse_listen(listen)
-    except ServeError as e:
-        raise UsageFailure(str(e)) from None
+    from .serve import Exporter, ServeError, ServeOptions
+    addr = _listen(listen)
     ns_list = _check_netns(netns_names)
     _require_root()
     srv = Exporter(ServeOptions(listen=addr, netns=ns_list, age_after=age_after, tc=tc_mode, max_paths=max_paths,
@@ -229,45 +256,72 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
     signal.signal(signal.SIGTERM, lambda *_: srv.stop())
     signal.signal(signal.SIGINT, lambda *_: srv.stop())
     where = ", ".join(n or "current netns" for n in ns_list)
-    click.echo(f"pkttrace: serving metrics of {where} on http://{listen}/metrics "
-               f"(ready in {srv.tracer.ready_s * 1000:.0f} ms)", err=True)
+    say(f"serving metrics of {where} on http://{listen}/metrics (ready in {srv.tracer.ready_s * 1000:.0f} ms)")
     try:
         srv.run()
     finally:
         srv.close()
-    click.echo("pkttrace: stopped", err=True)
+    say("stopped")
+
+
+def _listen(value: str) -> tuple[str, int]:
+    """--listen ADDRESS:PORT: the port in ASCII digits, no spaces anywhere
+    (parse_listen strips spaces and its isdigit() takes any script's digits)."""
+    from .serve import ServeError, parse_listen
+    host, sep, port = value.rpartition(":")
+    if not value.isascii() or not value.isprintable() or any(c.isspace() for c in value) or \
+            (sep and port and not port.isdigit()):
+        raise UsageFailure(f"--listen {value!r}: give ADDRESS:PORT in ASCII, without spaces, "
+                           "e.g. 127.0.0.1:9632 or [::1]:9632")
+    try:
+        return parse_listen(value)
+    except ServeError as e:
+        raise UsageFailure(str(e)) from None
 
 
 @main.command()
-@click.argument("recording", type=click.File("r"))
+@click.argument("recording", type=InputPath())
 @filter_options
 def replay(recording, mark, src, dst, proto, port, iface, count, as_json):
     """Print the packets of a recording made with --record (no root needed).
 
     Filters apply as in live tracing (any stage matches); --iface matches
-    device names.
+    device names.  A file that is not a whole recording is refused before
+    anything is printed; a last line cut short (the tracer was killed, the
+    disk filled) is skipped, and said so.
 
     \b
     Example:
       pkttrace replay trace.jsonl --proto udp --json
     """
     from .output import Printer
-    from .recording import RecordingError, replay as do_replay
+    from .recording import RecordingError, replay_to
     pf = build_filter(mark, src, dst, proto, port, None, None)
+    _check_iface(iface)
+
+    def keep(pkt) -> bool:
+        return pf.matches(pkt) and (iface is None or any(iface in (s.dev, s.in_dev) for s in pkt.path))
+
     printer = Printer(sys.stdout, as_json)
-    shown = 0
     try:
-        for pkt in do_replay(recording):
-            if not pf.matches(pkt):
-                continue
-            if iface is not None and not any(iface in (s.dev, s.in_dev) for s in pkt.path):
-                continue
-            printer.packet(pkt)
-            shown += 1
-            if count is not None and shown >= count:
-                break
-    except RecordingError as e:
-        raise UsageFailure(f"{recording.name}: {e}") from None
+        f = sys.stdin.buffer if recording == "-" else open(recording, "rb")
+    except OSError as e:
+        raise UsageFailure(f"replay: cannot read {recording}: {e.strerror}") from None
+    try:
+        done = replay_to(f, printer.render, printer.write, keep=keep, count=count)
+    except RecordingError as e:     # reading errors included
+        raise UsageFailure(f"replay: {recording}: {e}") from None
+    except BrokenPipeError:
+        # the reader went away (pkttrace replay x | head): done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    except OSError as e:            # writing the output failed (disk full)
+        raise RuntimeFailure(f"replay: cannot write the output: {e.strerror}") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    if done.cut.lines:
+        say(f"replay: {done.cut}")
 
 
 @main.command()
@@ -306,7 +360,17 @@ def _lab(prefix):
         raise UsageFailure(str(e)) from None
 
 
-_prefix = click.option("--prefix", default="ptlab", show_default=True, help="Name prefix of the lab's namespaces.")
+def _valid_prefix(_ctx, _param, value):
+    # at parse time: a bad prefix gets its one line before root is asked for
+    from .lab import LabError, validate_prefix
+    try:
+        return validate_prefix(value)
+    except LabError as e:
+        raise UsageFailure(str(e)) from None
+
+
+_prefix = click.option("--prefix", default="ptlab", show_default=True, callback=_valid_prefix,
+                       help="Name prefix of the lab's namespaces (1-8 characters of [a-z0-9]).")
 
 
 @lab.command("up")
@@ -361,7 +425,8 @@ def lab_status(prefix, as_json):
     for ns, info in st["namespaces"].items():
         click.echo(f"{ns}: {'present' if info['exists'] else 'absent'}")
         for ifname, li in (info.get("links") or {}).items():
-            click.echo(f"  {ifname:<6} {'up' if li.get('up') else 'down':<5} {' '.join(li.get('addresses', []))}")
+            addrs = escape(" ".join(li.get("addresses", [])))
+            click.echo(f"  {escape(str(ifname)):<6} {'up' if li.get('up') else 'down':<5} {addrs}")
     click.echo(f"demo rules: {'present' if st.get('rules') else 'absent'}")
 
 
@@ -369,9 +434,9 @@ def lab_status(prefix, as_json):
 @_prefix
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of blocks.")
 @click.option("--keep", is_flag=True, help="Leave the lab up afterwards.")
-@click.option("--record", "record_file", type=click.File("w"), metavar="FILE",
-              help="Save the raw records for `pkttrace replay` (and test fixtures).")
-def lab_demo(prefix, as_json, keep, record_file):
+@click.option("--record", "record_path", type=OutputPath(), metavar="FILE",
+              help="Save the raw records for `pkttrace replay` (and test fixtures; a regular file).")
+def lab_demo(prefix, as_json, keep, record_path):
     """Bring the lab up and trace one packet of each kind the diagrams draw.
 
     \b
@@ -384,11 +449,15 @@ def lab_demo(prefix, as_json, keep, record_file):
     from .session import TraceError
     _require_root()
     printer = Printer(sys.stdout, as_json)
+    record = _open_record(record_path)
     try:
         demo.run(lambda s: click.echo(s, nl=False, err=as_json), printer.packet, prefix=prefix, keep=keep,
-                 record=record_file)
+                 record=record)
     except (LabError, TraceError) as e:
         raise RuntimeFailure(str(e)) from None
+    finally:
+        if record is not None:
+            record.close()
 
 
 def run(argv=None) -> int:
@@ -399,7 +468,7 @@ def run(argv=None) -> int:
         return e.exit_code
     except click.ClickException as e:
         if isinstance(e, click.UsageError):
-            click.echo(f"pkttrace: {e.format_message()}", err=True)
+            say(e.format_message())     # click quotes what was typed: escaped, one line
             return EXIT_USAGE
         e.show()
         return e.exit_code

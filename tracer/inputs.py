@@ -44,6 +44,10 @@ def _bad(what: str, text, why: str) -> InputError:
 
 # ---- numbers ---------------------------------------------------------------
 
+def _range(lo: int, hi: int) -> str:
+    return f"{lo} or more" if hi >= 1 << 62 else f"{lo}-{hi}"
+
+
 def parse_uint(text: str | int, what: str, lo: int, hi: int, hex_ok: bool = False) -> int:
     """An integer in lo..hi written in ASCII decimal (or 0x-hex when hex_ok)."""
     if isinstance(text, bool):
@@ -54,12 +58,16 @@ def parse_uint(text: str | int, what: str, lo: int, hi: int, hex_ok: bool = Fals
         ok = isinstance(text, str) and len(text) <= _MAX_DIGITS and (
             _DEC.fullmatch(text) or (hex_ok and _HEX.fullmatch(text)))
         if not ok:
-            form = "a number such as 0x1 or 16" if hex_ok else f"{lo}-{hi}"
+            form = "a number such as 0x1 or 16" if hex_ok else _range(lo, hi)
             raise _bad(what, text, f"expected {form} in ASCII digits")
         v = int(text, 16) if text[:2] in ("0x", "0X") else int(text, 10)
     if not lo <= v <= hi:
-        raise _bad(what, text, f"expected {lo}-{hi}")
+        raise _bad(what, text, f"expected {_range(lo, hi)}")
     return v
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def parse_seconds(text: str | float, what: str, lo: float, lo_open: bool = False,
@@ -75,8 +83,8 @@ def parse_seconds(text: str | float, what: str, lo: float, lo_open: bool = False
         raise _bad(what, text, "expected seconds such as 2 or 0.5 (ASCII digits only)")
     # nan compares false with everything: test finiteness first
     if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
-        bound = f"more than {lo:g}" if lo_open else f"at least {lo:g}"
-        raise _bad(what, text, f"expected {bound} and at most {hi:g} seconds")
+        bound = f"more than {_num(lo)}" if lo_open else f"at least {_num(lo)}"
+        raise _bad(what, text, f"expected {bound} and at most {_num(hi)} seconds")
     return v
 
 
