@@ -460,6 +460,10 @@ def lab_demo(prefix, as_json, keep, record_path):
             record.close()
 
 
+# click >= 8.2 raises this for a group called without a command (8.1 prints the help itself)
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def run(argv=None) -> int:
     """Console entry point: click's errors become one line too."""
     try:
@@ -467,6 +471,9 @@ def run(argv=None) -> int:
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
+        if isinstance(e, _NO_ARGS_IS_HELP):
+            e.show()                    # `pkttrace lab`: the group's help, as click shows it
+            return e.exit_code
         if isinstance(e, click.UsageError):
             say(e.format_message())     # click quotes what was typed: escaped, one line
             return EXIT_USAGE

@@ -266,3 +266,11 @@ def test_record_file_is_opened_before_the_tracer_exists(monkeypatch, tmp_path, c
     with pytest.raises(cli.UsageFailure, match="not a regular file"):
         cli.run_trace(session.TraceOptions(), record_path=str(path))
     assert made == []
+
+
+def test_group_without_a_command_shows_its_help_as_text(capsys):
+    """click >= 8.2 reports it as a usage error whose message is the help: not one escaped line."""
+    status = cli.run(["lab"])
+    out, err = capsys.readouterr()
+    assert status in (0, 2)          # click 8.1 shows the help and exits 0, 8.2 exits 2
+    assert "Usage:" in out + err and "\\x0a" not in out + err and "Traceback" not in out + err
