@@ -95,7 +95,12 @@ class PathCounts:
         out = []
         rec = PtRecord()
         self.entries = 0
+        gone = set(self.tracer.gone.values())    # inodes of traced netns that were deleted
+        dead = []
         for key in counts.keys(PtPathKey):
+            if key.netns in gone:
+                dead.append(key)
+                continue
             self.entries += 1
             n = counts.percpu_u64_sum(key)
             if not n:
@@ -109,6 +114,10 @@ class PathCounts:
                 raw = bytes(rec)[:events.RECORD_HEADER_SIZE + k * events.STAGE_SIZE]
                 labels = self._labels[kb] = resolve(paths.assemble(raw, self.tracer.ctx))
             out.append((labels, n))
+        for key in dead:   # its series end with it, and its paths free their slots
+            counts.delete(key)
+            examples.delete(key)
+            self._labels.pop(bytes(key), None)
         return out
 
 

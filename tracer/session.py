@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -119,6 +120,12 @@ class Tracer:
         self._initial: dict = {}   # ns -> ruleset read before load, placed at attach
         self.attach_failures = 0
         self._last_replace_check = 0.0
+        # named netns that were deleted (or whose name now stands for another
+        # namespace) while traced: name -> the inode that was traced
+        self.gone: dict[str, int] = {}
+        self._last_ns_check = 0.0
+        # called with one line when a traced netns goes away; default: stderr
+        self.on_notice = None
         # called with (raw record bytes, aged) for every packet reported: --record
         self.on_raw = None
         # set (e.g. from a signal handler) to end packets() between batches,
@@ -143,7 +150,7 @@ class Tracer:
         try:
             self._load()
             self._attach()
-        except (libbpf.BpfError, probes.AttachError) as e:
+        except (libbpf.BpfError, probes.AttachError, netns.NetnsError) as e:
             self.close()
             raise TraceError(str(e)) from None
         except BaseException:
@@ -344,6 +351,8 @@ class Tracer:
         """
         moved = False
         for ns, old in list(self.placed.items()):
+            if ns not in self.placed:
+                continue                      # found gone meanwhile
             self._learn_rules(ns)
             try:
                 reg = self._registered(ns)
@@ -351,7 +360,8 @@ class Tracer:
                     continue
                 new = self._place(ns, 1 - old.bank, reg)
             except probes.AttachError:
-                self.attach_failures += 1
+                if ns not in self.check_netns():   # deleted meanwhile: not a failure
+                    self.attach_failures += 1
                 continue
             self.placed[ns] = new
             for link in old.links:
@@ -411,6 +421,53 @@ class Tracer:
         except netns.NetnsError:
             pass
 
+    # ---- namespaces that go away ----
+
+    def check_netns(self) -> list[str]:
+        """Stop tracing the named netns that no longer exist; their names.
+
+        One stat(2) per netns: the file in /run/netns must still be the
+        namespace that was traced.  Nothing is opened, so a deleted
+        namespace is never re-created.  Each is announced once."""
+        out = []
+        for ns, ino in list(self._ns_inodes.items()):
+            if ns is not None and netns.current_inode(ns) != ino:
+                self._forget_netns(ns)
+                out.append(ns)
+        return out
+
+    def _forget_netns(self, ns: str) -> None:
+        """Drop the observers of a netns that went away; keep the rest."""
+        ino = self._ns_inodes.pop(ns)
+        self.gone[ns] = ino
+        placed = self.placed.pop(ns, None)
+        for link in placed.links if placed else ():
+            link.close()
+        keep = []
+        for a in self.attachments:
+            if isinstance(a, probes.FdLink) and a.netns == ns:
+                a.close()
+            elif isinstance(a, probes.ClassicTcAttachment) and a.ns == ns:
+                a.forget()
+            else:
+                keep.append(a)
+        self.attachments = keep
+        now = netns.current_inode(ns)
+        what = "was deleted" if now is None else "now names another namespace"
+        rest = "" if self._ns_inodes else "; nothing left to trace"
+        self._notice(f"network namespace {ns!r} {what}: no longer traced{rest}")
+
+    @property
+    def exhausted(self) -> bool:
+        """Every namespace asked for went away: nothing is traced any more."""
+        return not self._ns_inodes
+
+    def _notice(self, line: str) -> None:
+        if self.on_notice is not None:
+            self.on_notice(line)
+        else:
+            print(f"pkttrace: {line}", file=sys.stderr, flush=True)
+
     # ---- running ----
 
     def poll(self, timeout: float = 0.2) -> list[paths.Packet]:
@@ -422,6 +479,9 @@ class Tracer:
         else:
             time.sleep(timeout)
         now = time.monotonic()
+        if now - self._last_ns_check >= 0.5:
+            self._last_ns_check = now
+            self.check_netns()
         if self.opts.replace_every and now - self._last_replace_check >= self.opts.replace_every:
             self._last_replace_check = now
             self.replace_observers()
@@ -528,7 +588,7 @@ class Tracer:
         (a sink flushes there: not per packet, and never later than a poll)."""
         deadline = None if duration is None else time.monotonic() + duration
         n = 0
-        while not self.stopping:
+        while not self.stopping and not self.exhausted:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
