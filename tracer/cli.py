@@ -79,7 +79,11 @@ def build_filter(mark, src, dst, proto, port, iface, ns) -> PacketFilter:
 def _check_netns(names: tuple[str, ...]) -> list[str | None]:
     out: list[str | None] = []
     for n in names or (None,):
-        if n is not None and not netns.exists(n):
+        try:
+            known = n is None or netns.exists(n)
+        except netns.NetnsError as e:      # a name that cannot be one
+            raise UsageFailure(str(e)) from None
+        if not known:
             raise UsageFailure(f"unknown network namespace {n!r} (see `ip netns list`)")
         out.append(n)
     return out

@@ -16,7 +16,8 @@ from tracer import cli, netns
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "lab-demo.jsonl")
 
 UNICODE_DIGITS = ["５３", "٥٣", "۵۳", "५३", "²"]      # fullwidth, Arabic-Indic, Persian, Devanagari, superscript
-NOT_A_COUNT = ["nan", "inf", "-inf", "-1", "0", "1_000", " 53 ", " 5", "5 ", "+5", "0x5", "1.5", "1e3", "", *UNICODE_DIGITS]
+NOT_A_COUNT = ["nan", "inf", "-inf", "-1", "0", "1_000", " 53 ", " 5", "5 ", "+5", "0x5", "1.5", "1e3", "",
+               *UNICODE_DIGITS]
 NOT_SECONDS = ["nan", "NaN", "inf", "-inf", "Infinity", "-1", "1_0", " 5", "5 ", "+5", "0x1", "1e3", "", "1" * 40,
                "99999999999", *UNICODE_DIGITS]
 NOT_A_PORT = ["nan", "inf", "-1", "0", "65536", "1_000", " 53 ", " 53", "+53", "0x35", "53.0", "", "http",
