@@ -195,12 +195,12 @@ def _check_raw(d: dict) -> tuple[bytes, bool]:
     return b, aged
 
 
-def _check_header(d) -> None:
+def _check_header(d, n: int) -> None:
     if type(d) is not dict or "pkttrace_recording" not in d:
-        raise RecordingError("line 1: not a pkttrace recording (no header)")
+        raise RecordingError(f"line {n}: not a pkttrace recording (no header)")
     version = d["pkttrace_recording"]
     if not _is_int(version) or version < 1:
-        raise RecordingError(f"line 1: not a pkttrace recording (format {version!r})")
+        raise RecordingError(f"line {n}: not a pkttrace recording (format {version!r})")
     if version != FORMAT:
         raise RecordingError(f"recording format {version} is newer than this pkttrace reads ({FORMAT}): "
                              "replay it with a newer pkttrace")
@@ -271,7 +271,7 @@ def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, object]]:
             what = "not JSON" if text is not None else "not UTF-8 text"
             raise RecordingError(f"line {n}: {what}: is this a pkttrace recording?") from None
         if not header:
-            _check_header(d)
+            _check_header(d, n)
             header = True
             continue
         try:
