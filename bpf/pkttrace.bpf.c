@@ -1379,16 +1379,43 @@ static __always_inline bool after_nat(const struct pt_record *r, __u8 family, __
 	return ns->after_nat[i] & (1u << slot);
 }
 
+/* The fields of an skb an observation reads.  Filled by the caller: with
+ * direct loads where skb is a BTF pointer (netfilter links, tracepoints,
+ * fentry), with CO-RE reads where it is a plain address (kprobes). */
+struct skb_view {
+	__u32 mark;
+	__u64 nfct;
+	const void *l3;
+	__u64 refdst;
+};
+
+static __always_inline void skb_view_direct(const struct sk_buff *skb, struct skb_view *v)
+{
+	v->mark = skb->mark;
+	v->nfct = skb->_nfct;
+	v->l3 = skb_l3(skb);
+	v->refdst = skb->_skb_refdst;
+}
+
+static __always_inline void skb_view_core(const struct sk_buff *skb, struct skb_view *v)
+{
+	v->mark = BPF_CORE_READ(skb, mark);
+	v->nfct = BPF_CORE_READ(skb, _nfct);
+	v->l3 = BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, network_header);
+	v->refdst = BPF_CORE_READ(skb, _skb_refdst);
+}
+
 /* One observation of a packet at a netfilter hook.  first: the hook's
  * first observation (before every table); slot, prio, flags: see
  * PT_SLOT_* and struct pt_stage. */
-static __always_inline int nf_observe_dev(struct sk_buff *skb, __u8 pf, __u8 hook, __u32 in, __u32 out,
-					  __u32 netns, __u8 slot, bool first, __s32 prio, __u8 stflags)
+static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_view *v, __u8 pf, __u8 hook,
+					  __u32 in, __u32 out, __u32 netns, __u8 slot, bool first, __s32 prio,
+					  __u8 stflags)
 {
 	__u8 family = pf == NFPROTO_IPV4 ? 4 : pf == NFPROTO_IPV6 ? 6 : 0;
-	__u32 mark = skb->mark;
-	__u64 nfct = skb->_nfct;
-	const void *l3 = skb_l3(skb);
+	__u32 mark = v->mark;
+	__u64 nfct = v->nfct;
+	const void *l3 = v->l3;
 	bool parsed = false;
 	__u64 now;
 	struct pt_record *r;
@@ -1469,7 +1496,7 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, __u8 pf, __u8 hoo
 		if (route_take(r, first ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
 			       r->n_stages ? r->last_ts : now - ROUTE_MAX_AGE_NS,
 			       ROUTE_CHECKS | (local ? ROUTE_LOCAL_OUT : 0)))
-			route_result(r, skb->_skb_refdst, now);
+			route_result(r, v->refdst, now);
 	}
 	if (kind == PT_STAGE_INPUT) {
 		struct pt_pending *p = pending();
@@ -1518,7 +1545,10 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, __u8 pf, __u8 hoo
 static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_hook_state *state, __u8 slot,
 					 bool first, __s32 prio, __u8 stflags)
 {
-	return nf_observe_dev(skb, state->pf, state->hook, state->in ? state->in->ifindex : 0,
+	struct skb_view v;
+
+	skb_view_direct(skb, &v);
+	return nf_observe_dev(skb, &v, state->pf, state->hook, state->in ? state->in->ifindex : 0,
 			      state->out ? state->out->ifindex : 0, state->net->ns.inum, slot, first, prio, stflags);
 }
 
@@ -1572,6 +1602,19 @@ static __always_inline __u8 nf_position(const void *skb, const struct nf_hook_st
 	p->where[found] = where;
 	p->count[found] = 0;
 	return 0;
+}
+
+/* The same where skb and state are plain addresses (kprobes): CO-RE reads. */
+static __always_inline int nf_observe_core(struct sk_buff *skb, const struct nf_hook_state *state, __u8 slot,
+					   bool first, __s32 prio, __u8 stflags)
+{
+	struct net_device *in = BPF_CORE_READ(state, in), *out = BPF_CORE_READ(state, out);
+	struct skb_view v;
+
+	skb_view_core(skb, &v);
+	return nf_observe_dev(skb, &v, BPF_CORE_READ(state, pf), BPF_CORE_READ(state, hook),
+			      in ? BPF_CORE_READ(in, ifindex) : 0, out ? BPF_CORE_READ(out, ifindex) : 0,
+			      BPF_CORE_READ(state, net, ns.inum), slot, first, prio, stflags);
 }
 
 static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
@@ -1641,13 +1684,17 @@ int BPF_PROG(fx_hook_exit, struct sk_buff *skb, struct nf_hook_state *state,
 /* After one table: its priority, and whether it dropped the packet (then
  * nf_hook_slow frees it after we return: it is still whole here). */
 static __always_inline void table_done(struct sk_buff *skb, const struct nf_hook_state *state, __s32 prio,
-				       unsigned int ret)
+				       unsigned int ret, bool core)
 {
 	__u8 v = ret & NF_VERDICT_MASK;
 
-	if ((v != NF_DROP && v != NF_ACCEPT_V) || !netns_traced(state->net->ns.inum))
+	if ((v != NF_DROP && v != NF_ACCEPT_V) ||
+	    !netns_traced(core ? BPF_CORE_READ(state, net, ns.inum) : state->net->ns.inum))
 		return; /* stolen or queued: no longer ours to read */
-	nf_observe_at(skb, state, PT_SLOT_TABLE, false, prio, v == NF_DROP ? PT_STF_NF_DROP : 0);
+	if (core)
+		nf_observe_core(skb, state, PT_SLOT_TABLE, false, prio, v == NF_DROP ? PT_STF_NF_DROP : 0);
+	else
+		nf_observe_at(skb, state, PT_SLOT_TABLE, false, prio, v == NF_DROP ? PT_STF_NF_DROP : 0);
 }
 
 SEC("fexit/nft_do_chain")
@@ -1656,21 +1703,21 @@ int BPF_PROG(fx_nft_chain, struct nft_pktinfo *pkt, void *priv, unsigned int ret
 	/* priv is the chain of a base chain: its hook priority is the table's */
 	struct nft_base_chain *bc = (void *)priv - bpf_core_field_offset(struct nft_base_chain, chain);
 
-	table_done(pkt->skb, pkt->state, BPF_CORE_READ(bc, ops.priority), ret);
+	table_done(pkt->skb, pkt->state, BPF_CORE_READ(bc, ops.priority), ret, false);
 	return 0;
 }
 
 SEC("fexit/ipt_do_table")
 int BPF_PROG(fx_ipt_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state, unsigned int ret)
 {
-	table_done(skb, state, BPF_CORE_READ((struct xt_table *)priv, priority), ret);
+	table_done(skb, state, BPF_CORE_READ((struct xt_table *)priv, priority), ret, false);
 	return 0;
 }
 
 SEC("fexit/ip6t_do_table")
 int BPF_PROG(fx_ip6t_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state, unsigned int ret)
 {
-	table_done(skb, state, BPF_CORE_READ((struct xt_table *)priv, priority), ret);
+	table_done(skb, state, BPF_CORE_READ((struct xt_table *)priv, priority), ret, false);
 	return 0;
 }
 
@@ -2030,7 +2077,7 @@ int BPF_PROG(on_copy_datagram, const struct sk_buff *skb, int len)
  * socket, on the CPU that is processing the packet pending at LOCAL_IN.
  * UDP reads linear skbs without the copy tracepoint and frees them without
  * consume_skb, so this is where UDP delivery is seen. */
-static __always_inline void data_ready(const struct sock *sk)
+static __always_inline void data_ready(const struct sock *sk, bool core)
 {
 	struct pt_record *r;
 	__u64 key;
@@ -2038,13 +2085,14 @@ static __always_inline void data_ready(const struct sock *sk)
 	r = pending_take(&key);
 	if (r)
 		deliver((const void *)key, r, PT_DELIVER_QUEUED,
+			core ? BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino) :
 			sk->sk_socket && sk->sk_socket->file ? sk->sk_socket->file->f_inode->i_ino : 0);
 }
 
 SEC("tp_btf/sk_data_ready")
 int BPF_PROG(on_sk_data_ready, const struct sock *sk)
 {
-	data_ready(sk);
+	data_ready(sk, false);
 	return 0;
 }
 
@@ -2058,27 +2106,36 @@ int BPF_PROG(on_sk_data_ready, const struct sock *sk)
  * crossed it.  Its observation is the hook's last: after every table.
  * Where nf_hook_slow ran, its exit said that already. */
 
-static __always_inline __u32 dst_ifindex(const struct sk_buff *skb)
+static __always_inline __u32 dst_ifindex(__u64 refdst)
 {
-	struct dst_entry *dst = (struct dst_entry *)(skb->_skb_refdst & ~1UL);
+	struct dst_entry *dst = (struct dst_entry *)(refdst & ~1UL);
 
 	return dst ? BPF_CORE_READ(dst, dev, ifindex) : 0;
 }
 
-static __always_inline void hook_done(struct sk_buff *skb, __u8 pf, __u8 hook)
+/* core: skb is a plain address (kprobes), read with CO-RE; else a BTF
+ * pointer, read directly.  A constant at every call: the other branch is
+ * compiled out. */
+static __always_inline void hook_done(struct sk_buff *skb, __u8 pf, __u8 hook, bool core)
 {
-	struct net_device *dev = skb->dev;
+	struct net_device *dev = core ? BPF_CORE_READ(skb, dev) : skb->dev;
+	struct skb_view v;
 	struct pt_record *r;
 	struct pt_stage *s;
-	__u32 netns, in = 0, out = 0;
+	__u32 netns, in = 0, out = 0, ifindex = 0;
 	bool first;
 
+	if (core)
+		skb_view_core(skb, &v);
+	else
+		skb_view_direct(skb, &v);
 	if (dev) {
-		netns = dev->nd_net.net->ns.inum;
+		netns = core ? BPF_CORE_READ(dev, nd_net.net, ns.inum) : dev->nd_net.net->ns.inum;
+		ifindex = core ? BPF_CORE_READ(dev, ifindex) : dev->ifindex;
 	} else {
 		/* a locally generated packet has no device before ip_output:
 		 * its route's device says which netns it is in */
-		struct dst_entry *dst = (struct dst_entry *)(skb->_skb_refdst & ~1UL);
+		struct dst_entry *dst = (struct dst_entry *)(v.refdst & ~1UL);
 
 		if (!dst)
 			return;
@@ -2110,22 +2167,22 @@ static __always_inline void hook_done(struct sk_buff *skb, __u8 pf, __u8 hook)
 		}
 	}
 	if (hook == 0 || hook == 1)
-		in = dev ? dev->ifindex : 0;
+		in = ifindex;
 	else if (hook == 2) {
-		in = dev ? dev->ifindex : 0;
-		out = dst_ifindex(skb);
+		in = ifindex;
+		out = dst_ifindex(v.refdst);
 	} else if (hook == 3)
-		out = dst_ifindex(skb);
+		out = dst_ifindex(v.refdst);
 	else
-		out = dev ? dev->ifindex : dst_ifindex(skb);
-	nf_observe_dev(skb, pf, hook, in, out, netns, PT_SLOT_EXIT, first, 0x7fffffff, 0);
+		out = dev ? ifindex : dst_ifindex(v.refdst);
+	nf_observe_dev(skb, &v, pf, hook, in, out, netns, PT_SLOT_EXIT, first, 0x7fffffff, 0);
 }
 
 #define HOOK_DONE(NAME, FUNC, PF, HOOK)                                                         \
 	SEC("fentry/" #FUNC)                                                                    \
 	int BPF_PROG(NAME, struct net *net, struct sock *sk, struct sk_buff *skb)              \
 	{                                                                                       \
-		hook_done(skb, PF, HOOK);                                                       \
+		hook_done(skb, PF, HOOK, false);                                                \
 		return 0;                                                                       \
 	}
 HOOK_DONE(fd_pre4, ip_rcv_finish, NFPROTO_IPV4, 0)
@@ -2146,7 +2203,7 @@ int BPF_PROG(fd_fwd6_out, struct net *net, struct sock *sk, struct sk_buff *skb)
 	struct pt_record *r = rec_lookup(skb);
 
 	if (r && !(r->seen & PT_SEEN_OUTPUT))
-		hook_done(skb, NFPROTO_IPV6, 2);
+		hook_done(skb, NFPROTO_IPV6, 2, false);
 	return 0;
 }
 
@@ -2157,14 +2214,14 @@ int BPF_PROG(fd_fwd6_out, struct net *net, struct sock *sk, struct sk_buff *skb)
 SEC("fentry/ip_route_input_noref")
 int BPF_PROG(fd_pre4_route, struct sk_buff *skb)
 {
-	hook_done(skb, NFPROTO_IPV4, 0);
+	hook_done(skb, NFPROTO_IPV4, 0, false);
 	return 0;
 }
 
 SEC("fentry/ip6_route_input")
 int BPF_PROG(fd_pre6_route, struct sk_buff *skb)
 {
-	hook_done(skb, NFPROTO_IPV6, 0);
+	hook_done(skb, NFPROTO_IPV6, 0, false);
 	return 0;
 }
 
@@ -2173,7 +2230,7 @@ SEC("fexit/__ip_local_out")
 int BPF_PROG(fd_out4, struct net *net, struct sock *sk, struct sk_buff *skb, int ret)
 {
 	if (ret == 1)
-		hook_done(skb, NFPROTO_IPV4, 3);
+		hook_done(skb, NFPROTO_IPV4, 3, false);
 	return 0;
 }
 
@@ -2181,7 +2238,7 @@ SEC("fexit/__ip6_local_out")
 int BPF_PROG(fd_out6, struct net *net, struct sock *sk, struct sk_buff *skb, int ret)
 {
 	if (ret == 1)
-		hook_done(skb, NFPROTO_IPV6, 3);
+		hook_done(skb, NFPROTO_IPV6, 3, false);
 	return 0;
 }
 
@@ -2190,7 +2247,216 @@ int BPF_PROG(fd_out6, struct net *net, struct sock *sk, struct sk_buff *skb, int
 SEC("fentry/sock_def_readable")
 int BPF_PROG(fe_sk_data_ready, struct sock *sk)
 {
-	data_ready(sk);
+	data_ready(sk, false);
+	return 0;
+}
+
+/* ---- kprobe backend: the fentry backend's observations where fentry is
+ * refused (kernels without ftrace direct calls: arm64 before 6.4).  The same
+ * bodies, with CO-RE reads: a kprobe's arguments are plain addresses.  A
+ * return probe has no arguments: the entry keeps them, per task and
+ * function, as a stack (a softirq that nests a hook in a task's hook runs
+ * on that task; a task that is preempted keeps its own). */
+
+#define PT_STASH_DEPTH 4
+enum pt_stash_fn {
+	STASH_HOOK = 1, STASH_CHAIN, STASH_IPT, STASH_IP6T, STASH_OUT4, STASH_OUT6,
+};
+
+struct pt_stash_key {
+	__u64 task;
+	__u32 fn;
+	__u32 pad;
+};
+
+struct pt_stash {
+	__u64 a[PT_STASH_DEPTH];
+	__u64 b[PT_STASH_DEPTH];
+	__s64 c[PT_STASH_DEPTH];
+	__u32 depth;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct pt_stash_key);
+	__type(value, struct pt_stash);
+} kstash SEC(".maps");
+
+static __always_inline void stash_push(__u32 fn, __u64 a, __u64 b, __s64 c)
+{
+	struct pt_stash_key k = { .task = bpf_get_current_task(), .fn = fn };
+	struct pt_stash *st = bpf_map_lookup_elem(&kstash, &k);
+	__u32 d;
+
+	if (!st) {
+		struct pt_stash z = {};
+
+		bpf_map_update_elem(&kstash, &k, &z, BPF_NOEXIST);
+		st = bpf_map_lookup_elem(&kstash, &k);
+		if (!st)
+			return;
+	}
+	d = st->depth;
+	if (d < PT_STASH_DEPTH) {
+		st->a[d & (PT_STASH_DEPTH - 1)] = a;
+		st->b[d & (PT_STASH_DEPTH - 1)] = b;
+		st->c[d & (PT_STASH_DEPTH - 1)] = c;
+	}
+	/* counted past the depth too: the returns stay paired */
+	st->depth = d + 1;
+}
+
+static __always_inline bool stash_pop(__u32 fn, __u64 *a, __u64 *b, __s64 *c)
+{
+	struct pt_stash_key k = { .task = bpf_get_current_task(), .fn = fn };
+	struct pt_stash *st = bpf_map_lookup_elem(&kstash, &k);
+	__u32 d;
+
+	if (!st || !st->depth)
+		return false;
+	d = st->depth - 1;
+	st->depth = d;
+	if (d >= PT_STASH_DEPTH)
+		return false;
+	*a = st->a[d & (PT_STASH_DEPTH - 1)];
+	*b = st->b[d & (PT_STASH_DEPTH - 1)];
+	*c = st->c[d & (PT_STASH_DEPTH - 1)];
+	return true;
+}
+
+SEC("kprobe/nf_hook_slow")
+int BPF_KPROBE(kp_hook_entry, struct sk_buff *skb, struct nf_hook_state *state)
+{
+	stash_push(STASH_HOOK, (__u64)skb, (__u64)state, 0);
+	if (netns_traced(BPF_CORE_READ(state, net, ns.inum)))
+		nf_observe_core(skb, state, 0, true, 0, 0);
+	return 0;
+}
+
+SEC("kretprobe/nf_hook_slow")
+int BPF_KRETPROBE(kr_hook_exit, int ret)
+{
+	__u64 skb, state;
+	__s64 unused;
+
+	if (!stash_pop(STASH_HOOK, &skb, &state, &unused))
+		return 0;
+	/* 1: every hook function accepted it (else it may be freed already) */
+	if (ret == 1 && netns_traced(BPF_CORE_READ((struct nf_hook_state *)state, net, ns.inum)))
+		nf_observe_core((struct sk_buff *)skb, (struct nf_hook_state *)state, PT_SLOT_EXIT, false,
+				0x7fffffff, 0);
+	return 0;
+}
+
+SEC("kprobe/nft_do_chain")
+int BPF_KPROBE(kp_nft_chain, struct nft_pktinfo *pkt, void *priv)
+{
+	struct nft_base_chain *bc = priv - bpf_core_field_offset(struct nft_base_chain, chain);
+
+	stash_push(STASH_CHAIN, (__u64)BPF_CORE_READ(pkt, skb), (__u64)BPF_CORE_READ(pkt, state),
+		   BPF_CORE_READ(bc, ops.priority));
+	return 0;
+}
+
+SEC("kretprobe/nft_do_chain")
+int BPF_KRETPROBE(kr_nft_chain, unsigned int ret)
+{
+	__u64 skb, state;
+	__s64 prio;
+
+	if (stash_pop(STASH_CHAIN, &skb, &state, &prio))
+		table_done((struct sk_buff *)skb, (struct nf_hook_state *)state, prio, ret, true);
+	return 0;
+}
+
+#define KP_TABLE(ENTRY, EXIT, FUNC, FN)                                                         \
+	SEC("kprobe/" #FUNC)                                                                    \
+	int BPF_KPROBE(ENTRY, void *priv, struct sk_buff *skb, struct nf_hook_state *state)    \
+	{                                                                                       \
+		stash_push(FN, (__u64)skb, (__u64)state,                                        \
+			   BPF_CORE_READ((struct xt_table *)priv, priority));                   \
+		return 0;                                                                       \
+	}                                                                                       \
+	SEC("kretprobe/" #FUNC)                                                                 \
+	int BPF_KRETPROBE(EXIT, unsigned int ret)                                               \
+	{                                                                                       \
+		__u64 skb, state;                                                               \
+		__s64 prio;                                                                     \
+                                                                                                \
+		if (stash_pop(FN, &skb, &state, &prio))                                         \
+			table_done((struct sk_buff *)skb, (struct nf_hook_state *)state, prio,  \
+				   ret, true);                                                  \
+		return 0;                                                                       \
+	}
+KP_TABLE(kp_ipt_table, kr_ipt_table, ipt_do_table, STASH_IPT)
+KP_TABLE(kp_ip6t_table, kr_ip6t_table, ip6t_do_table, STASH_IP6T)
+
+#define KHOOK_DONE(NAME, FUNC, PF, HOOK)                                                        \
+	SEC("kprobe/" #FUNC)                                                                    \
+	int BPF_KPROBE(NAME, struct net *net, struct sock *sk, struct sk_buff *skb)            \
+	{                                                                                       \
+		hook_done(skb, PF, HOOK, true);                                                 \
+		return 0;                                                                       \
+	}
+KHOOK_DONE(kd_pre4, ip_rcv_finish, NFPROTO_IPV4, 0)
+KHOOK_DONE(kd_in4, ip_local_deliver_finish, NFPROTO_IPV4, 1)
+KHOOK_DONE(kd_fwd4, ip_forward_finish, NFPROTO_IPV4, 2)
+KHOOK_DONE(kd_post4, ip_finish_output, NFPROTO_IPV4, 4)
+KHOOK_DONE(kd_pre6, ip6_rcv_finish, NFPROTO_IPV6, 0)
+KHOOK_DONE(kd_in6, ip6_input_finish, NFPROTO_IPV6, 1)
+KHOOK_DONE(kd_fwd6, ip6_forward_finish, NFPROTO_IPV6, 2)
+KHOOK_DONE(kd_post6, ip6_finish_output, NFPROTO_IPV6, 4)
+
+SEC("kprobe/ip_route_input_noref")
+int BPF_KPROBE(kd_pre4_route, struct sk_buff *skb)
+{
+	hook_done(skb, NFPROTO_IPV4, 0, true);
+	return 0;
+}
+
+SEC("kprobe/ip6_route_input")
+int BPF_KPROBE(kd_pre6_route, struct sk_buff *skb)
+{
+	hook_done(skb, NFPROTO_IPV6, 0, true);
+	return 0;
+}
+
+SEC("kprobe/ip6_output")
+int BPF_KPROBE(kd_fwd6_out, struct net *net, struct sock *sk, struct sk_buff *skb)
+{
+	struct pt_record *r = rec_lookup(skb);
+
+	if (r && !(r->seen & PT_SEEN_OUTPUT))
+		hook_done(skb, NFPROTO_IPV6, 2, true);
+	return 0;
+}
+
+#define KP_LOCAL_OUT(ENTRY, EXIT, FUNC, FN, PF)                                                \
+	SEC("kprobe/" #FUNC)                                                                    \
+	int BPF_KPROBE(ENTRY, struct net *net, struct sock *sk, struct sk_buff *skb)           \
+	{                                                                                       \
+		stash_push(FN, (__u64)skb, 0, 0);                                               \
+		return 0;                                                                       \
+	}                                                                                       \
+	SEC("kretprobe/" #FUNC)                                                                 \
+	int BPF_KRETPROBE(EXIT, int ret)                                                        \
+	{                                                                                       \
+		__u64 skb, unused;                                                              \
+		__s64 unused2;                                                                  \
+                                                                                                \
+		if (stash_pop(FN, &skb, &unused, &unused2) && ret == 1)                         \
+			hook_done((struct sk_buff *)skb, PF, 3, true);                          \
+		return 0;                                                                       \
+	}
+KP_LOCAL_OUT(kp_out4, kd_out4, __ip_local_out, STASH_OUT4, NFPROTO_IPV4)
+KP_LOCAL_OUT(kp_out6, kd_out6, __ip6_local_out, STASH_OUT6, NFPROTO_IPV6)
+
+SEC("kprobe/sock_def_readable")
+int BPF_KPROBE(kp_data_ready, struct sock *sk)
+{
+	data_ready(sk, true);
 	return 0;
 }
 

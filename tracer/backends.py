@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from . import libbpf
 
-BACKENDS = ("auto", "nflink", "fentry")
+BACKENDS = ("auto", "nflink", "fentry", "kprobe")
 BTF_KIND_FUNC = 12
 BTF_KIND_STRUCT = 4
 BPF_PROG_LOAD = 5
@@ -54,14 +54,31 @@ FENTRY_PROGRAMS = {
     # (where ip6_forward_finish refuses fentry: the output function after it)
     "fd_fwd6_out": "ip6_output",
 }
+# kprobe backend: the same observations as kprobes (kretprobes where fentry
+# has fexit), for kernels that refuse fentry but have kprobes
+KPROBE_PROGRAMS = {
+    "kp_hook_entry": "nf_hook_slow", "kr_hook_exit": "nf_hook_slow",
+    "kp_nft_chain": "nft_do_chain", "kr_nft_chain": "nft_do_chain",
+    "kp_ipt_table": "ipt_do_table", "kr_ipt_table": "ipt_do_table",
+    "kp_ip6t_table": "ip6t_do_table", "kr_ip6t_table": "ip6t_do_table",
+    "kd_pre4": "ip_rcv_finish", "kd_in4": "ip_local_deliver_finish", "kd_fwd4": "ip_forward_finish",
+    "kp_out4": "__ip_local_out", "kd_out4": "__ip_local_out", "kd_post4": "ip_finish_output",
+    "kd_pre6": "ip6_rcv_finish", "kd_in6": "ip6_input_finish", "kd_fwd6": "ip6_forward_finish",
+    "kp_out6": "__ip6_local_out", "kd_out6": "__ip6_local_out", "kd_post6": "ip6_finish_output",
+    "kd_pre4_route": "ip_route_input_noref", "kd_pre6_route": "ip6_route_input",
+    "kd_fwd6_out": "ip6_output",
+}
+KPROBE_DATA_READY = ("kp_data_ready", "sock_def_readable")
+# every hook-machinery program of either backend, and the function it needs
+HOOK_PROGRAMS = {**FENTRY_PROGRAMS, **KPROBE_PROGRAMS}
 # program -> the program it stands in for: attached only if that one could not be
-FALLBACK_FOR = {"fd_fwd6_out": "fd_fwd6"}
+FALLBACK_FOR = {"fd_fwd6_out": "fd_fwd6", "kd_fwd6_out": "kd_fwd6"}
 FENTRY_DATA_READY = ("fe_sk_data_ready", "sock_def_readable")
 # what a fentry program that cannot be attached costs; the rest are required
-OPTIONAL = frozenset(p for p in FENTRY_PROGRAMS if p.startswith("fd_") or p.startswith("fx_") and "table" in p
-                     or p == "fx_nft_chain")
-WHAT_IS_MISSED = {p: "a hook with no table registered shows no stage there" for p in FENTRY_PROGRAMS
-                  if p.startswith("fd_")}
+OPTIONAL = frozenset(p for p in HOOK_PROGRAMS if p.startswith(("fd_", "kd_", "kp_out")) or
+                     p.startswith(("fx_", "kp_", "kr_")) and ("table" in p or "chain" in p))
+WHAT_IS_MISSED = {p: "a hook with no table registered shows no stage there" for p in HOOK_PROGRAMS
+                  if p.startswith(("fd_", "kd_", "kp_out"))}
 
 
 class BackendError(Exception):
@@ -76,6 +93,7 @@ class Features:
     cast_kfunc: bool            # bpf_cast_to_kern_ctx, 6.2+: tc observers know their skb
     sk_data_ready_tp: bool      # tracepoint sk:sk_data_ready, 6.3+
     fentry: str | None          # None if fentry loads, else why not
+    kprobes: bool = False       # the kprobe PMU (or tracefs kprobe_events): kprobes attach
     functions: frozenset = field(default_factory=frozenset)   # kernel functions present (kallsyms)
 
 
@@ -89,7 +107,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        nf = "netfilter BPF links" if self.netfilter == "nflink" else "fentry on nf_hook_slow and each table"
+        nf = {"nflink": "netfilter BPF links", "fentry": "fentry on nf_hook_slow and each table",
+              "kprobe": "kprobes on nf_hook_slow and each table"}[self.netfilter]
         tc = "tc observers (TCX or cls_bpf)" if self.tc else "receive/queue tracepoints (no tc stages)"
         return f"tp_btf tracepoints, {nf}, {tc}"
 
@@ -136,6 +155,13 @@ def fentry_refusal(btf: libbpf.Btf) -> str | None:
     return None
 
 
+def kprobes_available() -> bool:
+    """Can kprobes be attached: the kprobe PMU, or the legacy tracefs interface."""
+    return any(os.path.exists(p) for p in ("/sys/bus/event_source/devices/kprobe/type",
+                                           "/sys/kernel/tracing/kprobe_events",
+                                           "/sys/kernel/debug/tracing/kprobe_events"))
+
+
 def probe() -> Features:
     """Probe this kernel; BackendError below Linux 5.8 or without BTF."""
     if _kernel_version() < MIN_KERNEL:
@@ -146,13 +172,14 @@ def probe() -> Features:
     except libbpf.BpfError as e:
         raise BackendError(str(e)) from None
     try:
-        funcs = {*FENTRY_PROGRAMS.values(), FENTRY_DATA_READY[1]}
+        funcs = {*HOOK_PROGRAMS.values(), FENTRY_DATA_READY[1]}
         return Features(
             kernel=platform.release(),
             netfilter_link=btf.find("bpf_nf_ctx", BTF_KIND_STRUCT) is not None,
             cast_kfunc=btf.find("bpf_cast_to_kern_ctx", BTF_KIND_FUNC) is not None,
             sk_data_ready_tp=btf.has_type("btf_trace_sk_data_ready", libbpf.BTF_KIND_TYPEDEF),
             fentry=fentry_refusal(btf),
+            kprobes=kprobes_available(),
             functions=_kallsyms(funcs))
     finally:
         btf.close()
@@ -163,32 +190,37 @@ def plan(feat: Features, backend: str = "auto", tc: str = "auto") -> Plan:
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: choose {', '.join(BACKENDS)}")
     fentry_ok = feat.fentry is None and "nf_hook_slow" in feat.functions
+    kprobe_ok = feat.kprobes and "nf_hook_slow" in feat.functions
     if backend == "auto":
-        backend = "nflink" if feat.netfilter_link else "fentry" if fentry_ok else ""
+        backend = "nflink" if feat.netfilter_link else "fentry" if fentry_ok else "kprobe" if kprobe_ok else ""
         if not backend:
-            raise BackendError("this kernel has neither netfilter BPF links (Linux 6.4+) nor fentry on "
-                               f"nf_hook_slow ({feat.fentry or 'nf_hook_slow not found'}): "
+            raise BackendError("this kernel has neither netfilter BPF links (Linux 6.4+), nor fentry on "
+                               f"nf_hook_slow ({feat.fentry or 'nf_hook_slow not found'}), nor kprobes: "
                                "netfilter hooks cannot be observed")
     elif backend == "nflink" and not feat.netfilter_link:
         raise BackendError("--backend nflink: this kernel has no netfilter BPF links (Linux 6.4+)")
     elif backend == "fentry" and not fentry_ok:
         raise BackendError(f"--backend fentry: fentry on nf_hook_slow is not available here "
                            f"({feat.fentry or 'nf_hook_slow not found'})")
+    elif backend == "kprobe" and not kprobe_ok:
+        raise BackendError("--backend kprobe: " + ("nf_hook_slow not found" if feat.kprobes else
+                                                   "this kernel has no kprobes (no kprobe PMU or kprobe_events)"))
     p = Plan(netfilter=backend, tc=tc != "off" and feat.cast_kfunc, data_ready=None)
     nf_obs = {"nf_obs_0", "nf_obs_1"}
     if backend == "nflink":
-        p.off |= set(FENTRY_PROGRAMS)
+        p.off |= set(HOOK_PROGRAMS)
     else:
-        p.off |= nf_obs
-        for prog, fn in FENTRY_PROGRAMS.items():
+        mine = FENTRY_PROGRAMS if backend == "fentry" else KPROBE_PROGRAMS
+        p.off |= nf_obs | (set(HOOK_PROGRAMS) - set(mine))
+        for prog, fn in mine.items():
             if fn not in feat.functions:
                 p.off.add(prog)
         if "nft_do_chain" not in feat.functions:
             p.notes.append("nf_tables is not loaded: nft and iptables-nft tables are not observed one by one")
-        missing = sorted({fn for prog, fn in FENTRY_PROGRAMS.items() if prog.startswith("fd_") and fn not in
+        missing = sorted({fn for prog, fn in mine.items() if prog.startswith(("fd_", "kd_")) and fn not in
                           feat.functions})
         if missing:
-            p.notes.append("fentry backend: a hook where no table is registered shows no stage where "
+            p.notes.append(f"{backend} backend: a hook where no table is registered shows no stage where "
                            f"{', '.join(missing)} cannot be attached")
     if tc != "off" and not feat.cast_kfunc:
         p.notes.append("no tc stages or tc verdicts: tc observers need the kfunc bpf_cast_to_kern_ctx "
@@ -196,12 +228,15 @@ def plan(feat: Features, backend: str = "auto", tc: str = "auto") -> Plan:
     p.off |= {"on_rx", "on_dev_queue"} if p.tc else {"tc_ingress", "tc_egress"}
     if feat.sk_data_ready_tp:
         p.data_ready = "tp"
-        p.off.add(FENTRY_DATA_READY[0])
-    elif feat.fentry is None and FENTRY_DATA_READY[1] in feat.functions:
+        p.off |= {FENTRY_DATA_READY[0], KPROBE_DATA_READY[0]}
+    elif backend != "kprobe" and feat.fentry is None and FENTRY_DATA_READY[1] in feat.functions:
         p.data_ready = "fentry"
-        p.off.add("on_sk_data_ready")
-    else:
+        p.off |= {"on_sk_data_ready", KPROBE_DATA_READY[0]}
+    elif feat.kprobes and KPROBE_DATA_READY[1] in feat.functions:
+        p.data_ready = "kprobe"
         p.off |= {"on_sk_data_ready", FENTRY_DATA_READY[0]}
-        p.notes.append("no sk_data_ready tracepoint (Linux 6.3+) and no fentry: a UDP datagram queued to a "
-                       "socket is seen delivered only when read")
+    else:
+        p.off |= {"on_sk_data_ready", FENTRY_DATA_READY[0], KPROBE_DATA_READY[0]}
+        p.notes.append("no sk_data_ready tracepoint (Linux 6.3+), fentry or kprobes: a UDP datagram queued "
+                       "to a socket is seen delivered only when read")
     return p

@@ -126,9 +126,10 @@ def filter_options(fn):
 @click.option("--record", "record_path", type=OutputPath(), metavar="FILE",
               help="Also save the raw records (and the names they need) for `pkttrace replay` "
                    "(a regular file, created or replaced).")
-@click.option("--backend", type=click.Choice(["auto", "nflink", "fentry"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", "nflink", "fentry", "kprobe"]), default="auto", show_default=True,
               envvar="PKTTRACE_BACKEND",
-              help="How netfilter hooks are observed: netfilter BPF links (6.4+) or fentry (older kernels).")
+              help="How netfilter hooks are observed: netfilter BPF links (6.4+), fentry (older kernels) "
+                   "or kprobes (where fentry is refused).")
 @click.pass_context
 def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, duration, tc_mode, age_after,
          record_path, backend):

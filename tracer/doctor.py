@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from . import backends, libbpf, probes
 
 # tracepoints a kernel may lack, and what stands in for them
-OPTIONAL_TRACEPOINTS = {"sk_data_ready": " (Linux 6.3+): fentry on sock_def_readable stands in where fentry works"}
+OPTIONAL_TRACEPOINTS = {"sk_data_ready": " (Linux 6.3+): fentry or a kprobe on sock_def_readable stands in"}
 TRACEPOINTS = ("netif_receive_skb", "net_dev_queue", "net_dev_xmit", "kfree_skb", "consume_skb",
                "skb_copy_datagram_iovec", "sk_data_ready", "napi_poll", "fib_table_lookup", "fib6_table_lookup")
 
@@ -39,9 +39,9 @@ def _fentry_check(btf: libbpf.Btf) -> Check:
 
 
 def _kprobe_check() -> Check:
-    ok = os.path.exists("/sys/bus/event_source/devices/kprobe/type")
-    return Check("kprobes", ok, "available (not needed)" if ok else
-                 "not built in (no kprobe PMU); pkttrace does not need them", required=False)
+    ok = backends.kprobes_available()
+    return Check("kprobes", ok, "available (the kprobe backend can run)" if ok else
+                 "not built in (no kprobe PMU or kprobe_events): no kprobe backend", required=False)
 
 
 def _attach_checks(obj: libbpf.BpfObject, plan: backends.Plan) -> list[Check]:
@@ -73,14 +73,16 @@ def _attach_checks(obj: libbpf.BpfObject, plan: backends.Plan) -> list[Check]:
 
 def _feature_checks(plan: backends.Plan) -> list[Check]:
     """Per feature: the backend that observes it, or why it is not seen."""
-    nf = ("netfilter BPF links: an observer before the first table and after each one"
-          if plan.netfilter == "nflink" else "fentry on nf_hook_slow and on each table (nft_do_chain, ...)")
+    nf = {"nflink": "netfilter BPF links: an observer before the first table and after each one",
+          "fentry": "fentry on nf_hook_slow and on each table (nft_do_chain, ...)",
+          "kprobe": "kprobes on nf_hook_slow and on each table (nft_do_chain, ...)"}[plan.netfilter]
     out = [Check("netfilter hooks and tables", True, nf),
            Check("tc stages and verdicts", plan.tc,
                  "tc observers" if plan.tc else "unavailable: tc programs cannot name their packet before 6.2 "
                  "(kfunc bpf_cast_to_kern_ctx); rx/tx from tracepoints", required=False),
            Check("socket delivery (UDP queued)", plan.data_ready is not None,
-                 {"tp": "tracepoint sk_data_ready", "fentry": "fentry on sock_def_readable"}.get(
+                 {"tp": "tracepoint sk_data_ready", "fentry": "fentry on sock_def_readable",
+                  "kprobe": "kprobe on sock_def_readable"}.get(
                      plan.data_ready, "unavailable: seen only when the datagram is read"), required=False)]
     return out
 

@@ -54,7 +54,7 @@ class TraceOptions:
     ringbuf_bytes: int = 8 << 20
     age_after: float = 5.0             # seconds without a stage before a record is aged out
     tc: str = "auto"                   # auto | tcx | classic | off
-    # auto | nflink | fentry: how netfilter hooks are observed ($PKTTRACE_BACKEND)
+    # auto | nflink | fentry | kprobe: how netfilter hooks are observed ($PKTTRACE_BACKEND)
     backend: str = field(default_factory=lambda: os.environ.get("PKTTRACE_BACKEND", "auto"))
     replace_every: float = 2.0         # seconds between checks of the ruleset (observer re-placement)
 
@@ -208,8 +208,8 @@ class Tracer:
         obj = self.obj
         failed: dict[str, str] = {}          # optional programs that could not be attached, why
         for prog in ("on_rx", "on_dev_queue", "on_dev_xmit", "on_kfree_skb", "on_consume_skb",
-                     "on_copy_datagram", "on_sk_data_ready", "fe_sk_data_ready", "on_napi_poll",
-                     "on_fib_lookup", "on_fib6_lookup", *backends.FENTRY_PROGRAMS):
+                     "on_copy_datagram", "on_sk_data_ready", "fe_sk_data_ready", "kp_data_ready", "on_napi_poll",
+                     "on_fib_lookup", "on_fib6_lookup", *backends.HOOK_PROGRAMS):
             if prog in self.plan.off:
                 continue
             stands_for = backends.FALLBACK_FOR.get(prog)
@@ -227,11 +227,11 @@ class Tracer:
                 if fallback and fallback not in self.plan.off:
                     continue             # said once the stand-in is tried (below)
                 # a function the kernel will not let us trace: say what is not seen
-                self.plan.notes.append(f"{backends.FENTRY_PROGRAMS[prog]} cannot be traced here ({e}): "
+                self.plan.notes.append(f"{backends.HOOK_PROGRAMS[prog]} cannot be traced here ({e}): "
                                        f"{backends.WHAT_IS_MISSED.get(prog, 'less detail')}")
         for fallback, prog in backends.FALLBACK_FOR.items():
             if prog in failed:
-                fn, stand_in = backends.FENTRY_PROGRAMS[prog], backends.FENTRY_PROGRAMS[fallback]
+                fn, stand_in = backends.HOOK_PROGRAMS[prog], backends.HOOK_PROGRAMS[fallback]
                 if any(getattr(a, "prog", None) == fallback for a in self.attachments):
                     self.plan.notes.append(f"{fn} cannot be traced here ({failed[prog]}): its hook is seen "
                                            f"at {stand_in} instead")
