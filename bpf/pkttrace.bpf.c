@@ -96,7 +96,7 @@ struct {
 	__type(value, __s64);
 } parked SEC(".maps");
 
-/* A record is too big for the BPF stack: build new ones here. */
+/* A record is too big for the BPF stack: copy one here (count_path). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -778,6 +778,8 @@ static __always_inline void count_path(const struct pt_record *r)
 		.fate = r->fate, .family = r->family, .proto = r->proto,
 	};
 	__u64 one = 1, *c = bpf_map_lookup_elem(&path_counts, &k);
+	struct pt_record *ex;
+	__u32 zero = 0;
 
 	if (c) {
 		*c += 1;
@@ -792,7 +794,12 @@ static __always_inline void count_path(const struct pt_record *r)
 			stat_inc(PT_STAT_PATH_OVERFLOW);
 		return;
 	}
-	bpf_map_update_elem(&path_examples, &k, r, BPF_NOEXIST);
+	/* its first packet is the path's example.  Older verifiers (6.1) take
+	 * only stack or map memory as a map value, and r may be neither (a
+	 * global function's argument): copied through a map first */
+	ex = bpf_map_lookup_elem(&scratch, &zero);
+	if (ex && !bpf_probe_read_kernel(ex, sizeof(*ex), r))
+		bpf_map_update_elem(&path_examples, &k, ex, BPF_NOEXIST);
 }
 
 static __always_inline struct pt_stage *stage_add(struct pt_record *r, __u8 kind, __u64 ts)
@@ -2011,6 +2018,14 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 		frag_absorbed(skb, r);
 		return 0;
 	}
+	/* Before drop reasons covered it (6.1), ICMPv6 freed a message it
+	 * had answered (echo request) with plain kfree_skb: taken by the
+	 * local stack, its answer sent -- not a drop */
+	if ((r->seen & PT_SEEN_INPUT) && (r->flags & PT_REC_CAUSED) &&
+	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_NOT_SPECIFIED)) {
+		deliver(skb, r, PT_DELIVER_CONSUMED, 0);
+		return 0;
+	}
 	/* input routing failed (no route, unreachable): its lookups are why
 	 * (no source check is made then: lookups of its source since were
 	 * made for the ICMP error) */
@@ -2144,6 +2159,11 @@ static __always_inline void hook_done(struct sk_buff *skb, __u8 pf, __u8 hook, b
 	if (!netns_traced(netns))
 		return;
 	r = rec_lookup(skb);
+	/* past PREROUTING already: an input route lookup of the packet made
+	 * for something else (icmp_send routes its reply with the packet
+	 * it answers, REJECT) is not its PREROUTING */
+	if (hook == 0 && r && (r->seen & (PT_SEEN_FORWARD | PT_SEEN_INPUT)))
+		return;
 	s = r ? last_stage(r) : NULL;
 	/* nf_hook_slow's exit saw it already */
 	if (s && s->kind == PT_STAGE_PREROUTING + hook && s->slot == PT_SLOT_EXIT)

@@ -710,6 +710,13 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
             nat[side] = {"from": _endpoint(before[0], before[1], fam), "to": _endpoint(addr, cur[side][1], fam)}
         if (k == 0 or not o.tables) and not nat:
             continue  # the first observer runs before every table; none ran since the last look
+        if nat and not o.tables and k > 0 and stage.tables and not stage.tables[-1].nat:
+            # fentry/kprobe backends: a NAT hook rewrites the packet after its
+            # chain returned, so the rewrite shows at the next look, where no
+            # table ran since: it is the table just observed that did it
+            stage.tables[-1].nat = nat
+            prev = s
+            continue
         verdict = p.drop_verdict if p.drop_in_last and k == len(p.obs) - 1 else "accept"
         stage.tables.append(TableStep(
             _names(o.tables), o.tables[-1][1] if o.tables else None,
