@@ -12,6 +12,7 @@ import ctypes
 import os
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -166,7 +167,6 @@ class Tracer:
         obj = self.obj = libbpf.BpfObject(object_path())
         # Only the first bank's observer program now (~80 ms of verifier
         # time each): the second is loaded at the first re-placement.
-        self._initial = {ns: self._registered(ns) for ns in self.opts.netns}
         need = 1 if self.plan.netfilter == "nflink" else 0
         for i, name in enumerate(_nf_programs()):
             obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
@@ -199,7 +199,24 @@ class Tracer:
         self.opts.filter.fill(cfg)
         flags = self.opts.filter.flags
         cfg.early_reject = 1 if flags and not flags & ~events.F_HEADER else 0
-        obj.load()
+        # The verifier takes most of the start (~250 ms, in the kernel,
+        # without the GIL): read the rulesets meanwhile (pyroute2's import
+        # and netlink dumps, ~60-80 ms)
+        failure: list[BaseException] = []
+
+        def load():
+            try:
+                obj.load()
+            except BaseException as e:  # noqa: BLE001 -- raised again below, in the caller's thread
+                failure.append(e)
+        loader = threading.Thread(target=load, name="pkttrace-load")
+        loader.start()
+        try:
+            self._initial = {ns: self._registered(ns) for ns in self.opts.netns}
+        finally:
+            loader.join()
+        if failure:
+            raise failure[0]
         self._observer_fds = {i: obj.program(n).fd for i, n in enumerate(_nf_programs()) if i < need}
         if self.opts.emit:
             self.ring = libbpf.RingBuffer(obj.map("events").fd, self.opts.ringbuf_bytes)
