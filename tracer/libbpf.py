@@ -26,6 +26,7 @@ BPF_TCX_EGRESS = 47
 BPF_F_BEFORE = 1 << 3
 BPF_F_AFTER = 1 << 4
 BPF_LINK_CREATE = 28
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
@@ -272,6 +273,39 @@ class Map:
         if lib().bpf_map_lookup_elem(self.fd, ctypes.byref(key), vals):
             raise BpfError(_errmsg(f"read map {self.name}", ctypes.get_errno()))
         return list(vals)
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """An fd of the loaded program with this id (close it); OSError ENOENT
+    once the program is gone."""
+    attr = (ctypes.c_uint8 * 16)()            # prog_id, next_id, open_flags
+    struct.pack_into("=I", attr, 0, prog_id)
+    return bpf_syscall(BPF_PROG_GET_FD_BY_ID, attr)
+
+
+def prog_id_name(prog_fd: int) -> tuple[int, str]:
+    """(id, name) of a loaded program, from the head of bpf_prog_info: id at
+    offset 4 and name[16] at 64 are stable ABI since Linux 4.15."""
+    info = (ctypes.c_uint8 * 80)()
+    attr = (ctypes.c_uint8 * 16)()            # bpf_fd, info_len, info
+    struct.pack_into("=IIQ", attr, 0, prog_fd, len(info), ctypes.addressof(info))
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, attr)
+    raw = bytes(info)
+    return struct.unpack_from("=I", raw, 4)[0], raw[64:80].split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def prog_name_by_id(prog_id: int) -> str | None:
+    """The name of the loaded program with this id; None if there is none."""
+    try:
+        fd = prog_fd_by_id(prog_id)
+    except OSError:
+        return None
+    try:
+        return prog_id_name(fd)[1]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def enable_run_time_stats() -> int:

@@ -57,6 +57,17 @@ def _unknown(name: str) -> NetnsError:
     return NetnsError(f"unknown network namespace {name!r} (see `ip netns list`)")
 
 
+def names() -> list[str]:
+    """The named network namespaces (`ip netns list`), sorted; a file in
+    NETNS_DIR with no namespace mounted on it is not one.  Nothing is
+    opened: one stat(2) per name."""
+    try:
+        entries = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in entries if current_inode(n) is not None)
+
+
 _nsfs_dev: int | None = None
 
 
