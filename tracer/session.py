@@ -411,11 +411,13 @@ class Tracer:
                 # under the RTNL lock: ~12 ms, one after the other)
                 self.attachments.extend(probes.attach_tcx(*p, ns) for p in points[1:])
                 return
+        # what killed pkttrace sessions left here, and only that (not another
+        # tool's filters, not a running session's)
+        done = probes.clean_dead_sessions(ns)
+        if done.removed:
+            self._notice(done.summary())
         for prog_fd, ifindex, ifname, ingress in points:
-            # stale filters of a pkttrace that was killed: ours to remove
-            stale = probes.remove_classic_filter(ns, ifindex, ingress)
-            self.attachments.append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns,
-                                                             adopt_qdisc=stale))
+            self.attachments.append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns))
 
     def _learn_names(self) -> None:
         for ns, ino in self._ns_inodes.items():

@@ -114,7 +114,7 @@ def test_unknown_netns_is_never_created():
         "netns.ipr": lambda: netns.ipr(name),
         "routing.read_rules": lambda: routing.read_rules(name, 4),
         "placement.registered": lambda: placement.registered(name),
-        "probes.remove_classic_filter": lambda: probes.remove_classic_filter(name, 1, True),
+        "probes.clean_dead_sessions": lambda: probes.clean_dead_sessions(name),
         "Tracer.start": lambda: Tracer(TraceOptions(netns=[name])).start(),
     }
     for what, call in calls.items():
