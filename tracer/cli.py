@@ -347,6 +347,75 @@ def doctor():
         raise RuntimeFailure("this kernel cannot run pkttrace (see FAIL lines above)")
 
 
+@main.command()
+@click.option("--netns", "netns_names", multiple=True, metavar="NAME", callback=dedupe,
+              help="Clean this named network namespace (repeatable; default: the current one).")
+@click.option("--all", "all_netns", is_flag=True, help="Clean the current network namespace and every named one.")
+def cleanup(netns_names, all_netns):
+    """Remove what killed pkttrace sessions left behind, and nothing else.
+
+    A pkttrace killed by SIGKILL (or a crash) cannot remove the classic tc
+    state it added with --tc classic (kernels without TCX): its cls_bpf
+    filters, which keep its programs and their maps loaded, and the clsact
+    qdisc it created.  This removes exactly those: filters named by pkttrace,
+    running pkttrace's tc_ingress/tc_egress programs, whose program no
+    process holds any more; then each clsact qdisc a pkttrace created, once
+    no filter at all is left on it.  Filters of other tools and of running
+    pkttrace sessions are never touched.  A classic-mode start does the same
+    in the namespaces it traces.
+
+    Everything else a killed session had is owned by file descriptors and
+    goes away with the process: TCX, netfilter, tracepoint, fentry and kprobe
+    links, programs and maps (bpftool prog/link show lists none of them
+    afterwards).
+
+    One line per thing removed, then a summary.
+
+    \b
+    Examples:
+      pkttrace cleanup                      # the current network namespace
+      pkttrace cleanup --netns ptlab-rtr
+      pkttrace cleanup --all
+    """
+    if all_netns and netns_names:
+        raise UsageFailure("--all already cleans every named network namespace: give --all or --netns, not both")
+    ns_list = _all_netns() if all_netns else _check_netns(netns_names)
+    _require_root()
+    from .probes import AttachError, clean_dead_sessions
+    filters = qdiscs = live = cleaned = 0
+    for ns in ns_list:
+        try:
+            done = clean_dead_sessions(ns)
+        except AttachError as e:
+            if all_netns and ns is not None and not netns.exists(ns):
+                continue    # deleted since it was listed
+            raise RuntimeFailure(str(e)) from None
+        for line in done.removed:
+            click.echo(escape(line))
+        filters, qdiscs, live, cleaned = filters + done.filters, qdiscs + done.qdiscs, live + done.live, cleaned + 1
+    where = f"{cleaned} network namespace{'s' if cleaned != 1 else ''}"
+    running = f"; {live} filter{'s' if live != 1 else ''} of running pkttrace sessions left alone" if live else ""
+    if filters or qdiscs:
+        click.echo(f"removed {filters} cls_bpf filter{'s' if filters != 1 else ''} and {qdiscs} clsact "
+                   f"qdisc{'s' if qdiscs != 1 else ''} in {where}{running}")
+    else:
+        click.echo(f"nothing left by a killed pkttrace in {where}{running}")
+
+
+def _all_netns() -> list[str | None]:
+    """The current netns and every named one, each once (a name may stand
+    for the current namespace)."""
+    here = netns.inode(None)
+    seen = {here}
+    out: list[str | None] = [None]
+    for name in netns.names():
+        ino = netns.current_inode(name)
+        if ino is not None and ino not in seen:
+            seen.add(ino)
+            out.append(name)
+    return out
+
+
 @main.group()
 def lab():
     """A netns lab (client — router — server) to see pkttrace work.

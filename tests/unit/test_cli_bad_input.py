@@ -67,6 +67,7 @@ def _table():
     add(["serve"], "--max-paths", NOT_MAX_PATHS)
     add(["serve"], "--tc", ["bogus", ""])
     add(["serve"], "--netns", NOT_A_NETNS)
+    add(["cleanup"], "--netns", NOT_A_NETNS)
     add(["replay"], None, ["/dev/zero", "{tmp}", "{tmp}/fifo-no-writer-is-never-opened", "/nonexistent/rec", "",
                            "/proc/version", "{tmp}/file"])
     for sub in ("up", "down", "status", "demo"):
@@ -91,7 +92,8 @@ def uid(request, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("bad input went past the door")
     monkeypatch.setattr(cli, "run_trace", forbidden)
-    from tracer import demo, lab, serve
+    from tracer import demo, lab, probes, serve
+    monkeypatch.setattr(probes, "clean_dead_sessions", forbidden)
     monkeypatch.setattr(lab.Lab, "up", forbidden)
     monkeypatch.setattr(lab.Lab, "down", forbidden)
     monkeypatch.setattr(demo, "run", forbidden)
