@@ -364,10 +364,10 @@ def cleanup(netns_names, all_netns):
     pkttrace sessions are never touched.  A classic-mode start does the same
     in the namespaces it traces.
 
-    Everything else a killed session had is owned by file descriptors and
+    Everything else a killed session had is held by its file descriptors and
     goes away with the process: TCX, netfilter, tracepoint, fentry and kprobe
-    links, programs and maps (bpftool prog/link show lists none of them
-    afterwards).
+    links, programs and maps (after a SIGKILL with TCX, bpftool prog/map/link
+    show lists none of them).
 
     One line per thing removed, then a summary.
 
