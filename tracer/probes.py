@@ -371,7 +371,10 @@ def attach_classic_tc(prog_fd: int, ifindex: int, ifname: str, ingress: bool,
             created = _add_clsact(ipr, ifindex, ifname) or created
             try:
                 here = _filters(ipr, ifindex, ingress)
-                # a live pkttrace created the qdisc: whichever of us ends last removes it
+                # a live pkttrace created the qdisc: whichever of us ends last removes it.
+                # A session starting at the very instant the creator adds its
+                # first filter may miss the mark: then an empty clsact can stay
+                # behind, which is better than removing a qdisc another tool made
                 owns_qdisc = created or any(f.marks_qdisc for f in here + _filters(ipr, ifindex, not ingress))
             except NetlinkError as e:
                 last = e
