@@ -148,7 +148,7 @@ def f(ifindex, parent, pref, handle, name, prog_id):
 
 def test_cleanup_removes_the_dead_sessions_filters_and_its_empty_clsact_only(world):
     ipr = world({2, 3}, [
-        f(2, INGRESS, 1, 1, "pkttrace/9/clsact", 10), f(2, EGRESS, 1, 1, "pkttrace/9/clsact", 11),   # dead, all of dev 2
+        f(2, INGRESS, 1, 1, "pkttrace/9/clsact", 10), f(2, EGRESS, 1, 1, "pkttrace/9/clsact", 11),  # dead, dev 2
         f(3, INGRESS, 1, 1, "foreign.o:[classifier]", 30),                                          # another tool
         f(3, INGRESS, 2, 2, "pkttrace/9/clsact", 10),                                               # dead
         f(3, INGRESS, 3, 3, "pkttrace/8/clsact", 20),                                               # running
