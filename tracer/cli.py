@@ -186,6 +186,7 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
     def _stop(*_):
         tracer.stopping = True
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)   # the terminal went away: clean up as for SIGTERM
     signal.signal(signal.SIGINT, _stop)
     printer = Printer(sys.stdout, as_json)
     where = ", ".join(n or "current netns" for n in opts.netns)
@@ -259,6 +260,7 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
     except ServeError as e:
         raise RuntimeFailure(str(e)) from None
     signal.signal(signal.SIGTERM, lambda *_: srv.stop())
+    signal.signal(signal.SIGHUP, lambda *_: srv.stop())
     signal.signal(signal.SIGINT, lambda *_: srv.stop())
     where = ", ".join(n or "current netns" for n in ns_list)
     say(f"serving metrics of {where} on http://{listen}/metrics (ready in {srv.tracer.ready_s * 1000:.0f} ms)")

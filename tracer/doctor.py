@@ -68,6 +68,13 @@ def _attach_checks(obj: libbpf.BpfObject, plan: backends.Plan) -> list[Check]:
                                  required=False))
     finally:
         pr_netns.remove(name)
+    # what the plan does not use is still named, with why
+    if plan.netfilter != "nflink":
+        out.append(Check("netfilter BPF links", False, "not in this kernel (BPF_PROG_TYPE_NETFILTER, Linux 6.4+): "
+                         f"the {plan.netfilter} backend observes the hooks", required=False))
+    if not plan.tc:
+        out.append(Check("TCX links", False, "not used: tc programs cannot name their packet here (kfunc "
+                         "bpf_cast_to_kern_ctx, Linux 6.2+)", required=False))
     return out
 
 

@@ -128,6 +128,22 @@ def test_classic_tc_fallback_is_removed_on_exit_and_after_a_kill(lab):
     assert wait_no_links() == []
 
 
+def test_sighup_cleans_up_like_sigterm(lab):
+    """A closed terminal (SIGHUP) ends pkttrace with its summary and leaves
+    nothing: not even classic tc filters, which are netlink state."""
+    need_tc_observers()
+    proc = pkttrace("--netns", lab.router, "--tc", "classic")
+    wait_ready(proc)
+    assert "pkttrace" in tc_state(lab.router)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "packets shown" in err
+    state = tc_state(lab.router)
+    assert "pkttrace" not in state and "clsact" not in state
+    assert wait_no_links() == []
+
+
 def test_json_lines_with_count(lab):
     proc = pkttrace("--netns", lab.router, "--json", "--proto", "icmp", "--dst", lab.addr["server4"], "-c", "1")
     try:
