@@ -232,6 +232,16 @@ class Collector:
             f["run_s"].add_metric([prog.name], ns / 1e9)
             f["runs"].add_metric([prog.name], cnt)
         f["attach"].add_metric([], c.attach_failures)
+        if t.plan is not None and t.plan.netfilter != "nflink":
+            # fentry/kprobe: every hook is seen at its exit, and each table
+            # registered there says itself that it ran
+            for ns, ino in t._ns_inodes.items():
+                if ns in t.gone:
+                    continue
+                for fam in (4, 6):
+                    for hook in range(5):
+                        n = 1 + len(t.ctx.registered.get((ino, fam, hook), []))
+                        f["observers"].add_metric([ns or "", f"ipv{fam}", placement.HOOKS[hook]], n)
         for ns, placed in t.placed.items():
             for (fam, hook), hp in placed.plans.items():
                 f["observers"].add_metric([ns or "", f"ipv{fam}", placement.HOOKS[hook]], len(hp.priorities))

@@ -523,8 +523,9 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
                 ob = _table_obs(i, slot, aux2, last, ctx.registered.get((ino, fam, kind - StageKind.PREROUTING), []))
             else:
                 key = (ino, fam, kind - StageKind.PREROUTING, slot)
-                # (the fentry backend's hook entry has no placed slot: before every table)
-                ob = _Obs(i, ctx.slot_priority.get(key, PRIO_FIRST if slot == 0 else None),
+                # (the fentry backend's hook entry has no placed slot: before
+                # every table, even one at the first priority a link can take)
+                ob = _Obs(i, ctx.slot_priority.get(key, PRIO_MIN if slot == 0 else None),
                           ctx.slot_tables.get(key, []))
             if hook_plan is not None and hook_plan.obs is not None:
                 hook_plan.raws.append(i)
@@ -575,8 +576,12 @@ def _table_obs(raw: int, slot: int, prio: int, last: int | None, registered: lis
     lo = last if last is not None else PRIO_MIN
     hi = prio if slot == SLOT_TABLE else PRIO_MAX
     tables = [(n, p) for n, p in registered if lo < p <= hi]
-    if slot == SLOT_TABLE and not any(p == prio for _n, p in tables):
-        tables.append((f"(table at {prio})", prio))   # not (yet) in the ruleset read
+    if slot == SLOT_TABLE:
+        # the table itself said it ran: name it alone.  What ran unobserved
+        # before it (conntrack, defrag: no chain of their own) shows in the
+        # stage's ct, not as a table the change could be blamed on
+        tables = [(n, p) for n, p in tables if p == prio] or \
+            [(f"(table at {prio})", prio)]      # not (yet) in the ruleset read
     return _Obs(raw, hi, tables)
 
 

@@ -187,7 +187,11 @@ def test_no_rules_means_one_observer_per_hook(lab, trace):
     assert netfilter_links_of(cap.tracer) in (5 * 2, None)   # 5 hooks x 2 families, nothing after tables
     assert lab.ping(lab.client, lab.addr["server4"]) == 1
     p = cap.until(lambda p: p.fate == "forwarded" and p.proto == "icmp")
-    assert all(len(s.observations) == 1 and not s.tables for s in p.path if s.observations)
+    assert p.crossed("prerouting", "route", "forward", "postrouting")
+    if cap.tracer.plan.netfilter == "nflink":
+        # one observer per hook, nothing after tables (the hook-machinery
+        # backends see every table the kernel still has registered, empty or not)
+        assert all(len(s.observations) == 1 and not s.tables for s in p.path if s.observations)
 
 
 def test_rules_added_while_tracing_move_the_observers_without_losing_packets(lab, trace):
