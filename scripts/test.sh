@@ -7,7 +7,7 @@ scripts/setup.sh
 rc=0
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@" || rc=$?
 # then the integration tests that exercise every backend, under Debian 12's
-# 6.1 (fentry) and 6.12 (netfilter links and fentry) kernels in qemu
+# 6.1 (fentry, kprobe) and 6.12 (netfilter links) kernels in qemu
 # (PKTTRACE_NO_MATRIX=1 skips it, e.g. when iterating on one test)
 if [ -z "${PKTTRACE_NO_MATRIX:-}" ]; then
   scripts/kernel-matrix.sh --subset || rc=1
