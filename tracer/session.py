@@ -201,22 +201,26 @@ class Tracer:
         cfg.early_reject = 1 if flags and not flags & ~events.F_HEADER else 0
         # The verifier takes most of the start (~250 ms, in the kernel,
         # without the GIL): read the rulesets meanwhile (pyroute2's import
-        # and netlink dumps, ~60-80 ms)
+        # and netlink dumps, ~60-80 ms) in a thread.  (Not the other way
+        # round: libbpf's allocations in a thread of their own take a malloc
+        # arena of their own, +12 MB of RSS for the life of the process.)
         failure: list[BaseException] = []
+        initial: dict = {}
 
-        def load():
+        def read_rulesets():
             try:
-                obj.load()
+                initial.update((ns, self._registered(ns)) for ns in self.opts.netns)
             except BaseException as e:  # noqa: BLE001 -- raised again below, in the caller's thread
                 failure.append(e)
-        loader = threading.Thread(target=load, name="pkttrace-load")
-        loader.start()
+        reader = threading.Thread(target=read_rulesets, name="pkttrace-rulesets")
+        reader.start()
         try:
-            self._initial = {ns: self._registered(ns) for ns in self.opts.netns}
+            obj.load()
         finally:
-            loader.join()
+            reader.join()
         if failure:
             raise failure[0]
+        self._initial = initial
         self._observer_fds = {i: obj.program(n).fd for i, n in enumerate(_nf_programs()) if i < need}
         if self.opts.emit:
             self.ring = libbpf.RingBuffer(obj.map("events").fd, self.opts.ringbuf_bytes)
