@@ -7,7 +7,6 @@ on the next ruleset check, and stayed after pkttrace exited.
 from __future__ import annotations
 
 import os
-import queue
 import random
 import socket
 import string
@@ -17,6 +16,7 @@ import threading
 import time
 
 import pytest
+from streams import Lines
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve_load import REPO, fd_count, scrape, serving, settled_fd_count, valid_exposition, wait_fd_count
 
@@ -67,40 +67,6 @@ def gone_for_good(name: str, seconds: float, proc=None) -> bool:
             break
         time.sleep(0.1)
     return True
-
-
-class Lines:
-    """A process's stderr, line by line, as it comes."""
-
-    def __init__(self, stream):
-        self.q: queue.Queue = queue.Queue()
-        self.all: list[str] = []
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream):
-        for line in stream:
-            self.q.put(line.rstrip("\n"))
-        self.q.put(None)
-
-    def wait_for(self, text: str, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line with {text!r} within {timeout}s; saw {self.all}") from None
-            if line is None:
-                raise AssertionError(f"stream ended without {text!r}; saw {self.all}")
-            self.all.append(line)
-            if text in line:
-                return line
-
-    def rest(self) -> list[str]:
-        while True:
-            line = self.q.get(timeout=10)
-            if line is None:
-                return self.all
-            self.all.append(line)
 
 
 # ---- unknown names ---------------------------------------------------------
@@ -161,7 +127,7 @@ def test_adhoc_deleted_netns_is_not_recreated_and_tracing_ends_with_the_summary(
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         err = Lines(proc.stderr)
-        err.wait_for("tracing")
+        err.wait_for("tracing", timeout=30)
         fds = settled_fd_count(proc.pid)
         ip_netns("del", a)
         err.wait_for(f"network namespace '{a}' was deleted", timeout=5)

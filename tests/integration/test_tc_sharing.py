@@ -8,16 +8,15 @@ tc state is read with tc(8), not with the code under test."""
 from __future__ import annotations
 
 import json
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
 import pytest
+from streams import Lines
 from test_cli_process import need_tc_observers, pkttrace
 
 from tracer import netns
@@ -69,33 +68,6 @@ def filters(ns: str) -> set[Filter]:
 def clsact(ns: str) -> set[str]:
     """The devices of ns with a clsact qdisc."""
     return {m[1] for m in re.finditer(r"qdisc clsact \S+ dev (\S+)", tc(ns, "qdisc", "show"))}
-
-
-class Lines:
-    """A stream of a process, line by line, read as it comes."""
-
-    def __init__(self, stream):
-        self.q: queue.Queue = queue.Queue()
-        self.all: list[str] = []
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream):
-        for line in stream:
-            self.q.put(line.rstrip("\n"))
-        self.q.put(None)
-
-    def wait_for(self, pred, timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no matching line within {timeout}s; saw {self.all}") from None
-            if line is None:
-                raise AssertionError(f"stream ended; saw {self.all}")
-            self.all.append(line)
-            if pred(line):
-                return line
 
 
 class Session:
