@@ -1549,11 +1549,22 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 	return NF_ACCEPT;
 }
 
+/* core: skb and state are plain addresses (kprobes), read with CO-RE; else
+ * BTF pointers, read directly.  A constant at every call: the other branch
+ * is compiled out. */
 static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_hook_state *state, __u8 slot,
-					 bool first, __s32 prio, __u8 stflags)
+					 bool first, __s32 prio, __u8 stflags, bool core)
 {
 	struct skb_view v;
 
+	if (core) {
+		struct net_device *in = BPF_CORE_READ(state, in), *out = BPF_CORE_READ(state, out);
+
+		skb_view_core(skb, &v);
+		return nf_observe_dev(skb, &v, BPF_CORE_READ(state, pf), BPF_CORE_READ(state, hook),
+				      in ? BPF_CORE_READ(in, ifindex) : 0, out ? BPF_CORE_READ(out, ifindex) : 0,
+				      BPF_CORE_READ(state, net, ns.inum), slot, first, prio, stflags);
+	}
 	skb_view_direct(skb, &v);
 	return nf_observe_dev(skb, &v, state->pf, state->hook, state->in ? state->in->ifindex : 0,
 			      state->out ? state->out->ifindex : 0, state->net->ns.inum, slot, first, prio, stflags);
@@ -1611,19 +1622,6 @@ static __always_inline __u8 nf_position(const void *skb, const struct nf_hook_st
 	return 0;
 }
 
-/* The same where skb and state are plain addresses (kprobes): CO-RE reads. */
-static __always_inline int nf_observe_core(struct sk_buff *skb, const struct nf_hook_state *state, __u8 slot,
-					   bool first, __s32 prio, __u8 stflags)
-{
-	struct net_device *in = BPF_CORE_READ(state, in), *out = BPF_CORE_READ(state, out);
-	struct skb_view v;
-
-	skb_view_core(skb, &v);
-	return nf_observe_dev(skb, &v, BPF_CORE_READ(state, pf), BPF_CORE_READ(state, hook),
-			      in ? BPF_CORE_READ(in, ifindex) : 0, out ? BPF_CORE_READ(out, ifindex) : 0,
-			      BPF_CORE_READ(state, net, ns.inum), slot, first, prio, stflags);
-}
-
 static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
 {
 	__u64 *rj = rejected_slot();
@@ -1637,7 +1635,8 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
 		return NF_ACCEPT;
 	i = nf_position(ctx->skb, ctx->state, bank);
 
-	return nf_observe_at(ctx->skb, ctx->state, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), i == 0, 0, 0);
+	return nf_observe_at(ctx->skb, ctx->state, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), i == 0, 0, 0,
+			     false);
 }
 
 /* One program per bank, attached at every observer slot of the bank: it
@@ -1674,7 +1673,7 @@ int BPF_PROG(fe_hook_entry, struct sk_buff *skb, struct nf_hook_state *state,
 	     const struct nf_hook_entries *e, unsigned int s)
 {
 	if (netns_traced(state->net->ns.inum))
-		nf_observe_at(skb, state, 0, true, 0, 0);
+		nf_observe_at(skb, state, 0, true, 0, 0, false);
 	return 0;
 }
 
@@ -1684,7 +1683,7 @@ int BPF_PROG(fx_hook_exit, struct sk_buff *skb, struct nf_hook_state *state,
 {
 	/* 1: every hook function accepted it (else it may be freed already) */
 	if (ret == 1 && netns_traced(state->net->ns.inum))
-		nf_observe_at(skb, state, PT_SLOT_EXIT, false, 0x7fffffff, 0);
+		nf_observe_at(skb, state, PT_SLOT_EXIT, false, 0x7fffffff, 0, false);
 	return 0;
 }
 
@@ -1698,10 +1697,7 @@ static __always_inline void table_done(struct sk_buff *skb, const struct nf_hook
 	if ((v != NF_DROP && v != NF_ACCEPT_V) ||
 	    !netns_traced(core ? BPF_CORE_READ(state, net, ns.inum) : state->net->ns.inum))
 		return; /* stolen or queued: no longer ours to read */
-	if (core)
-		nf_observe_core(skb, state, PT_SLOT_TABLE, false, prio, v == NF_DROP ? PT_STF_NF_DROP : 0);
-	else
-		nf_observe_at(skb, state, PT_SLOT_TABLE, false, prio, v == NF_DROP ? PT_STF_NF_DROP : 0);
+	nf_observe_at(skb, state, PT_SLOT_TABLE, false, prio, v == NF_DROP ? PT_STF_NF_DROP : 0, core);
 }
 
 SEC("fexit/nft_do_chain")
@@ -2217,13 +2213,18 @@ HOOK_DONE(fd_post6, ip6_finish_output, NFPROTO_IPV6, 4)
 /* Where ip6_forward_finish cannot be traced (6.1: EBUSY), the output
  * function it hands the packet to: a received packet reaching ip6_output
  * without a LOCAL_OUT crossed FORWARD.  Attached only as that fallback. */
-SEC("fentry/ip6_output")
-int BPF_PROG(fd_fwd6_out, struct net *net, struct sock *sk, struct sk_buff *skb)
+static __always_inline void fwd6_by_output(struct sk_buff *skb, bool core)
 {
 	struct pt_record *r = rec_lookup(skb);
 
 	if (r && !(r->seen & PT_SEEN_OUTPUT))
-		hook_done(skb, NFPROTO_IPV6, 2, false);
+		hook_done(skb, NFPROTO_IPV6, 2, core);
+}
+
+SEC("fentry/ip6_output")
+int BPF_PROG(fd_fwd6_out, struct net *net, struct sock *sk, struct sk_buff *skb)
+{
+	fwd6_by_output(skb, false);
 	return 0;
 }
 
@@ -2351,7 +2352,7 @@ int BPF_KPROBE(kp_hook_entry, struct sk_buff *skb, struct nf_hook_state *state)
 {
 	stash_push(STASH_HOOK, (__u64)skb, (__u64)state, 0);
 	if (netns_traced(BPF_CORE_READ(state, net, ns.inum)))
-		nf_observe_core(skb, state, 0, true, 0, 0);
+		nf_observe_at(skb, state, 0, true, 0, 0, true);
 	return 0;
 }
 
@@ -2365,8 +2366,8 @@ int BPF_KRETPROBE(kr_hook_exit, int ret)
 		return 0;
 	/* 1: every hook function accepted it (else it may be freed already) */
 	if (ret == 1 && netns_traced(BPF_CORE_READ((struct nf_hook_state *)state, net, ns.inum)))
-		nf_observe_core((struct sk_buff *)skb, (struct nf_hook_state *)state, PT_SLOT_EXIT, false,
-				0x7fffffff, 0);
+		nf_observe_at((struct sk_buff *)skb, (struct nf_hook_state *)state, PT_SLOT_EXIT, false,
+			      0x7fffffff, 0, true);
 	return 0;
 }
 
@@ -2446,10 +2447,7 @@ int BPF_KPROBE(kd_pre6_route, struct sk_buff *skb)
 SEC("kprobe/ip6_output")
 int BPF_KPROBE(kd_fwd6_out, struct net *net, struct sock *sk, struct sk_buff *skb)
 {
-	struct pt_record *r = rec_lookup(skb);
-
-	if (r && !(r->seen & PT_SEEN_OUTPUT))
-		hook_done(skb, NFPROTO_IPV6, 2, true);
+	fwd6_by_output(skb, true);
 	return 0;
 }
 
