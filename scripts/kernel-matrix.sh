@@ -7,6 +7,7 @@
 #
 #   scripts/kernel-matrix.sh            # every integration test (~40 min under TCG)
 #   scripts/kernel-matrix.sh --subset   # the paths and backend tests, each backend once (~15 min): what CI runs
+#   scripts/kernel-matrix.sh --run 6.12:fentry --run 6.1:kprobe   # only these kernel:backend pairs
 #
 # Exit status: 1 if any test failed.  A VM that cannot boot here (no qemu,
 # no kernel package reachable: run-vm.sh's status 125) is reported as such
@@ -18,11 +19,18 @@ VM=${PKTTRACE_KERNEL_VM:-../shared/kernel-vm/run-vm.sh}
 TESTS=(tests/integration)
 STRICT=
 SUBSET=
+ONLY=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --subset) TESTS=(tests/integration/test_paths.py tests/integration/test_backends.py) SUBSET=1 ;;
     --strict) STRICT=1 ;;
-    *) echo "kernel-matrix.sh: unknown option $1 (--subset, --strict)" >&2; exit 2 ;;
+    --run)
+      case "${2:-}" in
+        6.1:auto|6.1:fentry|6.1:kprobe|6.12:auto|6.12:nflink|6.12:fentry|6.12:kprobe) ONLY+=("${2/:/ }") ;;
+        *) echo "kernel-matrix.sh: --run wants KERNEL:BACKEND (6.1:auto|fentry|kprobe, 6.12:auto|nflink|fentry|kprobe), not '${2:-}'" >&2; exit 2 ;;
+      esac
+      shift ;;
+    *) echo "kernel-matrix.sh: unknown option $1 (--subset, --strict, --run KERNEL:BACKEND)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -36,6 +44,7 @@ fi
 # backend comparison, which forces every backend the kernel has, on 6.12).
 RUNS=("6.1 auto" "6.1 kprobe" "6.12 nflink" "6.12 fentry" "6.12 kprobe")
 [ -n "$SUBSET" ] && RUNS=("6.1 auto" "6.1 kprobe" "6.12 nflink")
+[ ${#ONLY[@]} -gt 0 ] && RUNS=("${ONLY[@]}")
 LOGDIR=$(mktemp -d /tmp/pkttrace-matrix.XXXXXX)
 rows=()
 failed=0
