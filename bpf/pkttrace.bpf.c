@@ -162,13 +162,23 @@ struct {
 	__type(value, __u32);
 } netns_nat SEC(".maps");
 
-/* Runtime, per traced netns: the observers right after a NAT table. */
+/* Runtime, per traced netns: the observers right after a NAT table, how
+ * many observers each hook has, and the hook entries they were placed for. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, PT_MAX_NETNS);
 	__type(key, __u32);
 	__type(value, struct pt_nat_slots);
 } nat_slots SEC(".maps");
+
+/* Runtime, per traced netns: the nftables generation (net->nft.base_seq)
+ * at which user space read the ruleset the observers are placed for. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PT_MAX_NETNS);
+	__type(key, __u32);
+	__type(value, __u32);
+} ruleset_gen SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -1622,6 +1632,83 @@ static __always_inline __u8 nf_position(const void *skb, const struct nf_hook_st
 	return 0;
 }
 
+/* The kernel's nf_hook_entries of this hook in this netns: replaced
+ * whenever anything registers or unregisters there (a table, a base chain,
+ * conntrack, another tool's hook, our own observers).  Constant indices:
+ * a BTF pointer takes no variable offset. */
+static __always_inline __u64 hook_entries(const struct nf_hook_state *state, __u8 fh)
+{
+	struct netns_nf *nf = &state->net->nf;
+
+	switch (fh) {
+	case 0: return (__u64)nf->hooks_ipv4[0];
+	case 1: return (__u64)nf->hooks_ipv4[1];
+	case 2: return (__u64)nf->hooks_ipv4[2];
+	case 3: return (__u64)nf->hooks_ipv4[3];
+	case 4: return (__u64)nf->hooks_ipv4[4];
+	case 5: return (__u64)nf->hooks_ipv6[0];
+	case 6: return (__u64)nf->hooks_ipv6[1];
+	case 7: return (__u64)nf->hooks_ipv6[2];
+	case 8: return (__u64)nf->hooks_ipv6[3];
+	case 9: return (__u64)nf->hooks_ipv6[4];
+	}
+	return 0;
+}
+
+/* nftables' generation in this netns: every nft commit bumps it, before
+ * its new rules take effect and before it unregisters what it deletes */
+static __always_inline __u32 nft_generation(const struct net *net)
+{
+	if (bpf_core_field_exists(net->nft.base_seq))
+		return net->nft.base_seq;
+	return 0;
+}
+
+/* At a hook's first observer: is what is registered there still what the
+ * observers were placed for?  Two things say it is: the hook's entries are
+ * the ones learnt after placing (anything registered or unregistered there
+ * replaces them), and nftables' generation is the one user space read the
+ * ruleset at (a commit can also bring a freed entries blob back at the
+ * same address, or make new rules of a chain take effect).  If not, which
+ * table did what is unknown: the stage says so (PT_STF_CHANGING), and user
+ * space is told to read the ruleset again.  No window: the first packet
+ * after a change sees it.  A replaced hook stays "changing"
+ * (PT_HOOKS_PLACING) until user space has placed the observers again. */
+static __always_inline __u8 hook_changing(const struct nf_hook_state *state)
+{
+	__u8 fh = (state->pf == NFPROTO_IPV6 ? 5 : 0) + state->hook;
+	struct pt_nat_slots *ns;
+	__u32 k, *gen;
+	__u64 now, want;
+	int ns_i;
+
+	ns_i = netns_index(state->net->ns.inum);
+	if (ns_i < 0)
+		return 0;
+	k = ns_i;
+	ns = bpf_map_lookup_elem(&nat_slots, &k);
+	gen = bpf_map_lookup_elem(&ruleset_gen, &k);
+	if (!ns || !gen || fh >= 10)
+		return 0;
+	now = hook_entries(state, fh);
+	barrier_var(fh);
+	if (fh >= 10)
+		return 0;
+	want = ns->hooks[fh];
+	if (want == PT_HOOKS_PLACING)
+		return PT_STF_CHANGING;
+	if (want == PT_HOOKS_LEARN) {
+		ns->hooks[fh] = now;
+		want = now;
+	}
+	if (want != now)
+		ns->hooks[fh] = PT_HOOKS_PLACING;
+	else if (*gen == nft_generation(state->net))
+		return 0;
+	ns->changed |= 1u << fh; /* racy but only read as "any" */
+	return PT_STF_CHANGING;
+}
+
 static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
 {
 	__u64 *rj = rejected_slot();
@@ -1635,8 +1722,8 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
 		return NF_ACCEPT;
 	i = nf_position(ctx->skb, ctx->state, bank);
 
-	return nf_observe_at(ctx->skb, ctx->state, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), i == 0, 0, 0,
-			     false);
+	return nf_observe_at(ctx->skb, ctx->state, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), i == 0, 0,
+			     i == 0 ? hook_changing(ctx->state) : 0, false);
 }
 
 /* One program per bank, attached at every observer slot of the bank: it

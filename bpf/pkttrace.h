@@ -44,6 +44,9 @@ enum pt_stage_kind {
 /* struct pt_stage.flags */
 #define PT_STF_REDIRECTED 1       /* skb->redirected: tc (mirred, bpf_redirect) sent it here */
 #define PT_STF_NF_DROP 2          /* fentry backend: the table observed here said drop */
+#define PT_STF_CHANGING 4         /* netfilter links: what is registered at this hook is not
+				     what the observers were placed for (a ruleset change, or
+				     pkttrace moving them): which table did what is unknown */
 
 /* struct pt_stage.slot of a netfilter stage.  Netfilter links (nflink
  * backend): the observer slot 0..PT_NF_SLOTS-1, whose priority user space
@@ -288,7 +291,16 @@ struct pt_route_buf {
 struct pt_nat_slots {
 	__u16 after_nat[10];     /* [family * 5 + hook], family 0: IPv4, 1: IPv6 */
 	__u8 observers[20];      /* [bank * 10 + family * 5 + hook]: observers attached */
+	/* [family * 5 + hook]: the kernel's nf_hook_entries of the hook the
+	 * observers were placed for (anything registered or unregistered there
+	 * replaces it).  PT_HOOKS_LEARN: take the next one seen; PT_HOOKS_PLACING:
+	 * pkttrace is moving its observers. */
+	__u64 hooks[10];
+	__u32 changed;           /* bit family * 5 + hook: seen replaced (user space re-reads) */
+	__u32 _pad;
 };
+#define PT_HOOKS_LEARN 0
+#define PT_HOOKS_PLACING 1
 
 /* Per CPU: where in a hook each packet being observed is.  Netfilter links
  * carry no cookie, so one program serves every slot of its bank and counts

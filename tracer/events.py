@@ -88,6 +88,7 @@ class TcVerdict(enum.IntEnum):
 
 STF_REDIRECTED = 1    # pt_stage.flags: skb->redirected (tc sent it here)
 STF_NF_DROP = 2       # pt_stage.flags: fentry backend, the table observed here said drop
+STF_CHANGING = 4      # pt_stage.flags: the hook's registrations changed since the observers were placed
 SLOT_TABLE = 0xFE     # pt_stage.slot, fentry backend: after the table at priority aux2
 SLOT_EXIT = 0xFF      # ... after every hook function of the hook
 
@@ -253,7 +254,13 @@ class PtRouteBuf(ctypes.Structure):
 
 class PtNatSlots(ctypes.Structure):
     _fields_ = [("after_nat", u16 * 10),    # [family * 5 + hook], family 0: IPv4, 1: IPv6
-                ("observers", u8 * 20)]   # [bank * 10 + family * 5 + hook]: observers attached
+                ("observers", u8 * 20),   # [bank * 10 + family * 5 + hook]: observers attached
+                ("hooks", u64 * 10),      # nf_hook_entries placed for; HOOKS_LEARN / HOOKS_PLACING
+                ("changed", u32),         # bits family * 5 + hook: seen replaced
+                ("_pad", u32)]
+
+
+HOOKS_LEARN, HOOKS_PLACING = 0, 1
 
 
 class PtNfPos(ctypes.Structure):

@@ -41,6 +41,10 @@ def path_label(p: paths.Packet) -> str:
     return " > ".join(out)
 
 
+# the table label of packets that crossed a hook while its ruleset changed
+CHANGING = "(changing)"
+
+
 @dataclass
 class PathLabels:
     """Everything one path adds to, per packet on it: resolved once."""
@@ -63,6 +67,9 @@ def resolve(p: paths.Packet) -> PathLabels:
     for s in p.path:
         if s.observations:
             pl.hooks.append((s.stage,))
+            if s.attribution == "changing":
+                # crossed while the ruleset changed: which tables, unknown
+                pl.tables.append((s.stage, CHANGING))
             for t in s.tables:
                 if t.verdict == "accept":
                     pl.tables.append((s.stage, t.table))
@@ -77,7 +84,8 @@ def resolve(p: paths.Packet) -> PathLabels:
         if s.stage in ("rx", "tx") and s.dev:
             pl.ifaces.append((s.dev, s.stage))
     if p.drop:
-        pl.drop = (p.drop["reason"], p.drop.get("stage") or "", p.drop.get("table") or "")
+        table = CHANGING if p.drop.get("attribution") == "changing" else p.drop.get("table") or ""
+        pl.drop = (p.drop["reason"], p.drop.get("stage") or "", table)
     return pl
 
 

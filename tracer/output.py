@@ -107,8 +107,12 @@ def _format_packet(p: Packet) -> str:
         lines.append(f"  {_time_col(s.t_ns)}  {s.stage:<12} {dev:<14} {_detail(s)}".rstrip())
         for t in s.tables:
             lines.append(f"  {'':>11}    · {_table_line(t)}")
+        if s.attribution == "changing":
+            lines.append(f"  {'':>11}    · (ruleset changing: tables not named)")
     if p.drop:
         where = " ".join(x for x in (p.drop.get("table"), p.drop.get("stage")) if x)
+        if p.drop.get("attribution") == "changing":
+            where += ", ruleset changing"
         if p.drop.get("before_priority") is not None:
             where += f", before priority {p.drop['before_priority']}"
         elif p.drop.get("stage") in ("qdisc", "tx") and p.drop.get("dev"):

@@ -27,7 +27,7 @@ from typing import Callable
 from . import routing
 from .placement import PRIO_FIRST
 from .events import (CT_REPLY, NF_STAGES, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
-                     REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_NF_DROP, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
+                     REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_NF_DROP, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
                      StageKind, TcVerdict)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
@@ -165,6 +165,7 @@ class Stage:
     socket_inode: int | None = None    # deliver: the socket it was queued to
     verdict: str | None = None         # tc stages: ok | shot | redirect | mirror
     target: str | None = None          # tc redirect/mirror: the device it (or a copy) went to
+    attribution: str | None = None     # hook stages: "changing" while the ruleset changed (no tables named)
 
     def to_json(self) -> dict:
         d = {"stage": self.stage, "t_ns": self.t_ns, "dev": self.dev, "mark": self.mark}
@@ -175,6 +176,8 @@ class Stage:
             d["observers"] = [{"priority": o.priority, "mark": o.mark, "tos": o.tos, "ct": o.ct, "t_ns": o.t_ns}
                               for o in self.observations]
             d["tables"] = [t.to_json() for t in self.tables]
+            if self.attribution:
+                d["attribution"] = self.attribution
         if self.in_dev is not None:
             d["in_dev"] = self.in_dev
         if self.verdict is not None:
@@ -352,6 +355,8 @@ class Packet:
             d["next_netns"] = v.next_netns
         if sh.end:
             d["end"] = sh.end
+        if sh.template is not None and sh.template.changing:
+            d["attribution"] = "changing"
         return d
 
 
@@ -461,6 +466,7 @@ class _Plan:
     drop_tables: list | None = None     # hook stage before a netfilter drop: tables after the last observer
     drop_verdict: str = "drop"          # ... and what they did: drop, or reject (sent an ICMP error / RST)
     drop_in_last: bool = False          # fentry backend: the last observed table itself dropped it
+    changing: bool = False              # the hook's registrations were not what the observers were placed for
     tracked: bool = False               # conntrack runs in this netns/family (no entry = invalid)
     in_dev: str | None = None
     lookups: list[tuple] | None = None  # route: (table, table_id, dev, err, gw raw index, src_check) per raw stage
@@ -480,6 +486,8 @@ class _Template:
     drop_table: str | None = None
     drop_dev: str | None = None
     drop_before: int | None = None      # netfilter drop before our first observer of that hook: its priority
+    changing: bool = False              # a hook crossed while its ruleset was changing: tables not named
+    drop_changing: bool = False         # ... and the drop happened in such a hook
 
 
 def _nf_drop(reason: str | None) -> bool:
@@ -527,12 +535,15 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
                 # every table, even one at the first priority a link can take)
                 ob = _Obs(i, ctx.slot_priority.get(key, PRIO_MIN if slot == 0 else None),
                           ctx.slot_tables.get(key, []))
+            changing = bool(st[_FLAGS] & STF_CHANGING)
             if hook_plan is not None and hook_plan.obs is not None:
                 hook_plan.raws.append(i)
                 hook_plan.obs.append(ob)
+                hook_plan.changing |= changing
                 continue
             plans.append(_Plan(kind.label, dev, i, [i], obs=[ob], tracked=tracked,
-                               in_dev=ctx.dev(ino, aux) if kind == StageKind.FORWARD else None))
+                               in_dev=ctx.dev(ino, aux) if kind == StageKind.FORWARD else None,
+                               changing=changing))
         elif kind in (StageKind.ROUTE, StageKind.REROUTE):
             lk = (ctx.table(aux), aux, dev, aux2, None, bool(st[_CT] & ROUTE_SRC_CHECK))
             if prev is not None and prev.label == kind.label:
@@ -557,7 +568,8 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
                 plans[-1].target = ctx.dev(ino, aux)
     _tc_verdicts(plans, stages, ino, ctx, drop_reason)
     hooks = [p for p in plans if p.obs is not None]
-    tpl = _Template(plans, hooks[-1].label if hooks else None, deliver_raw)
+    tpl = _Template(plans, hooks[-1].label if hooks else None, deliver_raw,
+                    changing=any(p.changing for p in hooks))
     if drop_reason is not None:
         tpl.drop_dev = ctx.dev(ino, stages[drop_raw][_IFX]) if drop_raw is not None else None
         _drop_place(tpl, plans, stages, ino, fam, ctx, drop_reason, caused)
@@ -622,6 +634,12 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
         tpl.drop_stage = "qdisc"
         return
     if last.obs is not None:
+        if nf and last.changing:
+            # the ruleset changed under the observers: the table that
+            # dropped it cannot be named (rather than name a wrong one)
+            last.drop_verdict = "reject" if caused else "drop"
+            tpl.drop_changing = True
+            return
         if nf:
             # the table sent an ICMP error or RST back before dropping it
             last.drop_verdict = "reject" if caused else "drop"
@@ -702,6 +720,11 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
     stage.tos, stage.mark_out, stage.tos_out = first[_TOS], last[_MARK], last[_TOS]
     stage.ct = stage.observations[-1].ct
     stage.in_ifindex = first[_AUX] if p.label == "forward" else 0
+    if p.changing:
+        # the observers sat among other tables than they were placed for:
+        # their marks and times are true, the table names would not be
+        stage.attribution = "changing"
+        return
     prev = first
     for k, o in enumerate(p.obs):
         s = st[o.raw]
@@ -878,6 +901,8 @@ def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
                   "last_hook": tpl.last_hook, "stage": tpl.drop_stage, "table": tpl.drop_table, "dev": tpl.drop_dev}
         if tpl.drop_before is not None:
             v.drop["before_priority"] = tpl.drop_before
+        if tpl.drop_changing:
+            v.drop["attribution"] = "changing"
     elif sh.fate == "delivered":
         tpl = sh.template
         if pid:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Iterator
 
-from . import backends, events, libbpf, netns, paths, placement, probes, routing
+from . import backends, events, libbpf, netns, paths, placement, probes, routing, watch
 from .events import PtConfig, PtRecord, Stat
 from .filters import PacketFilter
 
@@ -57,7 +57,10 @@ class TraceOptions:
     tc: str = "auto"                   # auto | tcx | classic | off
     # auto | nflink | fentry | kprobe: how netfilter hooks are observed ($PKTTRACE_BACKEND)
     backend: str = field(default_factory=lambda: os.environ.get("PKTTRACE_BACKEND", "auto"))
-    replace_every: float = 2.0         # seconds between checks of the ruleset (observer re-placement)
+    # seconds between checks of the ruleset that nothing prompted (the
+    # kernel flags a changed hook at its next packet, nftables announces its
+    # changes: this is the safety net)
+    replace_every: float = 10.0
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Tracer:
         self._initial: dict = {}   # ns -> ruleset read before load, placed at attach
         self.attach_failures = 0
         self._last_replace_check = 0.0
+        self._watches: dict[str | None, watch.NetnsWatch] = {}   # ns -> its netlink announcements
         # named netns that were deleted (or whose name now stands for another
         # namespace) while traced: name -> the inode that was traced
         self.gone: dict[str, int] = {}
@@ -209,7 +213,7 @@ class Tracer:
 
         def read_rulesets():
             try:
-                initial.update((ns, self._registered(ns)) for ns in self.opts.netns)
+                initial.update((ns, self._read_ruleset(ns)) for ns in self.opts.netns)
             except BaseException as e:  # noqa: BLE001 -- raised again below, in the caller's thread
                 failure.append(e)
         reader = threading.Thread(target=read_rulesets, name="pkttrace-rulesets")
@@ -259,11 +263,27 @@ class Tracer:
                 else:
                     self.plan.notes.append(f"{fn} cannot be traced here ({failed[prog]}): "
                                            f"{backends.WHAT_IS_MISSED.get(prog, 'less detail')}")
+        gens = {}
         for ns in self.opts.netns:
-            self.placed[ns] = self._place(ns, 0, self._initial.pop(ns))
+            self._watch(ns)
+            self._set_hooks(ns, events.HOOKS_PLACING)
+            gens[ns], reg = self._initial.pop(ns)
+            self.placed[ns] = self._place(ns, 0, reg)
             self._learn_rules(ns)
             if self.plan.tc:
                 self._attach_tc(ns)
+        for ns in self.opts.netns:
+            self._set_hooks(ns, events.HOOKS_LEARN, gens[ns])
+            if watch.nft_generation(ns) != gens[ns]:
+                self._recheck(ns, signalled=True)   # committed to since it was read: read again
+
+    def _watch(self, ns: str | None) -> None:
+        try:
+            self._watches[ns] = watch.NetnsWatch(ns)
+        except OSError as e:
+            self.plan.notes.append(f"netlink announcements of netns {ns or '(host)'} cannot be followed "
+                                   f"({e.strerror}): ruleset changes are found at the next packet or within "
+                                   f"{self.opts.replace_every:g} s")
 
     def _registered(self, ns: str | None) -> placement.Registered:
         try:
@@ -362,32 +382,105 @@ class Tracer:
                 self.ctx.rules[(ino, fam)] = rules
                 self.ctx.generation += 1
 
-    def replace_observers(self) -> bool:
-        """Re-read each netns's ruleset; where it changed, move the observers.
+    def _set_hooks(self, ns: str | None, value: int, gen: int | None = None) -> None:
+        """Set what the BPF observers compare each hook of ns with:
+        HOOKS_PLACING while observers move (every packet crossing a hook
+        meanwhile is marked "changing"), HOOKS_LEARN once they are where the
+        ruleset read at nftables generation `gen` says (the next packet at
+        each hook takes the kernel's hook entries as the ones placed for).
+        Clears the changed bits."""
+        ino = self._ns_inodes.get(ns)
+        if ino is None or self.obj is None:
+            return
+        idx = ctypes.c_uint32(self._ns_index[ino])
+        if gen is not None:
+            self.obj.map("ruleset_gen").update(idx, ctypes.c_uint32(gen))
+        nat = events.PtNatSlots()
+        m = self.obj.map("nat_slots")
+        m.lookup(idx, nat)
+        nat.hooks[:] = [value] * len(nat.hooks)
+        nat.changed = 0
+        m.update(idx, nat)
 
-        The new bank is attached before the old one is detached, so no
-        packet crosses a hook unobserved; a packet in flight meanwhile may
-        be seen by both banks, each observation named by its own slot.
-        True if anything moved.
+    def _hooks_changed(self, ns: str | None) -> bool:
+        """Did a packet find a hook of ns changed since the observers were placed?"""
+        ino = self._ns_inodes.get(ns)
+        if ino is None:
+            return False
+        nat = events.PtNatSlots()
+        return self.obj.map("nat_slots").lookup(ctypes.c_uint32(self._ns_index[ino]), nat) and bool(nat.changed)
+
+    def _read_ruleset(self, ns: str | None) -> tuple[int, placement.Registered]:
+        """The ruleset of ns as committed at one nftables generation: read
+        again if a commit came in between."""
+        for _ in range(5):
+            try:
+                gen = watch.nft_generation(ns)
+            except (OSError, netns.NetnsError) as e:
+                raise probes.AttachError(f"reading the nftables generation of netns {ns or '(host)'}: {e}") from None
+            reg = self._registered(ns)
+            if watch.nft_generation(ns) == gen:
+                return gen, reg
+        return gen, reg      # a ruleset committed to without pause: its packets stay "changing"
+
+    def _recheck(self, ns: str | None, signalled: bool) -> bool:
+        """Bring the observers of ns in line with its ruleset; True if they moved.
+
+        signalled: a packet found a hook replaced or nftables' generation
+        moved.  Packets are marked "changing" from then on until the ruleset
+        is read again (at one generation) and the observers are placed for
+        it; the generation is checked once more after, and all of it done
+        again if a commit came meanwhile.  Unprompted checks (an nftables
+        announcement, the timer) move nothing if the ruleset read is the one
+        placed for: they only tell the kernel that generation is fine.
         """
+        if not signalled:
+            gen, reg = self._read_ruleset(ns)
+            if reg == self.placed[ns].registered:
+                ino = self._ns_inodes.get(ns)
+                if ino is not None:
+                    self.obj.map("ruleset_gen").update(ctypes.c_uint32(self._ns_index[ino]), ctypes.c_uint32(gen))
+                return False
         moved = False
-        for ns, old in list(self.placed.items()):
+        for _ in range(3):
+            self._set_hooks(ns, events.HOOKS_PLACING)
+            gen, reg = self._read_ruleset(ns)
+            old = self.placed[ns]
+            if reg != old.registered:
+                # the new bank is attached before the old one is detached:
+                # no packet crosses a hook unobserved
+                self.placed[ns] = self._place(ns, 1 - old.bank, reg)
+                for link in old.links:
+                    link.close()
+                moved = True
+            self._set_hooks(ns, events.HOOKS_LEARN, gen)
+            if watch.nft_generation(ns) == gen:
+                break
+        return moved
+
+    def replace_observers(self, only_signalled: bool = False) -> bool:
+        """Re-read the rulesets that changed (or every one); move the observers
+        where they no longer fit.  True if anything moved.
+
+        A namespace is re-read when the kernel flagged one of its hooks as
+        replaced, when nftables announced a change there, or (unless
+        only_signalled) every time: the timer's safety net."""
+        moved = False
+        for ns in list(self.placed):
             if ns not in self.placed:
                 continue                      # found gone meanwhile
-            self._learn_rules(ns)
+            w = self._watches.get(ns)
+            announced = w.changed() if w is not None else set()
+            signalled = self.plan.netfilter == "nflink" and self._hooks_changed(ns)
+            if not only_signalled or watch.RULES in announced:
+                self._learn_rules(ns)
+            if only_signalled and not (signalled or watch.NFT in announced):
+                continue
             try:
-                reg = self._registered(ns)
-                if reg == old.registered:
-                    continue
-                new = self._place(ns, 1 - old.bank, reg)
+                moved |= self._recheck(ns, signalled)
             except probes.AttachError:
                 if ns not in self.check_netns():   # deleted meanwhile: not a failure
                     self.attach_failures += 1
-                continue
-            self.placed[ns] = new
-            for link in old.links:
-                link.close()
-            moved = True
         return moved
 
     def loaded_programs(self) -> list[libbpf.Program]:
@@ -466,6 +559,9 @@ class Tracer:
         placed = self.placed.pop(ns, None)
         for link in placed.links if placed else ():
             link.close()
+        watch = self._watches.pop(ns, None)
+        if watch is not None:
+            watch.close()
         keep = []
         for a in self.attachments:
             if isinstance(a, probes.FdLink) and a.netns == ns:
@@ -508,6 +604,8 @@ class Tracer:
         if self.opts.replace_every and now - self._last_replace_check >= self.opts.replace_every:
             self._last_replace_check = now
             self.replace_observers()
+        else:
+            self.replace_observers(only_signalled=True)
         if now - self._last_age_scan >= min(1.0, self.opts.age_after / 2):
             self._last_age_scan = now
             out.extend(self.age_out())
@@ -667,6 +765,9 @@ class Tracer:
             for link in p.links:
                 link.close()
         self.placed.clear()
+        for w in self._watches.values():
+            w.close()
+        self._watches.clear()
         for a in reversed(self.attachments):
             try:
                 a.close()
