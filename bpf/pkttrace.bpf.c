@@ -171,6 +171,16 @@ struct {
 	__type(value, struct pt_nat_slots);
 } nat_slots SEC(".maps");
 
+/* Runtime: PT_F_IFACE's device, by the ifindex its name has now in the
+ * traced netns (0: no device of that name there now).  User space follows
+ * renames and re-creation (rtnetlink) and writes it again. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} iface_want SEC(".maps");
+
 /* Runtime, per traced netns: the nftables generation (net->nft.base_seq)
  * at which user space read the ruleset the observers are placed for. */
 struct {
@@ -424,9 +434,12 @@ static __always_inline __u8 match_stage(__u32 mark, __u32 in_ifindex, __u32 out_
 
 	if ((f & PT_F_MARK) && (mark & cfg.mark_mask) == cfg.mark_value)
 		m |= PT_F_MARK;
-	if ((f & PT_F_IFACE) && cfg.ifindex &&
-	    (in_ifindex == cfg.ifindex || out_ifindex == cfg.ifindex))
-		m |= PT_F_IFACE;
+	if (f & PT_F_IFACE) {
+		__u32 zero = 0, *want = bpf_map_lookup_elem(&iface_want, &zero);
+
+		if (want && *want && (in_ifindex == *want || out_ifindex == *want))
+			m |= PT_F_IFACE;
+	}
 	return m;
 }
 

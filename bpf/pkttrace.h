@@ -165,7 +165,6 @@ struct pt_config {
 	__u8 _pad1[2];
 	__u16 port;                    /* host order; matches sport or dport */
 	__u16 _pad0;
-	__u32 ifindex;                 /* PT_F_IFACE: device in the traced netns */
 };
 
 struct pt_stage {

@@ -56,14 +56,15 @@ def _check_iface(iface: str | None) -> None:
             raise UsageFailure(str(e)) from None
 
 
-def build_filter(mark, src, dst, proto, port, iface, ns) -> PacketFilter:
-    ifindex = None
+def build_filter(mark, src, dst, proto, port, iface, ns, live: bool = True) -> PacketFilter:
     _check_iface(iface)
-    if iface is not None:
+    if iface is not None and live:
+        # it must exist now (a typo is said at once); later it is followed
+        # by name: renamed away, deleted, re-created
         if ns is not None:
             _require_root()  # entering a named netns needs CAP_SYS_ADMIN
         try:
-            ifindex = netns.ifindex(ns, iface)
+            netns.ifindex(ns, iface)
         except netns.NetnsError as e:
             raise UsageFailure(str(e)) from None
     return PacketFilter(
@@ -72,7 +73,7 @@ def build_filter(mark, src, dst, proto, port, iface, ns) -> PacketFilter:
         dst=_parse(filters.parse_cidr, dst),
         proto=_parse(filters.parse_proto, proto),
         port=_parse(filters.parse_port, port),
-        ifindex=ifindex,
+        iface=iface,
     )
 
 
@@ -303,11 +304,10 @@ def replay(recording, mark, src, dst, proto, port, iface, count, as_json):
     """
     from .output import Printer
     from .recording import RecordingError, replay_to
-    pf = build_filter(mark, src, dst, proto, port, None, None)
-    _check_iface(iface)
+    pf = build_filter(mark, src, dst, proto, port, iface, None, live=False)
 
     def keep(pkt) -> bool:
-        return pf.matches(pkt) and (iface is None or any(iface in (s.dev, s.in_dev) for s in pkt.path))
+        return pf.matches(pkt)
 
     printer = Printer(sys.stdout, as_json)
     try:

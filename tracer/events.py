@@ -145,7 +145,6 @@ class PtConfig(ctypes.Structure):
         ("_pad1", u8 * 2),
         ("port", u16),
         ("_pad0", u16),
-        ("ifindex", u32),
     ]
 
 

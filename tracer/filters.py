@@ -88,7 +88,9 @@ class PacketFilter:
     dst: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
     proto: int | None = None
     port: int | None = None
-    ifindex: int | None = None  # resolved from --iface in the traced netns
+    # --iface: a device name in the traced netns, matched by the ifindex it
+    # has when the packet passes (the session follows renames, re-creation)
+    iface: str | None = None
 
     @property
     def flags(self) -> int:
@@ -98,7 +100,7 @@ class PacketFilter:
         f |= events.F_DST if self.dst is not None else 0
         f |= events.F_PROTO if self.proto is not None else 0
         f |= events.F_PORT if self.port is not None else 0
-        f |= events.F_IFACE if self.ifindex is not None else 0
+        f |= events.F_IFACE if self.iface is not None else 0
         return f
 
     def fill(self, cfg: events.PtConfig) -> None:
@@ -120,8 +122,6 @@ class PacketFilter:
             cfg.proto = self.proto
         if self.port is not None:
             cfg.port = self.port
-        if self.ifindex is not None:
-            cfg.ifindex = self.ifindex
 
     def matches(self, pkt) -> bool:
         """The kernel's rule, in Python, for recorded data (unit tests, replays)."""
@@ -139,6 +139,6 @@ class PacketFilter:
             return False
         if self.port is not None and self.port not in pkt.ports():
             return False
-        if self.ifindex is not None and not any(self.ifindex in (s.ifindex, s.in_ifindex) for s in pkt.stages):
+        if self.iface is not None and not any(self.iface in (s.dev, s.in_dev) for s in pkt.stages):
             return False
         return True

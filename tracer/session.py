@@ -125,6 +125,10 @@ class Tracer:
         self.attach_failures = 0
         self._last_replace_check = 0.0
         self._watches: dict[str | None, watch.NetnsWatch] = {}   # ns -> its netlink announcements
+        # tc observers per netns and device (followed as devices come and go)
+        self._tc: dict[str | None, dict[int, list[probes.Attachment]]] = {}
+        self._tc_mode: str | None = None             # tcx | classic, once decided
+        self._iface_index = 0                        # what iface_want holds
         # named netns that were deleted (or whose name now stands for another
         # namespace) while traced: name -> the inode that was traced
         self.gone: dict[str, int] = {}
@@ -264,6 +268,7 @@ class Tracer:
                     self.plan.notes.append(f"{fn} cannot be traced here ({failed[prog]}): "
                                            f"{backends.WHAT_IS_MISSED.get(prog, 'less detail')}")
         gens = {}
+        self._set_iface(self.opts.netns[0])
         for ns in self.opts.netns:
             self._watch(ns)
             self._set_hooks(ns, events.HOOKS_PLACING)
@@ -471,6 +476,8 @@ class Tracer:
                 continue                      # found gone meanwhile
             w = self._watches.get(ns)
             announced = w.changed() if w is not None else set()
+            if watch.LINKS in announced:
+                self._follow_links(ns, w.take_deleted())
             signalled = self.plan.netfilter == "nflink" and self._hooks_changed(ns)
             if not only_signalled or watch.RULES in announced:
                 self._learn_rules(ns)
@@ -491,14 +498,20 @@ class Tracer:
     def observer_links(self) -> list[probes.FdLink]:
         return [link for p in self.placed.values() for link in p.links]
 
-    def _attach_tc(self, ns: str | None) -> None:
+    def _attach_tc(self, ns: str | None, devices: dict[int, str] | None = None) -> None:
+        """tc observers on every device of ns (or on `devices`, new ones)."""
         ing, egr = self.obj.program("tc_ingress").fd, self.obj.program("tc_egress").fd
-        mode = self.opts.tc
-        points = [(prog_fd, ifindex, ifname, ingress) for ifindex, ifname in sorted(netns.links(ns).items())
+        if devices is None:
+            devices = netns.links(ns)
+        per_dev = self._tc.setdefault(ns, {})
+        points = [(prog_fd, ifindex, ifname, ingress) for ifindex, ifname in sorted(devices.items())
                   for prog_fd, ingress in ((ing, True), (egr, False))]
-        if mode in ("auto", "tcx") and points:
+        if not points:
+            return
+        mode = self._tc_mode or self.opts.tc
+        if mode in ("auto", "tcx"):
             try:
-                self.attachments.append(probes.attach_tcx(*points[0], ns))
+                first = probes.attach_tcx(*points[0], ns)
             except probes.AttachError:
                 if mode == "tcx":
                     raise
@@ -506,15 +519,70 @@ class Tracer:
             else:
                 # TCX is there (each attach waits for an RCU grace period
                 # under the RTNL lock: ~12 ms, one after the other)
-                self.attachments.extend(probes.attach_tcx(*p, ns) for p in points[1:])
+                self._tc_mode = "tcx"
+                self._tc_add(per_dev, points[0][1], first)
+                for p in points[1:]:
+                    self._tc_add(per_dev, p[1], probes.attach_tcx(*p, ns))
                 return
-        # what killed pkttrace sessions left here, and only that (not another
-        # tool's filters, not a running session's)
-        done = probes.clean_dead_sessions(ns)
-        if done.removed:
-            self._notice(done.summary())
+        self._tc_mode = "classic"
+        if not per_dev:
+            # what killed pkttrace sessions left here, and only that (not another
+            # tool's filters, not a running session's)
+            done = probes.clean_dead_sessions(ns)
+            if done.removed:
+                self._notice(done.summary())
         for prog_fd, ifindex, ifname, ingress in points:
-            self.attachments.append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns))
+            self._tc_add(per_dev, ifindex, probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns))
+
+    def _tc_add(self, per_dev: dict, ifindex: int, a: probes.Attachment) -> None:
+        self.attachments.append(a)
+        per_dev.setdefault(ifindex, []).append(a)
+
+    def _follow_links(self, ns: str | None, deleted: set[int]) -> None:
+        """Devices of ns came, went or were renamed: tc observers on the new
+        ones, the gone ones' forgotten, names and the --iface device again."""
+        ino = self._ns_inodes.get(ns)
+        if ino is None:
+            return
+        try:
+            now = netns.links(ns)
+        except netns.NetnsError:
+            return                           # the netns is going: check_netns says so
+        self._learn_ifnames(ns, ino)
+        per_dev = self._tc.get(ns)
+        if per_dev is not None and self.plan.tc:
+            for ifindex in [i for i in per_dev if i not in now or i in deleted]:
+                gone = per_dev.pop(ifindex)
+                for a in gone:
+                    # the kernel took the device's TCX links and filters with it
+                    if isinstance(a, probes.ClassicTcAttachment):
+                        a.forget()
+                    else:
+                        a.close()
+                self.attachments = [a for a in self.attachments if not any(a is g for g in gone)]
+            new = {i: n for i, n in now.items() if i not in per_dev}
+            try:
+                self._attach_tc(ns, new)
+            except (probes.AttachError, netns.NetnsError) as e:
+                # a device that went again at once, or a kernel refusing:
+                # its packets are still seen at the netfilter hooks
+                self._notice(f"no tc observers on a new device in netns {ns or '(host)'}: {e}")
+        self._set_iface(ns, now)
+
+    def _set_iface(self, ns: str | None, devices: dict[int, str] | None = None) -> None:
+        """Point the --iface filter at the device that has its name now."""
+        name = self.opts.filter.iface
+        if name is None or ns != self.opts.netns[0]:
+            return
+        if devices is None:
+            try:
+                devices = netns.links(ns)
+            except netns.NetnsError:
+                devices = {}
+        index = next((i for i, n in devices.items() if n == name), 0)
+        if index != self._iface_index:
+            self.obj.map("iface_want").update(ctypes.c_uint32(0), ctypes.c_uint32(index))
+            self._iface_index = index
 
     def _learn_names(self) -> None:
         for ns, ino in self._ns_inodes.items():
@@ -559,9 +627,10 @@ class Tracer:
         placed = self.placed.pop(ns, None)
         for link in placed.links if placed else ():
             link.close()
-        watch = self._watches.pop(ns, None)
-        if watch is not None:
-            watch.close()
+        w = self._watches.pop(ns, None)
+        if w is not None:
+            w.close()
+        self._tc.pop(ns, None)
         keep = []
         for a in self.attachments:
             if isinstance(a, probes.FdLink) and a.netns == ns:
@@ -774,6 +843,7 @@ class Tracer:
             except Exception:  # keep closing the rest: nothing may stay attached
                 pass
         self.attachments.clear()
+        self._tc.clear()
 
     def close(self) -> None:
         self._detach()

@@ -47,8 +47,12 @@ def _socket(proto: int, groups: tuple[int, ...]) -> socket.socket:
     return sock
 
 
-def _kinds(data: bytes, proto: int) -> set[str]:
-    """What the netlink messages in one datagram announce."""
+_IFINFOMSG = struct.Struct("=BxHiII")    # family, type, index, flags, change
+
+
+def _kinds(data: bytes, proto: int, deleted: set[int]) -> set[str]:
+    """What the netlink messages in one datagram announce (the ifindex of
+    each deleted device is added to `deleted`)."""
     out: set[str] = set()
     off = 0
     while off + _NLMSGHDR.size <= len(data):
@@ -60,6 +64,8 @@ def _kinds(data: bytes, proto: int) -> set[str]:
                 out.add(NFT)
         elif mtype in (RTM_NEWLINK, RTM_DELLINK):
             out.add(LINKS)
+            if mtype == RTM_DELLINK and off + _NLMSGHDR.size + _IFINFOMSG.size <= len(data):
+                deleted.add(_IFINFOMSG.unpack_from(data, off + _NLMSGHDR.size)[2])
         elif mtype in (RTM_NEWRULE, RTM_DELRULE):
             out.add(RULES)
         off += (length + 3) & ~3
@@ -107,6 +113,7 @@ class NetnsWatch:
     def __init__(self, ns: str | None):
         self.ns = ns
         self._socks: list[tuple[socket.socket, int]] = []
+        self._deleted: set[int] = set()       # ifindex of devices deleted since take_deleted()
         try:
             with netns.entered(ns):
                 self._socks.append((_socket(NETLINK_NETFILTER, (NFNLGRP_NFTABLES,)), NETLINK_NETFILTER))
@@ -131,7 +138,13 @@ class NetnsWatch:
                         out |= EVERYTHING     # announcements were lost: assume anything changed
                         continue
                     raise
-                out |= _kinds(data, proto)
+                out |= _kinds(data, proto, self._deleted)
+        return out
+
+    def take_deleted(self) -> set[int]:
+        """The devices deleted since the last call (by ifindex: one deleted
+        and created again under the same index between two reads is in it)."""
+        out, self._deleted = self._deleted, set()
         return out
 
     def close(self) -> None:

@@ -167,9 +167,7 @@ def test_address_filters_exclude_other_packets(lab, trace, family):
 
 
 def test_port_and_iface_filters(lab, trace):
-    from tracer import netns
-    rs = netns.ifindex(lab.router, "rs")
-    cap = trace(filter=PacketFilter(port=5003, ifindex=rs))
+    cap = trace(filter=PacketFilter(port=5003, iface="rs"))
     with lab.udp_server(lab.server, lab.addr["server4"], 5003) as srv:
         lab.udp_send(lab.client, lab.addr["router_c4"], 5003, b"to router: no rs")  # port ok, iface not
         lab.udp_send(lab.client, lab.addr["server4"], 5004, b"wrong port")

@@ -145,7 +145,7 @@ def test_root_passes_parsed_options_to_the_tracer(capsys, monkeypatch):
     opts = seen["opts"]
     assert opts.filter == PacketFilter(mark=Mark(0x10, 0xF0), src=ipaddress.ip_network("10.0.0.0/8"),
                                        dst=ipaddress.ip_network("2001:db8::1/128"), proto=17, port=53,
-                                       ifindex=1)  # lo is ifindex 1 in every netns
+                                       iface="lo")  # checked to exist, then followed by name
     assert opts.netns == [None]
     assert (opts.tc, opts.age_after) == ("off", 2.0)
     assert (seen["count"], seen["duration"], seen["as_json"]) == (3, 1.5, True)

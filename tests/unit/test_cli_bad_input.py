@@ -209,7 +209,7 @@ def test_repeated_netns_with_iface_is_one_namespace(capsys, monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "run_trace", lambda opts, **kw: seen.update(opts=opts))
     assert cli.run(["--netns", "x", "--netns", "x", "--iface", "eth0"]) == 0, capsys.readouterr().err
-    assert seen["opts"].netns == ["x"] and seen["opts"].filter.ifindex == 7
+    assert seen["opts"].netns == ["x"] and seen["opts"].filter.iface == "eth0"
 
 
 def test_repeated_netns_for_serve(capsys, monkeypatch):

@@ -122,7 +122,7 @@ def test_parse_port_invalid(text):
     ({"dst": ipaddress.ip_network("2001:db8::/32")}, events.F_DST),
     ({"proto": 17}, events.F_PROTO),
     ({"port": 53}, events.F_PORT),
-    ({"ifindex": 3}, events.F_IFACE),
+    ({"iface": "eth0"}, events.F_IFACE),
 ])
 def test_flags_one_criterion(kwargs, flag):
     assert PacketFilter(**kwargs).flags == flag
@@ -131,14 +131,14 @@ def test_flags_one_criterion(kwargs, flag):
 def test_flags_none_and_all():
     assert PacketFilter().flags == 0
     pf = PacketFilter(mark=Mark(1), src=parse_cidr("10.0.0.0/8"), dst=parse_cidr("10.0.0.1"),
-                      proto=6, port=80, ifindex=2)
+                      proto=6, port=80, iface="eth1")
     assert pf.flags == (events.F_MARK | events.F_SRC | events.F_DST | events.F_PROTO
                         | events.F_PORT | events.F_IFACE)
 
 
 def test_flags_zero_values_are_still_criteria():
-    # "is set" means "is not None": mark 0, proto 0 and ifindex 0 are real filters
-    pf = PacketFilter(mark=Mark(0, 0xFF), proto=0, ifindex=0)
+    # "is set" means "is not None": mark 0 and proto 0 are real filters
+    pf = PacketFilter(mark=Mark(0, 0xFF), proto=0, iface="0")
     assert pf.flags == events.F_MARK | events.F_PROTO | events.F_IFACE
 
 
@@ -190,14 +190,15 @@ def test_fill_src_and_dst_of_different_families():
 
 def test_fill_scalar_criteria():
     cfg = events.PtConfig()
-    pf = PacketFilter(mark=Mark(0x10, 0xF0), proto=17, port=5353, ifindex=7)
+    pf = PacketFilter(mark=Mark(0x10, 0xF0), proto=17, port=5353, iface="eth7")
     pf.fill(cfg)
     assert cfg.filter == pf.flags == events.F_MARK | events.F_PROTO | events.F_PORT | events.F_IFACE
     assert (cfg.mark_value, cfg.mark_mask) == (0x10, 0xF0)
     assert cfg.proto == 17
     assert cfg.port == 5353  # host order, as the C header says
     assert _field_bytes(cfg, "port") == (5353).to_bytes(2, sys.byteorder)
-    assert cfg.ifindex == 7
+    # the device is a runtime map (iface_want): its ifindex changes under us
+    assert not hasattr(cfg, "ifindex")
 
 
 def test_fill_empty_filter_leaves_config_zero():
@@ -210,7 +211,7 @@ def test_fill_keeps_fields_it_does_not_own():
     # the session sets the traced namespaces and emit; fill() must not clobber them
     cfg = events.PtConfig()
     cfg.netns_ino[0], cfg.netns_ino[1], cfg.n_netns, cfg.emit = 4026531840, 4026532000, 2, 1
-    PacketFilter(mark=Mark(1), src=parse_cidr("10.0.0.0/8"), proto=6, port=22, ifindex=1).fill(cfg)
+    PacketFilter(mark=Mark(1), src=parse_cidr("10.0.0.0/8"), proto=6, port=22, iface="lo").fill(cfg)
     assert list(cfg.netns_ino[:2]) == [4026531840, 4026532000]
     assert (cfg.n_netns, cfg.emit) == (2, 1)
 
@@ -239,13 +240,14 @@ def test_matches_proto():
 
 
 def test_matches_iface_not_on_path():
-    assert PacketFilter(ifindex=999).matches(_pkt()) is False
+    assert PacketFilter(iface="eth9").matches(_pkt()) is False
 
 
-def test_matches_iface_on_path():
-    st = Stage("tx", 10, "eth0", 1)
-    st.ifindex = 7
-    assert PacketFilter(ifindex=7).matches(_pkt(stages=[st]))
+def test_matches_iface_on_path_by_name():
+    assert PacketFilter(iface="eth0").matches(_pkt(stages=[Stage("tx", 10, "eth0", 1)]))
+    fwd = Stage("forward", 5, "eth1", 0)
+    fwd.in_dev = "eth0"
+    assert PacketFilter(iface="eth0").matches(_pkt(stages=[fwd]))
 
 
 def test_matches_mark_set_inside_a_hook():
