@@ -162,6 +162,22 @@ struct {
 	__type(value, __u32);
 } netns_nat SEC(".maps");
 
+/* Runtime: the traced namespaces (struct pt_ns_slot); namespaces come and
+ * go while tracing (--netns all, a traced name created again). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PT_NS_SLOTS);
+	__type(key, __u32);
+	__type(value, struct pt_ns_slot);
+} traced_ns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PT_MAX_NETNS);
+	__type(key, __u32);             /* netns inode */
+	__type(value, __u32);           /* index */
+} traced_ns_more SEC(".maps");
+
 /* Runtime, per traced netns: the observers right after a NAT table, how
  * many observers each hook has, and the hook entries they were placed for. */
 struct {
@@ -266,16 +282,20 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1;
 }
 
-/* Index of a traced netns in cfg.netns_ino, or -1. */
+/* Index of a traced netns, or -1: one inlined array load for most
+ * packets (a netns traced or not), a hash lookup on a slot collision. */
 static __always_inline int netns_index(__u32 ino)
 {
-	for (int i = 0; i < PT_MAX_NETNS; i++) {
-		if (i >= cfg.n_netns)
-			break;
-		if (cfg.netns_ino[i] == ino)
-			return i;
-	}
-	return -1;
+	__u32 k = ino & (PT_NS_SLOTS - 1);
+	struct pt_ns_slot *s = bpf_map_lookup_elem(&traced_ns, &k);
+	__u32 *i;
+
+	if (!s || !s->index)
+		return -1;
+	if (s->inum == ino)
+		return s->index - 1;
+	i = bpf_map_lookup_elem(&traced_ns_more, &ino);
+	return i ? (int)*i : -1;
 }
 
 static __always_inline bool netns_traced(__u32 ino)

@@ -10,7 +10,8 @@
 #define PKTTRACE_H
 
 #define PT_MAX_STAGES 32   /* stages kept per packet; more are counted, not kept */
-#define PT_MAX_NETNS 8     /* network namespaces traced at once */
+#define PT_MAX_NETNS 1024  /* network namespaces traced at once */
+#define PT_NS_SLOTS 4096   /* map traced_ns: slot = netns inode % PT_NS_SLOTS */
 #define PT_SLOTS 4         /* records kept per CPU while their packet is processed there */
 #define PT_MAX_ROUTE 16    /* route lookups buffered per CPU between two stages */
 #define PT_NF_SLOTS 16     /* netfilter observer slots: two banks of eight, so */
@@ -144,8 +145,6 @@ enum pt_stat {
 };
 
 struct pt_config {
-	__u32 netns_ino[PT_MAX_NETNS]; /* traced namespaces by inode number */
-	__u32 n_netns;
 	__u32 filter;                  /* PT_F_* criteria that are active */
 	__u32 mark_value;
 	__u32 mark_mask;
@@ -217,7 +216,7 @@ struct pt_record {
 	__u8 match;               /* PT_F_* criteria matched so far */
 	__u8 seen;                /* PT_SEEN_* */
 	__u8 flags;               /* PT_REC_* */
-	__u8 ns_index;            /* index of its netns in pt_config.netns_ino */
+	__u8 _pad_ns;
 	__u16 sport;              /* host order */
 	__u16 dport;
 	__u8 saddr[16];           /* addresses and ports at first sight */
@@ -238,7 +237,8 @@ struct pt_record {
 	__u32 next_netns;         /* inode of the netns of `next` */
 	__u32 prev_netns;         /* inode of the netns of `prev` */
 	__u32 frag_id;            /* PT_REC_FRAG: IP id (v4) / fragment id (v6) */
-	__u32 _pad1;
+	__u16 ns_index;           /* index of its netns (struct pt_ns_slot) */
+	__u16 _pad1;
 	struct pt_stage stages[PT_MAX_STAGES];
 };
 
@@ -287,6 +287,15 @@ struct pt_route_buf {
 /* Runtime, per traced netns (map nat_slots): the observer slots that
  * follow a NAT table, per family (0: IPv4, 1: IPv6) and hook.  Only there
  * can a packet's addresses have changed since the observer before. */
+/* Map traced_ns: the traced namespaces by inode number.  Netns inodes come
+ * from one small dense allocator (proc inums), so inode % PT_NS_SLOTS
+ * rarely collides; a slot taken by another traced netns sends the lookup
+ * to the hash map traced_ns_more. */
+struct pt_ns_slot {
+	__u32 inum;
+	__u32 index;             /* index + 1 (0: an empty slot) */
+};
+
 struct pt_nat_slots {
 	__u16 after_nat[10];     /* [family * 5 + hook], family 0: IPv4, 1: IPv6 */
 	__u8 observers[20];      /* [bank * 10 + family * 5 + hook]: observers attached */

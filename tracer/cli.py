@@ -77,6 +77,18 @@ def build_filter(mark, src, dst, proto, port, iface, ns, live: bool = True) -> P
     )
 
 
+ALL_NETNS = "all"
+
+
+def _netns_choice(names: tuple[str, ...]) -> tuple[list[str | None], bool]:
+    """--netns NAME... or --netns all (every namespace, and new ones)."""
+    if ALL_NETNS in names:
+        if len(names) > 1:
+            raise UsageFailure("--netns all traces every network namespace: give it alone")
+        return [None], True
+    return _check_netns(names), False
+
+
 def _check_netns(names: tuple[str, ...]) -> list[str | None]:
     out: list[str | None] = []
     for n in names or (None,):
@@ -116,7 +128,8 @@ def filter_options(fn):
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--netns", "netns_names", multiple=True, metavar="NAME", callback=dedupe,
               help="Trace this named network namespace (repeatable, a name given twice is traced once; "
-                   "default: the current one).")
+                   "default: the current one).  'all': every namespace of the host, named or only held by "
+                   "processes (containers), and those created while tracing.")
 @filter_options
 @click.option("--duration", type=Seconds(0, lo_open=True), metavar="SECONDS",
               help=f"Stop after this many seconds (more than 0, at most {MAX_SECONDS:.0f}).")
@@ -148,13 +161,14 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, d
     if ctx.invoked_subcommand is not None:
         return
     # validate everything the user typed before asking for root
-    ns_list = _check_netns(netns_names)
-    if iface is not None and len(ns_list) > 1:
+    ns_list, all_netns = _netns_choice(netns_names)
+    if iface is not None and (len(ns_list) > 1 or all_netns):
         raise UsageFailure("--iface names a device of one namespace: give a single --netns with it")
     pf = build_filter(mark, src, dst, proto, port, iface, ns_list[0])
     _require_root()
     from .session import TraceOptions
-    opts = TraceOptions(netns=ns_list, filter=pf, tc=tc_mode, age_after=age_after, backend=backend)
+    opts = TraceOptions(netns=ns_list, filter=pf, tc=tc_mode, age_after=age_after, backend=backend,
+                        all_netns=all_netns)
     run_trace(opts, count=count, duration=duration, as_json=as_json, record_path=record_path)
 
 
@@ -191,6 +205,8 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
     signal.signal(signal.SIGINT, _stop)
     printer = Printer(sys.stdout, as_json)
     where = ", ".join(n or "current netns" for n in opts.netns)
+    if opts.all_netns:
+        where = f"every netns ({len(opts.netns)} now, and new ones)"
     say(f"tracing {where} ({len(tracer.attachments)} probes, ready in "
         f"{tracer.ready_s * 1000:.0f} ms); Ctrl-C to stop")
     for note in tracer.plan.notes:   # what this kernel's backends cannot see, once
@@ -228,7 +244,8 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
               metavar="ADDRESS:PORT", help="Where to serve /metrics (explicit address; [::1]:PORT for IPv6).")
 @click.option("--netns", "netns_names", multiple=True, envvar="PKTTRACE_NETNS", metavar="NAME", callback=dedupe,
               help="Count in this named network namespace (repeatable, a name given twice counts once; "
-                   "default: the current one).")
+                   "default: the current one; a traced name deleted and created again is counted again).  "
+                   "'all': every namespace of the host, and those created while serving.")
 @click.option("--tc", "tc_mode", type=click.Choice(["auto", "tcx", "classic", "off"]), default="auto",
               show_default=True, envvar="PKTTRACE_TC", help="How to observe tc ingress/egress.")
 @click.option("--age-after", type=Seconds(0.1), default=5.0, show_default=True,
@@ -252,10 +269,10 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
     """
     from .serve import Exporter, ServeError, ServeOptions
     addr = _listen(listen)
-    ns_list = _check_netns(netns_names)
+    ns_list, all_netns = _netns_choice(netns_names)
     _require_root()
     srv = Exporter(ServeOptions(listen=addr, netns=ns_list, age_after=age_after, tc=tc_mode, max_paths=max_paths,
-                                bpf_stats=bpf_stats))
+                                bpf_stats=bpf_stats, all_netns=all_netns))
     try:
         srv.start()
     except ServeError as e:
@@ -263,7 +280,7 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
     signal.signal(signal.SIGTERM, lambda *_: srv.stop())
     signal.signal(signal.SIGHUP, lambda *_: srv.stop())
     signal.signal(signal.SIGINT, lambda *_: srv.stop())
-    where = ", ".join(n or "current netns" for n in ns_list)
+    where = "every netns" if all_netns else ", ".join(n or "current netns" for n in ns_list)
     say(f"serving metrics of {where} on http://{listen}/metrics (ready in {srv.tracer.ready_s * 1000:.0f} ms)")
     try:
         srv.run()

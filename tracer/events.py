@@ -11,7 +11,8 @@ import ctypes
 import enum
 
 PT_MAX_STAGES = 32
-PT_MAX_NETNS = 8
+PT_MAX_NETNS = 1024  # namespaces traced at once
+PT_NS_SLOTS = 4096   # map traced_ns: slot = netns inode % PT_NS_SLOTS
 PT_SLOTS = 4          # per-CPU record slots
 PT_MAX_ROUTE = 16
 PT_NF_SLOTS = 16
@@ -127,8 +128,6 @@ PT_STAT_MAX = 12
 
 class PtConfig(ctypes.Structure):
     _fields_ = [
-        ("netns_ino", u32 * PT_MAX_NETNS),
-        ("n_netns", u32),
         ("filter", u32),
         ("mark_value", u32),
         ("mark_mask", u32),
@@ -198,7 +197,7 @@ class PtRecord(ctypes.Structure):
         ("match", u8),
         ("seen", u8),
         ("flags", u8),
-        ("ns_index", u8),
+        ("_pad_ns", u8),
         ("sport", u16),
         ("dport", u16),
         ("saddr", u8 * 16),
@@ -216,7 +215,8 @@ class PtRecord(ctypes.Structure):
         ("next_netns", u32),
         ("prev_netns", u32),
         ("frag_id", u32),
-        ("_pad1", u32),
+        ("ns_index", u16),
+        ("_pad1", u16),
         ("stages", PtStage * PT_MAX_STAGES),
     ]
 
@@ -249,6 +249,10 @@ class PtPending(ctypes.Structure):
 
 class PtRouteBuf(ctypes.Structure):
     _fields_ = [("n", u32), ("live", u32), ("ev", PtRouteEv * PT_MAX_ROUTE)]
+
+
+class PtNsSlot(ctypes.Structure):
+    _fields_ = [("inum", u32), ("index", u32)]   # index + 1; 0: an empty slot
 
 
 class PtNatSlots(ctypes.Structure):
@@ -323,6 +327,7 @@ MIRRORS = {
     "pt_active": PtActive,
     "pt_slots": PtSlots,
     "pt_nat_slots": PtNatSlots,
+    "pt_ns_slot": PtNsSlot,
     "pt_nf_pos": PtNfPos,
     "pt_handoff": PtHandoff,
     "pt_frag_key": PtFragKey,

@@ -95,6 +95,7 @@ class PathCounts:
     def __init__(self, tracer: Tracer):
         self.tracer = tracer
         self._labels: dict[bytes, PathLabels | None] = {}
+        self._epoch = tracer.netns_epoch
         self.entries = 0        # keys in path_counts at the last read
 
     def read(self) -> list[tuple[PathLabels, int]]:
@@ -103,12 +104,12 @@ class PathCounts:
         out = []
         rec = PtRecord()
         self.entries = 0
-        gone = set(self.tracer.gone.values())    # inodes of traced netns that were deleted
-        dead = []
+        if self._epoch != self.tracer.netns_epoch:
+            # a netns stopped being traced (its paths were deleted with it):
+            # its inode may come back for another namespace, under another name
+            self._epoch = self.tracer.netns_epoch
+            self._labels.clear()
         for key in counts.keys(PtPathKey):
-            if key.netns in gone:
-                dead.append(key)
-                continue
             self.entries += 1
             n = counts.percpu_u64_sum(key)
             if not n:
@@ -122,10 +123,6 @@ class PathCounts:
                 raw = bytes(rec)[:events.RECORD_HEADER_SIZE + k * events.STAGE_SIZE]
                 labels = self._labels[kb] = resolve(paths.assemble(raw, self.tracer.ctx))
             out.append((labels, n))
-        for key in dead:   # its series end with it, and its paths free their slots
-            counts.delete(key)
-            examples.delete(key)
-            self._labels.pop(bytes(key), None)
         return out
 
 
@@ -243,9 +240,7 @@ class Collector:
         if t.plan is not None and t.plan.netfilter != "nflink":
             # fentry/kprobe: every hook is seen at its exit, and each table
             # registered there says itself that it ran
-            for ns, ino in t._ns_inodes.items():
-                if ns in t.gone:
-                    continue
+            for ns, ino in t._ns_inodes.items():     # (gone ones are no longer in it)
                 for fam in (4, 6):
                     for hook in range(5):
                         n = 1 + len(t.ctx.registered.get((ino, fam, hook), []))

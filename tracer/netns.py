@@ -1,4 +1,6 @@
-"""Small helpers for named network namespaces (the ones `ip netns` manages).
+"""Small helpers for network namespaces: named ones (the ones `ip netns`
+manages), and unnamed ones held only by processes (containers), which
+pkttrace names ``ns:<inode>`` and enters through a process that holds them.
 
 Switching namespaces is done with libc ``setns(2)`` through ctypes, because
 Python 3.11 has no ``os.setns``.  ``setns(CLONE_NEWNET)`` only moves the
@@ -34,15 +36,77 @@ def _get_libc() -> ctypes.CDLL:
     return _libc
 
 
+UNNAMED = "ns:"          # an unnamed netns: "ns:<inode>"
+
+
 def _check_name(name: str) -> None:
     # Refuse anything that could escape NETNS_DIR before touching the disk.
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\0" in name:
         raise NetnsError(f"invalid network namespace name {name!r}")
 
 
+def unnamed(ino: int) -> str:
+    """The name pkttrace gives a namespace no name in /run/netns stands for."""
+    return f"{UNNAMED}{ino}"
+
+
+def _unnamed_inode(name: str) -> int | None:
+    if name.startswith(UNNAMED) and name[len(UNNAMED):].isascii() and name[len(UNNAMED):].isdigit():
+        return int(name[len(UNNAMED):])
+    return None
+
+
+# inode -> pid of a process last seen in that netns
+_holders: dict[int, int] = {}
+
+
+def processes() -> dict[int, int]:
+    """Every network namespace some process is in: inode -> a pid in it.
+    One readlink(2) per process; processes that exit meanwhile are skipped."""
+    out: dict[int, int] = {}
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            link = os.readlink(f"/proc/{pid}/ns/net")      # "net:[4026532178]"
+        except OSError:
+            continue
+        if link.startswith("net:[") and link.endswith("]"):
+            out.setdefault(int(link[5:-1]), int(pid))
+    _holders.clear()
+    _holders.update(out)
+    return out
+
+
+def _holder_path(ino: int) -> str | None:
+    """/proc/<pid>/ns/net of a process in netns ino (found again if the one
+    known exited), or None when no process is in it any more."""
+    for attempt in range(2):
+        pid = _holders.get(ino)
+        if pid is not None:
+            p = f"/proc/{pid}/ns/net"
+            try:
+                if os.stat(p).st_ino == ino:
+                    return p
+            except OSError:
+                pass
+        if attempt == 0:
+            processes()
+    return None
+
+
 def path(name: str) -> str:
-    """Path of the bind mount that keeps named netns *name* alive."""
+    """Path of the bind mount that keeps named netns *name* alive (for an
+    unnamed one: the namespace file of a process in it)."""
     _check_name(name)
+    ino = _unnamed_inode(name)
+    if ino is not None:
+        p = _holder_path(ino)
+        if p is None:
+            raise _unknown(name)
+        return p
     return os.path.join(NETNS_DIR, name)
 
 
@@ -54,7 +118,24 @@ def exists(name: str) -> bool:
 
 
 def _unknown(name: str) -> NetnsError:
+    if _unnamed_inode(name) is not None:
+        return NetnsError(f"network namespace {name!r}: no process is in it any more")
     return NetnsError(f"unknown network namespace {name!r} (see `ip netns list`)")
+
+
+def everything() -> dict[int, str | None]:
+    """Every network namespace of the host: inode -> None for the current
+    one, its name for a named one, ``ns:<inode>`` for one only processes
+    hold.  A name wins over a process: a container's netns that `ip netns`
+    also names is known by that name."""
+    out: dict[int, str | None] = {inode(None): None}
+    for name in names():
+        ino = current_inode(name)
+        if ino is not None:
+            out.setdefault(ino, name)
+    for ino in processes():
+        out.setdefault(ino, unnamed(ino))
+    return out
 
 
 def names() -> list[str]:
@@ -89,6 +170,8 @@ def inode(name: str | None) -> int:
     try:
         st = os.stat(target)
     except FileNotFoundError:
+        raise _unknown(name) from None
+    except ProcessLookupError:
         raise _unknown(name) from None
     except OSError as e:
         raise NetnsError(f"cannot stat {target}: {e.strerror}") from None
@@ -136,8 +219,12 @@ def entered(name: str | None) -> Iterator[None]:
         except OSError as e:
             raise NetnsError(f"cannot open {target}: {e.strerror}") from None
         try:
-            if os.fstat(fd).st_dev != _nsfs():
-                raise _unknown(name)   # a plain file: no namespace mounted there
+            st = os.fstat(fd)
+            want = _unnamed_inode(name)
+            if st.st_dev != _nsfs() or (want is not None and st.st_ino != want):
+                # a plain file: no namespace mounted there; or the process
+                # we went through exited and its pid is another's now
+                raise _unknown(name)
             _setns(fd, f"network namespace {name!r}")
         finally:
             os.close(fd)

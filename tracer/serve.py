@@ -380,6 +380,7 @@ class MetricsServer:
 class ServeOptions:
     listen: tuple[str, int] = ("127.0.0.1", 9632)
     netns: list[str | None] = field(default_factory=lambda: [None])
+    all_netns: bool = False       # every namespace of the host, and new ones
     age_after: float = 5.0
     tc: str = "auto"
     max_paths: int = 1024
@@ -396,8 +397,11 @@ class ServeOptions:
 class Exporter:
     def __init__(self, opts: ServeOptions):
         self.opts = opts
+        # a traced name deleted and created again is traced again: a
+        # service outlives the namespaces it watches
         self.tracer = Tracer(TraceOptions(netns=opts.netns, emit=False, count=True, age_after=opts.age_after,
-                                          tc=opts.tc, max_paths=opts.max_paths))
+                                          tc=opts.tc, max_paths=opts.max_paths, all_netns=opts.all_netns,
+                                          follow_names=True))
         self.lock = threading.Lock()
         self.collector: Collector | None = None
         self.httpd = None

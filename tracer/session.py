@@ -61,6 +61,12 @@ class TraceOptions:
     # kernel flags a changed hook at its next packet, nftables announces its
     # changes: this is the safety net)
     replace_every: float = 10.0
+    # every network namespace of the host, and those created while tracing
+    # (named ones by name, unnamed ones of processes as "ns:<inode>")
+    all_netns: bool = False
+    # a traced name deleted and created again is traced again (serve); ad
+    # hoc tracing says it went away and goes on with the rest
+    follow_names: bool = False
 
 
 @dataclass
@@ -90,6 +96,17 @@ def _nf_programs() -> list[str]:
     return [f"nf_obs_{bank}" for bank in range(events.PT_NF_SLOTS // events.PT_NF_BANK)]
 
 
+def _raise_fd_limit() -> None:
+    """Each traced netns holds ~15 fds (netfilter and TCX links, netlink
+    sockets): hundreds of namespaces need more than the usual soft limit of
+    1024.  The hard limit is the administrator's: raise the soft one to it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 @dataclass
 class Placed:
     """The netfilter observers of one netns: which bank, for which ruleset."""
@@ -114,7 +131,9 @@ class Tracer:
         self._last_age_scan = 0.0
         self._last_relearn = 0.0
         self._ns_inodes: dict[str | None, int] = {}
-        self._ns_index: dict[int, int] = {}          # netns inode -> index in the BPF config
+        self._ns_index: dict[int, int] = {}          # netns inode -> its index in the BPF maps
+        self._free_index = list(range(events.PT_MAX_NETNS - 1, -1, -1))   # popped from the end
+        self._slot_of: dict[int, int] = {}           # inode -> traced_ns slot it holds
         self._aged_ids: dict[int, None] = {}         # records reported as aged out (bounded)
         self.plan: backends.Plan | None = None       # the backend of each feature on this kernel
         self._parked_deleted = 0                     # parked records user space deleted (aged out)
@@ -129,9 +148,10 @@ class Tracer:
         self._tc: dict[str | None, dict[int, list[probes.Attachment]]] = {}
         self._tc_mode: str | None = None             # tcx | classic, once decided
         self._iface_index = 0                        # what iface_want holds
-        # named netns that were deleted (or whose name now stands for another
-        # namespace) while traced: name -> the inode that was traced
-        self.gone: dict[str, int] = {}
+        # traced namespaces that were deleted (or whose name now stands for
+        # another namespace): inode -> name
+        self.gone: dict[int, str] = {}
+        self.netns_epoch = 0                         # +1 each time a netns stops being traced
         self._last_ns_check = 0.0
         # called with one line when a traced netns goes away; default: stderr
         self.on_notice = None
@@ -147,11 +167,23 @@ class Tracer:
         t0 = time.monotonic()
         if os.geteuid() != 0:
             raise TraceError("pkttrace needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")
+        if self.opts.all_netns:
+            self.opts.netns = list(dict.fromkeys(netns.everything().values()))
+        seen: set[int] = set()
         for ns in self.opts.netns:
             try:
-                self._ns_inodes[ns] = netns.inode(ns)
+                ino = netns.inode(ns)
             except netns.NetnsError as e:
                 raise TraceError(str(e)) from None
+            if ino not in seen:          # two names for one namespace: traced once
+                seen.add(ino)
+                self._ns_inodes[ns] = ino
+        self.opts.netns = list(self._ns_inodes)
+        if self.opts.all_netns or len(self._ns_inodes) > 16:
+            _raise_fd_limit()
+        if len(self._ns_inodes) > events.PT_MAX_NETNS:
+            raise TraceError(f"at most {events.PT_MAX_NETNS} network namespaces can be traced at once "
+                             f"({len(self._ns_inodes)} asked for)")
         try:
             self.plan = backends.plan(backends.probe(), self.opts.backend, self.opts.tc)
         except backends.BackendError as e:
@@ -195,13 +227,6 @@ class Tracer:
         if size < ctypes.sizeof(PtConfig):
             raise TraceError("BPF object and pkttrace disagree on the config layout: rebuild it")
         cfg = PtConfig.from_address(ptr)
-        inodes = list(dict.fromkeys(self._ns_inodes.values()))
-        if len(inodes) > events.PT_MAX_NETNS:
-            raise TraceError(f"at most {events.PT_MAX_NETNS} network namespaces can be traced at once")
-        for i, ino in enumerate(inodes):
-            cfg.netns_ino[i] = ino
-        self._ns_index = {ino: i for i, ino in enumerate(inodes)}
-        cfg.n_netns = len(inodes)
         cfg.emit = 1 if self.opts.emit else 0
         cfg.count = 1 if self.opts.count else 0
         self.opts.filter.fill(cfg)
@@ -229,6 +254,8 @@ class Tracer:
         if failure:
             raise failure[0]
         self._initial = initial
+        for ino in self._ns_inodes.values():
+            self._register(ino)
         self._observer_fds = {i: obj.program(n).fd for i, n in enumerate(_nf_programs()) if i < need}
         if self.opts.emit:
             self.ring = libbpf.RingBuffer(obj.map("events").fd, self.opts.ringbuf_bytes)
@@ -605,14 +632,107 @@ class Tracer:
         except netns.NetnsError:
             pass
 
-    # ---- namespaces that go away ----
+    # ---- namespaces that come and go ----
+
+    def _register(self, ino: int) -> int:
+        """Give a netns an index in the BPF maps and make it traced there."""
+        if ino in self._ns_index:
+            return self._ns_index[ino]
+        if not self._free_index:
+            raise probes.AttachError(f"at most {events.PT_MAX_NETNS} network namespaces can be traced at once")
+        idx = self._free_index.pop()
+        self._ns_index[ino] = idx
+        slot = ctypes.c_uint32(ino % events.PT_NS_SLOTS)
+        cur = events.PtNsSlot()
+        m = self.obj.map("traced_ns")
+        if m.lookup(slot, cur) and cur.index:
+            # another traced netns holds the slot: the kernel looks here next
+            self.obj.map("traced_ns_more").update(ctypes.c_uint32(ino), ctypes.c_uint32(idx))
+        else:
+            m.update(slot, events.PtNsSlot(ino, idx + 1))
+            self._slot_of[ino] = slot.value
+        return idx
+
+    def _unregister(self, ino: int) -> None:
+        """The netns is no longer traced: its slot (given to a netns that
+        collided with it) and its per-netns state, then its index."""
+        idx = self._ns_index.pop(ino, None)
+        if idx is None or self.obj is None:
+            return
+        if ino in self._slot_of:
+            slot = self._slot_of.pop(ino)
+            heir = next((i for i in self._ns_index if i % events.PT_NS_SLOTS == slot and i not in self._slot_of), None)
+            if heir is not None:
+                self.obj.map("traced_ns").update(ctypes.c_uint32(slot), events.PtNsSlot(heir, self._ns_index[heir] + 1))
+                self._slot_of[heir] = slot
+                self.obj.map("traced_ns_more").delete(ctypes.c_uint32(heir))
+            else:
+                self.obj.map("traced_ns").update(ctypes.c_uint32(slot), events.PtNsSlot())
+        else:
+            self.obj.map("traced_ns_more").delete(ctypes.c_uint32(ino))
+        k = ctypes.c_uint32(idx)
+        self.obj.map("nat_slots").update(k, events.PtNatSlots())
+        self.obj.map("netns_nat").update(k, ctypes.c_uint32(0))
+        self.obj.map("ruleset_gen").update(k, ctypes.c_uint32(0))
+        self._free_index.append(idx)
+
+    def add_netns(self, ns: str | None) -> bool:
+        """Trace one more netns, while tracing: observers, tc, names.  False
+        if it went away meanwhile (nothing of it is kept then)."""
+        try:
+            ino = netns.inode(ns)
+        except netns.NetnsError:
+            return False
+        if ino in self._ns_index:
+            return True                  # already traced, under another name
+        self._ns_inodes[ns] = ino
+        self.gone.pop(ino, None)         # an inode number is reused for a new namespace
+        try:
+            self._register(ino)
+            gen, reg = self._read_ruleset(ns)
+            self._watch(ns)
+            self._set_hooks(ns, events.HOOKS_PLACING)
+            self.placed[ns] = self._place(ns, 0, reg)
+            self._learn_rules(ns)
+            if self.plan.tc:
+                self._attach_tc(ns)
+            self._set_hooks(ns, events.HOOKS_LEARN, gen)
+            self.ctx.netns_names[ino] = ns or ""
+            self._learn_ifnames(ns, ino)
+        except (probes.AttachError, netns.NetnsError, OSError) as e:
+            self._drop_netns(ns)
+            if netns.current_inode(ns) == ino if ns is not None else True:
+                self.attach_failures += 1
+                self._notice(f"network namespace {ns!r} cannot be traced: {e}")
+            return False
+        return True
+
+    def discover_netns(self) -> list[str | None]:
+        """Namespaces to trace that appeared since the last look: with
+        all_netns every new one; with follow_names a traced name created
+        again.  Each is traced from now on; their names."""
+        want: list[str | None] = []
+        if self.opts.all_netns:
+            traced = set(self._ns_index)
+            want = [name for ino, name in netns.everything().items() if ino not in traced]
+        if self.opts.follow_names or self.opts.all_netns:
+            back = {name for name in self.gone.values()
+                    if name is not None and not name.startswith(netns.UNNAMED) and name not in self._ns_inodes}
+            want += [name for name in sorted(back) if netns.current_inode(name) is not None and name not in want]
+        added = []
+        for ns in want:
+            if self.add_netns(ns):
+                added.append(ns)
+                self._notice(f"network namespace {ns!r} appeared: traced")
+        return added
 
     def check_netns(self) -> list[str]:
-        """Stop tracing the named netns that no longer exist; their names.
+        """Stop tracing the netns that no longer exist; their names.
 
-        One stat(2) per netns: the file in /run/netns must still be the
-        namespace that was traced.  Nothing is opened, so a deleted
-        namespace is never re-created.  Each is announced once."""
+        One stat(2) per netns: the file in /run/netns (for an unnamed one,
+        a process's) must still be the namespace that was traced.  Nothing
+        is opened, so a deleted namespace is never re-created.  Each is
+        announced once."""
         out = []
         for ns, ino in list(self._ns_inodes.items()):
             if ns is not None and netns.current_inode(ns) != ino:
@@ -620,10 +740,9 @@ class Tracer:
                 out.append(ns)
         return out
 
-    def _forget_netns(self, ns: str) -> None:
-        """Drop the observers of a netns that went away; keep the rest."""
-        ino = self._ns_inodes.pop(ns)
-        self.gone[ns] = ino
+    def _drop_netns(self, ns: str | None) -> int | None:
+        """Detach everything of a netns and forget it; its inode."""
+        ino = self._ns_inodes.pop(ns, None)
         placed = self.placed.pop(ns, None)
         for link in placed.links if placed else ():
             link.close()
@@ -640,15 +759,41 @@ class Tracer:
             else:
                 keep.append(a)
         self.attachments = keep
+        if ino is not None:
+            self._unregister(ino)
+            self._forget_paths(ino)
+        return ino
+
+    def _forget_paths(self, ino: int) -> None:
+        """Count mode: the netns's series end with it, and its paths free
+        their slots (its inode may come back for another namespace)."""
+        self.netns_epoch += 1
+        if not self.opts.count or self.obj is None:
+            return
+        counts, examples = self.obj.map("path_counts"), self.obj.map("path_examples")
+        for key in [k for k in counts.keys(events.PtPathKey) if k.netns == ino]:
+            counts.delete(key)
+            examples.delete(key)
+
+    def _forget_netns(self, ns: str) -> None:
+        """Drop the observers of a netns that went away; keep the rest."""
+        ino = self._drop_netns(ns)
+        if ino is not None:
+            self.gone[ino] = ns
+            if len(self.gone) > 4 * events.PT_MAX_NETNS:
+                self.gone.pop(next(iter(self.gone)))
         now = netns.current_inode(ns)
         what = "was deleted" if now is None else "now names another namespace"
+        if ns.startswith(netns.UNNAMED):
+            what = "is gone (no process is in it)"
         rest = "" if self._ns_inodes else "; nothing left to trace"
         self._notice(f"network namespace {ns!r} {what}: no longer traced{rest}")
 
     @property
     def exhausted(self) -> bool:
-        """Every namespace asked for went away: nothing is traced any more."""
-        return not self._ns_inodes
+        """Every namespace asked for went away, and none will be traced
+        again: nothing is traced any more."""
+        return not self._ns_inodes and not (self.opts.follow_names or self.opts.all_netns)
 
     def _notice(self, line: str) -> None:
         if self.on_notice is not None:
@@ -670,6 +815,8 @@ class Tracer:
         if now - self._last_ns_check >= 0.5:
             self._last_ns_check = now
             self.check_netns()
+            if self.opts.all_netns or self.opts.follow_names:
+                self.discover_netns()
         if self.opts.replace_every and now - self._last_replace_check >= self.opts.replace_every:
             self._last_replace_check = now
             self.replace_observers()
