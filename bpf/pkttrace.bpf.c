@@ -1460,7 +1460,7 @@ static __always_inline void skb_view_core(const struct sk_buff *skb, struct skb_
  * PT_SLOT_* and struct pt_stage. */
 static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_view *v, __u8 pf, __u8 hook,
 					  __u32 in, __u32 out, __u32 netns, __u8 slot, bool first, __s32 prio,
-					  __u8 stflags)
+					  __u8 stflags, __u32 table)
 {
 	__u8 family = pf == NFPROTO_IPV4 ? 4 : pf == NFPROTO_IPV6 ? 6 : 0;
 	__u32 mark = v->mark;
@@ -1571,7 +1571,9 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 	if (!s)
 		return NF_ACCEPT;
 	s->ifindex = out ? out : in;
-	s->aux = in;
+	/* an nft base chain observed by itself: its table, by the handle
+	 * nftables gave it (never reused in a netns) */
+	s->aux = (stflags & PT_STF_NFT_TABLE) ? table : in;
 	s->aux2 = prio;
 	s->flags = stflags;
 	s->mark = mark;
@@ -1596,7 +1598,7 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
  * BTF pointers, read directly.  A constant at every call: the other branch
  * is compiled out. */
 static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_hook_state *state, __u8 slot,
-					 bool first, __s32 prio, __u8 stflags, bool core)
+					 bool first, __s32 prio, __u8 stflags, __u32 table, bool core)
 {
 	struct skb_view v;
 
@@ -1606,11 +1608,12 @@ static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_ho
 		skb_view_core(skb, &v);
 		return nf_observe_dev(skb, &v, BPF_CORE_READ(state, pf), BPF_CORE_READ(state, hook),
 				      in ? BPF_CORE_READ(in, ifindex) : 0, out ? BPF_CORE_READ(out, ifindex) : 0,
-				      BPF_CORE_READ(state, net, ns.inum), slot, first, prio, stflags);
+				      BPF_CORE_READ(state, net, ns.inum), slot, first, prio, stflags, table);
 	}
 	skb_view_direct(skb, &v);
 	return nf_observe_dev(skb, &v, state->pf, state->hook, state->in ? state->in->ifindex : 0,
-			      state->out ? state->out->ifindex : 0, state->net->ns.inum, slot, first, prio, stflags);
+			      state->out ? state->out->ifindex : 0, state->net->ns.inum, slot, first, prio, stflags,
+			      table);
 }
 
 /* Forget where a freed packet was in its hook: its pointer will be reused. */
@@ -1756,7 +1759,7 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
 	i = nf_position(ctx->skb, ctx->state, bank);
 
 	return nf_observe_at(ctx->skb, ctx->state, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), i == 0, 0,
-			     i == 0 ? hook_changing(ctx->state) : 0, false);
+			     i == 0 ? hook_changing(ctx->state) : 0, 0, false);
 }
 
 /* One program per bank, attached at every observer slot of the bank: it
@@ -1793,7 +1796,7 @@ int BPF_PROG(fe_hook_entry, struct sk_buff *skb, struct nf_hook_state *state,
 	     const struct nf_hook_entries *e, unsigned int s)
 {
 	if (netns_traced(state->net->ns.inum))
-		nf_observe_at(skb, state, 0, true, 0, 0, false);
+		nf_observe_at(skb, state, 0, true, 0, 0, 0, false);
 	return 0;
 }
 
@@ -1803,21 +1806,30 @@ int BPF_PROG(fx_hook_exit, struct sk_buff *skb, struct nf_hook_state *state,
 {
 	/* 1: every hook function accepted it (else it may be freed already) */
 	if (ret == 1 && netns_traced(state->net->ns.inum))
-		nf_observe_at(skb, state, PT_SLOT_EXIT, false, 0x7fffffff, 0, false);
+		nf_observe_at(skb, state, PT_SLOT_EXIT, false, 0x7fffffff, 0, 0, false);
 	return 0;
 }
 
 /* After one table: its priority, and whether it dropped the packet (then
  * nf_hook_slow frees it after we return: it is still whole here). */
+/* table: an nft table's handle (0: an x_tables table, known by priority) */
 static __always_inline void table_done(struct sk_buff *skb, const struct nf_hook_state *state, __s32 prio,
-				       unsigned int ret, bool core)
+				       unsigned int ret, __u32 table, bool core)
 {
 	__u8 v = ret & NF_VERDICT_MASK;
 
 	if ((v != NF_DROP && v != NF_ACCEPT_V) ||
 	    !netns_traced(core ? BPF_CORE_READ(state, net, ns.inum) : state->net->ns.inum))
 		return; /* stolen or queued: no longer ours to read */
-	nf_observe_at(skb, state, PT_SLOT_TABLE, false, prio, v == NF_DROP ? PT_STF_NF_DROP : 0, core);
+	nf_observe_at(skb, state, PT_SLOT_TABLE, false, prio,
+		      (v == NF_DROP ? PT_STF_NF_DROP : 0) | (table ? PT_STF_NFT_TABLE : 0), table, core);
+}
+
+/* The handle of the table of an nft chain: what names it, unlike its
+ * priority (two tables can share one, and a swap of tables keeps it). */
+static __always_inline __u32 nft_table_handle(void *chain)
+{
+	return (__u32)BPF_CORE_READ((struct nft_chain *)chain, table, handle);
 }
 
 SEC("fexit/nft_do_chain")
@@ -1826,21 +1838,21 @@ int BPF_PROG(fx_nft_chain, struct nft_pktinfo *pkt, void *priv, unsigned int ret
 	/* priv is the chain of a base chain: its hook priority is the table's */
 	struct nft_base_chain *bc = (void *)priv - bpf_core_field_offset(struct nft_base_chain, chain);
 
-	table_done(pkt->skb, pkt->state, BPF_CORE_READ(bc, ops.priority), ret, false);
+	table_done(pkt->skb, pkt->state, BPF_CORE_READ(bc, ops.priority), ret, nft_table_handle(priv), false);
 	return 0;
 }
 
 SEC("fexit/ipt_do_table")
 int BPF_PROG(fx_ipt_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state, unsigned int ret)
 {
-	table_done(skb, state, BPF_CORE_READ((struct xt_table *)priv, priority), ret, false);
+	table_done(skb, state, BPF_CORE_READ((struct xt_table *)priv, priority), ret, 0, false);
 	return 0;
 }
 
 SEC("fexit/ip6t_do_table")
 int BPF_PROG(fx_ip6t_table, void *priv, struct sk_buff *skb, const struct nf_hook_state *state, unsigned int ret)
 {
-	table_done(skb, state, BPF_CORE_READ((struct xt_table *)priv, priority), ret, false);
+	table_done(skb, state, BPF_CORE_READ((struct xt_table *)priv, priority), ret, 0, false);
 	return 0;
 }
 
@@ -2311,7 +2323,7 @@ static __always_inline void hook_done(struct sk_buff *skb, __u8 pf, __u8 hook, b
 		out = dst_ifindex(v.refdst);
 	else
 		out = dev ? ifindex : dst_ifindex(v.refdst);
-	nf_observe_dev(skb, &v, pf, hook, in, out, netns, PT_SLOT_EXIT, first, 0x7fffffff, 0);
+	nf_observe_dev(skb, &v, pf, hook, in, out, netns, PT_SLOT_EXIT, first, 0x7fffffff, 0, 0);
 }
 
 #define HOOK_DONE(NAME, FUNC, PF, HOOK)                                                         \
@@ -2472,7 +2484,7 @@ int BPF_KPROBE(kp_hook_entry, struct sk_buff *skb, struct nf_hook_state *state)
 {
 	stash_push(STASH_HOOK, (__u64)skb, (__u64)state, 0);
 	if (netns_traced(BPF_CORE_READ(state, net, ns.inum)))
-		nf_observe_at(skb, state, 0, true, 0, 0, true);
+		nf_observe_at(skb, state, 0, true, 0, 0, 0, true);
 	return 0;
 }
 
@@ -2487,7 +2499,7 @@ int BPF_KRETPROBE(kr_hook_exit, int ret)
 	/* 1: every hook function accepted it (else it may be freed already) */
 	if (ret == 1 && netns_traced(BPF_CORE_READ((struct nf_hook_state *)state, net, ns.inum)))
 		nf_observe_at((struct sk_buff *)skb, (struct nf_hook_state *)state, PT_SLOT_EXIT, false,
-			      0x7fffffff, 0, true);
+			      0x7fffffff, 0, 0, true);
 	return 0;
 }
 
@@ -2496,8 +2508,9 @@ int BPF_KPROBE(kp_nft_chain, struct nft_pktinfo *pkt, void *priv)
 {
 	struct nft_base_chain *bc = priv - bpf_core_field_offset(struct nft_base_chain, chain);
 
+	/* the priority and the table's handle, in one stash word */
 	stash_push(STASH_CHAIN, (__u64)BPF_CORE_READ(pkt, skb), (__u64)BPF_CORE_READ(pkt, state),
-		   BPF_CORE_READ(bc, ops.priority));
+		   (__s64)((__u64)nft_table_handle(priv) << 32 | (__u32)BPF_CORE_READ(bc, ops.priority)));
 	return 0;
 }
 
@@ -2508,7 +2521,8 @@ int BPF_KRETPROBE(kr_nft_chain, unsigned int ret)
 	__s64 prio;
 
 	if (stash_pop(STASH_CHAIN, &skb, &state, &prio))
-		table_done((struct sk_buff *)skb, (struct nf_hook_state *)state, prio, ret, true);
+		table_done((struct sk_buff *)skb, (struct nf_hook_state *)state, (__s32)(__u32)prio, ret,
+			   (__u32)((__u64)prio >> 32), true);
 	return 0;
 }
 
@@ -2528,7 +2542,7 @@ int BPF_KRETPROBE(kr_nft_chain, unsigned int ret)
                                                                                                 \
 		if (stash_pop(FN, &skb, &state, &prio))                                         \
 			table_done((struct sk_buff *)skb, (struct nf_hook_state *)state, prio,  \
-				   ret, true);                                                  \
+				   ret, 0, true);                                               \
 		return 0;                                                                       \
 	}
 KP_TABLE(kp_ipt_table, kr_ipt_table, ipt_do_table, STASH_IPT)

@@ -45,6 +45,7 @@ enum pt_stage_kind {
 /* struct pt_stage.flags */
 #define PT_STF_REDIRECTED 1       /* skb->redirected: tc (mirred, bpf_redirect) sent it here */
 #define PT_STF_NF_DROP 2          /* fentry backend: the table observed here said drop */
+#define PT_STF_NFT_TABLE 8        /* fentry/kprobe backends: aux is the nft table's handle */
 #define PT_STF_CHANGING 4         /* netfilter links: what is registered at this hook is not
 				     what the observers were placed for (a ruleset change, or
 				     pkttrace moving them): which table did what is unknown */

@@ -89,6 +89,7 @@ class TcVerdict(enum.IntEnum):
 
 STF_REDIRECTED = 1    # pt_stage.flags: skb->redirected (tc sent it here)
 STF_NF_DROP = 2       # pt_stage.flags: fentry backend, the table observed here said drop
+STF_NFT_TABLE = 8     # pt_stage.flags, fentry/kprobe: aux is the nft table's handle
 STF_CHANGING = 4      # pt_stage.flags: the hook's registrations changed since the observers were placed
 SLOT_TABLE = 0xFE     # pt_stage.slot, fentry backend: after the table at priority aux2
 SLOT_EXIT = 0xFF      # ... after every hook function of the hook

@@ -27,7 +27,7 @@ from typing import Callable
 from . import routing
 from .placement import PRIO_FIRST
 from .events import (CT_REPLY, NF_STAGES, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
-                     REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_NF_DROP, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
+                     REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_NF_DROP, STF_NFT_TABLE, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
                      StageKind, TcVerdict)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
@@ -52,7 +52,8 @@ class Context:
     slot_tables: dict[tuple[int, int, int, int], list] = field(default_factory=dict)
     slot_after: dict[tuple[int, int, int, int], list] = field(default_factory=dict)
     conntrack: dict[int, list[int]] = field(default_factory=dict)     # ino -> families with conntrack hooks
-    # (ino, fam, hook) -> [(table, priority)] registered there, in priority order (fentry backend)
+    # (ino, fam, hook) -> [(table, priority, nft table handle or 0)] registered there, in
+    # priority order (fentry/kprobe backends)
     registered: dict[tuple[int, int, int], list] = field(default_factory=dict)
     rules: dict[tuple[int, int], list] = field(default_factory=dict)  # (ino, fam) -> [routing.Rule]
     generation: int = 0                # bumped when observers or rules change (recordings re-save names)
@@ -452,6 +453,7 @@ class _Obs:
     priority: int | None
     tables: list                        # [(name, priority)] crossed just before this observer
     nat: list[tuple[int, int]] = field(default_factory=list)   # (raw index of ADDR stage, what)
+    unknown: bool = False               # fentry/kprobe: an nft table the ruleset read does not have
 
 
 @dataclass
@@ -528,14 +530,15 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
                 # fentry backend: after the table at priority aux2, or after
                 # every hook function; with it, what ran since the last look
                 last = hook_plan.obs[-1].priority if hook_plan is not None and hook_plan.obs else None
-                ob = _table_obs(i, slot, aux2, last, ctx.registered.get((ino, fam, kind - StageKind.PREROUTING), []))
+                ob = _table_obs(i, slot, aux2, last, ctx.registered.get((ino, fam, kind - StageKind.PREROUTING), []),
+                                aux if st[_FLAGS] & STF_NFT_TABLE else None)
             else:
                 key = (ino, fam, kind - StageKind.PREROUTING, slot)
                 # (the fentry backend's hook entry has no placed slot: before
                 # every table, even one at the first priority a link can take)
                 ob = _Obs(i, ctx.slot_priority.get(key, PRIO_MIN if slot == 0 else None),
                           ctx.slot_tables.get(key, []))
-            changing = bool(st[_FLAGS] & STF_CHANGING)
+            changing = bool(st[_FLAGS] & STF_CHANGING) or ob.unknown
             if hook_plan is not None and hook_plan.obs is not None:
                 hook_plan.raws.append(i)
                 hook_plan.obs.append(ob)
@@ -580,18 +583,27 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
 PRIO_MIN, PRIO_MAX = -(2**31), 2**31 - 1   # INT_MIN/INT_MAX: before/after every hook function
 
 
-def _table_obs(raw: int, slot: int, prio: int, last: int | None, registered: list) -> _Obs:
-    """An observation of the fentry backend: after one table (an nft base
-    chain or x_tables table at `prio`), or after every hook function.  The
-    tables crossed since the last observation are what is registered
-    between the two priorities (conntrack, NAT, ... run unobserved)."""
+def _table_obs(raw: int, slot: int, prio: int, last: int | None, registered: list,
+               handle: int | None = None) -> _Obs:
+    """An observation of the fentry/kprobe backends: after one table (an nft
+    base chain, named by its table's handle, or an x_tables table at
+    `prio`), or after every hook function.  The tables crossed since the
+    last observation are what is registered between the two priorities
+    (conntrack, NAT, ... run unobserved)."""
     lo = last if last is not None else PRIO_MIN
     hi = prio if slot == SLOT_TABLE else PRIO_MAX
-    tables = [(n, p) for n, p in registered if lo < p <= hi]
+    tables = [(t[0], t[1]) for t in registered if lo < t[1] <= hi]
     if slot == SLOT_TABLE:
         # the table itself said it ran: name it alone.  What ran unobserved
         # before it (conntrack, defrag: no chain of their own) shows in the
         # stage's ct, not as a table the change could be blamed on
+        if handle is not None:
+            named = [(t[0], t[1]) for t in registered if t[1] == prio and len(t) > 2 and t[2] == handle]
+            if not named:
+                # a table the ruleset read does not have (yet): it changed
+                # since, and a name by priority could be another table's
+                return _Obs(raw, hi, [], unknown=True)
+            return _Obs(raw, hi, named)
         tables = [(n, p) for n, p in tables if p == prio] or \
             [(f"(table at {prio})", prio)]      # not (yet) in the ruleset read
     return _Obs(raw, hi, tables)
@@ -654,7 +666,7 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
             if lst[_SLOT] in (0, SLOT_TABLE) and key not in ctx.slot_after:
                 # fentry backend: something registered after that priority
                 after = last.obs[-1].priority if lst[_SLOT] == SLOT_TABLE else PRIO_MIN
-                last.drop_tables = [(n, p) for n, p in ctx.registered.get(key[:3], []) if p > after]
+                last.drop_tables = [(t[0], t[1]) for t in ctx.registered.get(key[:3], []) if t[1] > after]
             else:
                 last.drop_tables = ctx.slot_after.get(key, [])
             tpl.drop_table = _names(last.drop_tables) if last.drop_tables else None

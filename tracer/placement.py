@@ -55,6 +55,9 @@ class Table:
     name: str
     priority: int
     nat: bool = False        # a nat table or chain: may rewrite addresses and ports
+    # nftables' handle of its table (0: not nft): what the fentry and kprobe
+    # backends name a chain by; a table deleted and added again gets another
+    handle: int = 0
 
 
 @dataclass
@@ -101,10 +104,13 @@ def read_nft(ns: str | None) -> tuple[Registered, set[int]]:
     with netns.entered(ns):
         nft = NFTables(nfgen_family=0)   # NFPROTO_UNSPEC: every family
         try:
+            tables = nft.get_tables()
             chains = nft.get_chains()
             rules = nft.get_rules()
         finally:
             nft.close()
+    handles = {(t["nfgen_family"], t.get_attr("NFTA_TABLE_NAME")): t.get_attr("NFTA_TABLE_HANDLE") or 0
+               for t in tables}
     for c in chains:
         hook = c.get_attr("NFTA_CHAIN_HOOK")
         nfproto = c["nfgen_family"]
@@ -113,13 +119,15 @@ def read_nft(ns: str | None) -> tuple[Registered, set[int]]:
         hooknum, prio = hook.get_attr("NFTA_HOOK_HOOKNUM"), hook.get_attr("NFTA_HOOK_PRIORITY")
         if hooknum is None or hooknum > 4:
             continue
-        name = _table_name(c.get_attr("NFTA_CHAIN_TABLE"), c.get_attr("NFTA_CHAIN_NAME"), nfproto, hooknum)
+        table = c.get_attr("NFTA_CHAIN_TABLE")
+        name = _table_name(table, c.get_attr("NFTA_CHAIN_NAME"), nfproto, hooknum)
+        handle = handles.get((nfproto, table), 0)
         nat = c.get_attr("NFTA_CHAIN_TYPE") == "nat"
         if nat:
             prio = NAT_PRIORITY.get(hooknum, prio)
             conntrack.update(NFT_FAMILIES[nfproto])
         for fam in NFT_FAMILIES[nfproto]:
-            reg.setdefault((fam, hooknum), []).append(Table(name, prio, nat))
+            reg.setdefault((fam, hooknum), []).append(Table(name, prio, nat, handle))
     for r in rules:
         if r["nfgen_family"] in NFT_FAMILIES and _uses_conntrack(r):
             conntrack.update(NFT_FAMILIES[r["nfgen_family"]])

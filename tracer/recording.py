@@ -139,6 +139,8 @@ def _list_of(check):
 
 
 _TABLES = _list_of(_row(_is_str, _is_int))     # [(table, priority)]
+# [(table, priority, nft table handle)]; recordings before handles: pairs
+_REGISTERED = _list_of(lambda t: _row(_is_str, _is_int, _is_int)(t) or _row(_is_str, _is_int)(t))
 _I = _is_int
 # the rows of each kind of name a context line carries (as _ctx_to_json writes them)
 _CONTEXT_ROWS = {
@@ -148,7 +150,7 @@ _CONTEXT_ROWS = {
     "slot_tables": _row(_I, _I, _I, _I, _TABLES),
     "slot_after": _row(_I, _I, _I, _I, _TABLES),
     "conntrack": _row(_I, _list_of(_I)),
-    "registered": _row(_I, _I, _I, _TABLES),
+    "registered": _row(_I, _I, _I, _REGISTERED),
     "rules": _row(_I, _I, _list_of(lambda r: type(r) is dict)),
     "drop_reasons": _row(_I, _is_str),
     "symbols": _row(_I, _is_str),

@@ -355,7 +355,7 @@ class Tracer:
         for key in [k for k in self.ctx.registered if k[0] == ino]:
             del self.ctx.registered[key]
         for (fam, hook), tables in reg.items():
-            self.ctx.registered[(ino, fam, hook)] = [(t.name, t.priority) for t in tables]
+            self.ctx.registered[(ino, fam, hook)] = [(t.name, t.priority, t.handle) for t in tables]
         if self.plan.netfilter != "nflink":
             plans = {}
         idx = ctypes.c_uint32(self._ns_index[ino])
