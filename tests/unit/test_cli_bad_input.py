@@ -277,3 +277,29 @@ def test_group_without_a_command_shows_its_help_as_text(capsys):
     out, err = capsys.readouterr()
     assert status in (0, 2)          # click 8.1 shows the help and exits 0, 8.2 exits 2
     assert "Usage:" in out + err and "\\x0a" not in out + err and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("argv", [["--netns", "all", "--netns", "x"], ["--netns", "x", "--netns", "all"],
+                                  ["--netns", "all", "--iface", "eth0"],
+                                  ["serve", "--netns", "all", "--netns", "x"]])
+def test_netns_all_is_given_alone(argv, capsys, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns, "exists", lambda name: True)
+    monkeypatch.setattr(netns, "ifindex", lambda ns, name: 7)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("bad input went past the door")
+    monkeypatch.setattr(cli, "run_trace", forbidden)
+    from tracer import serve
+    monkeypatch.setattr(serve, "Exporter", forbidden)
+    assert cli.run(argv) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "--netns all" in line or "--iface" in line
+
+
+def test_netns_all_reaches_the_tracer(capsys, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    seen = {}
+    monkeypatch.setattr(cli, "run_trace", lambda opts, **kw: seen.update(opts=opts))
+    assert cli.run(["--netns", "all", "--proto", "udp"]) == 0, capsys.readouterr().err
+    assert seen["opts"].all_netns and seen["opts"].netns == [None]
