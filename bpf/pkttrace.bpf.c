@@ -162,6 +162,22 @@ struct {
 	__type(value, __u32);
 } netns_nat SEC(".maps");
 
+/* Per CPU, fentry/kprobe backends: the nft chain a packet entered last
+ * (skb, table handle << 32 | priority).  Since 6.1 an nft chain that
+ * drops frees the packet itself (NF_DROP_REASON) and returns NF_STOLEN:
+ * the drop tracepoint, inside the chain, names the chain from here. */
+struct pt_chain_now {
+	__u64 skb;
+	__u64 word;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_chain_now);
+} chain_now SEC(".maps");
+
 /* Runtime: the traced namespaces (struct pt_ns_slot); namespaces come and
  * go while tracing (--netns all, a traced name created again). */
 struct {
@@ -1832,6 +1848,31 @@ static __always_inline __u32 nft_table_handle(void *chain)
 	return (__u32)BPF_CORE_READ((struct nft_chain *)chain, table, handle);
 }
 
+static __always_inline __u64 chain_word(void *chain)
+{
+	struct nft_base_chain *bc = chain - bpf_core_field_offset(struct nft_base_chain, chain);
+
+	return (__u64)nft_table_handle(chain) << 32 | (__u32)BPF_CORE_READ(bc, ops.priority);
+}
+
+static __always_inline void chain_enter(__u64 skb, __u64 word)
+{
+	__u32 zero = 0;
+	struct pt_chain_now *c = bpf_map_lookup_elem(&chain_now, &zero);
+
+	if (c) {
+		c->skb = skb;
+		c->word = word;
+	}
+}
+
+SEC("fentry/nft_do_chain")
+int BPF_PROG(fe_nft_chain, struct nft_pktinfo *pkt, void *priv)
+{
+	chain_enter((__u64)pkt->skb, chain_word(priv));
+	return 0;
+}
+
 SEC("fexit/nft_do_chain")
 int BPF_PROG(fx_nft_chain, struct nft_pktinfo *pkt, void *priv, unsigned int ret)
 {
@@ -2130,6 +2171,32 @@ int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, u
 	return 0;
 }
 
+/* fentry/kprobe backends: dropped inside an nft chain (which frees the
+ * packet itself): the chain says so, as the table observation its return
+ * would have been.  Netfilter links never fill chain_now. */
+static __always_inline void chain_dropped(struct sk_buff *skb, struct pt_record *r, __u8 kind)
+{
+	__u32 zero = 0;
+	struct pt_chain_now *c = bpf_map_lookup_elem(&chain_now, &zero);
+	struct pt_stage *s;
+	__u64 word;
+
+	if (!c || c->skb != (__u64)skb)
+		return;
+	word = c->word;
+	c->skb = 0;
+	s = stage_add(r, kind, bpf_ktime_get_ns());
+	if (!s)
+		return;
+	s->ifindex = skb->dev ? skb->dev->ifindex : 0;
+	s->mark = skb->mark;
+	s->slot = PT_SLOT_TABLE;
+	s->aux = word >> 32;
+	s->aux2 = (__s32)(__u32)word;
+	s->flags = PT_STF_NF_DROP | (s->aux ? PT_STF_NFT_TABLE : 0);
+	s->ct = ct_state(skb->_nfct);
+}
+
 SEC("tp_btf/kfree_skb")
 int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
 {
@@ -2161,6 +2228,9 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 	kind = s ? s->kind : 0;
 	if (kind == PT_STAGE_PREROUTING)
 		route_take(r, PT_STAGE_ROUTE, r->last_ts, 0);
+	if (kind >= PT_STAGE_PREROUTING && kind <= PT_STAGE_POSTROUTING &&
+	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_NETFILTER_DROP))
+		chain_dropped(skb, r, kind);
 	r->drop_reason = reason;
 	r->drop_location = (__u64)location;
 	s = stage_add(r, PT_STAGE_DROP, bpf_ktime_get_ns());
@@ -2506,11 +2576,11 @@ int BPF_KRETPROBE(kr_hook_exit, int ret)
 SEC("kprobe/nft_do_chain")
 int BPF_KPROBE(kp_nft_chain, struct nft_pktinfo *pkt, void *priv)
 {
-	struct nft_base_chain *bc = priv - bpf_core_field_offset(struct nft_base_chain, chain);
-
 	/* the priority and the table's handle, in one stash word */
-	stash_push(STASH_CHAIN, (__u64)BPF_CORE_READ(pkt, skb), (__u64)BPF_CORE_READ(pkt, state),
-		   (__s64)((__u64)nft_table_handle(priv) << 32 | (__u32)BPF_CORE_READ(bc, ops.priority)));
+	__u64 word = chain_word(priv);
+
+	stash_push(STASH_CHAIN, (__u64)BPF_CORE_READ(pkt, skb), (__u64)BPF_CORE_READ(pkt, state), (__s64)word);
+	chain_enter((__u64)BPF_CORE_READ(pkt, skb), word);
 	return 0;
 }
 

@@ -41,6 +41,8 @@ MIN_KERNEL = (5, 8)            # BPF ring buffer, tp_btf with CO-RE
 FENTRY_PROGRAMS = {
     "fe_hook_entry": "nf_hook_slow",
     "fx_hook_exit": "nf_hook_slow",
+    # (entered: a chain that drops frees the packet itself, before its exit)
+    "fe_nft_chain": "nft_do_chain",
     "fx_nft_chain": "nft_do_chain",
     "fx_ipt_table": "ipt_do_table",
     "fx_ip6t_table": "ip6t_do_table",
@@ -76,7 +78,7 @@ FALLBACK_FOR = {"fd_fwd6_out": "fd_fwd6", "kd_fwd6_out": "kd_fwd6"}
 FENTRY_DATA_READY = ("fe_sk_data_ready", "sock_def_readable")
 # what a fentry program that cannot be attached costs; the rest are required
 OPTIONAL = frozenset(p for p in HOOK_PROGRAMS if p.startswith(("fd_", "kd_", "kp_out")) or
-                     p.startswith(("fx_", "kp_", "kr_")) and ("table" in p or "chain" in p))
+                     p.startswith(("fx_", "fe_", "kp_", "kr_")) and ("table" in p or "chain" in p))
 WHAT_IS_MISSED = {p: "a hook with no table registered shows no stage there" for p in HOOK_PROGRAMS
                   if p.startswith(("fd_", "kd_", "kp_out"))}
 
