@@ -69,7 +69,7 @@ def sent_to(cap, lab, port):
 def test_a_device_added_after_start_gets_tc_observers_and_its_name(lab, trace, tc):
     cap = trace(filter=PacketFilter(proto=17), tc=tc)
     if not cap.tracer.plan.tc:
-        pytest.skip("no tc observers on this kernel (tc programs need bpf_cast_to_kern_ctx, Linux 6.3+)")
+        pytest.skip("no tc observers on this kernel: kfunc bpf_cast_to_kern_ctx missing (Linux 6.2+)")
     add_link(lab, "dum0")
     announced(cap)
     p = sent_to(cap, lab, 7001)
