@@ -146,3 +146,22 @@ def test_256_namespaces_traced_at_once(scratch_ns):
         t.check_netns()
         assert not set(names[:128]) & set(t._ns_inodes)
         assert len(t._free_index) >= 128
+
+
+def test_netns_all_leaks_nothing_over_50_attach_detach_cycles():
+    """Each namespace created is attached (links, sockets, a map index) and
+    each deleted one detached: fds, indices and the namespace list end as
+    they began."""
+    from test_serve_load import fd_count
+    pid = os.getpid()
+    with Tracer(TraceOptions(all_netns=True, filter=PacketFilter(proto=17, port=7979))) as t:
+        t.on_notice = lambda line: None
+        fds, free, before = fd_count(pid), len(t._free_index), netns_list()
+        name = ns_name("cyc")
+        for _ in range(50):
+            ip_netns("add", name)
+            assert t.discover_netns() == [name]
+            assert name in t.placed and t.placed[name].links if t.plan.netfilter == "nflink" else name in t._ns_inodes
+            ip_netns("del", name)
+            assert t.check_netns() == [name]
+        assert (fd_count(pid), len(t._free_index), netns_list()) == (fds, free, before)
