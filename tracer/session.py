@@ -148,6 +148,8 @@ class Tracer:
         self._tc: dict[str | None, dict[int, list[probes.Attachment]]] = {}
         self._tc_mode: str | None = None             # tcx | classic, once decided
         self._iface_index = 0                        # what iface_want holds
+        # the programs read net->nft.base_seq (else they see 0, and are told 0)
+        self._gen_visible = True
         # traced namespaces that were deleted (or whose name now stands for
         # another namespace): inode -> name
         self.gone: dict[int, str] = {}
@@ -188,6 +190,7 @@ class Tracer:
             self.plan = backends.plan(backends.probe(), self.opts.backend, self.opts.tc)
         except backends.BackendError as e:
             raise TraceError(str(e)) from None
+        self._read_vmlinux_btf()
         try:
             self._load()
             self._attach()
@@ -426,7 +429,7 @@ class Tracer:
             return
         idx = ctypes.c_uint32(self._ns_index[ino])
         if gen is not None:
-            self.obj.map("ruleset_gen").update(idx, ctypes.c_uint32(gen))
+            self.obj.map("ruleset_gen").update(idx, ctypes.c_uint32(gen if self._gen_visible else 0))
         nat = events.PtNatSlots()
         m = self.obj.map("nat_slots")
         m.lookup(idx, nat)
@@ -471,7 +474,8 @@ class Tracer:
             if reg == self.placed[ns].registered:
                 ino = self._ns_inodes.get(ns)
                 if ino is not None:
-                    self.obj.map("ruleset_gen").update(ctypes.c_uint32(self._ns_index[ino]), ctypes.c_uint32(gen))
+                    self.obj.map("ruleset_gen").update(ctypes.c_uint32(self._ns_index[ino]),
+                                                       ctypes.c_uint32(gen if self._gen_visible else 0))
                 return False
         moved = False
         for _ in range(3):
@@ -615,10 +619,20 @@ class Tracer:
         for ns, ino in self._ns_inodes.items():
             self.ctx.netns_names[ino] = ns or ""
             self._learn_ifnames(ns, ino)
+
+    def _read_vmlinux_btf(self) -> None:
+        """What user space needs from the kernel's BTF: drop reason names,
+        and whether the BPF programs can read nftables' generation."""
         try:
             btf = libbpf.Btf.vmlinux()
             try:
                 self.ctx.drop_reasons = btf.enum("skb_drop_reason")
+                try:
+                    # in struct net since 6.x (6.12 has it, 6.1 keeps it in
+                    # nf_tables' per-netns data, out of the programs' reach)
+                    self._gen_visible = "base_seq" in btf.struct_layout("netns_nftables")
+                except libbpf.BpfError:
+                    self._gen_visible = False
             finally:
                 btf.close()
         except libbpf.BpfError:
