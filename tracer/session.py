@@ -715,7 +715,7 @@ class Tracer:
             self._learn_ifnames(ns, ino)
         except (probes.AttachError, netns.NetnsError, OSError) as e:
             self._drop_netns(ns)
-            if netns.current_inode(ns) == ino if ns is not None else True:
+            if ns is None or netns.current_inode(ns) == ino:   # not just gone again: a failure
                 self.attach_failures += 1
                 self._notice(f"network namespace {ns!r} cannot be traced: {e}")
             return False
