@@ -9,7 +9,7 @@
 #   scripts/kernel-bench.sh --run 6.1:fentry        # only these pairs
 #
 # Each run's tables go to $OUT/<kernel>-<backend>/latest.md (OUT defaults to
-# a new /tmp/pkttrace-kbench.XXXXXX); the summary prints each mode's ratio.
+# benchmarks/results/kernels-<time>, git-ignored); the summary prints each mode's ratio.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +34,8 @@ if [ ! -f "$VM" ]; then
   echo "kernel-bench.sh: no kernel VM runner at $VM (set PKTTRACE_KERNEL_VM)" >&2
   exit 2
 fi
-OUT=${OUT:-$(mktemp -d /tmp/pkttrace-kbench.XXXXXX)}
+# under the checkout: the guest sees the host's filesystem, but not its /tmp
+OUT=${OUT:-benchmarks/results/kernels-$(date +%Y%m%dT%H%M%S)}
 failed=0
 for run in "${RUNS[@]}"; do
   set -- $run
