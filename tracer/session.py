@@ -297,20 +297,23 @@ class Tracer:
                 else:
                     self.plan.notes.append(f"{fn} cannot be traced here ({failed[prog]}): "
                                            f"{backends.WHAT_IS_MISSED.get(prog, 'less detail')}")
-        gens = {}
         self._set_iface(self.opts.netns[0])
         for ns in self.opts.netns:
-            self._watch(ns)
-            self._set_hooks(ns, events.HOOKS_PLACING)
-            gens[ns], reg = self._initial.pop(ns)
-            self.placed[ns] = self._place(ns, 0, reg)
-            self._learn_rules(ns)
-            if self.plan.tc:
-                self._attach_tc(ns)
-        for ns in self.opts.netns:
-            self._set_hooks(ns, events.HOOKS_LEARN, gens[ns])
-            if watch.nft_generation(ns) != gens[ns]:
-                self._recheck(ns, signalled=True)   # committed to since it was read: read again
+            self._attach_netns(ns, *self._initial.pop(ns))
+
+    def _attach_netns(self, ns: str | None, gen: int, reg: placement.Registered) -> None:
+        """Observers, tc and the netlink watch of one netns, placed for the
+        ruleset `reg` read at nftables generation `gen` (at start, or when a
+        netns appears while tracing)."""
+        self._watch(ns)
+        self._set_hooks(ns, events.HOOKS_PLACING)
+        self.placed[ns] = self._place(ns, 0, reg)
+        self._learn_rules(ns)
+        if self.plan.tc:
+            self._attach_tc(ns)
+        self._set_hooks(ns, events.HOOKS_LEARN, gen)
+        if watch.nft_generation(ns) != gen:
+            self._recheck(ns, signalled=True)   # committed to since it was read: read again
 
     def _watch(self, ns: str | None) -> None:
         try:
@@ -429,13 +432,21 @@ class Tracer:
             return
         idx = ctypes.c_uint32(self._ns_index[ino])
         if gen is not None:
-            self.obj.map("ruleset_gen").update(idx, ctypes.c_uint32(gen if self._gen_visible else 0))
+            self._tell_generation(ns, gen)
         nat = events.PtNatSlots()
         m = self.obj.map("nat_slots")
         m.lookup(idx, nat)
         nat.hooks[:] = [value] * len(nat.hooks)
         nat.changed = 0
         m.update(idx, nat)
+
+    def _tell_generation(self, ns: str | None, gen: int) -> None:
+        """The nftables generation the observers of ns fit (0 where the
+        programs cannot read it: they compare with 0 then)."""
+        ino = self._ns_inodes.get(ns)
+        if ino is not None and self.obj is not None:
+            self.obj.map("ruleset_gen").update(ctypes.c_uint32(self._ns_index[ino]),
+                                               ctypes.c_uint32(gen if self._gen_visible else 0))
 
     def _hooks_changed(self, ns: str | None) -> bool:
         """Did a packet find a hook of ns changed since the observers were placed?"""
@@ -472,10 +483,7 @@ class Tracer:
         if not signalled:
             gen, reg = self._read_ruleset(ns)
             if reg == self.placed[ns].registered:
-                ino = self._ns_inodes.get(ns)
-                if ino is not None:
-                    self.obj.map("ruleset_gen").update(ctypes.c_uint32(self._ns_index[ino]),
-                                                       ctypes.c_uint32(gen if self._gen_visible else 0))
+                self._tell_generation(ns, gen)
                 return False
         moved = False
         for _ in range(3):
@@ -579,7 +587,7 @@ class Tracer:
             now = netns.links(ns)
         except netns.NetnsError:
             return                           # the netns is going: check_netns says so
-        self._learn_ifnames(ns, ino)
+        self._learn_ifnames(ns, ino, now)
         per_dev = self._tc.get(ns)
         if per_dev is not None and self.plan.tc:
             for ifindex in [i for i in per_dev if i not in now or i in deleted]:
@@ -638,10 +646,10 @@ class Tracer:
         except libbpf.BpfError:
             pass  # names fall back to numbers; the doctor reports missing BTF
 
-    def _learn_ifnames(self, ns: str | None, ino: int) -> None:
+    def _learn_ifnames(self, ns: str | None, ino: int, devices: dict[int, str] | None = None) -> None:
         self.ctx.shapes.clear()  # they hold device names
         try:
-            for idx, name in netns.links(ns).items():
+            for idx, name in (netns.links(ns) if devices is None else devices).items():
                 self.ctx.ifnames[(ino, idx)] = name
         except netns.NetnsError:
             pass
@@ -703,14 +711,7 @@ class Tracer:
         self.gone.pop(ino, None)         # an inode number is reused for a new namespace
         try:
             self._register(ino)
-            gen, reg = self._read_ruleset(ns)
-            self._watch(ns)
-            self._set_hooks(ns, events.HOOKS_PLACING)
-            self.placed[ns] = self._place(ns, 0, reg)
-            self._learn_rules(ns)
-            if self.plan.tc:
-                self._attach_tc(ns)
-            self._set_hooks(ns, events.HOOKS_LEARN, gen)
+            self._attach_netns(ns, *self._read_ruleset(ns))
             self.ctx.netns_names[ino] = ns or ""
             self._learn_ifnames(ns, ino)
         except (probes.AttachError, netns.NetnsError, OSError) as e:

@@ -178,12 +178,13 @@ def test_a_name_that_now_stands_for_another_namespace_is_not_followed(scratch_ns
                        "nothing left to trace"]
 
 
-def _send_udp_in(ns: str, count: int = 5) -> None:
+def _send_udp_in(ns: str, count: int = 5, port: int = 9) -> None:
+    """UDP datagrams to 127.0.0.1:port from inside netns ns."""
     with netns.entered(ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with s:
         for _ in range(count):
-            s.sendto(b"x", ("127.0.0.1", 9))
+            s.sendto(b"x", ("127.0.0.1", port))
 
 
 def _samples_of(text: str, ns: str) -> list:

@@ -22,15 +22,6 @@ from tracer.session import TraceOptions, Tracer
 pytestmark = pytest.mark.root
 
 
-def _udp_port_in(ns: str, port: int, count: int = 3) -> None:
-    import socket
-    with netns.entered(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with s:
-        for _ in range(count):
-            s.sendto(b"x", ("127.0.0.1", port))
-
-
 def _hold_unnamed_netns() -> tuple[subprocess.Popen, int]:
     """A network namespace no name stands for: only a process is in it."""
     proc = subprocess.Popen(["unshare", "--net", "sh", "-c", "ip link set lo up && exec sleep 60"])
@@ -101,8 +92,8 @@ def test_netns_all_picks_up_named_and_unnamed_namespaces_created_after_start(scr
         unnamed_s = time.monotonic() - t1
         print(f"attached {named_s:.2f} s after `ip netns add`, {unnamed_s:.2f} s after unshare")
         assert named_s < 1.5 and unnamed_s < 1.5
-        _udp_port_in(named, port)
-        _udp_port_in(unnamed, port)
+        _send_udp_in(named, 3, port)
+        _send_udp_in(unnamed, 3, port)
         got = set()
 
         def ours(line: str) -> bool:
@@ -133,7 +124,7 @@ def test_256_namespaces_traced_at_once(scratch_ns):
         assert set(names) <= traced and len(t._ns_inodes) >= 257
         # packets in the first and the last of them are traced, each under its name
         for ns in (names[0], names[-1]):
-            _udp_port_in(ns, 7878, 1)
+            _send_udp_in(ns, 1, 7878)
         seen = set()
         for p in t.packets(duration=5):
             if p.dport == 7878:
