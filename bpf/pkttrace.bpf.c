@@ -739,6 +739,29 @@ static __always_inline void rec_forget(__u64 key)
 
 /* ---- the packet this CPU is processing, and what it causes ---- */
 
+int route_take(struct pt_record *r, __u8 kind, __u64 since, __u32 how);
+int route_result(struct pt_record *r, __u64 refdst, __u64 ts);
+static __always_inline struct pt_stage *last_stage(struct pt_record *r);
+
+/* A packet routed since its last stage (PREROUTING) makes the kernel
+ * generate another (a REJECT's RST or ICMP error, from a table of FORWARD
+ * or INPUT, whose first observer comes after a table): it claims its own
+ * lookups first, which the reply's source check would otherwise take, with
+ * the route the kernel attached to it. */
+static __always_inline void route_claim(struct pt_record *p, __u64 skb, __u64 now)
+{
+	struct pt_stage *s = last_stage(p);
+	struct dst_entry *dst;
+	__u64 refdst;
+
+	if (!s || s->kind != PT_STAGE_PREROUTING || !route_take(p, PT_STAGE_ROUTE, p->last_ts, 0))
+		return;
+	refdst = BPF_CORE_READ((struct sk_buff *)skb, _skb_refdst);
+	dst = (struct dst_entry *)(refdst & ~1UL);
+	if (dst && !BPF_CORE_READ(dst, error))
+		route_result(p, refdst, now);
+}
+
 static __always_inline struct pt_active *active_slot(void)
 {
 	__u32 zero = 0;
@@ -774,6 +797,7 @@ static __always_inline __u64 cause_of(const void *skb, const struct pkt_info *pi
 	if (!p || p->id != a->id || p->family != pi->family || !addr_eq(pi->daddr, p->cur_saddr))
 		return 0;
 	p->flags |= PT_REC_CAUSED;
+	route_claim(p, key, now);
 	return p->id;
 }
 
@@ -814,7 +838,9 @@ static __always_inline __u32 path_signature(const struct pt_record *r, __u32 n)
 			continue;
 		}
 		if (s->kind >= PT_STAGE_PREROUTING && s->kind <= PT_STAGE_POSTROUTING) {
-			if (s->kind == prev_kind)
+			/* against the last observation of any hook: a hook's
+			 * first observer may come after its first table */
+			if (prev_kind)
 				changed = (s->mark != prev_mark) | ((s->tos != prev_tos) << 1);
 			prev_kind = s->kind;
 			prev_mark = s->mark;
@@ -1471,8 +1497,8 @@ static __always_inline void skb_view_core(const struct sk_buff *skb, struct skb_
 	v->refdst = BPF_CORE_READ(skb, _skb_refdst);
 }
 
-/* One observation of a packet at a netfilter hook.  first: the hook's
- * first observation (before every table); slot, prio, flags: see
+/* One observation of a packet at a netfilter hook.  first: an observation
+ * before every table of the hook (its entry); slot, prio, flags: see
  * PT_SLOT_* and struct pt_stage. */
 static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_view *v, __u8 pf, __u8 hook,
 					  __u32 in, __u32 out, __u32 netns, __u8 slot, bool first, __s32 prio,
@@ -1559,7 +1585,9 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 	if (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD || kind == PT_STAGE_OUTPUT) {
 		bool local = kind == PT_STAGE_OUTPUT || (r->seen & PT_SEEN_OUTPUT);
 
-		if (route_take(r, first ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
+		/* only OUTPUT routes again inside the hook (mangle, DNAT); the
+		 * first observer of INPUT/FORWARD may come after a table */
+		if (route_take(r, first || kind != PT_STAGE_OUTPUT ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
 			       r->n_stages ? r->last_ts : now - ROUTE_MAX_AGE_NS,
 			       ROUTE_CHECKS | (local ? ROUTE_LOCAL_OUT : 0)))
 			route_result(r, v->refdst, now);
@@ -1688,9 +1716,9 @@ static __always_inline __u8 nf_position(const void *skb, const struct nf_hook_st
  * whenever anything registers or unregisters there (a table, a base chain,
  * conntrack, another tool's hook, our own observers).  Constant indices:
  * a BTF pointer takes no variable offset. */
-static __always_inline __u64 hook_entries(const struct nf_hook_state *state, __u8 fh)
+static __always_inline __u64 hook_entries(const struct net *net, __u8 fh)
 {
-	struct netns_nf *nf = &state->net->nf;
+	const struct netns_nf *nf = &net->nf;
 
 	switch (fh) {
 	case 0: return (__u64)nf->hooks_ipv4[0];
@@ -1726,7 +1754,7 @@ static __always_inline __u32 nft_generation(const struct net *net)
  * space is told to read the ruleset again.  No window: the first packet
  * after a change sees it.  A replaced hook stays "changing"
  * (PT_HOOKS_PLACING) until user space has placed the observers again. */
-static __always_inline __u8 hook_changing(const struct nf_hook_state *state)
+static __always_inline __u8 hook_changing(const struct nf_hook_state *state, __u8 bank, bool *entry)
 {
 	__u8 fh = (state->pf == NFPROTO_IPV6 ? 5 : 0) + state->hook;
 	struct pt_nat_slots *ns;
@@ -1734,6 +1762,7 @@ static __always_inline __u8 hook_changing(const struct nf_hook_state *state)
 	__u64 now, want;
 	int ns_i;
 
+	*entry = true;
 	ns_i = netns_index(state->net->ns.inum);
 	if (ns_i < 0)
 		return 0;
@@ -1742,7 +1771,8 @@ static __always_inline __u8 hook_changing(const struct nf_hook_state *state)
 	gen = bpf_map_lookup_elem(&ruleset_gen, &k);
 	if (!ns || !gen || fh >= 10)
 		return 0;
-	now = hook_entries(state, fh);
+	*entry = !(ns->entryless & (1u << (bank * 10 + fh)));
+	now = hook_entries(state->net, fh);
 	barrier_var(fh);
 	if (fh >= 10)
 		return 0;
@@ -1764,7 +1794,8 @@ static __always_inline __u8 hook_changing(const struct nf_hook_state *state)
 static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
 {
 	__u64 *rj = rejected_slot();
-	__u8 i;
+	bool entry = false;
+	__u8 i, changing = 0;
 
 	/* A rejected packet (most packets, with a filter) costs one load
 	 * here: only NAT could still make it match, and only where its
@@ -1773,9 +1804,46 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
 	    ((*rj & PT_REJECTED_FINAL) || !ct_natted(ctx->skb->_nfct)))
 		return NF_ACCEPT;
 	i = nf_position(ctx->skb, ctx->state, bank);
+	if (i == 0)
+		changing = hook_changing(ctx->state, bank, &entry);
+	return nf_observe_at(ctx->skb, ctx->state, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), entry, 0,
+			     changing, 0, false);
+}
 
-	return nf_observe_at(ctx->skb, ctx->state, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), i == 0, 0,
-			     i == 0 ? hook_changing(ctx->state) : 0, 0, false);
+/* A packet netfilter dropped: was any hook of its netns that has no
+ * observer before its first table being changed?  A drop there can come
+ * before the hook's first observer, which would have said so. */
+static __always_inline bool nf_drop_changing(const struct sk_buff *skb)
+{
+	const struct net *net = skb->dev ? skb->dev->nd_net.net : NULL;
+	struct pt_nat_slots *ns;
+	__u32 k, *gen, bits;
+	int ns_i;
+
+	if (!net)
+		return false;
+	ns_i = netns_index(net->ns.inum);
+	if (ns_i < 0)
+		return false;
+	k = ns_i;
+	ns = bpf_map_lookup_elem(&nat_slots, &k);
+	gen = bpf_map_lookup_elem(&ruleset_gen, &k);
+	if (!ns || !gen)
+		return false;
+	bits = (ns->entryless | ns->entryless >> 10) & 0x3ff;
+	if (!bits)
+		return false;
+	if (*gen != nft_generation(net))
+		return true;
+	for (int fh = 0; fh < 10; fh++) {
+		__u64 want = ns->hooks[fh];
+
+		if (!(bits & (1u << fh)) || want == PT_HOOKS_LEARN)
+			continue;
+		if (want == PT_HOOKS_PLACING || want != hook_entries(net, fh))
+			return true;
+	}
+	return false;
 }
 
 /* One program per bank, attached at every observer slot of the bank: it
@@ -2226,8 +2294,13 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 	 * made for the ICMP error) */
 	s = last_stage(r);
 	kind = s ? s->kind : 0;
-	if (kind == PT_STAGE_PREROUTING)
-		route_take(r, PT_STAGE_ROUTE, r->last_ts, 0);
+	/* routed, then dropped by a table of INPUT/FORWARD before their first
+	 * observer (which comes after a table): the route the kernel attached
+	 * says which of the two */
+	if (kind == PT_STAGE_PREROUTING &&
+	    route_take(r, PT_STAGE_ROUTE, r->last_ts, 0) &&
+	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_NETFILTER_DROP))
+		route_result(r, skb->_skb_refdst, bpf_ktime_get_ns());
 	if (kind >= PT_STAGE_PREROUTING && kind <= PT_STAGE_POSTROUTING &&
 	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_NETFILTER_DROP))
 		chain_dropped(skb, r, kind);
@@ -2237,6 +2310,9 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 	if (s) {
 		s->ifindex = skb->dev ? skb->dev->ifindex : 0;
 		s->mark = skb->mark;
+		if (reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_NETFILTER_DROP) &&
+		    nf_drop_changing(skb))
+			s->flags = PT_STF_CHANGING;
 	}
 	/* the packet tc redirected a copy of ends here: it went on as the copy */
 	rec_finish(skb, r, (r->flags & PT_REC_REDIRECTED) && !(r->flags & PT_REC_QUEUED) ?

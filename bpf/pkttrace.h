@@ -306,7 +306,10 @@ struct pt_nat_slots {
 	 * pkttrace is moving its observers. */
 	__u64 hooks[10];
 	__u32 changed;           /* bit family * 5 + hook: seen replaced (user space re-reads) */
-	__u32 _pad;
+	/* bit bank * 10 + family * 5 + hook: no observer before the hook's
+	 * first table (the stage before it says how the packet came in), so
+	 * the bank's first observer there runs after a table */
+	__u32 entryless;
 };
 #define PT_HOOKS_LEARN 0
 #define PT_HOOKS_PLACING 1

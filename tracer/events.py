@@ -261,7 +261,7 @@ class PtNatSlots(ctypes.Structure):
                 ("observers", u8 * 20),   # [bank * 10 + family * 5 + hook]: observers attached
                 ("hooks", u64 * 10),      # nf_hook_entries placed for; HOOKS_LEARN / HOOKS_PLACING
                 ("changed", u32),         # bits family * 5 + hook: seen replaced
-                ("_pad", u32)]
+                ("entryless", u32)]       # bits bank * 10 + family * 5 + hook: no observer before the first table
 
 
 HOOKS_LEARN, HOOKS_PLACING = 0, 1

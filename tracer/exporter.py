@@ -65,7 +65,7 @@ class PathLabels:
 def resolve(p: paths.Packet) -> PathLabels:
     pl = PathLabels(p.netns, p.family, p.fate, f"{p.path_sig:08x}", path_label(p))
     for s in p.path:
-        if s.observations:
+        if s.is_hook:
             pl.hooks.append((s.stage,))
             if s.attribution == "changing":
                 # crossed while the ruleset changed: which tables, unknown

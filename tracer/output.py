@@ -31,7 +31,7 @@ def _mark(m: int | None) -> str:
 
 def _detail(s: Stage) -> str:
     parts = []
-    if s.observations:
+    if s.is_hook:
         if s.mark_out != s.mark:
             parts.append(f"mark {_mark(s.mark)}→{_mark(s.mark_out)}")
         elif s.mark:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import routing
-from .placement import PRIO_FIRST
-from .events import (CT_REPLY, NF_STAGES, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
+from .placement import HOOKS as HOOK_NAMES, PRIO_FIRST
+from .events import (CT_REPLY, NF_STAGES, PT_NF_BANK, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
                      REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_NF_DROP, STF_NFT_TABLE, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
                      StageKind, TcVerdict)
 
@@ -168,9 +168,14 @@ class Stage:
     target: str | None = None          # tc redirect/mirror: the device it (or a copy) went to
     attribution: str | None = None     # hook stages: "changing" while the ruleset changed (no tables named)
 
+    @property
+    def is_hook(self) -> bool:
+        """A netfilter hook stage (even one no observer saw: a drop in its first table)."""
+        return self.mark_out is not None
+
     def to_json(self) -> dict:
         d = {"stage": self.stage, "t_ns": self.t_ns, "dev": self.dev, "mark": self.mark}
-        if self.observations:
+        if self.is_hook:
             d["mark_out"] = self.mark_out
             d["tos"], d["tos_out"] = self.tos, self.tos_out
             d["ct"] = self.ct
@@ -576,6 +581,9 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
     if drop_reason is not None:
         tpl.drop_dev = ctx.dev(ino, stages[drop_raw][_IFX]) if drop_raw is not None else None
         _drop_place(tpl, plans, stages, ino, fam, ctx, drop_reason, caused)
+        hooks = [p for p in plans if p.obs is not None]
+        tpl.last_hook = hooks[-1].label if hooks else None
+        tpl.changing = any(p.changing for p in hooks)
     return tpl
 
 
@@ -645,6 +653,8 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
         # dropped in its queue (qdisc, or a driver that could not take it)
         tpl.drop_stage = "qdisc"
         return
+    if nf and _dropped_in_first_table(tpl, plans, stages, ino, fam, ctx, caused):
+        return
     if last.obs is not None:
         if nf and last.changing:
             # the ruleset changed under the observers: the table that
@@ -696,6 +706,62 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
             tpl.drop_before = min(firsts) if firsts else None
 
 
+def _next_hook(last: _Plan) -> str | None:
+    """The hook a packet goes to after the stage `last` (None: not one
+    netfilter decides alone, or not known)."""
+    if last.label in ("forward", "output", "reroute"):
+        return "postrouting"
+    if last.lookups is not None and not _route_failed(last):
+        if last.rtype == 2 or (not last.rtype and last.dev in (None, "lo")):
+            return "input"
+        return "forward"
+    return None
+
+
+def _dropped_in_first_table(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: int, fam: int,
+                            ctx: Context, caused: bool) -> bool:
+    """A netfilter drop after the last observer of one hook (or after
+    routing) in a hook whose first observer comes after its first table:
+    that table (group) dropped it before any observer of the hook saw it.
+    Adds that hook's stage, which no observer saw, before the drop."""
+    drop = plans[-1]
+    before = plans[:-1]
+    last = before[-1] if before else None
+    if drop.label != "drop" or last is None or (last.obs is not None and last.obs and
+                                                 ctx.slot_after.get(_slot_key(last, stages, ino, fam), [])):
+        return False
+    hook = _next_hook(last)
+    if hook is None:
+        return False
+    hook_i = HOOK_NAMES.index(hook)
+    banks = sorted({stages[o.raw][_SLOT] // PT_NF_BANK for p in before if p.obs for o in p.obs
+                    if stages[o.raw][_SLOT] < SLOT_TABLE})
+    for bank in banks or (0, 1):
+        group = ctx.slot_tables.get((ino, fam, hook_i, bank * PT_NF_BANK))
+        if group:
+            break
+    else:
+        return False
+    changing = bool(stages[drop.first][_FLAGS] & STF_CHANGING)
+    # where the packet was: FORWARD has both devices (the kernel's is the
+    # one it came in on), the others the kernel's
+    dev, in_dev = (last.dev, drop.dev) if hook == "forward" else (drop.dev, None)
+    p = _Plan(hook, dev, drop.first, [drop.first], obs=[], drop_tables=group, in_dev=in_dev,
+              drop_verdict="reject" if caused else "drop", changing=changing,
+              tracked=fam in ctx.conntrack.get(ino, ()))
+    plans.insert(len(plans) - 1, p)
+    tpl.drop_stage = hook
+    if changing:
+        tpl.drop_changing = True
+    else:
+        tpl.drop_table = _names(group)
+    return True
+
+
+def _slot_key(p: _Plan, stages: list[tuple], ino: int, fam: int) -> tuple:
+    return (ino, fam, StageKind[p.label.upper()] - StageKind.PREROUTING, stages[p.obs[-1].raw][_SLOT])
+
+
 def _endpoint(addr: str, port: int | None, fam: int) -> str:
     if port is None:
         return addr
@@ -709,12 +775,15 @@ def _materialize(sh: Shape, raw_stages: bytes, base: int, v: Values, ctx: Contex
     # the packet's addresses as it goes: NAT stages change them
     cur = {"src": (v.src, v.sport), "dst": (v.dst, v.dport)}
     path = []
+    before = None      # the last hook observation: how the packet comes into the next hook
     for p in tpl.plans:
         t0 = st[p.first]
         stage = Stage(p.label, t0[_TS] - base, p.dev, t0[_MARK], ifindex=t0[_IFX], in_dev=p.in_dev, how=p.how,
                       verdict=p.verdict, target=p.target)
         if p.obs is not None:
-            _hook_stage(stage, p, st, raw_stages, base, cur, sh, fam)
+            _hook_stage(stage, p, st, raw_stages, base, cur, sh, fam, before)
+            if p.obs:
+                before = st[p.obs[-1].raw]
         elif p.lookups is not None:
             _route_stage(stage, p, st, raw_stages, base, cur, sh, fam, ctx)
         elif p.how is not None and t0[_AUX] and t0[_AUX2] == DeliverHow.QUEUED:
@@ -724,12 +793,18 @@ def _materialize(sh: Shape, raw_stages: bytes, base: int, v: Values, ctx: Contex
 
 
 def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base: int, cur: dict, sh: Shape,
-                fam: int) -> None:
+                fam: int, before: tuple | None) -> None:
+    if not p.obs:
+        _unobserved_drop_stage(stage, p, st, before)
+        return
     first, last = st[p.obs[0].raw], st[p.obs[-1].raw]
     stage.observations = [Observation(o.priority, st[o.raw][_MARK], st[o.raw][_TOS], st[o.raw][_TS] - base,
                                       ct_name(st[o.raw][_CT], p.tracked and _after_conntrack(o, p)))
                           for o in p.obs]
-    stage.tos, stage.mark_out, stage.tos_out = first[_TOS], last[_MARK], last[_TOS]
+    # a hook whose first observer comes after a table: the packet came in
+    # as the last hook before left it (only routing runs in between)
+    prev = before if p.obs[0].tables and before is not None else first
+    stage.mark, stage.tos, stage.mark_out, stage.tos_out = prev[_MARK], prev[_TOS], last[_MARK], last[_TOS]
     stage.ct = stage.observations[-1].ct
     stage.in_ifindex = first[_AUX] if p.label == "forward" else 0
     if p.changing:
@@ -737,7 +812,6 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
         # their marks and times are true, the table names would not be
         stage.attribution = "changing"
         return
-    prev = first
     for k, o in enumerate(p.obs):
         s = st[o.raw]
         nat = {}
@@ -748,8 +822,8 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
             before = cur[side]
             cur[side] = (addr, port if sh.ports else None)
             nat[side] = {"from": _endpoint(before[0], before[1], fam), "to": _endpoint(addr, cur[side][1], fam)}
-        if (k == 0 or not o.tables) and not nat:
-            continue  # the first observer runs before every table; none ran since the last look
+        if not o.tables and not nat:
+            continue  # no table ran since the last look (a hook's entry: none yet)
         if nat and not o.tables and k > 0 and stage.tables and not stage.tables[-1].nat:
             # fentry/kprobe backends: a NAT hook rewrites the packet after its
             # chain returned, so the rewrite shows at the next look, where no
@@ -767,6 +841,22 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
                                       p.drop_tables[-1][1] if p.drop_tables else None,
                                       last[_MARK], last[_TOS] >> 2, stage.ct, p.drop_verdict, last[_MARK],
                                       last[_TOS] >> 2))
+
+
+def _unobserved_drop_stage(stage: Stage, p: _Plan, st: list[tuple], before: tuple | None) -> None:
+    """A hook whose first observer comes after its first table, dropped by
+    that table: no observer saw the packet there; the drop says when, and
+    with what mark it was freed."""
+    drop = st[p.first]
+    mark_in = before[_MARK] if before is not None else drop[_MARK]
+    tos_in = before[_TOS] if before is not None else 0
+    stage.mark, stage.tos, stage.mark_out, stage.tos_out = mark_in, tos_in, drop[_MARK], tos_in
+    stage.ct = ct_name(before[_CT], p.tracked) if before is not None else None
+    if p.changing:
+        stage.attribution = "changing"
+        return
+    stage.tables.append(TableStep(_names(p.drop_tables), p.drop_tables[-1][1] if p.drop_tables else None,
+                                  drop[_MARK], tos_in >> 2, stage.ct, p.drop_verdict, mark_in, tos_in >> 2))
 
 
 def _after_conntrack(o: _Obs, p: _Plan) -> bool:

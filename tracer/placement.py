@@ -173,7 +173,7 @@ def has_nat(reg: Registered) -> bool:
     return any(t.nat for tables in reg.values() for t in tables)
 
 
-def plan_hook(tables: list[Table], bank: int = 0) -> HookPlan:
+def plan_hook(tables: list[Table], bank: int = 0, entry: bool = True) -> HookPlan:
     """Observer priorities for one hook.
 
     Tables at one priority run in an order we cannot see: they form one
@@ -181,6 +181,8 @@ def plan_hook(tables: list[Table], bank: int = 0) -> HookPlan:
     leave no integer between them.  With more groups than the bank has
     slots, the last groups share one observer.  The second bank sits one
     above the first, so both can be attached at once while re-placing.
+    Without `entry` (and with tables) no observer comes before the first
+    table: the stage before the hook says how the packet came in.
     """
     groups: list[list[Table]] = []
     for t in tables:
@@ -190,15 +192,30 @@ def plan_hook(tables: list[Table], bank: int = 0) -> HookPlan:
             groups.append([t])
     while len(groups) > BANK - 1:
         groups[-2:] = [groups[-2] + groups[-1]]
-    prios = [PRIO_FIRST + bank]
-    for g in groups:
-        prios.append(min(g[-1].priority + 1 + bank, PRIO_LAST))
-    return HookPlan(prios, [[]] + groups)
+    prios = [min(g[-1].priority + 1 + bank, PRIO_LAST) for g in groups]
+    if entry or not groups:
+        return HookPlan([PRIO_FIRST + bank] + prios, [[]] + groups)
+    return HookPlan(prios, groups)
+
+
+# Hooks whose packets can come in changed by something pkttrace does not
+# observe, or unseen before: PREROUTING (tc filters after pkttrace's own
+# on ingress) and OUTPUT (a locally generated packet is first seen there).
+# Between the other hooks only routing runs, which changes neither mark
+# nor DSCP: every observer costs every packet, so they get none before
+# their first table.
+ENTRY_HOOKS = (PRE, OUTPUT)
 
 
 def plan(reg: Registered, bank: int = 0) -> dict[tuple[int, int], HookPlan]:
-    """A plan for every (family, hook): tables or not, each hook gets its first observer."""
-    return {(fam, h): plan_hook(reg.get((fam, h), []), bank) for fam in (4, 6) for h in range(5)}
+    """A plan for every (family, hook): tables or not, each hook is observed."""
+    return {(fam, h): plan_hook(reg.get((fam, h), []), bank, entry=h in ENTRY_HOOKS)
+            for fam in (4, 6) for h in range(5)}
+
+
+def entryless(hp: HookPlan) -> bool:
+    """Does the plan's first observer come after a table?"""
+    return bool(hp.tables and hp.tables[0])
 
 
 def describe(reg: Registered) -> list[str]:

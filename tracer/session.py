@@ -372,7 +372,12 @@ class Tracer:
         for fam in (4, 6):
             for hook in range(5):
                 hp = plans.get((fam, hook))
-                nat.observers[bank * 10 + (5 if fam == 6 else 0) + hook] = len(hp.priorities) if hp else 0
+                k = bank * 10 + (5 if fam == 6 else 0) + hook
+                nat.observers[k] = len(hp.priorities) if hp else 0
+                if hp and placement.entryless(hp):
+                    nat.entryless |= 1 << k
+                else:
+                    nat.entryless &= ~(1 << k)
         self.obj.map("nat_slots").update(idx, nat)
         try:
             for (fam, hook), hp in plans.items():

@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from tracer import placement
 from tracer.filters import PacketFilter
 from tracer.paths import packet_json
 
@@ -128,7 +129,12 @@ def test_ruleset_change_is_followed_without_traffic_or_timer(lab, trace):
         t.poll(0.05)
     assert knows_it()
     if t.plan.netfilter == "nflink":
-        assert sum(len(p.links) for p in t.placed.values()) == before + 2   # after the table, v4 and v6
+        # FORWARD's observer (v4 and v6) moved from before every table to
+        # after the new one: as many links, in other places
+        assert sum(len(p.links) for p in t.placed.values()) == before
+        # (the second bank of observers sits one above the first)
+        assert {fam: [prio - p.bank for prio in p.plans[(fam, placement.FORWARD)].priorities]
+                for p in t.placed.values() for fam in (4, 6)} == {4: [1], 6: [1]}
     lab.udp_send(lab.client, lab.addr["server4"], PORT_A)
     p = cap.until(lambda p: p.dport == PORT_A and p.fate == "dropped")
     assert p.drop["table"] == "swapA/filt" and "attribution" not in p.drop

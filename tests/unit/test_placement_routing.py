@@ -70,3 +70,23 @@ def test_selectors_are_evaluated():
     assert choosing_rule(rules, f, [255, 7]) is None      # no rule selects table 7 for it
     # locally generated packets match iif lo
     assert choosing_rule([Rule(5, 9, iif="lo")], Flow("10.0.0.1", "1.2.3.4", 0, None), [9]).priority == 5
+
+
+def test_hooks_after_routing_get_no_observer_before_their_first_table():
+    """Only routing runs between hooks (it changes neither mark nor DSCP):
+    INPUT, FORWARD and POSTROUTING are observed after their tables only;
+    PREROUTING (tc may change the packet after pkttrace's own tc program)
+    and OUTPUT (where a locally generated packet is first seen) keep an
+    observer before their first table; a hook without tables keeps its one."""
+    reg = {(4, placement.PRE): [Table("mangle", -150)], (4, placement.FORWARD): [Table("filter", 0)],
+           (4, placement.POST): [Table("nat", 100, nat=True)], (4, placement.OUTPUT): [Table("filter", 0)]}
+    plans = placement.plan(reg)
+    assert plans[(4, placement.PRE)].priorities == [PRIO_FIRST, -149]
+    assert plans[(4, placement.OUTPUT)].priorities == [PRIO_FIRST, 1]
+    fwd = plans[(4, placement.FORWARD)]
+    assert fwd.priorities == [1] and [[t.name for t in g] for g in fwd.tables] == [["filter"]]
+    assert placement.entryless(fwd) and not placement.entryless(plans[(4, placement.PRE)])
+    assert plans[(4, placement.POST)].priorities == [101]
+    assert plans[(4, placement.INPUT)].priorities == [PRIO_FIRST]      # no table: one observer
+    assert not placement.entryless(plans[(4, placement.INPUT)])
+    assert plans[(6, placement.FORWARD)].priorities == [PRIO_FIRST]
