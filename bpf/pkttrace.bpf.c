@@ -2310,9 +2310,14 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 	if (s) {
 		s->ifindex = skb->dev ? skb->dev->ifindex : 0;
 		s->mark = skb->mark;
-		if (reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_NETFILTER_DROP) &&
-		    nf_drop_changing(skb))
-			s->flags = PT_STF_CHANGING;
+		if (reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_NETFILTER_DROP)) {
+			if (nf_drop_changing(skb))
+				s->flags = PT_STF_CHANGING;
+			/* which of conntrack and the nft chains sharing its
+			 * observer dropped it (see placement.py) */
+			if ((__u64)location >= cfg.hook_slow_start && (__u64)location < cfg.hook_slow_end)
+				s->flags |= PT_STF_HOOK_SLOW;
+		}
 	}
 	/* the packet tc redirected a copy of ends here: it went on as the copy */
 	rec_finish(skb, r, (r->flags & PT_REC_REDIRECTED) && !(r->flags & PT_REC_QUEUED) ?

@@ -46,6 +46,7 @@ enum pt_stage_kind {
 #define PT_STF_REDIRECTED 1       /* skb->redirected: tc (mirred, bpf_redirect) sent it here */
 #define PT_STF_NF_DROP 2          /* fentry backend: the table observed here said drop */
 #define PT_STF_NFT_TABLE 8        /* fentry/kprobe backends: aux is the nft table's handle */
+#define PT_STF_HOOK_SLOW 16       /* drop: freed by nf_hook_slow (see pt_config.hook_slow_start) */
 #define PT_STF_CHANGING 4         /* netfilter links: what is registered at this hook is not
 				     what the observers were placed for (a ruleset change, or
 				     pkttrace moving them): which table did what is unknown */
@@ -165,6 +166,12 @@ struct pt_config {
 	__u8 _pad1[2];
 	__u16 port;                    /* host order; matches sport or dport */
 	__u16 _pad0;
+	__u32 _pad2;
+	/* nf_hook_slow's code (0, 0: unknown): a netfilter drop freed there is a
+	 * hook function's NF_DROP (conntrack, NAT, x_tables), not an nft
+	 * chain's, which frees its packet itself */
+	__u64 hook_slow_start;
+	__u64 hook_slow_end;
 };
 
 struct pt_stage {

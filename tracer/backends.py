@@ -97,6 +97,7 @@ class Features:
     fentry: str | None          # None if fentry loads, else why not
     kprobes: bool = False       # the kprobe PMU (or tracefs kprobe_events): kprobes attach
     functions: frozenset = field(default_factory=frozenset)   # kernel functions present (kallsyms)
+    hook_slow: tuple[int, int] | None = None    # nf_hook_slow's code [start, end), if kallsyms shows addresses
 
 
 @dataclass
@@ -107,6 +108,9 @@ class Plan:
     data_ready: str | None                      # "tp" | "fentry" | None
     off: set[str] = field(default_factory=set)  # programs not to load
     notes: list[str] = field(default_factory=list)
+    # nf_hook_slow's code: tells a conntrack drop from an nft chain's, so the
+    # two can share an observer (placement.plan's merge_conntrack)
+    hook_slow: tuple[int, int] | None = None
 
     def describe(self) -> str:
         nf = {"nflink": "netfilter BPF links", "fentry": "fentry on nf_hook_slow and each table",
@@ -120,22 +124,26 @@ def _kernel_version() -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def _kallsyms(names) -> frozenset:
-    """Which of names are kernel functions (vmlinux or a loaded module).
+def _kallsyms(names) -> tuple[frozenset, tuple[int, int] | None]:
+    """Which of names are kernel functions (vmlinux or a loaded module), and
+    where nf_hook_slow's code is (None where kallsyms hides addresses).
 
     One pass of a regular expression over the whole file: splitting its
     ~120,000 lines in Python cost ~55 ms of every start."""
     names = sorted(set(names))
     if not names:
-        return frozenset()
+        return frozenset(), None
     # "address type name" then a tab and "[module]", or the end of the line
     pattern = re.compile(rb" [tTwW] (" + b"|".join(re.escape(n.encode()) for n in names) + rb")[\t\n]")
     try:
         with open("/proc/kallsyms", "rb") as f:
             text = f.read()
     except OSError:
-        return frozenset()
-    return frozenset(m.decode() for m in pattern.findall(text))
+        return frozenset(), None
+    # vmlinux's symbols are listed by address: the next line's starts where it ends
+    m = re.search(rb"^([0-9a-f]+) [tT] nf_hook_slow\n([0-9a-f]+) ", text, re.M)
+    start, end = (int(m.group(1), 16), int(m.group(2), 16)) if m else (0, 0)
+    return frozenset(m.decode() for m in pattern.findall(text)), (start, end) if 0 < start < end else None
 
 
 def fentry_refusal(btf: libbpf.Btf) -> str | None:
@@ -175,6 +183,7 @@ def probe() -> Features:
         raise BackendError(str(e)) from None
     try:
         funcs = {*HOOK_PROGRAMS.values(), FENTRY_DATA_READY[1]}
+        functions, hook_slow = _kallsyms(funcs)
         return Features(
             kernel=platform.release(),
             netfilter_link=btf.find("bpf_nf_ctx", BTF_KIND_STRUCT) is not None,
@@ -182,7 +191,7 @@ def probe() -> Features:
             sk_data_ready_tp=btf.has_type("btf_trace_sk_data_ready", libbpf.BTF_KIND_TYPEDEF),
             fentry=fentry_refusal(btf),
             kprobes=kprobes_available(),
-            functions=_kallsyms(funcs))
+            functions=functions, hook_slow=hook_slow)
     finally:
         btf.close()
 
@@ -207,7 +216,7 @@ def plan(feat: Features, backend: str = "auto", tc: str = "auto") -> Plan:
     elif backend == "kprobe" and not kprobe_ok:
         raise BackendError("--backend kprobe: " + ("nf_hook_slow not found" if feat.kprobes else
                                                    "this kernel has no kprobes (no kprobe PMU or kprobe_events)"))
-    p = Plan(netfilter=backend, tc=tc != "off" and feat.cast_kfunc, data_ready=None)
+    p = Plan(netfilter=backend, tc=tc != "off" and feat.cast_kfunc, data_ready=None, hook_slow=feat.hook_slow)
     nf_obs = {"nf_obs_0", "nf_obs_1"}
     if backend == "nflink":
         p.off |= set(HOOK_PROGRAMS)

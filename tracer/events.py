@@ -91,6 +91,7 @@ STF_REDIRECTED = 1    # pt_stage.flags: skb->redirected (tc sent it here)
 STF_NF_DROP = 2       # pt_stage.flags: fentry backend, the table observed here said drop
 STF_NFT_TABLE = 8     # pt_stage.flags, fentry/kprobe: aux is the nft table's handle
 STF_CHANGING = 4      # pt_stage.flags: the hook's registrations changed since the observers were placed
+STF_HOOK_SLOW = 16    # drop stage: freed by nf_hook_slow (a hook function's NF_DROP, not an nft chain's)
 SLOT_TABLE = 0xFE     # pt_stage.slot, fentry backend: after the table at priority aux2
 SLOT_EXIT = 0xFF      # ... after every hook function of the hook
 
@@ -145,6 +146,9 @@ class PtConfig(ctypes.Structure):
         ("_pad1", u8 * 2),
         ("port", u16),
         ("_pad0", u16),
+        ("_pad2", u32),
+        ("hook_slow_start", u64),   # nf_hook_slow's code: a netfilter drop freed there is not an nft chain's
+        ("hook_slow_end", u64),
     ]
 
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import routing
-from .placement import HOOKS as HOOK_NAMES, PRIO_FIRST
+from .placement import CONNTRACK, HOOKS as HOOK_NAMES, PRIO_FIRST, shares_conntrack_observer
 from .events import (CT_REPLY, NF_STAGES, PT_NF_BANK, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
-                     REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_NF_DROP, STF_NFT_TABLE, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
+                     REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_HOOK_SLOW, STF_NF_DROP, STF_NFT_TABLE, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
                      StageKind, TcVerdict)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
@@ -471,6 +471,7 @@ class _Plan:
     raws: list[int]                     # indices of all its raw stages
     obs: list[_Obs] | None = None       # hook stages
     drop_tables: list | None = None     # hook stage before a netfilter drop: tables after the last observer
+    drop_passed: list | None = None     # ... of which these let it by (conntrack, sharing the dropper's observer)
     drop_verdict: str = "drop"          # ... and what they did: drop, or reject (sent an ICMP error / RST)
     drop_in_last: bool = False          # fentry backend: the last observed table itself dropped it
     changing: bool = False              # the hook's registrations were not what the observers were placed for
@@ -679,6 +680,7 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
                 last.drop_tables = [(t[0], t[1]) for t in ctx.registered.get(key[:3], []) if t[1] > after]
             else:
                 last.drop_tables = ctx.slot_after.get(key, [])
+                _split_conntrack_drop(last, stages[plans[-1].first][_FLAGS])
             tpl.drop_table = _names(last.drop_tables) if last.drop_tables else None
         return
     after = None
@@ -742,20 +744,33 @@ def _dropped_in_first_table(tpl: _Template, plans: list[_Plan], stages: list[tup
             break
     else:
         return False
-    changing = bool(stages[drop.first][_FLAGS] & STF_CHANGING)
+    flags = stages[drop.first][_FLAGS]
+    changing = bool(flags & STF_CHANGING)
     # where the packet was: FORWARD has both devices (the kernel's is the
     # one it came in on), the others the kernel's
     dev, in_dev = (last.dev, drop.dev) if hook == "forward" else (drop.dev, None)
     p = _Plan(hook, dev, drop.first, [drop.first], obs=[], drop_tables=group, in_dev=in_dev,
               drop_verdict="reject" if caused else "drop", changing=changing,
               tracked=fam in ctx.conntrack.get(ino, ()))
+    _split_conntrack_drop(p, flags)
     plans.insert(len(plans) - 1, p)
     tpl.drop_stage = hook
     if changing:
         tpl.drop_changing = True
     else:
-        tpl.drop_table = _names(group)
+        tpl.drop_table = _names(p.drop_tables)
     return True
+
+
+def _split_conntrack_drop(p: _Plan, drop_flags: int) -> None:
+    """Conntrack and the nft chains after it share one observer: the kernel
+    said which one dropped the packet by where it was freed."""
+    if not p.drop_tables or not shares_conntrack_observer(p.drop_tables):
+        return
+    if drop_flags & STF_HOOK_SLOW:
+        p.drop_tables = p.drop_tables[:1]
+    else:
+        p.drop_passed, p.drop_tables = p.drop_tables[:1], p.drop_tables[1:]
 
 
 def _slot_key(p: _Plan, stages: list[tuple], ino: int, fam: int) -> tuple:
@@ -832,11 +847,21 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
             prev = s
             continue
         verdict = p.drop_verdict if p.drop_in_last and k == len(p.obs) - 1 else "accept"
+        tables = o.tables
+        if shares_conntrack_observer(tables):
+            # conntrack changes neither mark nor DSCP: what changed, the
+            # chains after it did
+            stage.tables.append(TableStep(CONNTRACK, tables[0][1], prev[_MARK], prev[_TOS] >> 2,
+                                          stage.observations[k].ct, "accept", prev[_MARK], prev[_TOS] >> 2))
+            tables = tables[1:]
         stage.tables.append(TableStep(
-            _names(o.tables), o.tables[-1][1] if o.tables else None,
+            _names(tables), tables[-1][1] if tables else None,
             s[_MARK], s[_TOS] >> 2, stage.observations[k].ct, verdict, prev[_MARK], prev[_TOS] >> 2, nat or None))
         prev = s
     if p.drop_tables is not None and not p.drop_in_last:
+        for t in p.drop_passed or ():
+            stage.tables.append(TableStep(t[0], t[1], last[_MARK], last[_TOS] >> 2, stage.ct, "accept",
+                                          last[_MARK], last[_TOS] >> 2))
         stage.tables.append(TableStep(_names(p.drop_tables),
                                       p.drop_tables[-1][1] if p.drop_tables else None,
                                       last[_MARK], last[_TOS] >> 2, stage.ct, p.drop_verdict, last[_MARK],
@@ -855,6 +880,8 @@ def _unobserved_drop_stage(stage: Stage, p: _Plan, st: list[tuple], before: tupl
     if p.changing:
         stage.attribution = "changing"
         return
+    for t in p.drop_passed or ():
+        stage.tables.append(TableStep(t[0], t[1], mark_in, tos_in >> 2, stage.ct, "accept", mark_in, tos_in >> 2))
     stage.tables.append(TableStep(_names(p.drop_tables), p.drop_tables[-1][1] if p.drop_tables else None,
                                   drop[_MARK], tos_in >> 2, stage.ct, p.drop_verdict, mark_in, tos_in >> 2))
 

@@ -42,6 +42,7 @@ LEGACY = {
     "security": (PRI_SECURITY, (INPUT, FORWARD, OUTPUT)),
 }
 IPTABLES_NAMES = frozenset(LEGACY)
+CONNTRACK = "conntrack"      # the name conntrack's hook goes by among the tables
 # nft families: NFPROTO_INET (1) covers both IP families
 NFT_FAMILIES = {2: (4,), 10: (6,), 1: (4, 6)}
 # expressions and xt matches/targets that make a netns register conntrack
@@ -164,7 +165,7 @@ def registered(ns: str | None) -> Registered:
             conntrack.add(key[0])
     for fam in conntrack:
         for h in (PRE, OUTPUT):
-            reg.setdefault((fam, h), []).append(Table("conntrack", PRI_CONNTRACK))
+            reg.setdefault((fam, h), []).append(Table(CONNTRACK, PRI_CONNTRACK))
     return {k: sorted(set(v), key=lambda t: (t.priority, t.name)) for k, v in reg.items()}
 
 
@@ -173,7 +174,34 @@ def has_nat(reg: Registered) -> bool:
     return any(t.nat for tables in reg.values() for t in tables)
 
 
-def plan_hook(tables: list[Table], bank: int = 0, entry: bool = True) -> HookPlan:
+def _merge_conntrack(groups: list[list[Table]]) -> None:
+    """Conntrack alone in its group, followed by a group of nft chains only
+    (no NAT, no x_tables): one observer after both.  Conntrack changes
+    neither mark nor DSCP and the chains cannot change its state, so the
+    observation after both says what each did; and a drop is told apart by
+    where the packet was freed: an nft chain frees its own (NF_DROP_REASON,
+    in nft_do_chain), conntrack's NF_DROP is freed by nf_hook_slow."""
+    i = 0
+    while i + 1 < len(groups):
+        nxt = groups[i + 1]
+        if [t.name for t in groups[i]] == [CONNTRACK] and all(t.handle and not t.nat for t in nxt):
+            groups[i:i + 2] = [groups[i] + nxt]
+        i += 1
+
+
+def shares_conntrack_observer(group: list) -> bool:
+    """Is this group (Tables, or (name, priority) pairs) conntrack merged
+    with the nft chains after it?  Tables grouped for their priorities are
+    at most 1 + bank (<= 2) apart; a merged group leaves more room."""
+    def prio(t):
+        return t.priority if isinstance(t, Table) else t[1]
+
+    def name(t):
+        return t.name if isinstance(t, Table) else t[0]
+    return len(group) > 1 and name(group[0]) == CONNTRACK and prio(group[1]) - prio(group[0]) > 2
+
+
+def plan_hook(tables: list[Table], bank: int = 0, entry: bool = True, merge_conntrack: bool = False) -> HookPlan:
     """Observer priorities for one hook.
 
     Tables at one priority run in an order we cannot see: they form one
@@ -182,7 +210,10 @@ def plan_hook(tables: list[Table], bank: int = 0, entry: bool = True) -> HookPla
     slots, the last groups share one observer.  The second bank sits one
     above the first, so both can be attached at once while re-placing.
     Without `entry` (and with tables) no observer comes before the first
-    table: the stage before the hook says how the packet came in.
+    table: the stage before the hook says how the packet came in.  With
+    `merge_conntrack`, conntrack shares the observer of the nft chains
+    after it (see _merge_conntrack): the kernel must tell where a dropped
+    packet was freed.
     """
     groups: list[list[Table]] = []
     for t in tables:
@@ -190,6 +221,8 @@ def plan_hook(tables: list[Table], bank: int = 0, entry: bool = True) -> HookPla
             groups[-1].append(t)
         else:
             groups.append([t])
+    if merge_conntrack:
+        _merge_conntrack(groups)
     while len(groups) > BANK - 1:
         groups[-2:] = [groups[-2] + groups[-1]]
     prios = [min(g[-1].priority + 1 + bank, PRIO_LAST) for g in groups]
@@ -207,9 +240,10 @@ def plan_hook(tables: list[Table], bank: int = 0, entry: bool = True) -> HookPla
 ENTRY_HOOKS = (PRE, OUTPUT)
 
 
-def plan(reg: Registered, bank: int = 0) -> dict[tuple[int, int], HookPlan]:
+def plan(reg: Registered, bank: int = 0, merge_conntrack: bool = False) -> dict[tuple[int, int], HookPlan]:
     """A plan for every (family, hook): tables or not, each hook is observed."""
-    return {(fam, h): plan_hook(reg.get((fam, h), []), bank, entry=h in ENTRY_HOOKS)
+    return {(fam, h): plan_hook(reg.get((fam, h), []), bank, entry=h in ENTRY_HOOKS,
+                                merge_conntrack=merge_conntrack)
             for fam in (4, 6) for h in range(5)}
 
 

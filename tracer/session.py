@@ -232,6 +232,8 @@ class Tracer:
         cfg = PtConfig.from_address(ptr)
         cfg.emit = 1 if self.opts.emit else 0
         cfg.count = 1 if self.opts.count else 0
+        if self.plan.hook_slow:
+            cfg.hook_slow_start, cfg.hook_slow_end = self.plan.hook_slow
         self.opts.filter.fill(cfg)
         flags = self.opts.filter.flags
         cfg.early_reject = 1 if flags and not flags & ~events.F_HEADER else 0
@@ -354,7 +356,7 @@ class Tracer:
     def _place(self, ns: str | None, bank: int, reg: placement.Registered) -> Placed:
         """Attach the observers of bank `bank` after each table registered in ns."""
         ino = self._ns_inodes[ns]
-        plans = placement.plan(reg, bank)
+        plans = placement.plan(reg, bank, merge_conntrack=self.plan.hook_slow is not None)
         links: list[probes.FdLink] = []
         # the fentry backend observes the tables themselves: it names them by
         # the priorities of what is registered, and places nothing

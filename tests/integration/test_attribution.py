@@ -234,3 +234,30 @@ def test_placement_reads_iptables_nft_and_native_nft(lab):
     assert no_handles[(4, placement.POST)] == [placement.Table("n/post", 100, nat=True)]
     plan = placement.plan(reg)
     assert plan[(4, placement.PRE)].priorities == [placement.PRIO_FIRST, -199, -149]
+
+
+def test_conntrack_shares_the_observer_of_the_nft_chain_after_it(lab, trace):
+    """One observer after conntrack and mangle (netfilter links, where the
+    kernel shows where a dropped packet was freed); the path still names
+    each: mangle's mark, conntrack's state, and mangle's drop."""
+    lab.iptables("-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", "5001", "-j", "MARK", "--set-mark", "1")
+    lab.iptables("-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", "5008", "-j", "DROP")
+    lab.iptables("-A", "FORWARD", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT")
+    cap = trace(filter=PacketFilter(proto=17))
+    t = cap.tracer
+    merged = t.plan.netfilter == "nflink" and t.plan.hook_slow is not None
+    if merged:
+        [placed] = t.placed.values()
+        assert [p - placed.bank for p in placed.plans[(4, placement.PRE)].priorities] == [placement.PRIO_FIRST, -149]
+    udp_from_client(lab, 5001)
+    udp_from_client(lab, 5008)
+    marked = cap.until(lambda p: p.dport == 5001 and p.fate == "forwarded")
+    dropped = cap.until(lambda p: p.dport == 5008 and p.fate == "dropped")
+    pre = marked.stage("prerouting")
+    assert [(tb.table, tb.mark_in, tb.mark, tb.ct) for tb in pre.tables] == [
+        ("conntrack", 0, 0, "new"), ("mangle", 0, 1, "new")]
+    if merged:
+        assert len(pre.observations) == 2      # before every table, after both
+    assert (dropped.drop["table"], dropped.drop["stage"]) == ("mangle", "prerouting")
+    assert [(tb.table, tb.verdict) for tb in dropped.stage("prerouting").tables][-2:] == [
+        ("conntrack", "accept"), ("mangle", "drop")]
