@@ -748,18 +748,29 @@ static __always_inline struct pt_stage *last_stage(struct pt_record *r);
  * or INPUT, whose first observer comes after a table): it claims its own
  * lookups first, which the reply's source check would otherwise take, with
  * the route the kernel attached to it. */
+/* The route attached to a packet no observer of INPUT/FORWARD saw (their
+ * first observer comes after a table): forwarded, it names the device the
+ * packet was to leave by, as FORWARD's observer would have. */
+static __always_inline void route_attached(struct pt_record *r, __u64 refdst, __u32 mark, __u64 now)
+{
+	struct dst_entry *dst = (struct dst_entry *)(refdst & ~1UL);
+	__u32 out;
+
+	if (!dst || BPF_CORE_READ(dst, error) || route_result(r, refdst, now) != RTN_UNICAST)
+		return;
+	out = BPF_CORE_READ(dst, dev, ifindex);
+	r->out_ifindex = out;
+	r->match |= match_stage(mark, 0, out);
+}
+
 static __always_inline void route_claim(struct pt_record *p, __u64 skb, __u64 now)
 {
 	struct pt_stage *s = last_stage(p);
-	struct dst_entry *dst;
-	__u64 refdst;
 
 	if (!s || s->kind != PT_STAGE_PREROUTING || !route_take(p, PT_STAGE_ROUTE, p->last_ts, 0))
 		return;
-	refdst = BPF_CORE_READ((struct sk_buff *)skb, _skb_refdst);
-	dst = (struct dst_entry *)(refdst & ~1UL);
-	if (dst && !BPF_CORE_READ(dst, error))
-		route_result(p, refdst, now);
+	route_attached(p, BPF_CORE_READ((struct sk_buff *)skb, _skb_refdst),
+		       BPF_CORE_READ((struct sk_buff *)skb, mark), now);
 }
 
 static __always_inline struct pt_active *active_slot(void)
@@ -1227,7 +1238,8 @@ __noinline int route_take(struct pt_record *r, __u8 kind, __u64 since, __u32 how
 
 /* What routing attached to the packet (skb dst): the nexthop the kernel
  * chose (one of an ECMP group), its device and the route type (local, even
- * where the lookup reported the merged local/main table as main). */
+ * where the lookup reported the merged local/main table as main).
+ * Returns that type (RTN_*, 0: none). */
 __noinline int route_result(struct pt_record *r, __u64 refdst, __u64 ts)
 {
 	struct dst_entry *dst = (struct dst_entry *)(refdst & ~1UL);
@@ -1261,7 +1273,7 @@ __noinline int route_result(struct pt_record *r, __u64 refdst, __u64 ts)
 		if (flags & RTF_GATEWAY)
 			bpf_core_read(a->addr, 16, &rt->rt6i_gateway);
 	}
-	return 0;
+	return a->rtype;
 }
 
 SEC("tp_btf/fib_table_lookup")
@@ -1833,15 +1845,24 @@ static __always_inline bool nf_drop_changing(const struct sk_buff *skb)
 	bits = (ns->entryless | ns->entryless >> 10) & 0x3ff;
 	if (!bits)
 		return false;
-	if (*gen != nft_generation(net))
+	/* as hook_changing does: user space is told (the dropped packets
+	 * may be all a hook sees) and a replaced hook stays "changing" */
+	if (*gen != nft_generation(net)) {
+		ns->changed |= bits;
 		return true;
+	}
 	for (int fh = 0; fh < 10; fh++) {
 		__u64 want = ns->hooks[fh];
 
 		if (!(bits & (1u << fh)) || want == PT_HOOKS_LEARN)
 			continue;
-		if (want == PT_HOOKS_PLACING || want != hook_entries(net, fh))
+		if (want == PT_HOOKS_PLACING)
 			return true;
+		if (want != hook_entries(net, fh)) {
+			ns->hooks[fh] = PT_HOOKS_PLACING;
+			ns->changed |= 1u << fh;
+			return true;
+		}
 	}
 	return false;
 }
@@ -2300,7 +2321,7 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 	if (kind == PT_STAGE_PREROUTING &&
 	    route_take(r, PT_STAGE_ROUTE, r->last_ts, 0) &&
 	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_NETFILTER_DROP))
-		route_result(r, skb->_skb_refdst, bpf_ktime_get_ns());
+		route_attached(r, skb->_skb_refdst, skb->mark, bpf_ktime_get_ns());
 	if (kind >= PT_STAGE_PREROUTING && kind <= PT_STAGE_POSTROUTING &&
 	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_NETFILTER_DROP))
 		chain_dropped(skb, r, kind);

@@ -104,6 +104,17 @@ def test_filter_forward_drop(lab, trace):
         # frees the packet itself): the hook's entry, then the chain at 0
         assert [o.priority for o in fwd.observations][1:] == [0]
     assert p.drop["table"] == "filter" and fwd.tables[-1].verdict == "drop"
+    assert (p.in_dev, p.out_dev) == ("rc", "rs")     # the route the kernel attached, where no observer saw it
+
+
+def test_iface_filter_on_the_out_device_shows_a_packet_dropped_in_forward(lab, trace):
+    """--iface matches the device a packet was routed to even where FORWARD
+    dropped it before any observer there saw it (its first observer comes
+    after filter): the kernel's route says which."""
+    cap = trace(filter=PacketFilter(proto=UDP, port=5009, iface="rs"))
+    lab.udp_send(lab.client, lab.addr["server4"], 5009, b"x")
+    p = cap.until(lambda p: p.dport == 5009)
+    assert (p.fate, p.drop["stage"], p.out_dev) == ("dropped", "forward", "rs")
 
 
 def test_mark_filter_shows_only_marked_packets_with_mark_change(lab, trace):
