@@ -627,18 +627,21 @@ def accounting(samples: list[dict]) -> list[dict]:
 # (run_time_ns / run_cnt per program) on the same lab.  Kept next to the
 # targets so the report says it whenever the number is short.
 BOUND_BY = {
-    "serve-udp-ratio": "~15 program runs per forwarded packet on this lab: 7 runs of the netfilter observer "
-                       "(before the first table and after each table group of the 3 hooks crossed), 2 tc, route, "
-                       "2 xmit, and tracepoints that fire in the client's and server's namespaces too; each run "
-                       "costs its invocation before any work",
-    "serve-bpf-ns": "the floor of ~15 runs at ~30 ns each with bpf_stats on is ~450 ns before any work; fewer "
-                    "runs needs fewer observers than one after each table group",
+    "serve-udp-ratio": "~12 program runs per forwarded packet on this lab: 4 runs of the netfilter observer "
+                       "(before PREROUTING's first table, after conntrack+mangle, after filter, after nat), 2 tc, "
+                       "route, 2 xmit, and tracepoints that fire in the client's and server's namespaces too; "
+                       "each run costs its invocation before any work (an empty program reads 27-28 ns a run "
+                       "with bpf_stats on: benchmarks/floor)",
+    "serve-bpf-ns": "~12 runs x 27-28 ns (the measured floor of an empty program with bpf_stats on) is ~330 ns "
+                    "before any work; the observer's work (~70 ns a run: record, stage, route, NAT check) and "
+                    "counting the path at the end (signature + per-CPU hash, ~100 ns) make the rest",
     "filter-nomatch-udp-ratio": "a packet judged at first sight (with NAT: once conntrack knows its NAT) returns "
                                 "at once from every later program, but every attached program still runs "
-                                "(netfilter links and TCX are per netns, not per flow): ~15 runs",
-    "filter-nomatch-bpf-ns": "same floor as serve: the runs, not their work",
+                                "(netfilter links and TCX are per netns, not per flow): ~12 runs",
+    "filter-nomatch-bpf-ns": "~12 runs x 27-28 ns is ~330 ns before any work: 250 ns is below the floor of "
+                             "the runs themselves with bpf_stats on",
     "trace-all-udp-ratio": "the collector takes one of the 2 cores the sender, router and receiver share; "
-                           "writing a ~700 B record to the ring costs ~600 ns at the tx tracepoint",
+                           "writing a ~700 B record to the ring costs ~400 ns at the tx tracepoint",
     "trace-all-paced-lost": "ring buffer full while the collector was descheduled: counted as lost",
     "collector-json-per-s": "a template per (path shape, record) is filled with the id and times as bytes",
     "start-to-ready-s": "the verifier (~250 ms: the tracepoint programs and the observer program), TCX links "
