@@ -1,6 +1,26 @@
 """pkttrace: the path each packet really takes through the Linux network stack.
 
 Flow: bpf/ (programs, shared header) -> libbpf (loader) -> probes (attach)
--> session (records) -> paths (assembly) -> output (terminal, JSON).
+-> session (lifecycle, records) -> paths (bytes -> model.Packet) -> sinks
+(output, exporter).  The library API is tracer.api, whose names are here
+too (imported on first use, so the command line starts no slower):
+
+    import tracer
+    for p in tracer.read("trace.jsonl", tracer.Filter.parse(proto="udp")):
+        print(p.id, p.fate)
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (tracer.__version__)
+
+_API = ("Counters", "Cut", "Filter", "FilterError", "Packet", "RecordingError", "TraceError", "TraceOptions", "Tracer",
+        "read", "start", "trace")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'tracer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -37,6 +37,24 @@ BPF_PROG_TYPE_TRACING = 26
 BPF_TRACE_FENTRY = 24
 MIN_KERNEL = (5, 8)            # BPF ring buffer, tp_btf with CO-RE
 
+# The tp_btf programs of every backend: program -> (tracepoint, what it
+# sees).  The session attaches these (less what the plan leaves off), doctor
+# checks the kernel has them, a test checks the BPF source against them.
+TRACEPOINT_PROGRAMS = {
+    "on_rx": ("netif_receive_skb", "the receive, where no tc observer runs"),
+    "on_dev_queue": ("net_dev_queue", "the hand-over to a device, where no tc observer runs"),
+    "on_dev_xmit": ("net_dev_xmit", "a driver taking the packet: tx"),
+    "on_kfree_skb": ("kfree_skb", "drops, with the kernel's reason"),
+    "on_consume_skb": ("consume_skb", "ends that are not drops"),
+    "on_copy_datagram": ("skb_copy_datagram_iovec", "a process reading the packet"),
+    "on_sk_data_ready": ("sk_data_ready", "the packet queued to a socket"),
+    "on_napi_poll": ("napi_poll", "the end of a poll: packets held for later"),
+    "on_fib_lookup": ("fib_table_lookup", "IPv4 route lookups"),
+    "on_fib6_lookup": ("fib6_table_lookup", "IPv6 route lookups"),
+}
+# tracepoints a kernel may lack, and what stands in for them
+OPTIONAL_TRACEPOINTS = {"sk_data_ready": "Linux 6.3+: fentry or a kprobe on sock_def_readable stands in"}
+
 # fentry backend programs and the kernel function each needs
 FENTRY_PROGRAMS = {
     "fe_hook_entry": "nf_hook_slow",
@@ -160,7 +178,7 @@ def fentry_refusal(btf: libbpf.Btf) -> str | None:
     try:
         fd = libbpf.bpf_syscall(BPF_PROG_LOAD, attr)
     except OSError as e:
-        return f"refused: {os.strerror(e.errno)}"
+        return f"refused: {e.strerror}"      # bpf_syscall's: os.strerror(errno)
     os.close(fd)
     return None
 

@@ -12,10 +12,9 @@ import sys
 
 import click
 
-from . import filters, netns
+from . import netns
 from .filters import FilterError, PacketFilter
-from .inputs import (MAX_SECONDS, InputError, InputPath, OutputPath, Seconds, UInt, check_ifname, dedupe, escape,
-                     open_output)
+from .inputs import MAX_SECONDS, InputError, InputPath, OutputPath, Seconds, UInt, dedupe, escape, open_output
 
 EXIT_USAGE = 2
 
@@ -41,23 +40,11 @@ class RuntimeFailure(click.ClickException):
         say(self.format_message())
 
 
-def _parse(fn, value, *args):
+def build_filter(mark, src, dst, proto, port, iface, ns, live: bool = True) -> PacketFilter:
     try:
-        return fn(value, *args) if value is not None else None
+        pf = PacketFilter.parse(mark=mark, src=src, dst=dst, proto=proto, port=port, iface=iface)
     except FilterError as e:
         raise UsageFailure(str(e)) from None
-
-
-def _check_iface(iface: str | None) -> None:
-    if iface is not None:
-        try:
-            check_ifname(iface)
-        except InputError as e:
-            raise UsageFailure(str(e)) from None
-
-
-def build_filter(mark, src, dst, proto, port, iface, ns, live: bool = True) -> PacketFilter:
-    _check_iface(iface)
     if iface is not None and live:
         # it must exist now (a typo is said at once); later it is followed
         # by name: renamed away, deleted, re-created
@@ -67,14 +54,7 @@ def build_filter(mark, src, dst, proto, port, iface, ns, live: bool = True) -> P
             netns.ifindex(ns, iface)
         except netns.NetnsError as e:
             raise UsageFailure(str(e)) from None
-    return PacketFilter(
-        mark=_parse(filters.parse_mark, mark),
-        src=_parse(filters.parse_cidr, src),
-        dst=_parse(filters.parse_cidr, dst),
-        proto=_parse(filters.parse_proto, proto),
-        port=_parse(filters.parse_port, port),
-        iface=iface,
-    )
+    return pf
 
 
 ALL_NETNS = "all"
@@ -184,13 +164,12 @@ def _open_record(path: str | None):
 
 
 def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) -> None:
+    from . import api
     from .output import Printer, summary
-    from .session import TraceError, Tracer
     record = _open_record(record_path)
-    tracer = Tracer(opts)
     try:
-        tracer.start()
-    except TraceError as e:
+        tracer = api.start(opts)
+    except api.TraceError as e:
         if record:
             record.close()
         raise RuntimeFailure(str(e)) from None
@@ -209,6 +188,7 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
         where = f"every netns ({len(opts.netns)} now, and new ones)"
     say(f"tracing {where} ({len(tracer.attachments)} probes, ready in "
         f"{tracer.ready_s * 1000:.0f} ms); Ctrl-C to stop")
+    assert tracer.plan is not None   # start() chose the backends or raised
     for note in tracer.plan.notes:   # what this kernel's backends cannot see, once
         say(f"note: {note}")
     limit_reached = False

@@ -13,7 +13,7 @@ from typing import Callable
 
 from .filters import PacketFilter
 from .lab import Lab, LabError
-from .paths import Packet
+from .model import Packet
 from .session import TraceOptions, Tracer
 
 UDP = 17
@@ -40,7 +40,8 @@ def setup(lab: Lab) -> None:
                 raise
 
 
-def scenarios(lab: Lab) -> list[tuple[str, Callable[[], None]]]:
+def scenarios(lab: Lab) -> list[tuple[str, Callable[[], object]]]:
+    """(title, send one packet of it); what a send returns (ping's replies) is not used."""
     a = lab.addr
     return [
         ("forwarded: client pings server (IPv4)", lambda: lab.ping(lab.client, a["server4"])),

@@ -13,10 +13,7 @@ from dataclasses import dataclass
 
 from . import backends, libbpf, probes
 
-# tracepoints a kernel may lack, and what stands in for them
-OPTIONAL_TRACEPOINTS = {"sk_data_ready": " (Linux 6.3+): fentry or a kprobe on sock_def_readable stands in"}
-TRACEPOINTS = ("netif_receive_skb", "net_dev_queue", "net_dev_xmit", "kfree_skb", "consume_skb",
-               "skb_copy_datagram_iovec", "sk_data_ready", "napi_poll", "fib_table_lookup", "fib6_table_lookup")
+TRACEPOINTS = tuple(tp for tp, _ in backends.TRACEPOINT_PROGRAMS.values())
 
 
 @dataclass
@@ -90,7 +87,7 @@ def _feature_checks(plan: backends.Plan) -> list[Check]:
            Check("socket delivery (UDP queued)", plan.data_ready is not None,
                  {"tp": "tracepoint sk_data_ready", "fentry": "fentry on sock_def_readable",
                   "kprobe": "kprobe on sock_def_readable"}.get(
-                     plan.data_ready, "unavailable: seen only when the datagram is read"), required=False)]
+                     plan.data_ready or "", "unavailable: seen only when the datagram is read"), required=False)]
     return out
 
 
@@ -110,7 +107,8 @@ def run() -> list[Check]:
         checks.append(Check("kernel BTF", True, "/sys/kernel/btf/vmlinux (CO-RE relocations)"))
         for tp in TRACEPOINTS:
             ok = btf.has_type(f"btf_trace_{tp}", libbpf.BTF_KIND_TYPEDEF)
-            optional = OPTIONAL_TRACEPOINTS.get(tp)
+            optional = backends.OPTIONAL_TRACEPOINTS.get(tp)
+            optional = f" ({optional})" if optional else None
             checks.append(Check(f"tracepoint {tp}", ok, "tp_btf" if ok else f"missing in this kernel{optional or ''}",
                                 required=optional is None))
         reasons = btf.enum("skb_drop_reason")

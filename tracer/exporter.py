@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import __version__, events, libbpf, paths, placement
+from . import events, libbpf, model, paths, placement
+from .version import __version__
 from .events import PtPathKey, PtRecord
 from .session import Tracer
 
 
 
-def path_label(p: paths.Packet) -> str:
+def path_label(p: model.Packet) -> str:
     """`rx rc > prerouting > route 100 > forward > postrouting > tx rs2`: readable, bounded by topology."""
     out = []
     for s in p.path:
@@ -62,7 +63,7 @@ class PathLabels:
     drop: tuple | None = None                               # (reason, stage, table)
 
 
-def resolve(p: paths.Packet) -> PathLabels:
+def resolve(p: model.Packet) -> PathLabels:
     pl = PathLabels(p.netns, p.family, p.fate, f"{p.path_sig:08x}", path_label(p))
     for s in p.path:
         if s.is_hook:
@@ -80,7 +81,7 @@ def resolve(p: paths.Packet) -> PathLabels:
                         pl.nat.append((s.stage, kind))
         for lk in s.lookups:
             # label values lower case: errors without a route type are errno names
-            pl.routes.append((lk.table, lk.type.lower()))
+            pl.routes.append((lk.table, (lk.type or "").lower()))
         if s.stage in ("rx", "tx") and s.dev:
             pl.ifaces.append((s.dev, s.stage))
     if p.drop:
@@ -99,7 +100,7 @@ class PathCounts:
         self.entries = 0        # keys in path_counts at the last read
 
     def read(self) -> list[tuple[PathLabels, int]]:
-        obj = self.tracer.obj
+        obj = self.tracer._obj   # a collector reads a started tracer
         counts, examples = obj.map("path_counts"), obj.map("path_examples")
         out = []
         rec = PtRecord()
@@ -197,8 +198,8 @@ class Collector:
         return list(f.values())
 
     def _collect_paths(self, f) -> None:
-        sums = {k: Counter() for k in ("packets", "hooks", "tables", "drops", "paths", "routes", "marks", "nat",
-                                       "ifaces")}
+        sums: dict[str, Counter[tuple]] = {k: Counter() for k in ("packets", "hooks", "tables", "drops", "paths",
+                                                                  "routes", "marks", "nat", "ifaces")}
         for pl, n in self.paths.read():
             base = (pl.netns, pl.family)
             sums["packets"][base + (pl.fate,)] += n
@@ -231,10 +232,10 @@ class Collector:
             f["overflow"].add_metric([name], over)
         for prog in t.loaded_programs():
             try:
-                ns, cnt = libbpf.prog_run_stats(prog.fd)
+                run_ns, cnt = libbpf.prog_run_stats(prog.fd)
             except libbpf.BpfError:
                 continue
-            f["run_s"].add_metric([prog.name], ns / 1e9)
+            f["run_s"].add_metric([prog.name], run_ns / 1e9)
             f["runs"].add_metric([prog.name], cnt)
         f["attach"].add_metric([], c.attach_failures)
         if t.plan is not None and t.plan.netfilter != "nflink":

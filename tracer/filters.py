@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from . import events
-from .inputs import InputError, check_cidr_text, parse_uint
+from .inputs import InputError, check_cidr_text, check_ifname, parse_uint
 
 PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 _SIGNED = re.compile(r"-?(?:[0-9]+|0[xX][0-9a-fA-F]+)")   # a number, but maybe out of range
@@ -91,6 +91,24 @@ class PacketFilter:
     # --iface: a device name in the traced netns, matched by the ifindex it
     # has when the packet passes (the session follows renames, re-creation)
     iface: str | None = None
+
+    @classmethod
+    def parse(cls, mark: str | None = None, src: str | None = None, dst: str | None = None,
+              proto: str | None = None, port: str | int | None = None, iface: str | None = None) -> "PacketFilter":
+        """A filter from the command line's texts (`--mark 0x1/0xff`, `--src
+        10.0.0.0/8`, `--proto udp`, `--port 53`, `--iface eth0`): FilterError,
+        one line, for a value the command line would refuse."""
+        if iface is not None:
+            try:
+                check_ifname(iface)
+            except InputError as e:
+                raise FilterError(str(e)) from None
+        return cls(mark=parse_mark(mark) if mark is not None else None,
+                   src=parse_cidr(src) if src is not None else None,
+                   dst=parse_cidr(dst) if dst is not None else None,
+                   proto=parse_proto(proto) if proto is not None else None,
+                   port=parse_port(port) if port is not None else None,
+                   iface=iface)
 
     @property
     def flags(self) -> int:

@@ -267,24 +267,26 @@ def check_input_path(path: str, what: str = "input file") -> str:
     return path
 
 
-class OutputPath(click.ParamType):
+class _PathParam(click.ParamType):
+    """A file argument or option, checked by `check` (one line on failure)."""
     name = "file"
+
+    def __init__(self, check):
+        self.check = check
 
     def convert(self, value, param, ctx):
         try:
-            return check_output_path(value, "")
+            return self.check(value, "")
         except InputError as e:
             self.fail(str(e), param, ctx)
 
 
-class InputPath(click.ParamType):
-    name = "file"
+def OutputPath() -> _PathParam:     # noqa: N802 -- used like the click types it stands beside
+    return _PathParam(check_output_path)
 
-    def convert(self, value, param, ctx):
-        try:
-            return check_input_path(value, "")
-        except InputError as e:
-            self.fail(str(e), param, ctx)
+
+def InputPath() -> _PathParam:      # noqa: N802
+    return _PathParam(check_input_path)
 
 
 # ---- text for a terminal ---------------------------------------------------

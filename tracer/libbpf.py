@@ -15,7 +15,7 @@ import mmap
 import os
 import select
 import struct
-from typing import Iterator
+from typing import Iterator, cast
 
 # Program and attach types from include/uapi/linux/bpf.h (stable ABI numbers).
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -105,6 +105,7 @@ def lib():
         "bpf_map__reuse_fd": (I, [P, I]),
         "bpf_object__next_program": (P, [P, P]),
         "bpf_program__name": (S, [P]),
+        "bpf_program__section_name": (S, [P]),
         "bpf_program__set_type": (I, [P, I]),
         "bpf_program__set_expected_attach_type": (I, [P, I]),
         "bpf_program__set_autoload": (I, [P, ctypes.c_bool]),
@@ -173,6 +174,7 @@ class Program:
     def __init__(self, obj: "BpfObject", ptr: int):
         self._obj, self.ptr = obj, ptr
         self.name = lib().bpf_program__name(ptr).decode()
+        self.section = lib().bpf_program__section_name(ptr).decode()   # "tp_btf/kfree_skb", "tc", ...
 
     def set_type(self, prog_type: int, attach_type: int | None = None) -> None:
         lib().bpf_program__set_type(self.ptr, prog_type)
@@ -198,7 +200,7 @@ class Link:
     """A libbpf link; destroying it (or process exit) detaches."""
 
     def __init__(self, ptr: int):
-        self.ptr = ptr
+        self.ptr: int | None = ptr      # None once destroyed
 
     def close(self) -> None:
         if self.ptr:
@@ -218,7 +220,8 @@ class Map:
         if lib().bpf_map__set_max_entries(self.ptr, n):
             raise BpfError(_errmsg(f"resize map {self.name}", ctypes.get_errno()))
 
-    def initial_value(self) -> ctypes.c_void_p:
+    def initial_value(self) -> tuple[int, int]:
+        """(address, size) of the map's initial data (.rodata: the config)."""
         size = ctypes.c_size_t()
         p = lib().bpf_map__initial_value(self.ptr, ctypes.byref(size))
         if not p:
@@ -317,7 +320,8 @@ def enable_run_time_stats() -> int:
     try:
         return bpf_syscall(BPF_ENABLE_STATS, attr)
     except OSError as e:
-        raise BpfError(_errmsg("enable BPF run-time stats", e.errno)) from None
+        # bpf_syscall's OSError always carries the errno
+        raise BpfError(_errmsg("enable BPF run-time stats", cast(int, e.errno))) from None
 
 
 _PROG_INFO: tuple[int, int, int] | None = None   # (size, run_time_ns offset, run_cnt offset)
@@ -368,13 +372,18 @@ class BpfObject:
             raise BpfError(f"no program {name!r} in the BPF object")
         return Program(self, p)
 
-    def programs(self) -> list[Program]:
-        out, p = [], None
+    def _each(self, next_of, make) -> list:
+        """Walk libbpf's list of the object's programs or maps."""
+        out: list = []
+        p = None
         while True:
-            p = lib().bpf_object__next_program(self.ptr, p)
+            p = next_of(self.ptr, p)
             if not p:
                 return out
-            out.append(Program(self, p))
+            out.append(make(p))
+
+    def programs(self) -> list[Program]:
+        return self._each(lib().bpf_object__next_program, lambda p: Program(self, p))
 
     def map(self, name: str) -> Map:
         p = lib().bpf_object__find_map_by_name(self.ptr, name.encode())
@@ -383,12 +392,7 @@ class BpfObject:
         return Map(self, p, name)
 
     def maps(self) -> list[Map]:
-        out, p = [], None
-        while True:
-            p = lib().bpf_object__next_map(self.ptr, p)
-            if not p:
-                return out
-            out.append(Map(self, p, lib().bpf_map__name(p).decode()))
+        return self._each(lib().bpf_object__next_map, lambda p: Map(self, p, lib().bpf_map__name(p).decode()))
 
     def share_maps_of(self, other: "BpfObject") -> None:
         """Before load: use the maps of a loaded object of the same file, so
@@ -435,7 +439,8 @@ class Btf:
     """Type lookups in kernel or object BTF."""
 
     def __init__(self, ptr: int, owned: bool = True):
-        self.ptr, self.owned = ptr, owned
+        self.ptr: int | None = ptr      # None once closed
+        self.owned = owned
 
     @classmethod
     def vmlinux(cls) -> "Btf":
@@ -531,7 +536,7 @@ class RingBuffer:
         """Copy out up to max_records committed records and release them."""
         cons = struct.unpack_from("=Q", self._cons)[0]
         prod = struct.unpack_from("=Q", self._prod)[0]
-        out = []
+        out: list[bytes] = []
         data, mask = self._data, self.mask
         while cons < prod and len(out) < max_records:
             off = cons & mask

@@ -117,7 +117,9 @@ def exists(name: str) -> bool:
         return False
 
 
-def _unknown(name: str) -> NetnsError:
+def _unknown(name: str | None) -> NetnsError:
+    if name is None:                      # /proc/self/ns/net: no /proc?
+        return NetnsError(f"cannot find the current network namespace ({SELF_NETNS})")
     if _unnamed_inode(name) is not None:
         return NetnsError(f"network namespace {name!r}: no process is in it any more")
     return NetnsError(f"unknown network namespace {name!r} (see `ip netns list`)")

@@ -1,10 +1,10 @@
 """Sinks: packets as readable blocks, or as JSON lines for tools."""
 from __future__ import annotations
 
-from typing import TextIO
+from typing import TextIO, cast
 
 from .inputs import escape
-from .paths import Packet, Stage, TableStep, packet_json
+from .model import Packet, Stage, TableStep, packet_json
 from .session import Counters
 from .templates import Templates
 
@@ -57,6 +57,8 @@ def _detail(s: Stage) -> str:
 def _route(s: Stage) -> str:
     """`rule 100: from all fwmark 0x1/0x1 lookup 100 → table 100 → via 10.3.0.2 dev r2  mark 0x1`"""
     r = s.route
+    if r is None:
+        return ""
     out = f"rule {r.rule} → " if r.rule else ""
     out += "table " + " → ".join(r.tables)
     if r.err:
@@ -165,12 +167,17 @@ class Printer:
     def render(self, p: Packet) -> str | bytes:
         """The text of one packet, as write() takes it."""
         if self._bin is not None:
-            return format_json_bytes(p) + b"\n"
-        return (format_json(p) if self.as_json else format_packet(p) + "\n") + "\n"
+            return cast(bytes, format_json_bytes(p)) + b"\n"
+        text = cast(str, format_json(p)) if self.as_json else cast(str, format_packet(p)) + "\n"
+        return text + "\n"
 
     def write(self, text: str | bytes, flush: bool = True) -> None:
-        if self._bin is not None:
-            self._bin.write(text)
+        if isinstance(text, bytes):
+            # (render() gives bytes only where the binary buffer exists)
+            if self._bin is not None:
+                self._bin.write(text)
+            else:
+                self.out.write(text.decode())
         else:
             self.out.write(text)
         if flush:

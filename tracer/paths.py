@@ -12,32 +12,28 @@ Context, so recorded records can be replayed without root.
 """
 from __future__ import annotations
 
-import bisect
-import ctypes
-import dataclasses
 import errno
-import json
-import os
 import socket
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import routing
-from .placement import CONNTRACK, HOOKS as HOOK_NAMES, PRIO_FIRST, shares_conntrack_observer
+from . import layout, routing
+from .model import (HOOK_NAMES as _HOOKS, TC_NAMES, FateName, Lookup, Observation, Packet, Route, Shape, Stage,
+                    StageName as S, TableStep, Values, Verdict)
+from .placement import CONNTRACK, shares_conntrack_observer
 from .events import (CT_REPLY, NF_STAGES, PT_NF_BANK, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
-                     REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_HOOK_SLOW, STF_NF_DROP, STF_NFT_TABLE, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtAddrStage, PtRecord, PtStage,
+                     REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_HOOK_SLOW, STF_NF_DROP, STF_NFT_TABLE, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtRecord,
                      StageKind, TcVerdict)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
-FATE_NAMES = {Fate.FORWARDED: "forwarded", Fate.DELIVERED: "delivered", Fate.SENT: "sent",
-              Fate.DROPPED: "dropped", Fate.CONSUMED: "consumed", Fate.REDIRECTED: "redirected",
-              Fate.REASSEMBLED: "reassembled", Fate.NONE: "unknown"}
+FATE_NAMES = {Fate.FORWARDED: FateName.FORWARDED, Fate.DELIVERED: FateName.DELIVERED, Fate.SENT: FateName.SENT,
+              Fate.DROPPED: FateName.DROPPED, Fate.CONSUMED: FateName.CONSUMED, Fate.REDIRECTED: FateName.REDIRECTED,
+              Fate.REASSEMBLED: FateName.REASSEMBLED, Fate.NONE: FateName.UNKNOWN}
 # RTN_* of the route the kernel attached to a packet (struct rtable.rt_type)
 RTN_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
              7: "unreachable", 8: "prohibit"}
-TC_STAGES = ("tc_ingress", "tc_egress")
+TC_STAGES = TC_NAMES
 ROUTE_TABLES = {255: "local", 254: "main", 253: "default"}
 DROP_PREFIX = "SKB_DROP_REASON_"
 
@@ -80,314 +76,6 @@ class Context:
         return self.route_tables.get(tb, str(tb))
 
 
-@dataclass
-class Observation:
-    """One netfilter observer's view inside a hook stage."""
-    priority: int | None
-    mark: int
-    tos: int
-    t_ns: int
-    ct: str | None = None
-
-
-@dataclass
-class TableStep:
-    """What the packet was like after the table(s) between two observers."""
-    table: str
-    priority: int | None
-    mark: int
-    dscp: int
-    ct: str | None
-    verdict: str                        # accept | drop | reject
-    mark_in: int = 0
-    dscp_in: int = 0
-    nat: dict | None = None             # {"src"|"dst": {"from": "a:p", "to": "b:p"}}
-
-    def to_json(self) -> dict:
-        d = {"table": self.table, "priority": self.priority, "mark": self.mark, "dscp": self.dscp,
-             "ct": self.ct, "verdict": self.verdict}
-        if self.nat:
-            d.update(self.nat)
-        return d
-
-
-@dataclass
-class Lookup:
-    table: str
-    table_id: int
-    dev: str | None
-    err: str | None
-    mark: int
-    t_ns: int
-    gw: str | None = None
-    src_check: bool = False             # a lookup of the source (rp_filter), not the decision
-    type: str | None = None             # result: see route_type()
-
-
-@dataclass
-class Route:
-    """A routing decision: tables consulted, the rule that chose, the result."""
-    tables: list[str]
-    rule: str | None
-    type: str
-    dev: str | None
-    gw: str | None
-    src: str | None
-    err: str | None
-    mark: int
-    src_check: dict | None = None       # the source-validation lookup (rp_filter), when the kernel made one
-
-    def to_json(self) -> dict:
-        d = {"tables": self.tables, "rule": self.rule, "type": self.type, "dev": self.dev, "gw": self.gw,
-             "src": self.src, "err": self.err, "mark": self.mark}
-        if self.src_check:
-            d["src_check"] = self.src_check
-        return d
-
-
-@dataclass
-class Stage:
-    stage: str
-    t_ns: int
-    dev: str | None
-    mark: int
-    mark_out: int | None = None        # hook stages: mark after the last table
-    tos: int | None = None
-    tos_out: int | None = None
-    in_dev: str | None = None          # forward: both devices
-    observations: list[Observation] = field(default_factory=list)
-    tables: list[TableStep] = field(default_factory=list)
-    lookups: list[Lookup] = field(default_factory=list)
-    route: Route | None = None
-    ct: str | None = None              # hook stages: conntrack state after the last table
-    ifindex: int = 0                   # device index (for filters on recorded data)
-    in_ifindex: int = 0
-    how: str | None = None             # deliver: how delivery was seen
-    socket_inode: int | None = None    # deliver: the socket it was queued to
-    verdict: str | None = None         # tc stages: ok | shot | redirect | mirror
-    target: str | None = None          # tc redirect/mirror: the device it (or a copy) went to
-    attribution: str | None = None     # hook stages: "changing" while the ruleset changed (no tables named)
-
-    @property
-    def is_hook(self) -> bool:
-        """A netfilter hook stage (even one no observer saw: a drop in its first table)."""
-        return self.mark_out is not None
-
-    def to_json(self) -> dict:
-        d = {"stage": self.stage, "t_ns": self.t_ns, "dev": self.dev, "mark": self.mark}
-        if self.is_hook:
-            d["mark_out"] = self.mark_out
-            d["tos"], d["tos_out"] = self.tos, self.tos_out
-            d["ct"] = self.ct
-            d["observers"] = [{"priority": o.priority, "mark": o.mark, "tos": o.tos, "ct": o.ct, "t_ns": o.t_ns}
-                              for o in self.observations]
-            d["tables"] = [t.to_json() for t in self.tables]
-            if self.attribution:
-                d["attribution"] = self.attribution
-        if self.in_dev is not None:
-            d["in_dev"] = self.in_dev
-        if self.verdict is not None:
-            d["verdict"] = self.verdict
-            if self.target is not None:
-                d["target"] = self.target
-        if self.how:
-            d["how"] = self.how
-        if self.socket_inode:
-            d["socket_inode"] = self.socket_inode
-        if self.lookups:
-            main = [lk for lk in self.lookups if not lk.src_check] or self.lookups
-            d["table"], d["err"] = main[-1].table, main[-1].err
-            d["lookups"] = [{"table": lk.table, "table_id": lk.table_id, "dev": lk.dev, "err": lk.err,
-                             "mark": lk.mark, "gw": lk.gw, "src_check": lk.src_check, "t_ns": lk.t_ns}
-                            for lk in self.lookups]
-            if self.route is not None:
-                d["route"] = self.route.to_json()
-        return d
-
-
-@dataclass
-class Shape:
-    """What packets with the same path shape share: resolved once per shape."""
-    netns: str
-    family: str
-    proto: str
-    proto_num: int
-    fate: str
-    in_dev: str | None
-    out_dev: str | None
-    end: str | None
-    path_sig: int = 0
-    template: "_Template | None" = None
-    drop_reason: str | None = None      # dropped: reason name
-    af: int = socket.AF_INET
-    alen: int = 4
-    ports: bool = False
-    local_out: bool = False             # locally generated: its first hook is output
-    ino: int | None = None              # netns inode (rules are kept per netns)
-
-
-@dataclass
-class Values:
-    """What is particular to one packet."""
-    id: int
-    src: str
-    dst: str
-    sport: int | None
-    dport: int | None
-    drop: dict | None = None
-    process: dict | None = None
-    truncated: bool = False
-    late_match: bool = False           # matched only after NAT: earlier stages not kept
-    cause: int | None = None           # the packet whose processing made the kernel generate this one
-    prev: int | None = None            # this packet's record in the netns it came from
-    next: int | None = None            # ... in the netns it went on to
-    prev_netns: str | None = None
-    next_netns: str | None = None
-    reassembled: int | None = None     # a fragment: the packet it became
-
-
-class Packet:
-    """One packet's traversal.
-
-    A packet from the kernel holds its raw record and the Shape it shares
-    with every packet that took the same path: the collector's work per
-    record is a cache lookup.  Per-packet values are unpacked, and the path
-    built, the first time someone reads them.
-    """
-
-    __slots__ = ("_shape", "_raw", "_vals", "_path", "_ctx")
-
-    def __init__(self, id, netns, family, proto, src, dst, sport, dport, fate, in_dev, out_dev,
-                 path=None, drop=None, process=None, truncated=False, end=None, proto_num=0, path_sig=0):
-        self._shape = Shape(netns, family, proto, proto_num, fate, in_dev, out_dev, end, path_sig)
-        self._vals = Values(id, src, dst, sport, dport, drop, process, truncated)
-        self._path, self._raw, self._ctx = path if path is not None else [], None, None
-
-    @classmethod
-    def _from_raw(cls, raw: bytes, shape: Shape, ctx: "Context") -> "Packet":
-        p = cls.__new__(cls)
-        p._shape, p._raw, p._ctx, p._vals, p._path = shape, raw, ctx, None, None
-        return p
-
-    def _v(self) -> Values:
-        if self._vals is None:
-            self._vals = _values(self._raw, self._shape, self._ctx)
-        return self._vals
-
-    def _set_shape(self, name: str, value) -> None:
-        # shapes are shared between packets: copy on write
-        self._shape = dataclasses.replace(self._shape, **{name: value})
-
-    def _set_value(self, name: str, value) -> None:
-        setattr(self._v(), name, value)
-
-    @property
-    def path(self) -> list[Stage]:
-        if self._path is None:
-            n = self._raw[_N_OFF]
-            first_ts = _U64.unpack_from(self._raw, 8)[0]
-            self._path = _materialize(self._shape, self._raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE], first_ts,
-                                      self._v(), self._ctx)
-        return self._path
-
-    @property
-    def stages(self) -> list[Stage]:
-        return self.path
-
-    def stage_names(self) -> list[str]:
-        return [s.stage for s in self.path]
-
-    def stage(self, name: str, nth: int = 0) -> Stage | None:
-        """The nth stage called `name`, or None."""
-        found = [s for s in self.path if s.stage == name]
-        return found[nth] if nth < len(found) else None
-
-    def crossed(self, *stages: str) -> bool:
-        """The path contains these stages in this order (others may sit between)."""
-        it = iter(self.stage_names())
-        return all(any(s == w for s in it) for w in stages)
-
-    def marks(self) -> set[int]:
-        """Every mark the packet was seen with."""
-        out = set()
-        for s in self.path:
-            out.add(s.mark)
-            if s.mark_out is not None:
-                out.add(s.mark_out)
-            out.update(o.mark for o in s.observations)
-        return out
-
-    def addresses(self, which: str) -> list[str]:
-        """Every address the packet had on that side (NAT included), in order."""
-        out = [self.src if which == "src" else self.dst]
-        for s in self.path:
-            for t in s.tables:
-                if t.nat and which in t.nat:
-                    out.append(_endpoint_addr(t.nat[which]["to"]))
-        return out
-
-    def ports(self) -> list[int]:
-        """Every port the packet had (NAT included), in order."""
-        out = [p for p in (self.sport, self.dport) if p is not None]
-        for s in self.path:
-            for t in s.tables:
-                for side in ("src", "dst"):
-                    if t.nat and side in t.nat:
-                        ep = t.nat[side]["to"]
-                        if ep.startswith("[") or ep.count(":") == 1:
-                            out.append(int(ep.rsplit(":", 1)[1]))
-        return out
-
-    def to_json(self) -> dict:
-        v, sh = self._v(), self._shape
-        d = {"id": v.id, "netns": sh.netns, "family": sh.family, "proto": sh.proto, "src": v.src, "dst": v.dst}
-        if v.sport is not None:
-            d["sport"], d["dport"] = v.sport, v.dport
-        d.update(fate=sh.fate, in_dev=sh.in_dev, out_dev=sh.out_dev, path=[s.to_json() for s in self.path])
-        if v.drop:
-            d["drop"] = v.drop
-        if v.process:
-            d["process"] = v.process
-        if v.truncated:
-            d["truncated"] = True
-        if v.late_match:
-            d["late_match"] = True
-        for k in ("cause", "prev", "next", "reassembled"):
-            if getattr(v, k) is not None:
-                d[k] = getattr(v, k)
-        if v.prev is not None:
-            d["prev_netns"] = v.prev_netns
-        if v.next is not None:
-            d["next_netns"] = v.next_netns
-        if sh.end:
-            d["end"] = sh.end
-        if sh.template is not None and sh.template.changing:
-            d["attribution"] = "changing"
-        return d
-
-
-def _endpoint_addr(ep: str) -> str:
-    """The address of `10.0.0.1:80`, `[fd00::1]:80`, `10.0.0.1` or `fd00::1` (see _endpoint)."""
-    if ep.startswith("["):
-        return ep[1:ep.index("]")]
-    return ep.rsplit(":", 1)[0] if ep.count(":") == 1 else ep
-
-
-def _shape_field(name: str) -> property:
-    return property(lambda self: getattr(self._shape, name), lambda self, v: self._set_shape(name, v))
-
-
-def _value_field(name: str) -> property:
-    return property(lambda self: getattr(self._v(), name), lambda self, v: self._set_value(name, v))
-
-
-for _f in ("netns", "family", "proto", "proto_num", "fate", "in_dev", "out_dev", "end", "path_sig"):
-    setattr(Packet, _f, _shape_field(_f))
-for _f in ("id", "src", "dst", "sport", "dport", "drop", "process", "truncated", "late_match", "cause", "prev", "next",
-           "prev_netns", "next_netns", "reassembled"):
-    setattr(Packet, _f, _value_field(_f))
-
-
 def _err_name(err: int) -> str | None:
     if not err:
         return None
@@ -415,7 +103,7 @@ def ct_name(code: int, tracked: bool) -> str | None:
     base = code & ~CT_REPLY
     if base == Ct.NONE:
         return "invalid" if tracked else None
-    name = _CT_NAMES.get(base, str(base))
+    name = _CT_NAMES.get(Ct(base), str(base)) if base in Ct._value2member_map_ else str(base)
     return name + " reply" if code & CT_REPLY and base != Ct.UNTRACKED else name
 
 
@@ -426,30 +114,13 @@ _END_BY_FATE = {Fate.FORWARDED: "tx", Fate.SENT: "tx", Fate.REDIRECTED: "tx", Fa
                 Fate.CONSUMED: "consume_skb", Fate.REASSEMBLED: "reassembled", Fate.NONE: "aged out"}
 
 
-# The record header and a stage, as struct formats built from the ctypes
-# mirror (itself checked against the object's BTF).
-_CT_FMT = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_int32: "i",
-           ctypes.c_uint64: "Q"}
-
-
-def _fmt(struct_type, stop: str | None = None) -> struct.Struct:
-    out = "="
-    for name, typ in struct_type._fields_:
-        if name == stop:
-            break
-        out += f"{ctypes.sizeof(typ)}s" if issubclass(typ, ctypes.Array) else _CT_FMT[typ]
-    return struct.Struct(out)
-
-
-_HDR = _fmt(PtRecord, stop="stages")
-_STAGE = _fmt(PtStage)
-_ADDR = _fmt(PtAddrStage)
-_HDR_SIZE = PtRecord.stages.offset
-_STAGE_SIZE = ctypes.sizeof(PtStage)
-assert _HDR.size == _HDR_SIZE and _STAGE.size == _STAGE_SIZE == _ADDR.size
+# The record's layout (tracer.layout), under the short names this module reads it by
+_HDR_SIZE, _STAGE_SIZE, _STAGE, _ADDR = layout.HEADER_SIZE, layout.STAGE_SIZE, layout.STAGE, layout.ADDR
 _INET = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
 # fields of a raw stage tuple
-_TS, _IFX, _MARK, _AUX, _AUX2, _KIND, _SLOT, _TOS, _FAM, _CT, _FLAGS = range(11)
+(_TS, _IFX, _MARK, _AUX, _AUX2, _KIND, _SLOT, _TOS, _FAM, _CT, _FLAGS) = (
+    layout.ST_TS, layout.ST_IFINDEX, layout.ST_MARK, layout.ST_AUX, layout.ST_AUX2, layout.ST_KIND, layout.ST_SLOT,
+    layout.ST_TOS, layout.ST_FAMILY, layout.ST_CT, layout.ST_FLAGS)
 
 
 @dataclass
@@ -465,14 +136,14 @@ class _Obs:
 class _Plan:
     """How one output stage is built from raw stages: everything but the
     per-packet values (times, marks, TOS, addresses, socket inode)."""
-    label: str
+    label: S
     dev: str | None
     first: int                          # index of its first raw stage
     raws: list[int]                     # indices of all its raw stages
     obs: list[_Obs] | None = None       # hook stages
     drop_tables: list | None = None     # hook stage before a netfilter drop: tables after the last observer
     drop_passed: list | None = None     # ... of which these let it by (conntrack, sharing the dropper's observer)
-    drop_verdict: str = "drop"          # ... and what they did: drop, or reject (sent an ICMP error / RST)
+    drop_verdict: str = Verdict.DROP          # ... and what they did: drop, or reject (sent an ICMP error / RST)
     drop_in_last: bool = False          # fentry backend: the last observed table itself dropped it
     changing: bool = False              # the hook's registrations were not what the observers were placed for
     tracked: bool = False               # conntrack runs in this netns/family (no entry = invalid)
@@ -531,7 +202,8 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
             # a reroute inside OUTPUT (mangle changed the mark) sits between
             # two observers of that hook: they still make one output stage
             hook_plan = prev if prev is not None and prev.label == kind.label else \
-                plans[-2] if len(plans) > 1 and prev.label == "reroute" and plans[-2].label == kind.label else None
+                plans[-2] if prev is not None and len(plans) > 1 and prev.label == S.REROUTE and \
+                plans[-2].label == kind.label else None
             if slot in (SLOT_TABLE, SLOT_EXIT):
                 # fentry backend: after the table at priority aux2, or after
                 # every hook function; with it, what ran since the last look
@@ -550,24 +222,24 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
                 hook_plan.obs.append(ob)
                 hook_plan.changing |= changing
                 continue
-            plans.append(_Plan(kind.label, dev, i, [i], obs=[ob], tracked=tracked,
+            plans.append(_Plan(S(kind.label), dev, i, [i], obs=[ob], tracked=tracked,
                                in_dev=ctx.dev(ino, aux) if kind == StageKind.FORWARD else None,
                                changing=changing))
         elif kind in (StageKind.ROUTE, StageKind.REROUTE):
             lk = (ctx.table(aux), aux, dev, aux2, None, bool(st[_CT] & ROUTE_SRC_CHECK))
-            if prev is not None and prev.label == kind.label:
+            if prev is not None and prev.label == kind.label and prev.lookups is not None:
                 prev.raws.append(i)
                 prev.lookups.append(lk)
                 if not lk[5] and prev.nexthop is None:
                     prev.dev = dev or prev.dev
                 continue
-            plans.append(_Plan(kind.label, dev, i, [i], lookups=[lk]))
+            plans.append(_Plan(S(kind.label), dev, i, [i], lookups=[lk]))
         elif kind == StageKind.DELIVER:
-            plans.append(_Plan(kind.label, dev, i, [i], how=_DELIVER_HOW.get(aux2)))
+            plans.append(_Plan(S(kind.label), dev, i, [i], how=_DELIVER_HOW.get(aux2)))
             if aux2 == DeliverHow.QUEUED:
                 deliver_raw = i
         else:
-            plans.append(_Plan(kind.label, dev, i, [i]))
+            plans.append(_Plan(S(kind.label), dev, i, [i]))
             if kind == StageKind.DROP:
                 drop_raw = i
             elif kind in (StageKind.TC_INGRESS, StageKind.TC_EGRESS) and aux2 in (TcVerdict.MIRROR,
@@ -629,27 +301,30 @@ def _tc_verdicts(plans: list[_Plan], stages: list[tuple], ino: int, ctx: Context
         p.verdict = "ok"
         if nxt is None:
             continue
-        if nxt.label == "drop" and drop_reason is not None and drop_reason.startswith("TC_"):
+        if nxt.label == S.DROP and drop_reason is not None and drop_reason.startswith("TC_"):
             p.verdict = "shot"
         elif stages[nxt.first][_FLAGS] & STF_REDIRECTED and nxt.dev != p.dev:
             p.verdict, p.target = "redirect", nxt.dev
 
 
 def _route_failed(p: _Plan) -> bool:
-    decisions = [lk for lk in p.lookups if not lk[5]] or p.lookups
+    lookups = p.lookups or []
+    decisions = [lk for lk in lookups if not lk[5]] or lookups
+    if not decisions:
+        return False
     return bool(decisions[-1][3])
 
 
 def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: int, fam: int, ctx: Context,
                 reason: str, caused: bool) -> None:
     """Where the kernel dropped the packet: the stage, and for netfilter the table."""
-    before = [p for p in plans if p.label != "drop"]
+    before = [p for p in plans if p.label != S.DROP]
     last = before[-1] if before else None
     if last is None:
         return
     nf = _nf_drop(reason)
     tpl.drop_stage = last.label
-    if reason.startswith("QDISC") or (last.label == "tx" and not reason.startswith("TC_")):
+    if reason.startswith("QDISC") or (last.label == S.TX and not reason.startswith("TC_")):
         # handed to the device (tc egress, or the queue tracepoint), then
         # dropped in its queue (qdisc, or a driver that could not take it)
         tpl.drop_stage = "qdisc"
@@ -660,12 +335,12 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
         if nf and last.changing:
             # the ruleset changed under the observers: the table that
             # dropped it cannot be named (rather than name a wrong one)
-            last.drop_verdict = "reject" if caused else "drop"
+            last.drop_verdict = Verdict.REJECT if caused else Verdict.DROP
             tpl.drop_changing = True
             return
         if nf:
             # the table sent an ICMP error or RST back before dropping it
-            last.drop_verdict = "reject" if caused else "drop"
+            last.drop_verdict = Verdict.REJECT if caused else Verdict.DROP
             lst = stages[last.obs[-1].raw]
             if lst[_SLOT] == SLOT_TABLE and lst[_FLAGS] & STF_NF_DROP:
                 # fentry backend: the table observed last said drop itself
@@ -676,34 +351,30 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
             key = (ino, fam, StageKind[last.label.upper()] - StageKind.PREROUTING, lst[_SLOT])
             if lst[_SLOT] in (0, SLOT_TABLE) and key not in ctx.slot_after:
                 # fentry backend: something registered after that priority
-                after = last.obs[-1].priority if lst[_SLOT] == SLOT_TABLE else PRIO_MIN
-                last.drop_tables = [(t[0], t[1]) for t in ctx.registered.get(key[:3], []) if t[1] > after]
+                since = last.obs[-1].priority if lst[_SLOT] == SLOT_TABLE else PRIO_MIN
+                last.drop_tables = [(t[0], t[1]) for t in ctx.registered.get(key[:3], [])
+                                    if since is None or t[1] > since]
             else:
                 last.drop_tables = ctx.slot_after.get(key, [])
                 _split_conntrack_drop(last, stages[plans[-1].first][_FLAGS])
             tpl.drop_table = _names(last.drop_tables) if last.drop_tables else None
         return
-    after = None
+    after: str | None = None
     if last.lookups is not None:
         if _route_failed(last):
             return  # routing said no: drop.stage is "route"
         # routed, then dropped on the way to the next hook (ip_forward: TTL,
         # MTU; or a netfilter hook function before our first observer)
-        if last.label == "reroute":
-            after = "postrouting"
-        elif last.rtype == 2 or (not last.rtype and last.dev in (None, "lo")):
-            after = "input"
-        else:
-            after = "forward"
-    elif last.label in ("rx", "tc_ingress") and nf:
-        after = "prerouting"
-    elif last.label == "postrouting" or last.label in TC_STAGES:
+        after = _next_hook(last)
+    elif last.label in (S.RX, S.TC_INGRESS) and nf:
+        after = S.PREROUTING
+    elif last.label == S.POSTROUTING or last.label in TC_STAGES:
         return
     if after is not None:
         tpl.drop_stage = after
         if nf:
             # a hook function registered before our first observer there
-            hook = ("prerouting", "input", "forward", "output", "postrouting").index(after)
+            hook = _HOOKS.index(S(after))
             firsts = [prio for (i, f, h, _s), prio in ctx.slot_priority.items() if (i, f, h) == (ino, fam, hook)]
             tpl.drop_before = min(firsts) if firsts else None
 
@@ -711,12 +382,12 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
 def _next_hook(last: _Plan) -> str | None:
     """The hook a packet goes to after the stage `last` (None: not one
     netfilter decides alone, or not known)."""
-    if last.label in ("forward", "output", "reroute"):
-        return "postrouting"
+    if last.label in (S.FORWARD, S.OUTPUT, S.REROUTE):
+        return S.POSTROUTING
     if last.lookups is not None and not _route_failed(last):
         if last.rtype == 2 or (not last.rtype and last.dev in (None, "lo")):
-            return "input"
-        return "forward"
+            return S.INPUT
+        return S.FORWARD
     return None
 
 
@@ -729,13 +400,13 @@ def _dropped_in_first_table(tpl: _Template, plans: list[_Plan], stages: list[tup
     drop = plans[-1]
     before = plans[:-1]
     last = before[-1] if before else None
-    if drop.label != "drop" or last is None or (last.obs is not None and last.obs and
+    if drop.label != S.DROP or last is None or (last.obs is not None and last.obs and
                                                  ctx.slot_after.get(_slot_key(last, stages, ino, fam), [])):
         return False
     hook = _next_hook(last)
     if hook is None:
         return False
-    hook_i = HOOK_NAMES.index(hook)
+    hook_i = _HOOKS.index(S(hook))
     banks = sorted({stages[o.raw][_SLOT] // PT_NF_BANK for p in before if p.obs for o in p.obs
                     if stages[o.raw][_SLOT] < SLOT_TABLE})
     for bank in banks or (0, 1):
@@ -748,9 +419,9 @@ def _dropped_in_first_table(tpl: _Template, plans: list[_Plan], stages: list[tup
     changing = bool(flags & STF_CHANGING)
     # where the packet was: FORWARD has both devices (the kernel's is the
     # one it came in on), the others the kernel's
-    dev, in_dev = (last.dev, drop.dev) if hook == "forward" else (drop.dev, None)
-    p = _Plan(hook, dev, drop.first, [drop.first], obs=[], drop_tables=group, in_dev=in_dev,
-              drop_verdict="reject" if caused else "drop", changing=changing,
+    dev, in_dev = (last.dev, drop.dev) if hook == S.FORWARD else (drop.dev, None)
+    p = _Plan(S(hook), dev, drop.first, [drop.first], obs=[], drop_tables=group, in_dev=in_dev,
+              drop_verdict=Verdict.REJECT if caused else Verdict.DROP, changing=changing,
               tracked=fam in ctx.conntrack.get(ino, ()))
     _split_conntrack_drop(p, flags)
     plans.insert(len(plans) - 1, p)
@@ -758,7 +429,7 @@ def _dropped_in_first_table(tpl: _Template, plans: list[_Plan], stages: list[tup
     if changing:
         tpl.drop_changing = True
     else:
-        tpl.drop_table = _names(p.drop_tables)
+        tpl.drop_table = _names(p.drop_tables or [])
     return True
 
 
@@ -774,6 +445,8 @@ def _split_conntrack_drop(p: _Plan, drop_flags: int) -> None:
 
 
 def _slot_key(p: _Plan, stages: list[tuple], ino: int, fam: int) -> tuple:
+    """(netns, family, hook, slot) of the last observation of hook plan p."""
+    assert p.obs
     return (ino, fam, StageKind[p.label.upper()] - StageKind.PREROUTING, stages[p.obs[-1].raw][_SLOT])
 
 
@@ -821,7 +494,7 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
     prev = before if p.obs[0].tables and before is not None else first
     stage.mark, stage.tos, stage.mark_out, stage.tos_out = prev[_MARK], prev[_TOS], last[_MARK], last[_TOS]
     stage.ct = stage.observations[-1].ct
-    stage.in_ifindex = first[_AUX] if p.label == "forward" else 0
+    stage.in_ifindex = first[_AUX] if p.label == S.FORWARD else 0
     if p.changing:
         # the observers sat among other tables than they were placed for:
         # their marks and times are true, the table names would not be
@@ -846,13 +519,13 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
             stage.tables[-1].nat = nat
             prev = s
             continue
-        verdict = p.drop_verdict if p.drop_in_last and k == len(p.obs) - 1 else "accept"
+        verdict = p.drop_verdict if p.drop_in_last and k == len(p.obs) - 1 else Verdict.ACCEPT
         tables = o.tables
         if shares_conntrack_observer(tables):
             # conntrack changes neither mark nor DSCP: what changed, the
             # chains after it did
             stage.tables.append(TableStep(CONNTRACK, tables[0][1], prev[_MARK], prev[_TOS] >> 2,
-                                          stage.observations[k].ct, "accept", prev[_MARK], prev[_TOS] >> 2))
+                                          stage.observations[k].ct, Verdict.ACCEPT, prev[_MARK], prev[_TOS] >> 2))
             tables = tables[1:]
         stage.tables.append(TableStep(
             _names(tables), tables[-1][1] if tables else None,
@@ -860,7 +533,7 @@ def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base
         prev = s
     if p.drop_tables is not None and not p.drop_in_last:
         for t in p.drop_passed or ():
-            stage.tables.append(TableStep(t[0], t[1], last[_MARK], last[_TOS] >> 2, stage.ct, "accept",
+            stage.tables.append(TableStep(t[0], t[1], last[_MARK], last[_TOS] >> 2, stage.ct, Verdict.ACCEPT,
                                           last[_MARK], last[_TOS] >> 2))
         stage.tables.append(TableStep(_names(p.drop_tables),
                                       p.drop_tables[-1][1] if p.drop_tables else None,
@@ -881,15 +554,15 @@ def _unobserved_drop_stage(stage: Stage, p: _Plan, st: list[tuple], before: tupl
         stage.attribution = "changing"
         return
     for t in p.drop_passed or ():
-        stage.tables.append(TableStep(t[0], t[1], mark_in, tos_in >> 2, stage.ct, "accept", mark_in, tos_in >> 2))
-    stage.tables.append(TableStep(_names(p.drop_tables), p.drop_tables[-1][1] if p.drop_tables else None,
+        stage.tables.append(TableStep(t[0], t[1], mark_in, tos_in >> 2, stage.ct, Verdict.ACCEPT, mark_in, tos_in >> 2))
+    stage.tables.append(TableStep(_names(p.drop_tables or []), p.drop_tables[-1][1] if p.drop_tables else None,
                                   drop[_MARK], tos_in >> 2, stage.ct, p.drop_verdict, mark_in, tos_in >> 2))
 
 
 def _after_conntrack(o: _Obs, p: _Plan) -> bool:
     """Has conntrack run when observer o looks?  At PREROUTING/OUTPUT only
     after its priority; at the other hooks it ran at the hook before."""
-    if p.label not in ("prerouting", "output"):
+    if p.label not in (S.PREROUTING, S.OUTPUT):
         return True
     return o.priority is not None and o.priority > -200
 
@@ -906,8 +579,9 @@ def _addr_stage(raw_stages: bytes, i: int) -> tuple:
 
 def _route_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base: int, cur: dict, sh: Shape,
                  fam: int, ctx: Context | None) -> None:
-    lookups, checks = [], []
-    for raw_i, (table, tid, dev, err, gw_raw, src_check) in zip(p.raws, p.lookups):
+    lookups: list[Lookup] = []
+    checks: list[Lookup] = []
+    for raw_i, (table, tid, dev, err, gw_raw, src_check) in zip(p.raws, p.lookups or []):
         gw = None
         if gw_raw is not None:
             a = _addr_stage(raw_stages, gw_raw)
@@ -941,8 +615,8 @@ def _route_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, bas
             err, typ = "ENETUNREACH", "unreachable"
     src, dst = cur["src"][0], cur["dst"][0]
     rule = None
-    rules = ctx.rules.get((sh.ino, fam)) if ctx is not None else None
-    if rules:
+    rules = ctx.rules.get((sh.ino, fam)) if ctx is not None and sh.ino is not None else None
+    if rules and ctx is not None:
         flow = routing.Flow(src, dst, mark, None if sh.local_out else sh.in_dev, proto=sh.proto_num,
                             sport=cur["src"][1], dport=cur["dst"][1])
         r = routing.choosing_rule(rules, flow, [lk.table_id for lk in _last_walk(lookups)])
@@ -964,16 +638,9 @@ def _last_walk(lookups: list[Lookup]) -> list[Lookup]:
     return lookups[starts[-1]:]
 
 
-_U64 = struct.Struct("=Q")
-_N_OFF = PtRecord.n_stages.offset
-# per-packet values: id, drop_location, flags, sport, dport, saddr, daddr, pid, comm
-_VALS = struct.Struct("=Q16xQ")
-_TAIL = struct.Struct("=BBBBHH16s16sI16s")
-_TAIL_OFF = PtRecord.match.offset
-_FLAGS_OFF = PtRecord.flags.offset
-# links to other records: cause, prev, next, link (reassembled), next_netns, prev_netns
-_LINKS = struct.Struct("=QQQQII")
-_LINKS_OFF = PtRecord.cause.offset
+_U64, _N_OFF, _FLAGS_OFF = layout.U64, layout.N_STAGES_OFF, layout.FLAGS_OFF
+_VALS, _TAIL, _TAIL_OFF = layout.VALS, layout.TAIL, layout.TAIL_OFF
+_LINKS, _LINKS_OFF = layout.LINKS, layout.LINKS_OFF
 
 
 def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
@@ -1001,13 +668,13 @@ def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
                end, h["sig"], tpl, reason, af, alen, proto in (6, 17))
     # locally generated: the first hook stage is output (rule walks see iif lo)
     hooks = [p.label for p in tpl.plans if p.obs is not None]
-    sh.local_out = bool(hooks) and hooks[0] == "output"
+    sh.local_out = bool(hooks) and hooks[0] == S.OUTPUT
     sh.ino = ino
     return sh
 
 
 def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
-    pid_, drop_loc = _VALS.unpack_from(raw, 0)
+    pid_, drop_loc = _VALS.unpack_from(raw, layout.VALS_OFF)
     _m, _s, flags, _p, sport, dport, saddr, daddr, pid, comm = _TAIL.unpack_from(raw, _TAIL_OFF)
     # a fragment after the first carries no ports
     ports = sh.ports and not (flags & REC_FRAG and not sport and not dport)
@@ -1061,87 +728,21 @@ def assemble(rec: PtRecord | bytes, ctx: Context, aged: bool = False) -> Packet:
             if len(ctx.shapes) >= ctx.max_shapes:
                 ctx.shapes.clear()  # bounded: shapes churn only with devices and rules
             ctx.shapes[key] = sh
-    return Packet._from_raw(raw, sh, ctx)
+    return Packet._from_raw(raw, sh, ctx, _DECODER)
 
 
-class SocketOwners:
-    """Socket inode -> (pid, comm) of a process holding it, from /proc/*/fd.
+class _RecordDecoder:
+    """The per-packet half of decoding, run when a Packet is first read."""
 
-    Scanning /proc is slow, so results are cached and a full rescan happens
-    at most every `min_interval` seconds, only for inodes not yet known.
-    """
+    @staticmethod
+    def values(raw: bytes, shape: Shape, ctx: Context | None) -> Values:
+        return _values(raw, shape, ctx)
 
-    def __init__(self, proc: str = "/proc", min_interval: float = 0.5):
-        self.proc, self.min_interval = proc, min_interval
-        self._owners: dict[int, tuple[int, str]] = {}
-        self._scanned = float("-inf")
-
-    def _scan(self) -> None:
-        owners: dict[int, tuple[int, str]] = {}
-        for pid in (d for d in os.listdir(self.proc) if d.isdigit()):
-            fd_dir = f"{self.proc}/{pid}/fd"
-            try:
-                fds = os.listdir(fd_dir)
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    target = os.readlink(f"{fd_dir}/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    ino = int(target[8:-1])
-                    if ino not in owners:
-                        owners[ino] = (int(pid), self._comm(pid))
-        self._owners = owners
-
-    def _comm(self, pid: str) -> str:
-        try:
-            with open(f"{self.proc}/{pid}/comm") as f:
-                return f.read().strip()
-        except OSError:
-            return "?"
-
-    def __call__(self, inode: int) -> tuple[int, str] | None:
-        if inode not in self._owners and time.monotonic() - self._scanned >= self.min_interval:
-            self._scanned = time.monotonic()
-            self._scan()
-        return self._owners.get(inode)
+    @staticmethod
+    def path(raw: bytes, shape: Shape, values: Values, ctx: Context | None) -> list[Stage]:
+        n = raw[_N_OFF]
+        first_ts = _U64.unpack_from(raw, layout.FIRST_TS_OFF)[0]
+        return _materialize(shape, raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE], first_ts, values, ctx)
 
 
-class Kallsyms:
-    """Kernel address -> symbol+offset, from /proc/kallsyms (read once, lazily)."""
-
-    def __init__(self, path: str = "/proc/kallsyms"):
-        self.path = path
-        self._addrs: list[int] | None = None
-        self._names: list[str] = []
-
-    def _load(self) -> None:
-        pairs = []
-        try:
-            with open(self.path) as f:
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 3 and parts[1] in "tTwW":
-                        a = int(parts[0], 16)
-                        if a:
-                            pairs.append((a, parts[2]))
-        except OSError:
-            pass
-        pairs.sort()
-        self._addrs = [a for a, _ in pairs]
-        self._names = [nm for _, nm in pairs]
-
-    def __call__(self, addr: int) -> str:
-        if self._addrs is None:
-            self._load()
-        i = bisect.bisect_right(self._addrs, addr) - 1
-        if i < 0 or not addr:
-            return hex(addr)
-        return f"{self._names[i]}+{addr - self._addrs[i]:#x}"
-
-
-def packet_json(pkt: Packet) -> str:
-    """One packet as a JSON line."""
-    return json.dumps(pkt.to_json(), separators=(",", ":"))
+_DECODER = _RecordDecoder()

@@ -86,7 +86,7 @@ def attach_netfilter(prog_fd: int, family: int, hook: int, priority: int,
     only at the top of the range do we move down.
     """
     step = 1 if priority < PRIO_LAST - max_tries else -1
-    last = None
+    last: OSError | None = None
     with netns.entered(ns):
         for i in range(max_tries):
             p = priority + i * step
@@ -99,8 +99,8 @@ def attach_netfilter(prog_fd: int, family: int, hook: int, priority: int,
                 break
             return FdLink("netfilter", f"ipv{family} {HOOK_NAMES[hook]} prio {p}", fd, ns, p)
     hint = " (netfilter BPF links need Linux 6.4+)" if last and last.errno in (errno.EINVAL, errno.EOPNOTSUPP) else ""
-    raise AttachError(f"netfilter link ipv{family} {HOOK_NAMES[hook]} prio {priority}: "
-                      f"{os.strerror(last.errno)}{hint}")
+    why = last.strerror if last is not None else "no priority tried"    # max_tries < 1
+    raise AttachError(f"netfilter link ipv{family} {HOOK_NAMES[hook]} prio {priority}: {why}{hint}")
 
 
 def attach_tcx(prog_fd: int, ifindex: int, ifname: str, ingress: bool, ns: str | None) -> FdLink:
@@ -110,7 +110,7 @@ def attach_tcx(prog_fd: int, ifindex: int, ifname: str, ingress: bool, ns: str |
         try:
             fd = libbpf.link_tcx(prog_fd, ifindex, at, libbpf.BPF_F_BEFORE)
         except OSError as e:
-            raise AttachError(f"tcx {'ingress' if ingress else 'egress'} on {ifname}: {os.strerror(e.errno)}") from None
+            raise AttachError(f"tcx {'ingress' if ingress else 'egress'} on {ifname}: {e.strerror}") from None
     return FdLink("tcx", f"{'ingress' if ingress else 'egress'} {ifname}", fd, ns)
 
 
@@ -363,7 +363,7 @@ def attach_classic_tc(prog_fd: int, ifindex: int, ifname: str, ingress: bool,
     try:
         prog_id = libbpf.prog_id_name(prog_fd)[0]
     except OSError as e:
-        raise AttachError(f"{where}: reading its program's id: {os.strerror(e.errno)}") from None
+        raise AttachError(f"{where}: reading its program's id: {e.strerror}") from None
     last: Exception | None = None
     created = False
     with _ipr(ns) as ipr:

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator
 
-from . import events, paths, routing
+from . import events, model, paths, routing
 
 FORMAT = 1
 _U64 = struct.Struct("=Q")
@@ -248,7 +248,7 @@ def _is_cut_line(text: str) -> bool:
     return text.startswith(_STARTS[:2])
 
 
-def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, object]]:
+def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, dict | tuple[bytes, bool]]]:
     """The checked lines of a recording after its header: (n, "context", dict) or (n, "raw", (bytes, aged)).
 
     A last line without its newline that does not parse is a cut tail:
@@ -304,15 +304,15 @@ def _context(ctx: paths.Context, symbols: dict[int, str], d: dict) -> None:
     ctx.shapes.clear()               # names changed: paths resolved with the old ones are stale
 
 
-def _replay(lines: IO, cut: Cut) -> Iterator[tuple[int, paths.Packet]]:
+def _replay(lines: IO, cut: Cut) -> Iterator[tuple[int, model.Packet]]:
     ctx = paths.Context()
     symbols: dict[int, str] = {}
     ctx.symbolize = lambda a: symbols.get(a, hex(a))
-    for n, kind, val in _items(lines, cut):
-        if kind == "context":
+    for n, _kind, val in _items(lines, cut):
+        if isinstance(val, dict):         # a "context" line
             _context(ctx, symbols, val)
             continue
-        raw, aged = val
+        raw, aged = val                   # a "raw" line
         try:
             pkt = paths.assemble(events.decode_record(raw), ctx, aged=aged)
             pkt.path                          # built lazily otherwise: build it while errors are ours
@@ -321,7 +321,7 @@ def _replay(lines: IO, cut: Cut) -> Iterator[tuple[int, paths.Packet]]:
         yield n, pkt
 
 
-def replay(lines: IO, cut: Cut | None = None) -> Iterator[paths.Packet]:
+def replay(lines: IO, cut: Cut | None = None) -> Iterator[model.Packet]:
     """Packets rebuilt from a recording (a text or binary stream).
 
     Raises RecordingError, with the line, for anything that is not a
@@ -347,8 +347,8 @@ class Replayed:
     cut: Cut = dataclasses.field(default_factory=Cut)
 
 
-def replay_to(source: IO, render: Callable[[paths.Packet], object], write: Callable[[object], None],
-              keep: Callable[[paths.Packet], bool] | None = None, count: int | None = None) -> Replayed:
+def replay_to(source: IO, render: Callable[[model.Packet], object], write: Callable[[object], None],
+              keep: Callable[[model.Packet], bool] | None = None, count: int | None = None) -> Replayed:
     """What `pkttrace replay` does: the packets of a recording that keep()
     accepts, each rendered and written, up to count.
 

@@ -159,7 +159,8 @@ class MetricsServer:
         self._spare = self._open_spare()
         self._accept_paused_until = 0.0
         self._threads: list[threading.Thread] = []
-        self.stats = collections.Counter()  # accepted, evicted, refused, timed_out, shed, served
+        # accepted, evicted, refused, timed_out, shed, served
+        self.stats: collections.Counter[str] = collections.Counter()
 
     # -- WSGIServer interface used by the request handler ------------------
 
@@ -404,7 +405,7 @@ class Exporter:
                                           follow_names=True))
         self.lock = threading.Lock()
         self.collector: Collector | None = None
-        self.httpd = None
+        self.httpd: MetricsServer | None = None
         self._stop = threading.Event()
 
     def start(self) -> "Exporter":

@@ -16,9 +16,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Iterator
+from typing import Callable, Iterator
 
-from . import backends, events, libbpf, netns, paths, placement, probes, routing, watch
+from . import backends, events, libbpf, model, netns, paths, placement, probes, routing, sysinfo, watch
 from .events import PtConfig, PtRecord, Stat
 from .filters import PacketFilter
 
@@ -121,7 +121,7 @@ class Tracer:
         self.opts = opts or TraceOptions()
         self.obj: libbpf.BpfObject | None = None
         self.attachments: list[probes.Attachment] = []
-        self.ctx = paths.Context(symbolize=paths.Kallsyms(), socket_owner=paths.SocketOwners())
+        self.ctx = paths.Context(symbolize=sysinfo.Kallsyms(), socket_owner=sysinfo.SocketOwners())
         self.ring: libbpf.RingBuffer | None = None
         self.aged = 0
         self.shown = 0
@@ -156,12 +156,26 @@ class Tracer:
         self.netns_epoch = 0                         # +1 each time a netns stops being traced
         self._last_ns_check = 0.0
         # called with one line when a traced netns goes away; default: stderr
-        self.on_notice = None
+        self.on_notice: Callable[[str], None] | None = None
         # called with (raw record bytes, aged) for every packet reported: --record
-        self.on_raw = None
+        self.on_raw: Callable[[bytes, bool], None] | None = None
         # set (e.g. from a signal handler) to end packets() between batches,
         # never in the middle of one: a batch taken from the ring is reported
         self.stopping = False
+
+    # start() chooses the plan and loads obj, close() unloads it: the
+    # methods that need them run in between
+    @property
+    def _obj(self) -> libbpf.BpfObject:
+        if self.obj is None:
+            raise TraceError("not tracing: the BPF object is not loaded")
+        return self.obj
+
+    @property
+    def _plan(self) -> backends.Plan:
+        if self.plan is None:
+            raise TraceError("not tracing: no backend chosen yet")
+        return self.plan
 
     # ---- set-up ----
 
@@ -210,7 +224,7 @@ class Tracer:
         obj = self.obj = libbpf.BpfObject(object_path())
         # Only the first bank's observer program now (~80 ms of verifier
         # time each): the second is loaded at the first re-placement.
-        need = 1 if self.plan.netfilter == "nflink" else 0
+        need = 1 if self._plan.netfilter == "nflink" else 0
         for i, name in enumerate(_nf_programs()):
             obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
             if i >= need:
@@ -219,7 +233,7 @@ class Tracer:
         # observers mark the receive and the hand-over to a device in the
         # traced namespaces only; the rx/queue tracepoints stand in for them
         # without tc, at the cost of a program run per packet of the host
-        for name in self.plan.off:
+        for name in self._plan.off:
             obj.program(name).set_autoload(False)
         obj.map("inflight").set_max_entries(self.opts.max_inflight)
         # the ring must exist; without emit it only needs one page
@@ -232,8 +246,8 @@ class Tracer:
         cfg = PtConfig.from_address(ptr)
         cfg.emit = 1 if self.opts.emit else 0
         cfg.count = 1 if self.opts.count else 0
-        if self.plan.hook_slow:
-            cfg.hook_slow_start, cfg.hook_slow_end = self.plan.hook_slow
+        if self._plan.hook_slow:
+            cfg.hook_slow_start, cfg.hook_slow_end = self._plan.hook_slow
         self.opts.filter.fill(cfg)
         flags = self.opts.filter.flags
         cfg.early_reject = 1 if flags and not flags & ~events.F_HEADER else 0
@@ -266,15 +280,14 @@ class Tracer:
             self.ring = libbpf.RingBuffer(obj.map("events").fd, self.opts.ringbuf_bytes)
 
     def _attach(self) -> None:
-        obj = self.obj
+        obj = self._obj
         failed: dict[str, str] = {}          # optional programs that could not be attached, why
-        for prog in ("on_rx", "on_dev_queue", "on_dev_xmit", "on_kfree_skb", "on_consume_skb",
-                     "on_copy_datagram", "on_sk_data_ready", "fe_sk_data_ready", "kp_data_ready", "on_napi_poll",
-                     "on_fib_lookup", "on_fib6_lookup", *backends.HOOK_PROGRAMS):
-            if prog in self.plan.off:
+        for prog in (*backends.TRACEPOINT_PROGRAMS, backends.FENTRY_DATA_READY[0], backends.KPROBE_DATA_READY[0],
+                     *backends.HOOK_PROGRAMS):
+            if prog in self._plan.off:
                 continue
             stands_for = backends.FALLBACK_FOR.get(prog)
-            if stands_for and stands_for not in failed and stands_for not in self.plan.off:
+            if stands_for and stands_for not in failed and stands_for not in self._plan.off:
                 continue                 # what it stands in for is attached
             try:
                 self.attachments.append(probes.attach_tracepoint(obj, prog))
@@ -285,19 +298,19 @@ class Tracer:
                 if stands_for:
                     continue             # its own note says what is missed
                 fallback = next((f for f, of in backends.FALLBACK_FOR.items() if of == prog), None)
-                if fallback and fallback not in self.plan.off:
+                if fallback and fallback not in self._plan.off:
                     continue             # said once the stand-in is tried (below)
                 # a function the kernel will not let us trace: say what is not seen
-                self.plan.notes.append(f"{backends.HOOK_PROGRAMS[prog]} cannot be traced here ({e}): "
+                self._plan.notes.append(f"{backends.HOOK_PROGRAMS[prog]} cannot be traced here ({e}): "
                                        f"{backends.WHAT_IS_MISSED.get(prog, 'less detail')}")
         for fallback, prog in backends.FALLBACK_FOR.items():
             if prog in failed:
                 fn, stand_in = backends.HOOK_PROGRAMS[prog], backends.HOOK_PROGRAMS[fallback]
                 if any(getattr(a, "prog", None) == fallback for a in self.attachments):
-                    self.plan.notes.append(f"{fn} cannot be traced here ({failed[prog]}): its hook is seen "
+                    self._plan.notes.append(f"{fn} cannot be traced here ({failed[prog]}): its hook is seen "
                                            f"at {stand_in} instead")
                 else:
-                    self.plan.notes.append(f"{fn} cannot be traced here ({failed[prog]}): "
+                    self._plan.notes.append(f"{fn} cannot be traced here ({failed[prog]}): "
                                            f"{backends.WHAT_IS_MISSED.get(prog, 'less detail')}")
         self._set_iface(self.opts.netns[0])
         for ns in self.opts.netns:
@@ -311,7 +324,7 @@ class Tracer:
         self._set_hooks(ns, events.HOOKS_PLACING)
         self.placed[ns] = self._place(ns, 0, reg)
         self._learn_rules(ns)
-        if self.plan.tc:
+        if self._plan.tc:
             self._attach_tc(ns)
         self._set_hooks(ns, events.HOOKS_LEARN, gen)
         if watch.nft_generation(ns) != gen:
@@ -321,7 +334,7 @@ class Tracer:
         try:
             self._watches[ns] = watch.NetnsWatch(ns)
         except OSError as e:
-            self.plan.notes.append(f"netlink announcements of netns {ns or '(host)'} cannot be followed "
+            self._plan.notes.append(f"netlink announcements of netns {ns or '(host)'} cannot be followed "
                                    f"({e.strerror}): ruleset changes are found at the next packet or within "
                                    f"{self.opts.replace_every:g} s")
 
@@ -344,7 +357,7 @@ class Tracer:
                         p.set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
                     else:
                         p.set_autoload(False)
-                obj.share_maps_of(self.obj)
+                obj.share_maps_of(self._obj)
                 obj.load()
             except libbpf.BpfError as e:
                 obj.close()
@@ -356,19 +369,19 @@ class Tracer:
     def _place(self, ns: str | None, bank: int, reg: placement.Registered) -> Placed:
         """Attach the observers of bank `bank` after each table registered in ns."""
         ino = self._ns_inodes[ns]
-        plans = placement.plan(reg, bank, merge_conntrack=self.plan.hook_slow is not None)
+        plans = placement.plan(reg, bank, merge_conntrack=self._plan.hook_slow is not None)
         links: list[probes.FdLink] = []
         # the fentry backend observes the tables themselves: it names them by
         # the priorities of what is registered, and places nothing
-        for key in [k for k in self.ctx.registered if k[0] == ino]:
-            del self.ctx.registered[key]
+        for reg_key in [k for k in self.ctx.registered if k[0] == ino]:
+            del self.ctx.registered[reg_key]
         for (fam, hook), tables in reg.items():
             self.ctx.registered[(ino, fam, hook)] = [(t.name, t.priority, t.handle) for t in tables]
-        if self.plan.netfilter != "nflink":
+        if self._plan.netfilter != "nflink":
             plans = {}
         idx = ctypes.c_uint32(self._ns_index[ino])
         nat = events.PtNatSlots()
-        self.obj.map("nat_slots").lookup(idx, nat)
+        self._obj.map("nat_slots").lookup(idx, nat)
         # how many observers each hook has, before any is attached: the
         # bank's program counts its runs per packet up to that
         for fam in (4, 6):
@@ -380,7 +393,7 @@ class Tracer:
                     nat.entryless |= 1 << k
                 else:
                     nat.entryless &= ~(1 << k)
-        self.obj.map("nat_slots").update(idx, nat)
+        self._obj.map("nat_slots").update(idx, nat)
         try:
             for (fam, hook), hp in plans.items():
                 fd = self._observer_fd(bank)
@@ -396,22 +409,24 @@ class Tracer:
         for (fam, hook), hp in plans.items():
             for i in range(len(hp.priorities)):
                 key = (ino, fam, hook, bank * events.PT_NF_BANK + i)
-                self.ctx.slot_priority[key] = next(it).priority
+                got = next(it).priority
+                assert got is not None           # a netfilter link has the priority it got
+                self.ctx.slot_priority[key] = got
                 self.ctx.slot_tables[key] = [(t.name, t.priority) for t in hp.tables[i]]
                 self.ctx.slot_after[key] = [(t.name, t.priority) for t in hp.tables_after(i)]
         self.ctx.conntrack[ino] = sorted({fam for (fam, h), ts in reg.items()
                                           for t in ts if t.name == "conntrack"})
         # with NAT a header filter cannot judge a packet at first sight, and
         # the observers right after a NAT table compare its addresses
-        self.obj.map("netns_nat").update(idx, ctypes.c_uint32(placement.has_nat(reg)))
-        self.obj.map("nat_slots").lookup(idx, nat)
+        self._obj.map("netns_nat").update(idx, ctypes.c_uint32(placement.has_nat(reg)))
+        self._obj.map("nat_slots").lookup(idx, nat)
         for (fam, hook), hp in plans.items():
             k = (5 if fam == 6 else 0) + hook
             for i in range(len(hp.priorities)):
                 bit = 1 << (bank * events.PT_NF_BANK + i)
                 nat.after_nat[k] = (nat.after_nat[k] | bit) if any(t.nat for t in hp.tables[i]) \
                     else (nat.after_nat[k] & ~bit)
-        self.obj.map("nat_slots").update(idx, nat)
+        self._obj.map("nat_slots").update(idx, nat)
         self.ctx.shapes.clear()  # they hold table names
         self.ctx.generation += 1
         return Placed(bank, reg, plans, links)
@@ -461,7 +476,7 @@ class Tracer:
         if ino is None:
             return False
         nat = events.PtNatSlots()
-        return self.obj.map("nat_slots").lookup(ctypes.c_uint32(self._ns_index[ino]), nat) and bool(nat.changed)
+        return self._obj.map("nat_slots").lookup(ctypes.c_uint32(self._ns_index[ino]), nat) and bool(nat.changed)
 
     def _read_ruleset(self, ns: str | None) -> tuple[int, placement.Registered]:
         """The ruleset of ns as committed at one nftables generation: read
@@ -522,9 +537,9 @@ class Tracer:
                 continue                      # found gone meanwhile
             w = self._watches.get(ns)
             announced = w.changed() if w is not None else set()
-            if watch.LINKS in announced:
+            if w is not None and watch.LINKS in announced:
                 self._follow_links(ns, w.take_deleted())
-            signalled = self.plan.netfilter == "nflink" and self._hooks_changed(ns)
+            signalled = self._plan.netfilter == "nflink" and self._hooks_changed(ns)
             if not only_signalled or watch.RULES in announced:
                 self._learn_rules(ns)
             if only_signalled and not (signalled or watch.NFT in announced):
@@ -546,7 +561,7 @@ class Tracer:
 
     def _attach_tc(self, ns: str | None, devices: dict[int, str] | None = None) -> None:
         """tc observers on every device of ns (or on `devices`, new ones)."""
-        ing, egr = self.obj.program("tc_ingress").fd, self.obj.program("tc_egress").fd
+        ing, egr = self._obj.program("tc_ingress").fd, self._obj.program("tc_egress").fd
         if devices is None:
             devices = netns.links(ns)
         per_dev = self._tc.setdefault(ns, {})
@@ -596,7 +611,7 @@ class Tracer:
             return                           # the netns is going: check_netns says so
         self._learn_ifnames(ns, ino, now)
         per_dev = self._tc.get(ns)
-        if per_dev is not None and self.plan.tc:
+        if per_dev is not None and self._plan.tc:
             for ifindex in [i for i in per_dev if i not in now or i in deleted]:
                 gone = per_dev.pop(ifindex)
                 for a in gone:
@@ -627,7 +642,7 @@ class Tracer:
                 devices = {}
         index = next((i for i, n in devices.items() if n == name), 0)
         if index != self._iface_index:
-            self.obj.map("iface_want").update(ctypes.c_uint32(0), ctypes.c_uint32(index))
+            self._obj.map("iface_want").update(ctypes.c_uint32(0), ctypes.c_uint32(index))
             self._iface_index = index
 
     def _learn_names(self) -> None:
@@ -673,10 +688,10 @@ class Tracer:
         self._ns_index[ino] = idx
         slot = ctypes.c_uint32(ino % events.PT_NS_SLOTS)
         cur = events.PtNsSlot()
-        m = self.obj.map("traced_ns")
+        m = self._obj.map("traced_ns")
         if m.lookup(slot, cur) and cur.index:
             # another traced netns holds the slot: the kernel looks here next
-            self.obj.map("traced_ns_more").update(ctypes.c_uint32(ino), ctypes.c_uint32(idx))
+            self._obj.map("traced_ns_more").update(ctypes.c_uint32(ino), ctypes.c_uint32(idx))
         else:
             m.update(slot, events.PtNsSlot(ino, idx + 1))
             self._slot_of[ino] = slot.value
@@ -825,9 +840,9 @@ class Tracer:
 
     # ---- running ----
 
-    def poll(self, timeout: float = 0.2) -> list[paths.Packet]:
+    def poll(self, timeout: float = 0.2) -> list[model.Packet]:
         """Packets whose traversal ended since the last call (and aged-out ones)."""
-        out: list[paths.Packet] = []
+        out: list[model.Packet] = []
         if self.ring is not None:
             self.ring.wait(timeout)
             out.extend(self._drain_ring())
@@ -850,9 +865,11 @@ class Tracer:
         self.shown += len(out)
         return out
 
-    def _drain_ring(self) -> list[paths.Packet]:
+    def _drain_ring(self) -> list[model.Packet]:
         """One batch from the ring: bounded, so memory stays flat when it is full."""
-        out = []
+        out: list[model.Packet] = []
+        if self.ring is None:            # no emit: nothing comes through a ring
+            return out
         aged = self._aged_ids
         for raw in self.ring.drain(max_records=4096):
             if aged and _U64.unpack_from(raw)[0] in aged:
@@ -862,7 +879,7 @@ class Tracer:
                 self.on_raw(raw, False)
         return out
 
-    def _packet(self, rec: PtRecord | bytes, aged: bool = False) -> paths.Packet:
+    def _packet(self, rec: PtRecord | bytes, aged: bool = False) -> model.Packet:
         pkt = paths.assemble(rec, self.ctx, aged=aged)
         if any(d is not None and d.startswith("if") for d in (pkt.in_dev, pkt.out_dev)):
             # a device created after start: learn names again (at most once a second)
@@ -876,23 +893,23 @@ class Tracer:
 
     def _slot_records(self) -> list[tuple[int, int, PtRecord]]:
         """(cpu, skb, record) of the records held in the CPUs' slots."""
-        metas = self.obj.map("slots_meta").percpu_values(0, events.PtSlots)
-        out = []
+        metas = self._obj.map("slots_meta").percpu_values(0, events.PtSlots)
+        out: list[tuple[int, int, PtRecord]] = []
         for i in range(events.PT_SLOTS):
             if not any(m.skb[i] for m in metas):
                 continue
-            recs = self.obj.map("slots").percpu_values(i, PtRecord)
+            recs = self._obj.map("slots").percpu_values(i, PtRecord)
             out.extend((cpu, m.skb[i], recs[cpu]) for cpu, m in enumerate(metas) if m.skb[i])
         return out
 
-    def age_out(self, older_than: float | None = None) -> list[paths.Packet]:
+    def age_out(self, older_than: float | None = None) -> list[model.Packet]:
         """Forget records idle for age_after seconds; report the matching ones.
 
         Parked records are deleted from the shared table.  A record in a
         CPU's slot is that CPU's to free: it is reported once here, and
         not again when the kernel later parks or reuses its slot."""
         limit = time.monotonic_ns() - int((self.opts.age_after if older_than is None else older_than) * 1e9)
-        m = self.obj.map("inflight")
+        m = self._obj.map("inflight")
         out = []
         idle = []
         rec = PtRecord()
@@ -906,7 +923,7 @@ class Tracer:
                 idle.append(PtRecord.from_buffer_copy(rec))
         if self._parked_deleted:
             # tell the kernel: it searches the shared table only while any is parked
-            self.obj.map("parked").update(ctypes.c_uint32(1), ctypes.c_int64(self._parked_deleted))
+            self._obj.map("parked").update(ctypes.c_uint32(1), ctypes.c_int64(self._parked_deleted))
         for _cpu, _skb, r in self._slot_records():
             if r.last_ts <= limit and r.id not in self._aged_ids:
                 idle.append(r)
@@ -934,13 +951,13 @@ class Tracer:
         k = events.PtFragKey(netns=rec.netns, frag_id=rec.frag_id, family=rec.family, proto=rec.proto)
         k.saddr[:], k.daddr[:] = rec.saddr[:], rec.daddr[:]
         into = ctypes.c_uint64()
-        if not self.obj.map("frag_groups").lookup(k, into):
+        if not self._obj.map("frag_groups").lookup(k, into):
             return False
         rec.fate, rec.link = events.Fate.REASSEMBLED, into.value
         return True
 
     def packets(self, count: int | None = None, duration: float | None = None,
-                after_batch=None) -> Iterator[paths.Packet]:
+                after_batch=None) -> Iterator[model.Packet]:
         """Yield packets until count packets were yielded or duration seconds passed.
 
         after_batch() is called once the packets of each poll are handed out
@@ -965,7 +982,7 @@ class Tracer:
                 after_batch()
 
     def counters(self) -> Counters:
-        st = self.obj.map("stats")
+        st = self._obj.map("stats")
         vals = {s: sum(st.percpu_u64(s)) for s in Stat}
         return Counters(
             created=vals[Stat.CREATED], emitted=vals[Stat.EMITTED], filtered=vals[Stat.FILTERED],
@@ -978,18 +995,18 @@ class Tracer:
 
     def inflight(self) -> int:
         """Records in flight: parked in the shared table, and in the CPUs' slots."""
-        return sum(1 for _ in self.obj.map("inflight").keys(ctypes.c_uint64)) + len(self._slot_records())
+        return sum(1 for _ in self._obj.map("inflight").keys(ctypes.c_uint64)) + len(self._slot_records())
 
     # ---- tear-down ----
 
-    def stop(self, budget: float = 1.0) -> list[paths.Packet]:
+    def stop(self, budget: float = 1.0) -> list[model.Packet]:
         """Detach, then hand over what the kernel had already reported.
 
         Records still in the ring after `budget` seconds of reading are
         counted as unread, so the summary accounts for every packet.
         """
         self._detach()
-        out: list[paths.Packet] = []
+        out: list[model.Packet] = []
         if self.ring is not None:
             deadline = time.monotonic() + budget
             while self.ring.pending() and time.monotonic() < deadline:
@@ -1027,7 +1044,8 @@ class Tracer:
             self.obj = None
 
     def __enter__(self) -> "Tracer":
-        return self.start()
+        # tracer.trace() hands out a started Tracer: entering does not start it twice
+        return self if self.obj is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -17,8 +17,10 @@ from itertools import repeat
 from operator import itemgetter, sub as _sub
 from typing import Callable
 
-from .events import PT_MAX_STAGES, PtRecord, StageKind
-from .paths import _HDR_SIZE, _LINKS_OFF, _N_OFF, _STAGE_SIZE, Packet
+from .events import PT_MAX_STAGES, StageKind
+from .layout import HEADER_SIZE as _HDR_SIZE, LINKS_OFF as _LINKS_OFF, N_STAGES_OFF as _N_OFF, \
+    STAGE_SIZE as _STAGE_SIZE
+from .model import Packet
 
 # Sentinels: the id, and the time of raw stage i (ns after the first stage),
 # chosen so that each renders as a token found nowhere else in the text.
@@ -136,7 +138,7 @@ class Templates:
         """The text of pkt with holes: rendered from a copy of its record
         whose id, times and links are sentinels."""
         ctx = pkt._ctx
-        probe = Packet._from_raw(meta.sentinel_raw(pkt._raw), pkt._shape, ctx)
+        probe = Packet._from_raw(meta.sentinel_raw(pkt._raw), pkt._shape, ctx, pkt._decoder)
         text = self.render(probe)
         tokens = {str(_SENT_ID): -1}
         for k in range(4):
@@ -165,7 +167,7 @@ class Templates:
         # the sentinels must stand for values only: a text that renders
         # differently with them (a time or id used for anything but
         # printing) would be wrong; check the packet itself against it
-        if self._fill(fmt, meta, pkt._raw) != self._render(Packet._from_raw(pkt._raw, pkt._shape, ctx)):
+        if self._fill(fmt, meta, pkt._raw) != self._render(Packet._from_raw(pkt._raw, pkt._shape, ctx, pkt._decoder)):
             return None
         return pkt._shape, fmt
 

@@ -23,7 +23,7 @@ import pytest
 
 from tracer import placement
 from tracer.filters import PacketFilter
-from tracer.paths import packet_json
+from tracer.model import packet_json
 
 pytestmark = pytest.mark.root
 

@@ -32,7 +32,7 @@ from tracer import netns
 from tracer.filters import PacketFilter, parse_cidr
 from tracer.lab import VETHS
 from tracer.output import format_packet
-from tracer.paths import packet_json
+from tracer.model import packet_json
 from tracer.recording import Recorder, replay
 
 pytestmark = pytest.mark.root

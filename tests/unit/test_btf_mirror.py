@@ -214,3 +214,35 @@ def test_every_define_is_mirrored_with_the_same_value(header):
     py = {name: _py_constant(name) for name in c}
     assert py == c
 
+
+
+# --- the decoder's formats (tracer/layout.py): derived, and equal to BTF -----
+
+def test_decoder_formats_read_what_btf_says_is_there(btf):
+    from tracer import layout
+    rec = btf.struct_layout("pt_record")
+    for off, fmt, names in ((layout.VALS_OFF, layout.VALS, ("id", "drop_location")),
+                            (layout.TAIL_OFF, layout.TAIL, ("match", "comm")),
+                            (layout.LINKS_OFF, layout.LINKS, ("cause", "prev_netns"))):
+        first, last = rec[names[0]], rec[names[-1]]
+        assert off == first[0]
+        assert fmt.size == last[0] + last[1] - first[0], names
+    assert layout.HEADER_SIZE == rec["stages"][0] and layout.STAGE_SIZE == btf.struct_size("pt_stage")
+    stage = btf.struct_layout("pt_stage")
+    assert (layout.KIND_OFF, layout.TS_OFF) == (stage["kind"][0], stage["ts"][0])
+    assert layout.N_STAGES_OFF == rec["n_stages"][0] and layout.FLAGS_OFF == rec["flags"][0]
+
+
+def test_decoder_reads_a_record_as_ctypes_does():
+    """A record filled field by field through the mirror reads back through
+    the struct formats unchanged."""
+    from tracer import layout
+    r = events.PtRecord()
+    r.id, r.drop_location, r.match, r.flags, r.sport, r.dport, r.pid = 7, 0xffffffff81000000, 3, 5, 40000, 53, 99
+    r.cause, r.prev, r.next, r.link, r.next_netns, r.prev_netns = 11, 12, 13, 14, 15, 16
+    r.comm = b"dig"
+    raw = bytes(r)
+    assert layout.VALS.unpack_from(raw, layout.VALS_OFF) == (7, 0xffffffff81000000)
+    match, _seen, flags, _pad, sport, dport, _s, _d, pid, comm = layout.TAIL.unpack_from(raw, layout.TAIL_OFF)
+    assert (match, flags, sport, dport, pid, comm.rstrip(b"\0")) == (3, 5, 40000, 53, 99, b"dig")
+    assert layout.LINKS.unpack_from(raw, layout.LINKS_OFF) == (11, 12, 13, 14, 15, 16)

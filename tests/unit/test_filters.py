@@ -9,7 +9,7 @@ import pytest
 from tracer import events
 from tracer.filters import (FilterError, Mark, PacketFilter, parse_cidr, parse_mark, parse_port,
                             parse_proto)
-from tracer.paths import Packet, Stage
+from tracer.model import Packet, Stage
 
 FULL = 0xFFFFFFFF
 
@@ -251,7 +251,7 @@ def test_matches_iface_on_path_by_name():
 
 def test_matches_mark_set_inside_a_hook():
     """The kernel matches every observation; a mark seen only after a table counts."""
-    from tracer.paths import Observation
+    from tracer.model import Observation
     pre = Stage("prerouting", 0, "eth0", 0, mark_out=0x1,
                 observations=[Observation(-1, 0, 0, 0), Observation(1, 0x1, 0, 5)])
     assert PacketFilter(mark=Mark(1)).matches(_pkt(stages=[pre]))

@@ -1,8 +1,8 @@
-"""paths.Kallsyms: kernel address -> symbol+offset, from a fake /proc/kallsyms."""
+"""sysinfo.Kallsyms: kernel address -> symbol+offset, from a fake /proc/kallsyms."""
 
 import pytest
 
-from tracer.paths import Kallsyms
+from tracer.sysinfo import Kallsyms
 
 # Unsorted on purpose; data (D, b, r) and absolute (A) symbols must be ignored.
 FAKE = """\

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from tracer import events, output
-from tracer.paths import Context, Lookup, Observation, Packet, Stage, assemble
+from tracer.model import Lookup, Observation, Packet, Stage
+from tracer.paths import Context, assemble
 from tracer.session import Counters
 
 

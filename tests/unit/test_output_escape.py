@@ -13,7 +13,7 @@ import os
 import pytest
 
 from tracer import output
-from tracer.paths import Lookup, Packet, Stage, TableStep
+from tracer.model import Lookup, Packet, Stage, TableStep
 from tracer.recording import replay
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "lab-demo.jsonl")
