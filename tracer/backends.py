@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from . import libbpf
 
 BACKENDS = ("auto", "nflink", "fentry", "kprobe")
+# how tc ingress/egress is observed (--tc): TCX links, classic cls_bpf, or not at all
+TC_MODES = ("auto", "tcx", "classic", "off")
 BTF_KIND_FUNC = 12
 BTF_KIND_STRUCT = 4
 BPF_PROG_LOAD = 5

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from . import netns
+from . import backends, netns
 from .filters import FilterError, PacketFilter
 from .inputs import MAX_SECONDS, InputError, InputPath, OutputPath, Seconds, UInt, dedupe, escape, open_output
 
@@ -113,14 +113,14 @@ def filter_options(fn):
 @filter_options
 @click.option("--duration", type=Seconds(0, lo_open=True), metavar="SECONDS",
               help=f"Stop after this many seconds (more than 0, at most {MAX_SECONDS:.0f}).")
-@click.option("--tc", "tc_mode", type=click.Choice(["auto", "tcx", "classic", "off"]), default="auto",
+@click.option("--tc", "tc_mode", type=click.Choice(backends.TC_MODES), default="auto",
               show_default=True, help="How to observe tc ingress/egress.")
 @click.option("--age-after", type=Seconds(0.1), default=5.0, show_default=True, metavar="SECONDS",
               help="Report a packet as 'unknown' when its end is not seen within this time (at least 0.1).")
 @click.option("--record", "record_path", type=OutputPath(), metavar="FILE",
               help="Also save the raw records (and the names they need) for `pkttrace replay` "
                    "(a regular file, created or replaced).")
-@click.option("--backend", type=click.Choice(["auto", "nflink", "fentry", "kprobe"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(backends.BACKENDS), default="auto", show_default=True,
               envvar="PKTTRACE_BACKEND",
               help="How netfilter hooks are observed: netfilter BPF links (6.4+), fentry (older kernels) "
                    "or kprobes (where fentry is refused).")
@@ -226,7 +226,7 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
               help="Count in this named network namespace (repeatable, a name given twice counts once; "
                    "default: the current one; a traced name deleted and created again is counted again).  "
                    "'all': every namespace of the host, and those created while serving.")
-@click.option("--tc", "tc_mode", type=click.Choice(["auto", "tcx", "classic", "off"]), default="auto",
+@click.option("--tc", "tc_mode", type=click.Choice(backends.TC_MODES), default="auto",
               show_default=True, envvar="PKTTRACE_TC", help="How to observe tc ingress/egress.")
 @click.option("--age-after", type=Seconds(0.1), default=5.0, show_default=True,
               envvar="PKTTRACE_AGE_AFTER", metavar="SECONDS",

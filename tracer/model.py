@@ -15,7 +15,7 @@ import enum
 import json
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Generic, Optional, Protocol, TypeVar, overload
+from typing import Any, Generic, Optional, Protocol, TypeVar
 
 
 class _Name(enum.StrEnum):
@@ -247,13 +247,8 @@ class _Field(Generic[T]):
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    @overload
-    def __get__(self, obj: None, objtype: type | None = None) -> "_Field[T]": ...
-    @overload
-    def __get__(self, obj: "Packet", objtype: type | None = None) -> T: ...
-
-    def __get__(self, obj, objtype=None):
-        if obj is None:
+    def __get__(self, obj: "Packet", objtype: type | None = None) -> T:
+        if obj is None:             # on the class (introspection, docs): the field itself
             return self
         return getattr(obj._shape if self.shared else obj._v(), self.name)
 
