@@ -92,7 +92,8 @@ def _feature_checks(plan: backends.Plan) -> list[Check]:
 
 
 def run() -> list[Check]:
-    from .session import TraceError, object_path
+    from .libbpf import object_path
+    from .session import TraceError
     checks = [Check("kernel", True, platform.release(), required=False)]
     if os.geteuid() != 0:
         checks.append(Check("root", False, "run as root: loading BPF needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"))

@@ -9,6 +9,7 @@ types in BTF.  Every failure becomes a BpfError with one readable line.
 from __future__ import annotations
 
 import ctypes
+from importlib import resources
 import ctypes.util
 import errno
 import mmap
@@ -40,6 +41,23 @@ BTF_KIND_ENUM64 = 19
 _RINGBUF_BUSY = 1 << 31
 _RINGBUF_DISCARD = 1 << 30
 _RINGBUF_HDR = 8
+
+
+OBJECT_ENV = "PKTTRACE_BPF_OBJECT"
+
+
+def object_path() -> str:
+    """The built BPF object: $PKTTRACE_BPF_OBJECT, the package's copy, or a source build."""
+    env = os.environ.get(OBJECT_ENV)
+    if env:
+        return env
+    pkg = resources.files("tracer") / "data" / "pkttrace.bpf.o"
+    if pkg.is_file():
+        return str(pkg)
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf", "pkttrace.bpf.o")
+    if os.path.isfile(src):
+        return src
+    raise BpfError("BPF object not found: reinstall pkttrace (pip install .) or run `make -C bpf`")
 
 
 class BpfError(Exception):

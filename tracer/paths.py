@@ -21,7 +21,7 @@ from typing import Callable
 from . import layout, routing
 from .model import (HOOK_NAMES as _HOOKS, TC_NAMES, FateName, Lookup, Observation, Packet, Route, Shape, Stage,
                     StageName as S, TableStep, Values, Verdict)
-from .placement import CONNTRACK, shares_conntrack_observer
+from .placement import CONNTRACK, PRI_CONNTRACK, shares_conntrack_observer
 from .events import (CT_REPLY, NF_STAGES, PT_NF_BANK, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
                      REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_HOOK_SLOW, STF_NF_DROP, STF_NFT_TABLE, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtRecord,
                      StageKind, TcVerdict)
@@ -564,7 +564,7 @@ def _after_conntrack(o: _Obs, p: _Plan) -> bool:
     after its priority; at the other hooks it ran at the hook before."""
     if p.label not in (S.PREROUTING, S.OUTPUT):
         return True
-    return o.priority is not None and o.priority > -200
+    return o.priority is not None and o.priority > PRI_CONNTRACK
 
 
 def _names(tables: list) -> str:

@@ -15,33 +15,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Callable, Iterator
 
-from . import backends, events, libbpf, model, netns, paths, placement, probes, routing, sysinfo, watch
+from . import backends, events, libbpf, model, netns, observers, paths, placement, probes, routing, sysinfo, watch
 from .events import PtConfig, PtRecord, Stat
 from .filters import PacketFilter
 
-OBJECT_ENV = "PKTTRACE_BPF_OBJECT"
 _U64 = struct.Struct("=Q")
 
 
 class TraceError(Exception):
     """Tracing cannot start or continue; the message says why."""
-
-
-def object_path() -> str:
-    """The built BPF object: $PKTTRACE_BPF_OBJECT, the package's copy, or a source build."""
-    env = os.environ.get(OBJECT_ENV)
-    if env:
-        return env
-    pkg = resources.files("tracer") / "data" / "pkttrace.bpf.o"
-    if pkg.is_file():
-        return str(pkg)
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf", "pkttrace.bpf.o")
-    if os.path.isfile(src):
-        return src
-    raise TraceError("BPF object not found: reinstall pkttrace (pip install .) or run `make -C bpf`")
 
 
 @dataclass
@@ -91,11 +75,6 @@ class Counters:
         return self.lost + self.create_failed
 
 
-def _nf_programs() -> list[str]:
-    """The observer program of each bank: attached at every slot of its bank."""
-    return [f"nf_obs_{bank}" for bank in range(events.PT_NF_SLOTS // events.PT_NF_BANK)]
-
-
 def _raise_fd_limit() -> None:
     """Each traced netns holds ~15 fds (netfilter and TCX links, netlink
     sockets): hundreds of namespaces need more than the usual soft limit of
@@ -105,15 +84,6 @@ def _raise_fd_limit() -> None:
     want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-@dataclass
-class Placed:
-    """The netfilter observers of one netns: which bank, for which ruleset."""
-    bank: int
-    registered: placement.Registered
-    plans: dict
-    links: list[probes.FdLink]
 
 
 class Tracer:
@@ -137,9 +107,7 @@ class Tracer:
         self._aged_ids: dict[int, None] = {}         # records reported as aged out (bounded)
         self.plan: backends.Plan | None = None       # the backend of each feature on this kernel
         self._parked_deleted = 0                     # parked records user space deleted (aged out)
-        self.placed: dict[str | None, Placed] = {}
-        self._extra_objs: list[libbpf.BpfObject] = []   # observer banks loaded later
-        self._observer_fds: dict[int, int] = {}           # bank -> program fd
+        self.nf: observers.Observers | None = None   # the netfilter observers (netfilter links)
         self._initial: dict = {}   # ns -> ruleset read before load, placed at attach
         self.attach_failures = 0
         self._last_replace_check = 0.0
@@ -162,6 +130,12 @@ class Tracer:
         # set (e.g. from a signal handler) to end packets() between batches,
         # never in the middle of one: a batch taken from the ring is reported
         self.stopping = False
+
+    @property
+    def _nf(self) -> observers.Observers:
+        if self.nf is None:
+            raise TraceError("the netfilter observers are not set up: start() first")
+        return self.nf
 
     # start() chooses the plan and loads obj, close() unloads it: the
     # methods that need them run in between
@@ -221,11 +195,11 @@ class Tracer:
         return self
 
     def _load(self) -> None:
-        obj = self.obj = libbpf.BpfObject(object_path())
+        obj = self.obj = libbpf.BpfObject(libbpf.object_path())
         # Only the first bank's observer program now (~80 ms of verifier
         # time each): the second is loaded at the first re-placement.
         need = 1 if self._plan.netfilter == "nflink" else 0
-        for i, name in enumerate(_nf_programs()):
+        for i, name in enumerate(observers.nf_programs()):
             obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
             if i >= need:
                 obj.program(name).set_autoload(False)
@@ -261,7 +235,7 @@ class Tracer:
 
         def read_rulesets():
             try:
-                initial.update((ns, self._read_ruleset(ns)) for ns in self.opts.netns)
+                initial.update((ns, observers.read_ruleset(ns)) for ns in self.opts.netns)
             except BaseException as e:  # noqa: BLE001 -- raised again below, in the caller's thread
                 failure.append(e)
         reader = threading.Thread(target=read_rulesets, name="pkttrace-rulesets")
@@ -275,7 +249,10 @@ class Tracer:
         self._initial = initial
         for ino in self._ns_inodes.values():
             self._register(ino)
-        self._observer_fds = {i: obj.program(n).fd for i, n in enumerate(_nf_programs()) if i < need}
+        self.nf = observers.Observers(obj, self.ctx, self._plan,
+                                      {i: obj.program(n).fd for i, n in enumerate(observers.nf_programs()) if i < need},
+                                      inode_of=self._ns_inodes.get, index_of=self._ns_index.__getitem__)
+        self.nf.gen_visible = self._gen_visible
         if self.opts.emit:
             self.ring = libbpf.RingBuffer(obj.map("events").fd, self.opts.ringbuf_bytes)
 
@@ -321,14 +298,15 @@ class Tracer:
         ruleset `reg` read at nftables generation `gen` (at start, or when a
         netns appears while tracing)."""
         self._watch(ns)
-        self._set_hooks(ns, events.HOOKS_PLACING)
-        self.placed[ns] = self._place(ns, 0, reg)
+        nf = self._nf
+        nf.set_hooks(ns, events.HOOKS_PLACING)
+        nf.placed[ns] = nf.place(ns, 0, reg)
         self._learn_rules(ns)
         if self._plan.tc:
             self._attach_tc(ns)
-        self._set_hooks(ns, events.HOOKS_LEARN, gen)
+        nf.set_hooks(ns, events.HOOKS_LEARN, gen)
         if watch.nft_generation(ns) != gen:
-            self._recheck(ns, signalled=True)   # committed to since it was read: read again
+            nf.recheck(ns, signalled=True)   # committed to since it was read: read again
 
     def _watch(self, ns: str | None) -> None:
         try:
@@ -337,99 +315,6 @@ class Tracer:
             self._plan.notes.append(f"netlink announcements of netns {ns or '(host)'} cannot be followed "
                                    f"({e.strerror}): ruleset changes are found at the next packet or within "
                                    f"{self.opts.replace_every:g} s")
-
-    def _registered(self, ns: str | None) -> placement.Registered:
-        try:
-            return placement.registered(ns)
-        except (OSError, netns.NetnsError) as e:
-            raise probes.AttachError(f"reading the netfilter ruleset of netns {ns or '(host)'}: {e}") from None
-
-    def _observer_fd(self, bank: int) -> int:
-        """The observer program of a bank, loading it if it is not loaded
-        yet: a second load of the same file that shares every map (records,
-        counters, config) with the first."""
-        if bank not in self._observer_fds:
-            name = _nf_programs()[bank]
-            obj = libbpf.BpfObject(object_path())
-            try:
-                for p in obj.programs():
-                    if p.name == name:
-                        p.set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
-                    else:
-                        p.set_autoload(False)
-                obj.share_maps_of(self._obj)
-                obj.load()
-            except libbpf.BpfError as e:
-                obj.close()
-                raise probes.AttachError(str(e)) from None
-            self._extra_objs.append(obj)
-            self._observer_fds[bank] = obj.program(name).fd
-        return self._observer_fds[bank]
-
-    def _place(self, ns: str | None, bank: int, reg: placement.Registered) -> Placed:
-        """Attach the observers of bank `bank` after each table registered in ns."""
-        ino = self._ns_inodes[ns]
-        plans = placement.plan(reg, bank, merge_conntrack=self._plan.hook_slow is not None)
-        links: list[probes.FdLink] = []
-        # the fentry backend observes the tables themselves: it names them by
-        # the priorities of what is registered, and places nothing
-        for reg_key in [k for k in self.ctx.registered if k[0] == ino]:
-            del self.ctx.registered[reg_key]
-        for (fam, hook), tables in reg.items():
-            self.ctx.registered[(ino, fam, hook)] = [(t.name, t.priority, t.handle) for t in tables]
-        if self._plan.netfilter != "nflink":
-            plans = {}
-        idx = ctypes.c_uint32(self._ns_index[ino])
-        nat = events.PtNatSlots()
-        self._obj.map("nat_slots").lookup(idx, nat)
-        # how many observers each hook has, before any is attached: the
-        # bank's program counts its runs per packet up to that
-        for fam in (4, 6):
-            for hook in range(5):
-                hp = plans.get((fam, hook))
-                k = bank * 10 + (5 if fam == 6 else 0) + hook
-                nat.observers[k] = len(hp.priorities) if hp else 0
-                if hp and placement.entryless(hp):
-                    nat.entryless |= 1 << k
-                else:
-                    nat.entryless &= ~(1 << k)
-        self._obj.map("nat_slots").update(idx, nat)
-        try:
-            for (fam, hook), hp in plans.items():
-                fd = self._observer_fd(bank)
-                for prio in hp.priorities:
-                    links.append(probes.attach_netfilter(fd, fam, hook, prio, ns))
-        except probes.AttachError:
-            for link in links:
-                link.close()
-            raise
-        # name the slots only once all are attached: a failed re-placement
-        # leaves the old bank's names (and observers) as they were
-        it = iter(links)
-        for (fam, hook), hp in plans.items():
-            for i in range(len(hp.priorities)):
-                key = (ino, fam, hook, bank * events.PT_NF_BANK + i)
-                got = next(it).priority
-                assert got is not None           # a netfilter link has the priority it got
-                self.ctx.slot_priority[key] = got
-                self.ctx.slot_tables[key] = [(t.name, t.priority) for t in hp.tables[i]]
-                self.ctx.slot_after[key] = [(t.name, t.priority) for t in hp.tables_after(i)]
-        self.ctx.conntrack[ino] = sorted({fam for (fam, h), ts in reg.items()
-                                          for t in ts if t.name == "conntrack"})
-        # with NAT a header filter cannot judge a packet at first sight, and
-        # the observers right after a NAT table compare its addresses
-        self._obj.map("netns_nat").update(idx, ctypes.c_uint32(placement.has_nat(reg)))
-        self._obj.map("nat_slots").lookup(idx, nat)
-        for (fam, hook), hp in plans.items():
-            k = (5 if fam == 6 else 0) + hook
-            for i in range(len(hp.priorities)):
-                bit = 1 << (bank * events.PT_NF_BANK + i)
-                nat.after_nat[k] = (nat.after_nat[k] | bit) if any(t.nat for t in hp.tables[i]) \
-                    else (nat.after_nat[k] & ~bit)
-        self._obj.map("nat_slots").update(idx, nat)
-        self.ctx.shapes.clear()  # they hold table names
-        self.ctx.generation += 1
-        return Placed(bank, reg, plans, links)
 
     def _learn_rules(self, ns: str | None) -> None:
         ino = self._ns_inodes[ns]
@@ -442,88 +327,6 @@ class Tracer:
                 self.ctx.rules[(ino, fam)] = rules
                 self.ctx.generation += 1
 
-    def _set_hooks(self, ns: str | None, value: int, gen: int | None = None) -> None:
-        """Set what the BPF observers compare each hook of ns with:
-        HOOKS_PLACING while observers move (every packet crossing a hook
-        meanwhile is marked "changing"), HOOKS_LEARN once they are where the
-        ruleset read at nftables generation `gen` says (the next packet at
-        each hook takes the kernel's hook entries as the ones placed for).
-        Clears the changed bits."""
-        ino = self._ns_inodes.get(ns)
-        if ino is None or self.obj is None:
-            return
-        idx = ctypes.c_uint32(self._ns_index[ino])
-        if gen is not None:
-            self._tell_generation(ns, gen)
-        nat = events.PtNatSlots()
-        m = self.obj.map("nat_slots")
-        m.lookup(idx, nat)
-        nat.hooks[:] = [value] * len(nat.hooks)
-        nat.changed = 0
-        m.update(idx, nat)
-
-    def _tell_generation(self, ns: str | None, gen: int) -> None:
-        """The nftables generation the observers of ns fit (0 where the
-        programs cannot read it: they compare with 0 then)."""
-        ino = self._ns_inodes.get(ns)
-        if ino is not None and self.obj is not None:
-            self.obj.map("ruleset_gen").update(ctypes.c_uint32(self._ns_index[ino]),
-                                               ctypes.c_uint32(gen if self._gen_visible else 0))
-
-    def _hooks_changed(self, ns: str | None) -> bool:
-        """Did a packet find a hook of ns changed since the observers were placed?"""
-        ino = self._ns_inodes.get(ns)
-        if ino is None:
-            return False
-        nat = events.PtNatSlots()
-        return self._obj.map("nat_slots").lookup(ctypes.c_uint32(self._ns_index[ino]), nat) and bool(nat.changed)
-
-    def _read_ruleset(self, ns: str | None) -> tuple[int, placement.Registered]:
-        """The ruleset of ns as committed at one nftables generation: read
-        again if a commit came in between."""
-        for _ in range(5):
-            try:
-                gen = watch.nft_generation(ns)
-            except (OSError, netns.NetnsError) as e:
-                raise probes.AttachError(f"reading the nftables generation of netns {ns or '(host)'}: {e}") from None
-            reg = self._registered(ns)
-            if watch.nft_generation(ns) == gen:
-                return gen, reg
-        return gen, reg      # a ruleset committed to without pause: its packets stay "changing"
-
-    def _recheck(self, ns: str | None, signalled: bool) -> bool:
-        """Bring the observers of ns in line with its ruleset; True if they moved.
-
-        signalled: a packet found a hook replaced or nftables' generation
-        moved.  Packets are marked "changing" from then on until the ruleset
-        is read again (at one generation) and the observers are placed for
-        it; the generation is checked once more after, and all of it done
-        again if a commit came meanwhile.  Unprompted checks (an nftables
-        announcement, the timer) move nothing if the ruleset read is the one
-        placed for: they only tell the kernel that generation is fine.
-        """
-        if not signalled:
-            gen, reg = self._read_ruleset(ns)
-            if reg == self.placed[ns].registered:
-                self._tell_generation(ns, gen)
-                return False
-        moved = False
-        for _ in range(3):
-            self._set_hooks(ns, events.HOOKS_PLACING)
-            gen, reg = self._read_ruleset(ns)
-            old = self.placed[ns]
-            if reg != old.registered:
-                # the new bank is attached before the old one is detached:
-                # no packet crosses a hook unobserved
-                self.placed[ns] = self._place(ns, 1 - old.bank, reg)
-                for link in old.links:
-                    link.close()
-                moved = True
-            self._set_hooks(ns, events.HOOKS_LEARN, gen)
-            if watch.nft_generation(ns) == gen:
-                break
-        return moved
-
     def replace_observers(self, only_signalled: bool = False) -> bool:
         """Re-read the rulesets that changed (or every one); move the observers
         where they no longer fit.  True if anything moved.
@@ -532,20 +335,21 @@ class Tracer:
         replaced, when nftables announced a change there, or (unless
         only_signalled) every time: the timer's safety net."""
         moved = False
-        for ns in list(self.placed):
-            if ns not in self.placed:
+        nf = self._nf
+        for ns in list(nf.placed):
+            if ns not in nf.placed:
                 continue                      # found gone meanwhile
             w = self._watches.get(ns)
             announced = w.changed() if w is not None else set()
             if w is not None and watch.LINKS in announced:
                 self._follow_links(ns, w.take_deleted())
-            signalled = self._plan.netfilter == "nflink" and self._hooks_changed(ns)
+            signalled = self._plan.netfilter == "nflink" and nf.hooks_changed(ns)
             if not only_signalled or watch.RULES in announced:
                 self._learn_rules(ns)
             if only_signalled and not (signalled or watch.NFT in announced):
                 continue
             try:
-                moved |= self._recheck(ns, signalled)
+                moved |= nf.recheck(ns, signalled)
             except probes.AttachError:
                 if ns not in self.check_netns():   # deleted meanwhile: not a failure
                     self.attach_failures += 1
@@ -553,11 +357,16 @@ class Tracer:
 
     def loaded_programs(self) -> list[libbpf.Program]:
         """Every program loaded (bank 1's observers once they are)."""
-        objs = [o for o in [self.obj, *self._extra_objs] if o is not None]
+        objs = [o for o in [self.obj, *(self.nf.extra_objs if self.nf else ())] if o is not None]
         return [p for o in objs for p in o.programs() if p.fd >= 0]
 
     def observer_links(self) -> list[probes.FdLink]:
-        return [link for p in self.placed.values() for link in p.links]
+        return self.nf.links() if self.nf is not None else []
+
+    @property
+    def placed(self) -> dict[str | None, observers.Placed]:
+        """The observers of each traced netns: bank, ruleset, plans, links."""
+        return self.nf.placed if self.nf is not None else {}
 
     def _attach_tc(self, ns: str | None, devices: dict[int, str] | None = None) -> None:
         """tc observers on every device of ns (or on `devices`, new ones)."""
@@ -733,7 +542,7 @@ class Tracer:
         self.gone.pop(ino, None)         # an inode number is reused for a new namespace
         try:
             self._register(ino)
-            self._attach_netns(ns, *self._read_ruleset(ns))
+            self._attach_netns(ns, *observers.read_ruleset(ns))
             self.ctx.netns_names[ino] = ns or ""
             self._learn_ifnames(ns, ino)
         except (probes.AttachError, netns.NetnsError, OSError) as e:
@@ -780,9 +589,8 @@ class Tracer:
     def _drop_netns(self, ns: str | None) -> int | None:
         """Detach everything of a netns and forget it; its inode."""
         ino = self._ns_inodes.pop(ns, None)
-        placed = self.placed.pop(ns, None)
-        for link in placed.links if placed else ():
-            link.close()
+        if self.nf is not None:
+            self.nf.drop(ns)
         w = self._watches.pop(ns, None)
         if w is not None:
             w.close()
@@ -1016,10 +824,8 @@ class Tracer:
         return out
 
     def _detach(self) -> None:
-        for p in self.placed.values():
-            for link in p.links:
-                link.close()
-        self.placed.clear()
+        if self.nf is not None:
+            self.nf.detach()
         for w in self._watches.values():
             w.close()
         self._watches.clear()
@@ -1036,9 +842,9 @@ class Tracer:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
-        for o in self._extra_objs:
-            o.close()
-        self._extra_objs.clear()
+        if self.nf is not None:
+            self.nf.close()
+            self.nf = None
         if self.obj is not None:
             self.obj.close()
             self.obj = None
