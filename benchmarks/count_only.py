@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     tracer = Tracer(TraceOptions(netns=list(argv) or [None], emit=False))
     tracer.start()
     where = ", ".join(argv) or "current netns"
-    print(f"pkttrace count-only: tracing {where} ({len(tracer.attachments)} probes, "
+    print(f"pkttrace count-only: tracing {where} ({len(tracer.attached())} probes, "
           f"ready in {tracer.ready_s * 1000:.0f} ms)", file=sys.stderr, flush=True)
     try:
         while not stop:

@@ -186,7 +186,7 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
     where = ", ".join(n or "current netns" for n in opts.netns)
     if opts.all_netns:
         where = f"every netns ({len(opts.netns)} now, and new ones)"
-    say(f"tracing {where} ({len(tracer.attachments)} probes, ready in "
+    say(f"tracing {where} ({len(tracer.attached())} probes, ready in "
         f"{tracer.ready_s * 1000:.0f} ms); Ctrl-C to stop")
     assert tracer.plan is not None   # start() chose the backends or raised
     for note in tracer.plan.notes:   # what this kernel's backends cannot see, once

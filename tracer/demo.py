@@ -75,7 +75,7 @@ def run(emit: Callable[[str], None], show: Callable[[Packet], None], prefix: str
             if record is not None:
                 from .recording import Recorder
                 tracer.on_raw = Recorder(record, tracer.ctx)
-            emit(f"tracing {lab.router} ({len(tracer.attachments)} probes, ready in "
+            emit(f"tracing {lab.router} ({len(tracer.attached())} probes, ready in "
                  f"{tracer.ready_s * 1000:.0f} ms)\n")
             for title, send in scenarios(lab):
                 emit(f"==== {title}\n")

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from . import backends, events, libbpf, model, netns, observers, paths, placement, probes, routing, sysinfo, watch
+from . import (backends, events, libbpf, model, netns, observers, paths, placement, probes, routing, sysinfo,
+               tcobservers, watch)
 from .events import PtConfig, PtRecord, Stat
 from .filters import PacketFilter
 
@@ -113,8 +114,7 @@ class Tracer:
         self._last_replace_check = 0.0
         self._watches: dict[str | None, watch.NetnsWatch] = {}   # ns -> its netlink announcements
         # tc observers per netns and device (followed as devices come and go)
-        self._tc: dict[str | None, dict[int, list[probes.Attachment]]] = {}
-        self._tc_mode: str | None = None             # tcx | classic, once decided
+        self.tc: tcobservers.TcObservers | None = None
         self._iface_index = 0                        # what iface_want holds
         # the programs read net->nft.base_seq (else they see 0, and are told 0)
         self._gen_visible = True
@@ -253,6 +253,8 @@ class Tracer:
                                       {i: obj.program(n).fd for i, n in enumerate(observers.nf_programs()) if i < need},
                                       inode_of=self._ns_inodes.get, index_of=self._ns_index.__getitem__)
         self.nf.gen_visible = self._gen_visible
+        if self._plan.tc:
+            self.tc = tcobservers.TcObservers(obj, self.opts.tc, self._notice)
         if self.opts.emit:
             self.ring = libbpf.RingBuffer(obj.map("events").fd, self.opts.ringbuf_bytes)
 
@@ -302,8 +304,8 @@ class Tracer:
         nf.set_hooks(ns, events.HOOKS_PLACING)
         nf.placed[ns] = nf.place(ns, 0, reg)
         self._learn_rules(ns)
-        if self._plan.tc:
-            self._attach_tc(ns)
+        if self.tc is not None:
+            self.tc.attach(ns)
         nf.set_hooks(ns, events.HOOKS_LEARN, gen)
         if watch.nft_generation(ns) != gen:
             nf.recheck(ns, signalled=True)   # committed to since it was read: read again
@@ -360,6 +362,11 @@ class Tracer:
         objs = [o for o in [self.obj, *(self.nf.extra_objs if self.nf else ())] if o is not None]
         return [p for o in objs for p in o.programs() if p.fd >= 0]
 
+    def attached(self) -> list[probes.Attachment]:
+        """Everything attached: tracepoints (fentry, kprobes) and tc observers
+        (the netfilter observers are observer_links())."""
+        return [*self.attachments, *(self.tc.attachments() if self.tc is not None else ())]
+
     def observer_links(self) -> list[probes.FdLink]:
         return self.nf.links() if self.nf is not None else []
 
@@ -367,46 +374,6 @@ class Tracer:
     def placed(self) -> dict[str | None, observers.Placed]:
         """The observers of each traced netns: bank, ruleset, plans, links."""
         return self.nf.placed if self.nf is not None else {}
-
-    def _attach_tc(self, ns: str | None, devices: dict[int, str] | None = None) -> None:
-        """tc observers on every device of ns (or on `devices`, new ones)."""
-        ing, egr = self._obj.program("tc_ingress").fd, self._obj.program("tc_egress").fd
-        if devices is None:
-            devices = netns.links(ns)
-        per_dev = self._tc.setdefault(ns, {})
-        points = [(prog_fd, ifindex, ifname, ingress) for ifindex, ifname in sorted(devices.items())
-                  for prog_fd, ingress in ((ing, True), (egr, False))]
-        if not points:
-            return
-        mode = self._tc_mode or self.opts.tc
-        if mode in ("auto", "tcx"):
-            try:
-                first = probes.attach_tcx(*points[0], ns)
-            except probes.AttachError:
-                if mode == "tcx":
-                    raise
-                mode = "classic"  # kernel before 6.6: no TCX anywhere
-            else:
-                # TCX is there (each attach waits for an RCU grace period
-                # under the RTNL lock: ~12 ms, one after the other)
-                self._tc_mode = "tcx"
-                self._tc_add(per_dev, points[0][1], first)
-                for p in points[1:]:
-                    self._tc_add(per_dev, p[1], probes.attach_tcx(*p, ns))
-                return
-        self._tc_mode = "classic"
-        if not per_dev:
-            # what killed pkttrace sessions left here, and only that (not another
-            # tool's filters, not a running session's)
-            done = probes.clean_dead_sessions(ns)
-            if done.removed:
-                self._notice(done.summary())
-        for prog_fd, ifindex, ifname, ingress in points:
-            self._tc_add(per_dev, ifindex, probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns))
-
-    def _tc_add(self, per_dev: dict, ifindex: int, a: probes.Attachment) -> None:
-        self.attachments.append(a)
-        per_dev.setdefault(ifindex, []).append(a)
 
     def _follow_links(self, ns: str | None, deleted: set[int]) -> None:
         """Devices of ns came, went or were renamed: tc observers on the new
@@ -419,24 +386,8 @@ class Tracer:
         except netns.NetnsError:
             return                           # the netns is going: check_netns says so
         self._learn_ifnames(ns, ino, now)
-        per_dev = self._tc.get(ns)
-        if per_dev is not None and self._plan.tc:
-            for ifindex in [i for i in per_dev if i not in now or i in deleted]:
-                gone = per_dev.pop(ifindex)
-                for a in gone:
-                    # the kernel took the device's TCX links and filters with it
-                    if isinstance(a, probes.ClassicTcAttachment):
-                        a.forget()
-                    else:
-                        a.close()
-                self.attachments = [a for a in self.attachments if not any(a is g for g in gone)]
-            new = {i: n for i, n in now.items() if i not in per_dev}
-            try:
-                self._attach_tc(ns, new)
-            except (probes.AttachError, netns.NetnsError) as e:
-                # a device that went again at once, or a kernel refusing:
-                # its packets are still seen at the netfilter hooks
-                self._notice(f"no tc observers on a new device in netns {ns or '(host)'}: {e}")
+        if self.tc is not None:
+            self.tc.follow(ns, now, deleted)
         self._set_iface(ns, now)
 
     def _set_iface(self, ns: str | None, devices: dict[int, str] | None = None) -> None:
@@ -594,16 +545,8 @@ class Tracer:
         w = self._watches.pop(ns, None)
         if w is not None:
             w.close()
-        self._tc.pop(ns, None)
-        keep = []
-        for a in self.attachments:
-            if isinstance(a, probes.FdLink) and a.netns == ns:
-                a.close()
-            elif isinstance(a, probes.ClassicTcAttachment) and a.ns == ns:
-                a.forget()
-            else:
-                keep.append(a)
-        self.attachments = keep
+        if self.tc is not None:
+            self.tc.drop(ns)
         if ino is not None:
             self._unregister(ino)
             self._forget_paths(ino)
@@ -829,13 +772,14 @@ class Tracer:
         for w in self._watches.values():
             w.close()
         self._watches.clear()
+        if self.tc is not None:
+            self.tc.detach()
         for a in reversed(self.attachments):
             try:
                 a.close()
             except Exception:  # keep closing the rest: nothing may stay attached
                 pass
         self.attachments.clear()
-        self._tc.clear()
 
     def close(self) -> None:
         self._detach()

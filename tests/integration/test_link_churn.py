@@ -84,7 +84,7 @@ def test_a_device_added_after_start_gets_tc_observers_and_its_name(lab, trace, t
     # deleted: its observers are forgotten (nothing left to close in the kernel)
     lab.ip(lab.router, "link", "del", "dum1")
     announced(cap)
-    assert set(cap.tracer._tc[lab.router]) == set(netns.links(lab.router))
+    assert set(cap.tracer.tc.by_netns[lab.router]) == set(netns.links(lab.router))
     # a new device again, attached again
     add_link(lab, "dum2")
     announced(cap)

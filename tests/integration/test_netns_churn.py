@@ -160,7 +160,7 @@ def test_library_tracer_stops_its_packets_when_nothing_is_left(scratch_ns):
         assert list(t.packets(duration=20)) == []
         assert time.monotonic() - t0 < 5
         assert t.exhausted and a in t.gone.values() and not t.placed
-        assert not any(getattr(x, "netns", None) == a for x in t.attachments)
+        assert not any(getattr(x, "netns", None) == a for x in t.attached())
     assert notices == [f"network namespace '{a}' was deleted: no longer traced; nothing left to trace"]
     assert gone_for_good(a, 0.5)
 

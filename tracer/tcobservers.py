@@ -1,0 +1,96 @@
+"""The tc observers: the tc_ingress/tc_egress programs on every device of
+the traced namespaces, as TCX links (6.6+) or, before that, classic
+cls_bpf filters shared politely with other tools (probes.py).  Devices come
+and go while tracing: the session tells this which ones are there now."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import libbpf, netns, probes
+
+
+class TcObservers:
+    """The tc attachments of each traced netns, by device."""
+
+    def __init__(self, obj: libbpf.BpfObject, mode: str, notice: Callable[[str], None]):
+        self.ingress, self.egress = obj.program("tc_ingress").fd, obj.program("tc_egress").fd
+        self.mode = mode                     # auto | tcx | classic: tcx or classic once decided
+        self.notice = notice
+        self.by_netns: dict[str | None, dict[int, list[probes.Attachment]]] = {}
+
+    def attachments(self) -> list[probes.Attachment]:
+        return [a for per_dev in self.by_netns.values() for atts in per_dev.values() for a in atts]
+
+    def attach(self, ns: str | None, devices: dict[int, str] | None = None) -> None:
+        """tc observers on every device of ns (or on `devices`, new ones)."""
+        if devices is None:
+            devices = netns.links(ns)
+        per_dev = self.by_netns.setdefault(ns, {})
+        points = [(prog_fd, ifindex, ifname, ingress) for ifindex, ifname in sorted(devices.items())
+                  for prog_fd, ingress in ((self.ingress, True), (self.egress, False))]
+        if not points:
+            return
+        if self.mode in ("auto", "tcx"):
+            try:
+                first = probes.attach_tcx(*points[0], ns)
+            except probes.AttachError:
+                if self.mode == "tcx":
+                    raise
+                self.mode = "classic"  # kernel before 6.6: no TCX anywhere
+            else:
+                # TCX is there (each attach waits for an RCU grace period
+                # under the RTNL lock: ~12 ms, one after the other)
+                self.mode = "tcx"
+                per_dev.setdefault(points[0][1], []).append(first)
+                for p in points[1:]:
+                    per_dev.setdefault(p[1], []).append(probes.attach_tcx(*p, ns))
+                return
+        self.mode = "classic"
+        if not per_dev:
+            # what killed pkttrace sessions left here, and only that (not another
+            # tool's filters, not a running session's)
+            done = probes.clean_dead_sessions(ns)
+            if done.removed:
+                self.notice(done.summary())
+        for prog_fd, ifindex, ifname, ingress in points:
+            per_dev.setdefault(ifindex, []).append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns))
+
+    def follow(self, ns: str | None, now: dict[int, str], deleted: set[int]) -> None:
+        """The devices of ns are `now` (and `deleted` went, maybe to come back
+        under the same index): forget the gone ones' observers, attach on the
+        new ones."""
+        per_dev = self.by_netns.get(ns)
+        if per_dev is None:
+            return
+        for ifindex in [i for i in per_dev if i not in now or i in deleted]:
+            for a in per_dev.pop(ifindex):
+                # the kernel took the device's TCX links and filters with it
+                if isinstance(a, probes.ClassicTcAttachment):
+                    a.forget()
+                else:
+                    a.close()
+        new = {i: n for i, n in now.items() if i not in per_dev}
+        try:
+            self.attach(ns, new)
+        except (probes.AttachError, netns.NetnsError) as e:
+            # a device that went again at once, or a kernel refusing:
+            # its packets are still seen at the netfilter hooks
+            self.notice(f"no tc observers on a new device in netns {ns or '(host)'}: {e}")
+
+    def drop(self, ns: str | None) -> None:
+        """A netns no longer traced: its TCX links closed, its classic
+        filters left to go with it (the namespace is going)."""
+        for atts in self.by_netns.pop(ns, {}).values():
+            for a in atts:
+                if isinstance(a, probes.ClassicTcAttachment):
+                    a.forget()
+                else:
+                    a.close()
+
+    def detach(self) -> None:
+        for a in reversed(self.attachments()):
+            try:
+                a.close()
+            except Exception:  # keep closing the rest: nothing may stay attached
+                pass
+        self.by_netns.clear()
