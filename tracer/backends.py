@@ -160,10 +160,25 @@ def _kallsyms(names) -> tuple[frozenset, tuple[int, int] | None]:
             text = f.read()
     except OSError:
         return frozenset(), None
-    # vmlinux's symbols are listed by address: the next line's starts where it ends
-    m = re.search(rb"^([0-9a-f]+) [tT] nf_hook_slow\n([0-9a-f]+) ", text, re.M)
-    start, end = (int(m.group(1), 16), int(m.group(2), 16)) if m else (0, 0)
-    return frozenset(m.decode() for m in pattern.findall(text)), (start, end) if 0 < start < end else None
+    return frozenset(m.decode() for m in pattern.findall(text)), _code_of(text, b"nf_hook_slow")
+
+
+def _code_of(kallsyms: bytes, name: bytes) -> tuple[int, int] | None:
+    """[start, end) of a vmlinux function: its address, and the next line's
+    (vmlinux's symbols are listed by address).  None where kallsyms hides
+    addresses.  A plain find, not a regular expression: ~30 ms less start."""
+    for kind in (b" T ", b" t "):
+        at = kallsyms.find(kind + name + b"\n")
+        if at < 0:
+            continue
+        line = kallsyms.rfind(b"\n", 0, at) + 1
+        nxt = at + len(kind) + len(name) + 1
+        try:
+            start, end = int(kallsyms[line:at], 16), int(kallsyms[nxt:kallsyms.index(b" ", nxt)], 16)
+        except ValueError:
+            return None
+        return (start, end) if 0 < start < end else None
+    return None
 
 
 def fentry_refusal(btf: libbpf.Btf) -> str | None:

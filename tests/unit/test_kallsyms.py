@@ -64,3 +64,15 @@ def test_file_is_read_lazily_and_once(tmp_path):
     assert ks(FIRST + 4) == "_stext+0x4"
     p.write_text("ffffffff81000000 T renamed\n")
     assert ks(FIRST + 4) == "_stext+0x4"  # cached
+
+
+def test_code_range_of_a_function_for_telling_drops_apart():
+    """backends._code_of: nf_hook_slow's code, from its line and the next
+    one; None where kallsyms hides addresses (not root, kptr_restrict)."""
+    from tracer.backends import _code_of
+    text = (b"ffffffff81f80840 T __pfx_nf_hook_slow\nffffffff81f80850 T nf_hook_slow\n"
+            b"ffffffff81f80960 T __pfx_nf_hook_slow_list\n")
+    assert _code_of(text, b"nf_hook_slow") == (0xffffffff81f80850, 0xffffffff81f80960)
+    assert _code_of(text, b"nft_do_chain") is None
+    zeros = b"0000000000000000 T nf_hook_slow\n0000000000000000 T nf_hook_slow_list\n"
+    assert _code_of(zeros, b"nf_hook_slow") is None
