@@ -11,8 +11,8 @@ too (imported on first use, so the command line starts no slower):
 """
 from .version import __version__  # noqa: F401  (tracer.__version__)
 
-_API = ("Counters", "Cut", "Filter", "FilterError", "Packet", "RecordingError", "TraceError", "TraceOptions", "Tracer",
-        "read", "start", "trace")
+_API = ("Counters", "Cut", "Drop", "Filter", "FilterError", "Packet", "RecordingError", "Stage", "TableStep",
+        "TraceError", "TraceOptions", "Tracer", "read", "start", "trace")
 
 
 def __getattr__(name: str):

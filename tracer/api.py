@@ -23,14 +23,14 @@ from collections.abc import Iterator
 from typing import IO
 
 from .filters import FilterError, PacketFilter
-from .model import Packet
+from .model import Drop, Packet, Stage, TableStep
 from .recording import Cut, RecordingError, replay
 from .session import Counters, TraceError, TraceOptions, Tracer
 
 Filter = PacketFilter
 
-__all__ = ["Counters", "Cut", "Filter", "FilterError", "Packet", "RecordingError", "TraceError", "TraceOptions",
-           "Tracer", "read", "start", "trace"]
+__all__ = ["Counters", "Cut", "Drop", "Filter", "FilterError", "Packet", "RecordingError", "Stage", "TableStep",
+           "TraceError", "TraceOptions", "Tracer", "read", "start", "trace"]
 
 
 def read(source: str | os.PathLike | IO, filter: Filter | None = None, cut: Cut | None = None) -> Iterator[Packet]:

@@ -85,8 +85,8 @@ def resolve(p: model.Packet) -> PathLabels:
         if s.stage in ("rx", "tx") and s.dev:
             pl.ifaces.append((s.dev, s.stage))
     if p.drop:
-        table = CHANGING if p.drop.get("attribution") == "changing" else p.drop.get("table") or ""
-        pl.drop = (p.drop["reason"], p.drop.get("stage") or "", table)
+        table = CHANGING if p.drop.attribution == "changing" else p.drop.table or ""
+        pl.drop = (p.drop.reason, p.drop.stage or "", table)
     return pl
 
 

@@ -193,6 +193,43 @@ class Stage:
 
 
 @dataclass
+class Drop:
+    """Where and why the kernel dropped the packet (JSON `drop`).  Reads
+    also as the JSON object does (`drop["table"]`, `drop.get("dev")`)."""
+    reason: str
+    location: str
+    last_hook: str | None = None
+    stage: str | None = None            # where: a hook, route, qdisc, tc_ingress, ...
+    table: str | None = None            # the netfilter table that dropped it
+    dev: str | None = None
+    before_priority: int | None = None  # a hook function before pkttrace's first observer there
+    attribution: str | None = None      # "changing": the ruleset changed under the observers
+
+    def to_json(self) -> dict:
+        d: dict[str, object] = {"reason": self.reason, "location": self.location, "last_hook": self.last_hook,
+                                "stage": self.stage, "table": self.table, "dev": self.dev}
+        if self.before_priority is not None:
+            d["before_priority"] = self.before_priority
+        if self.attribution:
+            d["attribution"] = self.attribution
+        return d
+
+    def __getitem__(self, key: str) -> object:
+        d = self.to_json()
+        return d[key]
+
+    def get(self, key: str, default: object = None) -> object:
+        return self.to_json().get(key, default)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, dict):
+            return self.to_json() == other
+        return isinstance(other, Drop) and dataclasses.astuple(self) == dataclasses.astuple(other)
+
+    __hash__ = None  # type: ignore[assignment]    # mutable, compared by value
+
+
+@dataclass
 class Shape:
     """What packets with the same path shape share: resolved once per shape."""
     netns: str
@@ -221,7 +258,7 @@ class Values:
     dst: str
     sport: int | None
     dport: int | None
-    drop: dict | None = None
+    drop: Drop | None = None
     process: dict | None = None
     truncated: bool = False
     late_match: bool = False           # matched only after NAT: earlier stages not kept
@@ -285,7 +322,7 @@ class Packet:
     dst = _Field[str]()
     sport = _Field[Optional[int]]()
     dport = _Field[Optional[int]]()
-    drop = _Field[Optional[dict]]()
+    drop = _Field[Optional[Drop]]()
     process = _Field[Optional[dict]]()
     truncated = _Field[bool]()
     late_match = _Field[bool]()
@@ -299,6 +336,8 @@ class Packet:
     def __init__(self, id, netns, family, proto, src, dst, sport, dport, fate, in_dev, out_dev,
                  path=None, drop=None, process=None, truncated=False, end=None, proto_num=0, path_sig=0):
         self._shape = Shape(netns, family, proto, proto_num, fate, in_dev, out_dev, end, path_sig)
+        if isinstance(drop, dict):
+            drop = Drop(**drop)
         self._vals = Values(id, src, dst, sport, dport, drop, process, truncated)
         self._path, self._raw, self._ctx, self._decoder = path if path is not None else [], None, None, None
 
@@ -378,7 +417,7 @@ class Packet:
             d["sport"], d["dport"] = v.sport, v.dport
         d.update(fate=sh.fate, in_dev=sh.in_dev, out_dev=sh.out_dev, path=[s.to_json() for s in self.path])
         if v.drop:
-            d["drop"] = v.drop
+            d["drop"] = v.drop.to_json()
         if v.process:
             d["process"] = v.process
         if v.truncated:

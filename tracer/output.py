@@ -112,14 +112,14 @@ def _format_packet(p: Packet) -> str:
         if s.attribution == "changing":
             lines.append(f"  {'':>11}    · (ruleset changing: tables not named)")
     if p.drop:
-        where = " ".join(x for x in (p.drop.get("table"), p.drop.get("stage")) if x)
-        if p.drop.get("attribution") == "changing":
+        where = " ".join(x for x in (p.drop.table, p.drop.stage) if x)
+        if p.drop.attribution == "changing":
             where += ", ruleset changing"
-        if p.drop.get("before_priority") is not None:
-            where += f", before priority {p.drop['before_priority']}"
-        elif p.drop.get("stage") in ("qdisc", "tx") and p.drop.get("dev"):
-            where += f" on {p.drop['dev']}"
-        lines.append(f"  dropped: {p.drop['reason']} at {p.drop['location']}" + (f" (in {where})" if where else ""))
+        if p.drop.before_priority is not None:
+            where += f", before priority {p.drop.before_priority}"
+        elif p.drop.stage in ("qdisc", "tx") and p.drop.dev:
+            where += f" on {p.drop.dev}"
+        lines.append(f"  dropped: {p.drop.reason} at {p.drop.location}" + (f" (in {where})" if where else ""))
     if p.reassembled is not None:
         lines.append(f"  reassembled into #{p.reassembled}")
     if p.next is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import layout, routing
-from .model import (HOOK_NAMES as _HOOKS, TC_NAMES, FateName, Lookup, Observation, Packet, Route, Shape, Stage,
+from .model import (HOOK_NAMES as _HOOKS, TC_NAMES, Drop, FateName, Lookup, Observation, Packet, Route, Shape, Stage,
                     StageName as S, TableStep, Values, Verdict)
 from .placement import CONNTRACK, PRI_CONNTRACK, shares_conntrack_observer
 from .events import (CT_REPLY, NF_STAGES, PT_NF_BANK, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
@@ -693,12 +693,8 @@ def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
     if sh.drop_reason is not None:
         sym = ctx.symbolize if ctx is not None else None
         tpl = sh.template
-        v.drop = {"reason": sh.drop_reason, "location": sym(drop_loc) if sym else hex(drop_loc),
-                  "last_hook": tpl.last_hook, "stage": tpl.drop_stage, "table": tpl.drop_table, "dev": tpl.drop_dev}
-        if tpl.drop_before is not None:
-            v.drop["before_priority"] = tpl.drop_before
-        if tpl.drop_changing:
-            v.drop["attribution"] = "changing"
+        v.drop = Drop(sh.drop_reason, sym(drop_loc) if sym else hex(drop_loc), tpl.last_hook, tpl.drop_stage,
+                      tpl.drop_table, tpl.drop_dev, tpl.drop_before, "changing" if tpl.drop_changing else None)
     elif sh.fate == "delivered":
         tpl = sh.template
         if pid:

@@ -783,15 +783,12 @@ class Tracer:
 
     def close(self) -> None:
         self._detach()
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        if self.nf is not None:
-            self.nf.close()
-            self.nf = None
-        if self.obj is not None:
-            self.obj.close()
-            self.obj = None
+        # the ring, the observer banks (second loads sharing the maps), then the object
+        for part in ("ring", "nf", "obj"):
+            held = getattr(self, part)
+            if held is not None:
+                held.close()
+                setattr(self, part, None)
 
     def __enter__(self) -> "Tracer":
         # tracer.trace() hands out a started Tracer: entering does not start it twice
