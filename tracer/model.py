@@ -221,6 +221,9 @@ class Drop:
     def get(self, key: str, default: object = None) -> object:
         return self.to_json().get(key, default)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_json()
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, dict):
             return self.to_json() == other

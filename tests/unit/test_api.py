@@ -78,3 +78,15 @@ def test_read_refuses_what_is_not_a_recording_and_reports_a_cut_tail():
     cut = tracer.Cut()
     got = list(tracer.read(io.BytesIO(data[:-40]), cut=cut))
     assert len(got) == 29 and cut.lines == 1
+
+
+def test_a_drop_is_typed_and_reads_as_its_json_object():
+    d = tracer.Drop("NETFILTER_DROP", "nft_do_chain+0x46f", "forward", "forward", "filter", "rc")
+    assert (d.reason, d.stage, d.table, d.dev) == ("NETFILTER_DROP", "forward", "filter", "rc")
+    assert d["table"] == "filter" and d.get("before_priority") is None and d.get("nope", 1) == 1
+    assert "attribution" not in d and "table" in d
+    assert d == d.to_json() and d == tracer.Drop(**d.to_json())
+    with pytest.raises(KeyError):
+        d["attribution"]
+    changing = tracer.Drop("NETFILTER_DROP", "x", attribution="changing")
+    assert changing.to_json()["attribution"] == "changing" and "attribution" in changing
