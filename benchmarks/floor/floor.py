@@ -51,14 +51,13 @@ if str(REPO) not in sys.path:
 
 from tracer import libbpf, netns  # noqa: E402
 from tracer.lab import Lab  # noqa: E402
+from benchmarks.run import BenchError, iperf_trial  # noqa: E402  (the harness's iperf3 trial)
 
 SRC = HERE / "floor.bpf.c"
 OBJ = HERE / "floor.bpf.o"
 CFLAGS = ["-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86", "-Wall", "-Werror",
           "-Wno-unused-function", f"-I{REPO / 'bpf' / 'include'}", f"-I{REPO / 'bpf'}"]
 LAB_PREFIX, LAB_NET_ID = "ptfloor", 63
-PORT = 5201
-UDP_LEN = 64
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 PROGS = ("floor_rx", "floor_napi", "floor_nf", "floor_tcx")
 NFPROTO_IPV4 = 2
@@ -74,8 +73,7 @@ CONFIGS = {
 }
 
 
-class FloorError(Exception):
-    pass
+FloorError = BenchError
 
 
 def build() -> Path:
@@ -86,53 +84,11 @@ def build() -> Path:
 
 # ---- traffic -----------------------------------------------------------------
 
-def _wait_listening(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    want = f":{PORT:04X}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise FloorError(f"iperf3 server exited early: {proc.stderr.read().strip()}")
-        try:
-            with open(f"/proc/{proc.pid}/net/tcp") as f:
-                next(f)
-                if any(ln.split()[1].endswith(want) and ln.split()[3] == "0A" for ln in f):
-                    return
-        except (OSError, StopIteration):
-            pass
-        time.sleep(0.01)
-    raise FloorError("iperf3 server not listening")
-
-
-def _json(text: str, who: str) -> dict:
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError:
-        raise FloorError(f"iperf3 {who}: no JSON: {text.strip()[:200]!r}") from None
-    if "error" in d:
-        raise FloorError(f"iperf3 {who}: {d['error']}")
-    return d
-
-
 def flood(lab: Lab, duration: float) -> dict:
-    """One UDP 64 B flood client -> server; what the server received."""
-    dst = lab.addr["server4"]
-    server = subprocess.Popen(["ip", "netns", "exec", lab.server, "iperf3", "-s", "-1", "-J",
-                               "-B", dst, "-p", str(PORT)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_listening(server)
-        cli = subprocess.run(["ip", "netns", "exec", lab.client, "iperf3", "-u", "-l", str(UDP_LEN),
-                              "-b", "0", "-t", f"{duration:g}", "-c", dst, "-p", str(PORT), "-J"],
-                             capture_output=True, text=True, timeout=duration + 30)
-        out, _ = server.communicate(timeout=15)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    rx = _json(out, "server")["end"]["sum_received"]
-    sent = _json(cli.stdout, "client")["end"]["sum_sent"]["packets"]
-    delivered = rx["packets"] - rx["lost_packets"]
-    return {"pps": delivered / rx["seconds"], "delivered": delivered, "sent": sent}
+    """One UDP 64 B flood client -> server (the harness's own trial); what
+    the server received."""
+    r = iperf_trial(lab, "udp", duration)
+    return {"pps": r["value"], "delivered": r["delivered"], "sent": r["sent"]}
 
 
 # ---- programs and links --------------------------------------------------------
