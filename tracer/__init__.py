@@ -1,9 +1,11 @@
 """pkttrace: the path each packet really takes through the Linux network stack.
 
-Flow: bpf/ (programs, shared header) -> libbpf (loader) -> probes (attach)
--> session (lifecycle, records) -> paths (bytes -> model.Packet) -> sinks
-(output, exporter).  The library API is tracer.api, whose names are here
-too (imported on first use, so the command line starts no slower):
+Flow: bpf/ (programs, shared header) -> libbpf (loader) -> probes, observers,
+tcobservers (attach) -> session (the lifecycle of a trace) -> paths (record
+bytes -> model.Packet) -> sinks (output, recording, exporter).  The README's
+"Architecture" section draws the layers.  The library API is tracer.api,
+whose names are here too (imported on first use, so the command line starts
+no slower):
 
     import tracer
     for p in tracer.read("trace.jsonl", tracer.Filter.parse(proto="udp")):
