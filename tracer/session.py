@@ -790,6 +790,10 @@ class Tracer:
                 held.close()
                 setattr(self, part, None)
 
+    def __iter__(self) -> Iterator[model.Packet]:
+        """Every packet, as it ends, until stopped (packets() without limits)."""
+        return self.packets()
+
     def __enter__(self) -> "Tracer":
         # tracer.trace() hands out a started Tracer: entering does not start it twice
         return self if self.obj is not None else self.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import time
 
@@ -81,3 +82,10 @@ def test_the_library_traces_live_as_a_context_manager(lab):
     assert [(p.dport, p.fate, p.drop["table"]) for p in got] == [(5009, "dropped", "filter")]
     assert counters.shown == 1
     assert live.obj is None and not live.observer_links()     # everything detached on leaving
+
+
+def test_a_live_trace_is_an_iterator(lab):
+    with tracer.trace(netns=[lab.router], filter=tracer.Filter.parse(proto="udp", port="5009")) as live:
+        lab.udp_send(lab.client, lab.addr["server4"], 5009, count=2)
+        got = list(itertools.islice(live, 2))
+    assert [(p.dport, p.fate) for p in got] == [(5009, "dropped")] * 2
