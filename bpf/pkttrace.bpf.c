@@ -743,11 +743,6 @@ int route_take(struct pt_record *r, __u8 kind, __u64 since, __u32 how);
 int route_result(struct pt_record *r, __u64 refdst, __u64 ts);
 static __always_inline struct pt_stage *last_stage(struct pt_record *r);
 
-/* A packet routed since its last stage (PREROUTING) makes the kernel
- * generate another (a REJECT's RST or ICMP error, from a table of FORWARD
- * or INPUT, whose first observer comes after a table): it claims its own
- * lookups first, which the reply's source check would otherwise take, with
- * the route the kernel attached to it. */
 /* The route attached to a packet no observer of INPUT/FORWARD saw (their
  * first observer comes after a table): forwarded, it names the device the
  * packet was to leave by, as FORWARD's observer would have. */
@@ -763,6 +758,11 @@ static __always_inline void route_attached(struct pt_record *r, __u64 refdst, __
 	r->match |= match_stage(mark, 0, out);
 }
 
+/* A packet routed since its last stage (PREROUTING) makes the kernel
+ * generate another (a REJECT's RST or ICMP error, from a table of FORWARD
+ * or INPUT, whose first observer comes after a table): it claims its own
+ * lookups first, which the reply's source check would otherwise take, with
+ * the route the kernel attached to it. */
 static __always_inline void route_claim(struct pt_record *p, __u64 skb, __u64 now)
 {
 	struct pt_stage *s = last_stage(p);

@@ -9,6 +9,17 @@ from collections.abc import Callable
 from . import libbpf, netns, probes
 
 
+def _release(atts: list[probes.Attachment]) -> None:
+    """Let go of the attachments of a device (or netns) that went away: the
+    kernel took its TCX links and filters with it; a classic filter is
+    forgotten (deleting it would find nothing), a link closed."""
+    for a in atts:
+        if isinstance(a, probes.ClassicTcAttachment):
+            a.forget()
+        else:
+            a.close()
+
+
 class TcObservers:
     """The tc attachments of each traced netns, by device."""
 
@@ -63,12 +74,7 @@ class TcObservers:
         if per_dev is None:
             return
         for ifindex in [i for i in per_dev if i not in now or i in deleted]:
-            for a in per_dev.pop(ifindex):
-                # the kernel took the device's TCX links and filters with it
-                if isinstance(a, probes.ClassicTcAttachment):
-                    a.forget()
-                else:
-                    a.close()
+            _release(per_dev.pop(ifindex))
         new = {i: n for i, n in now.items() if i not in per_dev}
         try:
             self.attach(ns, new)
@@ -81,11 +87,7 @@ class TcObservers:
         """A netns no longer traced: its TCX links closed, its classic
         filters left to go with it (the namespace is going)."""
         for atts in self.by_netns.pop(ns, {}).values():
-            for a in atts:
-                if isinstance(a, probes.ClassicTcAttachment):
-                    a.forget()
-                else:
-                    a.close()
+            _release(atts)
 
     def detach(self) -> None:
         for a in reversed(self.attachments()):
