@@ -5,7 +5,7 @@ from typing import TextIO, cast
 
 from .inputs import escape
 from .model import Packet, Stage, TableStep, packet_json
-from .session import Counters
+from .collector import Counters
 from .templates import Templates
 
 
