@@ -294,7 +294,6 @@ struct pkt_info {
 	__u8 icmp_type;
 	__u8 icmp_code;
 	__u8 l4;        /* the L4 header was read (not a later fragment) */
-	const void *l3; /* the IP header (kernel address): for cfg.snap */
 };
 
 static __always_inline void stat_inc(__u32 idx)
@@ -359,7 +358,6 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 		if (bpf_probe_read_kernel(&iph, sizeof(iph), l3) || iph.version != 4)
 			return -1;
 		pi->family = 4;
-		pi->l3 = l3;
 		pi->len = bpf_ntohs(iph.tot_len);
 		pi->proto = iph.protocol;
 		pi->tos = iph.tos;
@@ -379,7 +377,6 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 		if (bpf_probe_read_kernel(&ip6, sizeof(ip6), l3) || ip6.version != 6)
 			return -1;
 		pi->family = 6;
-		pi->l3 = l3;
 		pi->len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
 		pi->proto = ip6.nexthdr;
 		pi->tos = (ip6.priority << 4) | (ip6.flow_lbl[0] >> 4);
@@ -403,30 +400,25 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 	} else {
 		return -1;
 	}
-	if (pi->proto == IPPROTO_TCP) {
-		/* ports, and the flag byte 13 bytes in: one read */
-		__u8 th[14];
+	/* The L4 facts without a buffer of their own (the kprobe programs are
+	 * at the 512-byte stack limit): the first 4 bytes are TCP's and
+	 * UDP's ports or ICMP's type and code; TCP's flag byte (13 bytes in)
+	 * is read straight into pi, for every protocol, so that there is no
+	 * branch more for the verifier to walk in each inlined copy; user
+	 * space picks what the protocol has. */
+	if (pi->proto == IPPROTO_TCP || pi->proto == IPPROTO_UDP ||
+	    pi->proto == IPPROTO_ICMP || pi->proto == IPPROTO_ICMPV6) {
+		__u8 b[4];
 
-		if (!bpf_probe_read_kernel(th, sizeof(th), l4)) {
-			pi->sport = (th[0] << 8) | th[1];
-			pi->dport = (th[2] << 8) | th[3];
-			pi->tcp_flags = th[13];
+		if (!bpf_probe_read_kernel(b, sizeof(b), l4)) {
 			pi->l4 = 1;
-		}
-	} else if (pi->proto == IPPROTO_UDP) {
-		__be16 ports[2];
-
-		if (!bpf_probe_read_kernel(ports, sizeof(ports), l4)) {
-			pi->sport = bpf_ntohs(ports[0]);
-			pi->dport = bpf_ntohs(ports[1]);
-		}
-	} else if (pi->proto == IPPROTO_ICMP || pi->proto == IPPROTO_ICMPV6) {
-		__u8 tc[2];
-
-		if (!bpf_probe_read_kernel(tc, sizeof(tc), l4)) {
-			pi->icmp_type = tc[0];
-			pi->icmp_code = tc[1];
-			pi->l4 = 1;
+			pi->icmp_type = b[0];
+			pi->icmp_code = b[1];
+			bpf_probe_read_kernel(&pi->tcp_flags, 1, l4 + 13);
+			if (pi->proto == IPPROTO_TCP || pi->proto == IPPROTO_UDP) {
+				pi->sport = (b[0] << 8) | b[1];
+				pi->dport = (b[2] << 8) | b[3];
+			}
 		}
 	}
 	return 0;
@@ -742,9 +734,15 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 	r->icmp_type = pi->icmp_type;
 	r->icmp_code = pi->icmp_code;
 	/* a fixed-size read: past a short packet's end it reads the skb's own
-	 * buffer (tailroom, shared info), which head_len leaves unread */
-	if (cfg.snap && pi->l3 && !bpf_probe_read_kernel(r->head, PT_HEAD_LEN, pi->l3))
-		r->head_len = pi->len < PT_HEAD_LEN ? pi->len : PT_HEAD_LEN;
+	 * buffer (tailroom, shared info), which head_len leaves unread.  The
+	 * skb is read with CO-RE: it is a plain address in kprobe programs. */
+	if (cfg.snap) {
+		const struct sk_buff *sk_b = skb;
+		const void *l3 = BPF_CORE_READ(sk_b, head) + BPF_CORE_READ(sk_b, network_header);
+
+		if (!bpf_probe_read_kernel(r->head, PT_HEAD_LEN, l3))
+			r->head_len = pi->len < PT_HEAD_LEN ? pi->len : PT_HEAD_LEN;
+	}
 	r->match = match_header(pi);
 	if (pi->frag) {
 		r->flags = PT_REC_FRAG;

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import re
 import struct
-import time
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator
 
@@ -65,8 +64,7 @@ class Recorder:
         self._written: dict | None = None
         self._sizes: tuple | None = None
         self._symbols: dict[int, str] = {}
-        if ctx.boot_wall_ns is None:
-            ctx.boot_wall_ns = time.time_ns() - time.monotonic_ns()
+        # (None: records of a recording that had no wall clock, rewritten)
         out.write(json.dumps({"pkttrace_recording": FORMAT, "record_size": events.RECORD_HEADER_SIZE,
                               "stage_size": events.STAGE_SIZE, "boot_wall_ns": ctx.boot_wall_ns}) + "\n")
 
@@ -222,8 +220,10 @@ def _check_header(d, n: int) -> tuple[int, int | None]:
     if version < 2:
         return _LAYOUTS[version][0], None
     wall = d.get("boot_wall_ns")
+    if wall is None:                     # a format 1 recording rewritten: times unknown
+        return _LAYOUTS[version][0], None
     if not isinstance(wall, int) or not _is_int(wall) or wall < 0:
-        raise RecordingError(f"line {n}: no valid boot_wall_ns in the header")
+        raise RecordingError(f"line {n}: boot_wall_ns is not a time")
     return _LAYOUTS[version][0], wall
 
 

@@ -18,8 +18,8 @@ from operator import itemgetter, sub as _sub
 from typing import Callable
 
 from .events import PT_MAX_STAGES, StageKind
-from .layout import HEADER_SIZE as _HDR_SIZE, LINKS_OFF as _LINKS_OFF, N_STAGES_OFF as _N_OFF, \
-    STAGE_SIZE as _STAGE_SIZE
+from .layout import HEAD_OFF as _HEAD_OFF, HEADER_SIZE as _HDR_SIZE, LINKS_OFF as _LINKS_OFF, \
+    N_STAGES_OFF as _N_OFF, STAGE_SIZE as _STAGE_SIZE
 from .model import Packet
 
 # Sentinels: the id, and the time of raw stage i (ns after the first stage),
@@ -68,9 +68,11 @@ class _Shape:
     def key(self, raw: bytes) -> tuple:
         # everything but id, times and link ids (which links exist is kept):
         # the header around them, and the stages
+        # (not the captured header bytes, head[]: no view but pcap-ng's shows
+        # them, and each packet's differ)
         links = raw[_LINKS_OFF:_LINKS_OFF + _LINK_BYTES]
         return (raw[24:_LINKS_OFF], None if links == _NO_LINKS else tuple(map(bool, _LINKS4.unpack(links))),
-                raw[_LINKS_OFF + _LINK_BYTES:_HDR_SIZE], self.stages.unpack_from(raw, _HDR_SIZE))
+                raw[_LINKS_OFF + _LINK_BYTES:_HEAD_OFF], self.stages.unpack_from(raw, _HDR_SIZE))
 
     def sentinel_raw(self, raw: bytes, boot_wall_ns: int | None) -> bytes:
         b = bytearray(raw[:self.size])

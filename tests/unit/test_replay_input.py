@@ -8,7 +8,9 @@ import os
 import pytest
 
 from tracer.output import Printer
-from tracer.recording import FORMAT, Cut, RecordingError, check, replay, replay_to
+from tracer.recording import _LAYOUTS, FORMAT, Cut, RecordingError, _check_raw, check, replay, replay_to
+
+_LAYOUT2 = _LAYOUTS[2]
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "lab-demo.jsonl")
 
@@ -183,3 +185,20 @@ def test_format_1_records_read_with_unknown_facts_and_format_2_keeps_them():
     assert all(p.tcp_flags == 2 and p.to_json()["tcp_flags"] == "S" for p in tcp)
     assert all(p.tcp_flags is None for p in others)
     assert all(p.wall_ns is not None and p.wall_ns > 1_764_672_000_000_000_000 for p in new)
+
+
+def test_a_format_2_recording_without_a_wall_clock_replays_without_times():
+    """A format 1 recording rewritten (pcap-ng -w from -r) keeps "no wall clock": null."""
+    head = json.loads(LINES[0])
+    head.update(pkttrace_recording=2, record_size=_LAYOUT2[0], boot_wall_ns=None)
+    lines = [json.dumps(head).encode() + b"\n"]
+    for line in LINES[1:]:
+        d = json.loads(line)
+        if "raw" in d:
+            d["raw"] = _check_raw(d, 200)[0].hex()
+        lines.append(json.dumps(d).encode() + b"\n")
+    pkts = list(replay(io.BytesIO(b"".join(lines))))
+    assert len(pkts) == ALL and all(p.wall_ns is None for p in pkts)
+    bad = dict(head, boot_wall_ns="yesterday")
+    with pytest.raises(RecordingError, match="boot_wall_ns is not a time"):
+        list(replay(io.BytesIO(json.dumps(bad).encode() + b"\n" + b"".join(lines[1:]))))
