@@ -52,6 +52,8 @@ class TraceOptions:
     # a traced name deleted and created again is traced again (serve); ad
     # hoc tracing says it went away and goes on with the rest
     follow_names: bool = False
+    # copy each record's first header bytes (Packet.head): pcap-ng output (-w)
+    snap: bool = False
 
 
 @dataclass
@@ -92,7 +94,9 @@ class Tracer:
         self.opts = opts or TraceOptions()
         self.obj: libbpf.BpfObject | None = None
         self.attachments: list[probes.Attachment] = []
-        self.ctx = paths.Context(symbolize=sysinfo.Kallsyms(), socket_owner=sysinfo.SocketOwners())
+        self.ctx = paths.Context(symbolize=sysinfo.Kallsyms(), socket_owner=sysinfo.SocketOwners(),
+                                 # bpf_ktime_get_ns() is CLOCK_MONOTONIC, as time.monotonic_ns()
+                                 boot_wall_ns=time.time_ns() - time.monotonic_ns())
         self.ring: libbpf.RingBuffer | None = None
         self.aged = 0
         self.shown = 0
@@ -220,6 +224,7 @@ class Tracer:
         cfg = PtConfig.from_address(ptr)
         cfg.emit = 1 if self.opts.emit else 0
         cfg.count = 1 if self.opts.count else 0
+        cfg.snap = 1 if self.opts.snap else 0
         if self._plan.hook_slow:
             cfg.hook_slow_start, cfg.hook_slow_end = self._plan.hook_slow
         self.opts.filter.fill(cfg)
