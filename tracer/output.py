@@ -6,7 +6,7 @@ from typing import Callable, TextIO, cast
 
 from .colour import BOLD, CYAN, GREEN, PLAIN, RED, YELLOW, Paint
 from .inputs import escape
-from .model import Packet, Stage, TableStep, _endpoint_addr, packet_json
+from .model import Packet, Stage, TableStep, _endpoint_addr, packet_json, tcp_flags_text
 from .session import Counters
 from .templates import Templates
 
@@ -33,14 +33,9 @@ def _mark(m: int | None) -> str:
 
 # ---- the header line: what tcpdump says about a packet ----------------------
 
-# tcpdump's order and letters (print-tcp.c, tcp_flag_values): SYN+ACK is [S.]
-_TCP_FLAGS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x10, "."), (0x20, "U"), (0x40, "E"),
-              (0x80, "W"))
-
-
 def tcp_flags(flags: int) -> str:
     """`[S]`, `[S.]`, `[P.]`, `[F.]`, `[R]`, `[none]`, as tcpdump writes them."""
-    return "[" + ("".join(c for bit, c in _TCP_FLAGS if flags & bit) or "none") + "]"
+    return f"[{tcp_flags_text(flags)}]"
 
 
 # tcpdump's words (print-icmp.c, print-icmp6.c), without the addresses it adds
@@ -81,13 +76,11 @@ def _header_extra(p: Packet) -> str:
     """TCP flags or ICMP type/code, and the IP length, where the kernel
     record has them (a packet of an older recording has none: nothing)."""
     bits = []
-    flags = getattr(p, "tcp_flags", None)
-    if flags is not None and p.proto == "tcp":
-        bits.append(tcp_flags(flags))
-    icmp_type = getattr(p, "icmp_type", None)
-    if icmp_type is not None and p.proto in ("icmp", "icmpv6"):
-        bits.append(icmp_words(p.family, icmp_type, getattr(p, "icmp_code", None)) + ",")
-    length = getattr(p, "length", None)
+    if p.tcp_flags is not None and p.proto == "tcp":
+        bits.append(tcp_flags(p.tcp_flags))
+    if p.icmp_type is not None and p.proto in ("icmp", "icmpv6"):
+        bits.append(icmp_words(p.family, p.icmp_type, p.icmp_code) + ",")
+    length = p.length
     if length is not None:
         bits.append(f"length {length}")
     elif bits and bits[-1].endswith(","):
@@ -172,27 +165,27 @@ def _route(s: Stage, dst: str, v: _View) -> str:
 _DEFAULT_RULES = ("0", "32766", "32767")
 
 
-def _route_lines(s: Stage, v: _View) -> list[str]:
+def _route_lines(s: Stage, v: _View) -> list[tuple[int | None, str]]:
     """Under a route stage: the rule that chose the table and every table
     the kernel consulted on the way (-v: each lookup with its result)."""
     r = s.route
     if r is None:
         return []
-    lines = []
+    lines: list[tuple[int | None, str]] = []
     tables = " → ".join(r.tables)
     # the rules every host has (0 local, 32766 main, 32767 default) choose
     # nothing worth a line; a policy rule does, and -v shows them all
     default = r.rule is None or r.rule.split(":", 1)[0] in _DEFAULT_RULES
     if r.rule and (v.verbose or not default):
-        lines.append(f"rule {r.rule}" + (f" (tables {tables})" if len(r.tables) > 1 else ""))
+        lines.append((None, f"rule {r.rule}" + (f" (tables {tables})" if len(r.tables) > 1 else "")))
     elif v.verbose and len(r.tables) > 1:
-        lines.append(f"tables {tables}")
+        lines.append((None, f"tables {tables}"))
     if v.verbose:
         for lk in s.lookups:
             res = lk.err or " ".join(x for x in (f"via {lk.gw}" if lk.gw else "", f"dev {lk.dev}" if lk.dev else "")
                                      if x) or lk.type or ""
             what = "source check" if lk.src_check else "lookup"
-            lines.append(f"{what} table {lk.table} → {res}  mark {_mark(lk.mark)} {_time_col(lk.t_ns)}")
+            lines.append((lk.t_ns, f"{what} table {lk.table} → {res}  mark {_mark(lk.mark)}"))
     return lines
 
 
@@ -214,7 +207,7 @@ def _table_line(t: TableStep, paint: Paint = PLAIN) -> str:
 def _observer_line(o) -> str:
     """-v: one netfilter observation inside a hook (its real priority)."""
     prio = "?" if o.priority is None else str(o.priority)
-    return (f"observer {prio:<12} {_time_col(o.t_ns)}  mark {_mark(o.mark)}  tos {o.tos:#04x}"
+    return (f"observer {prio:<12} mark {_mark(o.mark)}  tos {o.tos:#04x}"
             + (f"  ct {o.ct}" if o.ct else ""))
 
 
@@ -246,11 +239,12 @@ def _format_packet(p: Packet, v: _View = _PLAIN_VIEW) -> str:
         dev = (f"{_name(s.in_dev)}→{_name(s.dev)}" if s.in_dev and s.dev and s.in_dev != s.dev
                else _name(s.dev or ""))
         lines.append(f"  {_time_col(s.t_ns)}  {s.stage:<12} {dev:<14} {_detail(s, dst, v)}".rstrip())
-        for text in _route_lines(s, v):
-            lines.append(f"  {'':>11}    · {text}")
+        # sub-lines: a time (-v) in the stages' time column
+        for t_ns, text in _route_lines(s, v):
+            lines.append(f"  {'' if t_ns is None else _time_col(t_ns):>11}    · {text}")
         if v.verbose:
             for o in s.observations:
-                lines.append(f"  {'':>11}    ◦ {_observer_line(o)}")
+                lines.append(f"  {_time_col(o.t_ns)}    ◦ {_observer_line(o)}")
         for t in s.tables:
             lines.append(f"  {'':>11}    · {_table_line(t, paint)}")
             if t.nat and "dst" in t.nat:
@@ -385,7 +379,7 @@ class Printer:
         if self.as_json:
             return cast(str, format_json(p)) + "\n"
         # the time is the packet's own, never part of a template
-        stamp = self.clock(getattr(p, "wall_ts", None)) if self.clock is not None else ""
+        stamp = self.clock(p.wall_ts) if self.clock is not None else ""
         return stamp + cast(str, self._human(p)) + "\n\n"
 
     def write(self, text: str | bytes, flush: bool = True) -> None:
