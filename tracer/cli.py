@@ -249,7 +249,8 @@ def _open_write(path: str | None):
     if path == "-":
         return sys.stdout.buffer
     try:
-        return open_output(path, "-w").buffer
+        # the checked, opened file as bytes (detached: the text layer would close it when collected)
+        return open_output(path, "-w").detach()
     except InputError as e:
         raise UsageFailure(str(e)) from None
 

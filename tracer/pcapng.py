@@ -290,7 +290,10 @@ class Writer:
 
     def close(self) -> None:
         if self._rec is None:
+            # nothing was traced: still a file tcpdump reads (libpcap wants an
+            # interface after the section header, even with no packet on it)
             self._section(self._own_ctx)
+            self.out.write(interface("-", "no packet was traced (pkttrace)"))
         self.out.flush()
 
 
