@@ -308,10 +308,14 @@ def plain_text(p: Packet) -> str:
 TIME_ABSOLUTE, TIME_NONE, TIME_EPOCH, TIME_DELTA, TIME_DATE, TIME_SINCE_FIRST = range(6)
 
 
-def _hms(seconds: float) -> str:
-    sign = "-" if seconds < 0 else ""
-    us = round(abs(seconds) * 1e6)
-    s, us = divmod(us, 1_000_000)
+def _us(ns: int) -> int:
+    """Microseconds, rounded: as the pcap-ng file's timestamps (tracer.pcapng)."""
+    return (ns + 500) // 1000
+
+
+def _hms(us: int) -> str:
+    sign = "-" if us < 0 else ""
+    s, us = divmod(abs(us), 1_000_000)
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
     return f"{sign}{h:02d}:{m:02d}:{s:02d}.{us:06d}"
@@ -319,33 +323,34 @@ def _hms(seconds: float) -> str:
 
 class Clock:
     """The time written before a packet's block, from the wall-clock time of
-    its first stage (`Packet.wall_ts`).  A packet without one (older
-    recordings) gets none: its stages still carry their offsets."""
+    its first stage (`Packet.wall_ns`), in microseconds as tcpdump writes
+    them.  A packet without one (older recordings) gets none: its stages
+    still carry their offsets."""
 
     def __init__(self, mode: int = TIME_ABSOLUTE):
         self.mode = mode
-        self.first: float | None = None
-        self.prev: float | None = None
+        self.first: int | None = None
+        self.prev: int | None = None
         self._sec: tuple[int, str] | None = None     # the last whole second, formatted (one strftime per second)
 
-    def __call__(self, wall: float | None) -> str:
-        if self.mode == TIME_NONE or wall is None:
+    def __call__(self, wall_ns: int | None) -> str:
+        if self.mode == TIME_NONE or wall_ns is None:
             return ""
+        us = _us(wall_ns)
         if self.first is None:
-            self.first = wall
-        prev, self.prev = self.prev, wall
-        if self.mode == TIME_EPOCH:
-            return f"{wall:.6f} "
+            self.first = us
+        prev, self.prev = self.prev, us
         if self.mode == TIME_DELTA:
-            return _hms(0.0 if prev is None else wall - prev) + " "
+            return _hms(0 if prev is None else us - prev) + " "
         if self.mode == TIME_SINCE_FIRST:
-            return _hms(wall - self.first) + " "
-        us = round(wall * 1e6)
-        sec, us = divmod(us, 1_000_000)
+            return _hms(us - self.first) + " "
+        sec, frac = divmod(us, 1_000_000)
+        if self.mode == TIME_EPOCH:
+            return f"{sec}.{frac:06d} "
         if self._sec is None or self._sec[0] != sec:
             fmt = "%Y-%m-%d %H:%M:%S" if self.mode == TIME_DATE else "%H:%M:%S"
             self._sec = (sec, time.strftime(fmt, time.localtime(sec)))
-        return f"{self._sec[1]}.{us:06d} "
+        return f"{self._sec[1]}.{frac:06d} "
 
 
 def summary(c: Counters) -> str:
@@ -379,7 +384,7 @@ class Printer:
         if self.as_json:
             return cast(str, format_json(p)) + "\n"
         # the time is the packet's own, never part of a template
-        stamp = self.clock(p.wall_ts) if self.clock is not None else ""
+        stamp = self.clock(p.wall_ns) if self.clock is not None else ""
         return stamp + cast(str, self._human(p)) + "\n\n"
 
     def write(self, text: str | bytes, flush: bool = True) -> None:

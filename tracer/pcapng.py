@@ -279,7 +279,8 @@ class Writer:
         # name it after a device of the reader's
         sll = _SLL2.pack(_ETH_P.get(p.family, 0), 0, 0, ARPHRD_NONE,
                          PACKET_HOST if p.in_dev else PACKET_OUTGOING, 0, b"")
-        ts = (p.wall_ns + 500) // 1000 if p.wall_ns is not None else 0   # unknown (older recordings): the epoch
+        # microseconds, rounded as the human view's stamps (output.Clock); unknown (older recordings): the epoch
+        ts = (p.wall_ns + 500) // 1000 if p.wall_ns is not None else 0
         lines = self._record_lines(p, rec)
         comments = [self.describe(p)] + [TAG + lines[i:i + _CHUNK] for i in range(0, len(lines), _CHUNK)]
         self.out.write(packet_block(if_id, ts, sll + data, orig + len(sll), comments))

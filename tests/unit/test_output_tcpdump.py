@@ -194,7 +194,7 @@ def utc(monkeypatch):
     time.tzset()
 
 
-T0 = 1_764_675_000.250_000      # 2025-12-02 11:30:00.25 UTC
+T0 = 1_764_675_000_250_000_000      # ns: 2025-12-02 11:30:00.25 UTC
 
 
 @pytest.mark.parametrize("mode, stamps", [
@@ -207,18 +207,23 @@ T0 = 1_764_675_000.250_000      # 2025-12-02 11:30:00.25 UTC
 ])
 def test_clock_modes_as_tcpdump_t_switches(utc, mode, stamps):
     clock = output.Clock(mode)
-    assert [clock(t) for t in (T0, T0 + 0.0001, T0 + 1.25)] == stamps
+    assert [clock(t) for t in (T0, T0 + 100_000, T0 + 1_250_000_000)] == stamps
 
 
 def test_clock_without_wall_time_writes_nothing():
     assert output.Clock(output.TIME_ABSOLUTE)(None) == ""
 
 
+def test_clock_rounds_to_the_microsecond_as_the_pcapng_file_does(utc):
+    assert output.Clock(output.TIME_EPOCH)(1_764_675_000_000_000_500) == "1764675000.000001 "
+    assert output.Clock(output.TIME_EPOCH)(1_764_675_000_999_999_600) == "1764675001.000000 "
+
+
 def test_printer_writes_the_stamp_before_the_header(utc):
     buf = io.StringIO()
     pr = output.Printer(buf, as_json=False, clock=output.Clock())
     p = forwarded_icmp()
-    p.wall_ns = int(T0 * 1e9)
+    p.wall_ns = T0
     pr.packet(p)
     pr.packet(forwarded_icmp())               # no wall time (older recordings): no stamp, no crash
     blocks = buf.getvalue().split("\n\n")
