@@ -23,6 +23,8 @@ import pytest
 from tracer import netns
 from tracer.lab import NET_ID_RANGE, Lab
 
+from test_cli_process import pkttrace, wait_ready   # pkttrace as a process, and its 'tracing' line
+
 pytestmark = pytest.mark.root
 
 
@@ -45,22 +47,6 @@ def _tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed (scripts/setup.sh installs it)")
     return path
-
-
-def pkttrace(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tracer", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def wait_ready(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if "tracing" in line:
-            return
-        if not line and proc.poll() is not None:
-            break
-    pytest.fail(f"pkttrace never became ready: rc={proc.poll()} {proc.stderr.read()}")
 
 
 def tcp_exchange(lab: Lab, port: int) -> None:

@@ -19,13 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SGR = re.compile(r"\x1b\[[0-9;]*m")
 
 
-@pytest.fixture(autouse=True)
-def no_tracing(monkeypatch):
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
-
-    def no_trace(*args, **kwargs):
-        raise AssertionError("unit tests must not start tracing")
-    monkeypatch.setattr(cli, "run_trace", no_trace)
+# (autouse) a normal user; tracing and lab changes fail the test
+from test_cli import unprivileged  # noqa: E402,F401
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

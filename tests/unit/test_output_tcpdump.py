@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tracer import colour, output
-from tracer.model import Lookup, Observation, Packet, Route, Stage, TableStep
+from tracer.model import Lookup, Packet, Route, Stage, TableStep
 from tracer.paths import assemble
 
 from test_output import dropped_udp, forwarded_icmp   # the packets built by hand there
