@@ -178,6 +178,8 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, d
       pkttrace --netns ptlab-rtr --proto icmp -c 5
       pkttrace --dst 10.0.0.0/8 --port 53 --json
       pkttrace --record trace.jsonl       # replay later: pkttrace replay trace.jsonl
+      pkttrace -i rc -w trace.pcapng      # for Wireshark: paths as packet comments
+      pkttrace -r trace.pcapng -v -tttt   # read it back (no root)
       pkttrace doctor                     # what this kernel supports
       pkttrace lab up                     # a netns lab to try it on
     """
@@ -191,6 +193,10 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, d
         for name, given in (("--netns", netns_names), ("--duration", duration), ("--record", record_path)):
             if given:
                 raise UsageFailure(f"-r reads packets traced before: {name} means nothing with it")
+        if write_path not in (None, "-") and read_path != "-" and os.path.exists(write_path) and \
+                os.path.samefile(read_path, write_path):
+            # -w empties its file before -r has read it
+            raise UsageFailure(f"-r and -w name the same file ({read_path}): write to another one")
         pf = build_filter(mark, src, dst, proto, port, iface, None, live=False)
         read_packets(read_path, pf, count, show, write_path)
         return

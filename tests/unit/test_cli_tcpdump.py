@@ -109,6 +109,7 @@ def test_dash_i_any_and_dash_n_are_accepted(capsys):
     (["-r", "{pcap}"], "a pcap file (not pcap-ng) has no pkttrace paths"),
     (["-r", "{foreign}"], "no pkttrace paths in it (1 packet,"),
     (["-r", "{text}"], "neither a pcap-ng file written by pkttrace -w nor a recording"),
+    (["-r", "{text}", "-w", "{text}"], "-r and -w name the same file"),
 ])
 def test_bad_combinations_are_one_line_exit_2(capsys, tmp_path, args, fragment):
     from test_pcapng import _foreign_pcapng
@@ -121,6 +122,7 @@ def test_bad_combinations_are_one_line_exit_2(capsys, tmp_path, args, fragment):
     status, out, err = run(capsys, *args)
     assert status == 2 and out == ""
     assert fragment in one_line(err)
+    assert (tmp_path / "notes.txt").read_text() == "hello\n"       # nothing was overwritten
 
 
 def test_write_to_a_terminal_is_refused(capsys, monkeypatch):
