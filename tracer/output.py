@@ -6,8 +6,8 @@ from typing import Callable, TextIO, cast
 
 from .colour import BOLD, CYAN, GREEN, PLAIN, RED, YELLOW, Paint
 from .inputs import escape
+from .collector import Counters
 from .model import Packet, Stage, TableStep, _endpoint_addr, packet_json, tcp_flags_text
-from .session import Counters
 from .templates import Templates
 
 
