@@ -103,6 +103,12 @@ def test_live_pcapng_read_by_tcpdump_tshark_and_pkttrace(lab, tmp_path):
     live = blocks(out)
     # echo requests and replies (IPv4, IPv6), and the TCP connection's packets both ways
     assert len(live) == n >= 2 * 2 + 2 + 6
+    # the header lines say what tcpdump says of the same packets
+    heads = [b.splitlines()[0] for b in live]
+    assert any(f"{lab.addr['client4']}:" in h and " [S] length " in h for h in heads), heads
+    assert any(" [S.] length " in h for h in heads) and any(" [F.] length " in h for h in heads), heads
+    assert any(re.search(r" echo request, length 45 ", h) for h in heads), heads   # lab.ping: 17 bytes of data
+    assert any(" echo reply, length " in h and h.split()[1] == "ipv6" for h in heads), heads
     # tcpdump: one packet per traced packet
     r = subprocess.run([_tool("tcpdump"), "-n", "-r", str(pcap)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
