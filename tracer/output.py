@@ -298,8 +298,10 @@ def packet_renderer(colour: bool = False, verbose: int = 0) -> Callable[[Packet]
 
 def plain_text(p: Packet) -> str:
     """The human view without colour, whatever the terminal: what a pcap-ng
-    packet comment carries."""
-    return cast(str, format_packet(p))
+    packet comment carries.  Rendered directly, not through templates: the
+    packets -w writes carry their header bytes (snap), which differ from
+    packet to packet and make every one a template of its own."""
+    return _format_packet(p)
 
 
 # ---- wall-clock time before each block: tcpdump's -t switches ---------------

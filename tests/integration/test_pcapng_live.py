@@ -114,6 +114,8 @@ def test_live_pcapng_read_by_tcpdump_tshark_and_pkttrace(lab, tmp_path):
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == n
     assert re.search(r"Flags \[S\]", r.stdout) and "ICMP echo request" in r.stdout, r.stdout
+    # the packets' own header bytes (-w asks the kernel for them), not headers made up: TCP options, real ids
+    assert "options [mss " in r.stdout and re.search(r"ICMP echo request, id \d+, seq 0", r.stdout), r.stdout
     # tshark: the same count, each path as the packet's comment, the TCP flags the header line shows
     r = subprocess.run([_tool("tshark"), "-r", str(pcap), "-T", "json", "-e", "frame.comment", "-e", "tcp.flags",
                         "-e", "ip.src", "-e", "frame.interface_name"], capture_output=True, text=True, timeout=60)
