@@ -261,10 +261,34 @@ def _open_write(path: str | None):
         raise UsageFailure(str(e)) from None
 
 
-def _writer(out):
-    from .output import plain_text
-    from .pcapng import Writer
-    return Writer(out, plain_text) if out is not None else None
+class Sinks:
+    """Where each packet goes: the printer (unless -w without --print) and
+    the -w writer (with -w)."""
+
+    def __init__(self, show: Show, out):
+        from .output import plain_text
+        from .pcapng import Writer
+        self.printer = show.printer()
+        self.writer = Writer(out, plain_text) if out is not None else None
+
+    def packet(self, pkt) -> None:
+        if self.writer is not None:
+            self.writer.packet(pkt)
+        if self.printer is not None:
+            self.printer.batch(pkt)
+
+    def flush(self) -> None:
+        # after each batch: a reader of -w - (tshark -r -) sees packets as they come
+        if self.writer is not None:
+            self.writer.flush()
+        if self.printer is not None:
+            self.printer.flush()
+
+    def close(self) -> None:
+        """The last packets out, and the pcap-ng file ended."""
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def read_packets(path: str, pf: PacketFilter, count: int | None, show: Show, write_path: str | None) -> None:
@@ -289,20 +313,12 @@ def read_packets(path: str, pf: PacketFilter, count: int | None, show: Show, wri
             sources = [f]
         else:
             raise UsageFailure(f"-r: {path}: neither a pcap-ng file written by pkttrace -w nor a recording")
-        printer = show.printer()
         out = _open_write(write_path)
-        writer = _writer(out)
-
-        def emit(pkt) -> None:
-            if writer is not None:
-                writer.packet(pkt)
-            if printer is not None:
-                printer.packet(pkt, flush=False)
-
+        sinks = Sinks(show, out)
         left = count
         for source in sources:
             try:
-                done = replay_to(source, lambda p: p, emit, keep=pf.matches, count=left)
+                done = replay_to(source, lambda p: p, sinks.packet, keep=pf.matches, count=left)
             except RecordingError as e:
                 raise UsageFailure(f"-r: {path}: {e}") from None
             if done.cut.lines:
@@ -311,10 +327,7 @@ def read_packets(path: str, pf: PacketFilter, count: int | None, show: Show, wri
                 left -= done.shown
                 if left <= 0:
                     break
-        if writer is not None:
-            writer.close()
-        if printer is not None:
-            printer.flush()
+        sinks.close()
     except BrokenPipeError:
         # the reader went away (pkttrace -r x | head): done
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -361,21 +374,7 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)   # the terminal went away: clean up as for SIGTERM
     signal.signal(signal.SIGINT, _stop)
-    printer = show.printer()
-    writer = _writer(out)
-
-    def flush() -> None:
-        # after each batch: a reader of -w - (tshark -r -) sees packets as they come
-        if writer is not None:
-            writer.flush()
-        if printer is not None:
-            printer.flush()
-
-    def emit(pkt) -> None:
-        if writer is not None:
-            writer.packet(pkt)
-        if printer is not None:
-            printer.batch(pkt)
+    sinks = Sinks(show, out)
     where = ", ".join(n or "current netns" for n in opts.netns)
     if opts.all_netns:
         where = f"every netns ({len(opts.netns)} now, and new ones)"
@@ -386,9 +385,9 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
         say(f"note: {note}")
     limit_reached = False
     try:
-        for pkt in tracer.packets(count=count, duration=duration, after_batch=flush):
-            emit(pkt)
-        flush()
+        for pkt in tracer.packets(count=count, duration=duration, after_batch=sinks.flush):
+            sinks.packet(pkt)
+        sinks.flush()
         limit_reached = count is not None
     except KeyboardInterrupt:
         pass
@@ -402,22 +401,18 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
         rest = tracer.stop(budget=0.0 if limit_reached else 1.0)
         try:
             for pkt in rest:
-                emit(pkt)
-            flush()
+                sinks.packet(pkt)
+            sinks.close()
         except (BrokenPipeError, KeyboardInterrupt):
             pass
         c = tracer.counters()
         tracer.close()
         if record:
             record.close()
-        if writer is not None:
-            try:
-                writer.close()
-            except BrokenPipeError:
-                pass
-            if out is not sys.stdout.buffer:
-                out.close()
-        say(summary(c) + (f"; {writer.packets} written to {write_path}" if writer is not None else ""))
+        if out is not None and out is not sys.stdout.buffer:
+            out.close()
+        written = f"; {sinks.writer.packets} written to {write_path}" if sinks.writer is not None else ""
+        say(summary(c) + written)
 
 
 @main.command()
