@@ -232,3 +232,21 @@ def test_a_damaged_block_length_is_refused(demo_file):
     data[4:8] = struct.pack("<I", 13)                     # not a multiple of 4
     with pytest.raises(pcapng.PcapngError, match="a block of 13 bytes"):
         pcapng.recordings(io.BytesIO(bytes(data)))
+
+
+def test_names_longer_than_one_comment_are_split_and_joined_again(tmp_path):
+    # a host with thousands of devices: the first packet's names exceed a
+    # pcap-ng option (64 KiB) and go in several comments, read back as one
+    with open(DATA) as f:
+        pkts = list(replay(f))
+    ctx = pkts[0]._ctx
+    ctx.ifnames.update({(1, i): f"veth{i:05d}" for i in range(10_000)})
+    path = tmp_path / "many.pcapng"
+    write(pkts[:3], path)
+    [d, *_] = tshark_json(path, "frame.comment")
+    assert len(d["frame.comment"]) >= 4 and all(len(c.encode()) <= 0xFFFF for c in d["frame.comment"])
+    with open(path, "rb") as f:
+        [text] = pcapng.recordings(f)
+    back = list(replay(io.StringIO(text)))
+    assert [output.plain_text(p) for p in back] == [output.plain_text(p) for p in pkts[:3]]
+    assert back[0]._ctx.ifnames[(1, 9_999)] == "veth09999"
