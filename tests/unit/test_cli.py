@@ -134,8 +134,10 @@ def test_root_passes_parsed_options_to_the_tracer(capsys, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     seen = {}
 
-    def fake_run_trace(opts, count=None, duration=None, as_json=False, record_path=None):
-        seen.update(opts=opts, count=count, duration=duration, as_json=as_json, record_path=record_path)
+    def fake_run_trace(opts, count=None, duration=None, as_json=False, record_path=None, show=None,
+                       write_path=None):
+        seen.update(opts=opts, count=count, duration=duration, as_json=as_json, record_path=record_path, show=show,
+                    write_path=write_path)
     monkeypatch.setattr(cli, "run_trace", fake_run_trace)
 
     status = cli.run(["--mark", "0x10/0xf0", "--src", "10.1.2.3/8", "--dst", "2001:db8::1", "--proto", "udp",
@@ -149,6 +151,7 @@ def test_root_passes_parsed_options_to_the_tracer(capsys, monkeypatch):
     assert opts.netns == [None]
     assert (opts.tc, opts.age_after) == ("off", 2.0)
     assert (seen["count"], seen["duration"], seen["as_json"]) == (3, 1.5, True)
+    assert opts.snap is False and seen["write_path"] is None and seen["show"].printing
 
 
 # --- help -------------------------------------------------------------------
