@@ -545,6 +545,47 @@ def doctor():
         raise RuntimeFailure("this kernel cannot run pkttrace (see FAIL lines above)")
 
 
+@main.command("install-service")
+@click.option("--root", default="/", show_default=True, metavar="DIR",
+              help="Install below this directory (a chroot or image being built).")
+@click.option("--exec", "exe", metavar="PATH",
+              help="The pkttrace the unit runs (default: this one, e.g. /opt/pkttrace/bin/pkttrace).")
+@click.option("--no-dashboards", is_flag=True, help="Only the unit and its environment file.")
+@click.option("--no-reload", is_flag=True, help="Do not run `systemctl daemon-reload` afterwards.")
+def install_service(root, exe, no_dashboards, no_reload):
+    """Install the systemd unit, its environment file and the dashboards.
+
+    \b
+    Writes, from the files this pkttrace ships:
+      /etc/systemd/system/pkttrace.service   ExecStart = this pkttrace
+      /etc/default/pkttrace                  only if absent (yours to edit)
+      /usr/share/pkttrace/dashboards/        Grafana dashboards, provisioning
+    Safe to run again: what is already right is left alone.
+
+    \b
+    Examples:
+      pkttrace install-service && systemctl enable --now pkttrace
+      /opt/pkttrace/bin/pkttrace install-service    # ExecStart=/opt/pkttrace/bin/pkttrace serve
+      pkttrace install-service --root /srv/image --exec /usr/bin/pkttrace
+    """
+    from . import installer
+    try:
+        exe = installer.check(root, exe)      # what the user typed, before root is asked for
+        if root == "/" and os.geteuid() != 0:
+            raise UsageFailure("not root: installing a systemd unit writes /etc (or give --root DIR)")
+        report = installer.install(root, exe, dashboards=not no_dashboards)
+    except installer.InstallError as e:
+        raise UsageFailure(str(e)) from None
+    for line in report.lines():
+        click.echo(escape(line))
+    if root == "/" and not no_reload and report.written and os.path.isdir("/run/systemd/system"):
+        import subprocess
+        r = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeFailure(f"systemctl daemon-reload: {r.stderr.strip() or r.returncode}")
+        click.echo("systemctl daemon-reload: done")
+
+
 @main.command()
 @click.option("--netns", "netns_names", multiple=True, metavar="NAME", callback=dedupe,
               help="Clean this named network namespace (repeatable; default: the current one).")

@@ -72,6 +72,8 @@ def _table():
     add(["serve"], "--tc", ["bogus", ""])
     add(["serve"], "--netns", NOT_A_NETNS)
     add(["cleanup"], "--netns", NOT_A_NETNS)
+    add(["install-service"], "--root", ["", "/nonexistent/root", "{tmp}/file", "/proc/version"])
+    add(["install-service"], "--exec", ["", "pkttrace", "bin/pkttrace", "/opt/my tools/pkttrace", "/x\n/pkttrace"])
     add(["replay"], None, ["/dev/zero", "{tmp}", "{tmp}/fifo-no-writer-is-never-opened", "/nonexistent/rec", "",
                            "/proc/version", "{tmp}/file"])
     for sub in ("up", "down", "status", "demo"):
@@ -102,6 +104,8 @@ def uid(request, monkeypatch):
     monkeypatch.setattr(lab.Lab, "down", forbidden)
     monkeypatch.setattr(demo, "run", forbidden)
     monkeypatch.setattr(serve, "Exporter", forbidden)
+    from tracer import installer
+    monkeypatch.setattr(installer, "install", forbidden)
     return request.param
 
 
@@ -297,6 +301,8 @@ def test_netns_all_is_given_alone(argv, capsys, monkeypatch):
     monkeypatch.setattr(cli, "run_trace", forbidden)
     from tracer import serve
     monkeypatch.setattr(serve, "Exporter", forbidden)
+    from tracer import installer
+    monkeypatch.setattr(installer, "install", forbidden)
     assert cli.run(argv) == 2
     line = one_line(capsys.readouterr().err)
     assert "--netns all" in line or "--iface" in line

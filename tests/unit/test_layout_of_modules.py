@@ -15,7 +15,7 @@ LAYERS = [
     {"probes", "paths"},                                                          # attach; bytes -> packets
     {"observers", "tcobservers", "recording", "templates", "collector"},          # observers; record/replay; collect
     {"session"},                                                                  # the lifecycle of a trace
-    {"output", "exporter", "doctor", "api", "demo", "pcapng"},                    # sinks, library API
+    {"output", "exporter", "doctor", "api", "demo", "installer", "pcapng"},                    # sinks, library API
     {"serve"},                                                                    # the service
     {"cli"},                                                                      # the command line
     {"__main__", "__init__"},                                                     # python -m tracer; import tracer
