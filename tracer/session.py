@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from . import (backends, collector, events, libbpf, model, netns, observers, paths, placement, probes, routing,
-               sysinfo, tcobservers, watch)
+from . import (backends, collector, events, libbpf, model, names, netns, observers, paths, placement, probes,
+               routing, sysinfo, tcobservers, watch)
 from .collector import Counters
 from .events import PtConfig
 from .filters import PacketFilter
@@ -74,7 +74,9 @@ class Tracer:
                                  # bpf_ktime_get_ns() is CLOCK_MONOTONIC, as time.monotonic_ns()
                                  boot_wall_ns=time.time_ns() - time.monotonic_ns())
         # records -> packets, and the counts that account for every one
-        self.collect = collector.Collector(self.ctx, self.opts, relearn=self._relearn_ifnames)
+        self.names = names.Names(self.ctx)
+        self.collect = collector.Collector(self.ctx, self.opts,
+                                           relearn=lambda: self.names.relearn(self._ns_inodes.items()))
         self.started_ns = 0
         self.ready_s = 0.0
         self._last_age_scan = 0.0
@@ -151,7 +153,7 @@ class Tracer:
             self.plan = backends.plan(backends.probe(), self.opts.backend, self.opts.tc)
         except backends.BackendError as e:
             raise TraceError(str(e)) from None
-        self._read_vmlinux_btf()
+        self._gen_visible = self.names.read_kernel_btf()
         try:
             self._load()
             self._attach()
@@ -161,7 +163,8 @@ class Tracer:
         except BaseException:
             self.close()
             raise
-        self._learn_names()
+        for ns, ino in self._ns_inodes.items():
+            self.names.learn_netns(ns, ino)
         self._last_replace_check = time.monotonic()
         self.ready_s = time.monotonic() - t0
         self.started_ns = time.monotonic_ns()
@@ -358,7 +361,7 @@ class Tracer:
             now = netns.links(ns)
         except netns.NetnsError:
             return                           # the netns is going: check_netns says so
-        self._learn_ifnames(ns, ino, now)
+        self.names.learn_devices(ns, ino, now)
         if self.tc is not None:
             self.tc.follow(ns, now, deleted)
         self._set_iface(ns, now)
@@ -377,37 +380,6 @@ class Tracer:
         if index != self._iface_index:
             self._obj.map("iface_want").update(ctypes.c_uint32(0), ctypes.c_uint32(index))
             self._iface_index = index
-
-    def _learn_names(self) -> None:
-        for ns, ino in self._ns_inodes.items():
-            self.ctx.netns_names[ino] = ns or ""
-            self._learn_ifnames(ns, ino)
-
-    def _read_vmlinux_btf(self) -> None:
-        """What user space needs from the kernel's BTF: drop reason names,
-        and whether the BPF programs can read nftables' generation."""
-        try:
-            btf = libbpf.Btf.vmlinux()
-            try:
-                self.ctx.drop_reasons = btf.enum("skb_drop_reason")
-                try:
-                    # in struct net since 6.x (6.12 has it, 6.1 keeps it in
-                    # nf_tables' per-netns data, out of the programs' reach)
-                    self._gen_visible = "base_seq" in btf.struct_layout("netns_nftables")
-                except libbpf.BpfError:
-                    self._gen_visible = False
-            finally:
-                btf.close()
-        except libbpf.BpfError:
-            pass  # names fall back to numbers; the doctor reports missing BTF
-
-    def _learn_ifnames(self, ns: str | None, ino: int, devices: dict[int, str] | None = None) -> None:
-        self.ctx.shapes.clear()  # they hold device names
-        try:
-            for idx, name in (netns.links(ns) if devices is None else devices).items():
-                self.ctx.ifnames[(ino, idx)] = name
-        except netns.NetnsError:
-            pass
 
     # ---- namespaces that come and go ----
 
@@ -467,8 +439,7 @@ class Tracer:
         try:
             self._register(ino)
             self._attach_netns(ns, *observers.read_ruleset(ns))
-            self.ctx.netns_names[ino] = ns or ""
-            self._learn_ifnames(ns, ino)
+            self.names.learn_netns(ns, ino)
         except (probes.AttachError, netns.NetnsError, OSError) as e:
             self._drop_netns(ns)
             if ns is None or netns.current_inode(ns) == ino:   # not just gone again: a failure
@@ -587,10 +558,6 @@ class Tracer:
     def age_out(self, older_than: float | None = None) -> list[model.Packet]:
         """Report (and forget) records idle for age_after (or older_than) seconds."""
         return self.collect.age_out(older_than)
-
-    def _relearn_ifnames(self) -> None:
-        for ns, ino in self._ns_inodes.items():
-            self._learn_ifnames(ns, ino)
 
     @property
     def on_raw(self) -> Callable[[bytes, bool], None] | None:

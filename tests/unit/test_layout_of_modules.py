@@ -13,7 +13,7 @@ LAYERS = [
     {"events", "libbpf", "netns", "inputs", "model", "sysinfo", "sdnotify", "version", "colour"},   # facts, model
     {"layout", "filters", "backends", "placement", "routing", "watch", "lab"},   # what the kernel offers / has
     {"probes", "paths"},                                                          # attach; bytes -> packets
-    {"observers", "tcobservers", "recording", "templates", "collector"},          # observers; record/replay; collect
+    {"observers", "tcobservers", "recording", "templates", "collector", "names"},          # observers; record/replay; collect
     {"session"},                                                                  # the lifecycle of a trace
     {"output", "exporter", "doctor", "api", "demo", "installer", "pcapng"},                    # sinks, library API
     {"serve"},                                                                    # the service
