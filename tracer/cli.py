@@ -88,9 +88,17 @@ def _check_netns(names: tuple[str, ...]) -> list[str | None]:
     return out
 
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise UsageFailure("not root: pkttrace needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON)")
+def _require_root(**options: bool) -> None:
+    """The effective capabilities the command needs (caps.needed), not uid
+    0: `User=`/`DynamicUser=` with AmbientCapabilities= passes, root in a
+    container without CAP_BPF does not.  Missing ones: one line, exit 2."""
+    from . import caps
+    try:
+        lacking = caps.missing(caps.needed(**options), caps.effective())
+    except caps.CapsError as e:
+        raise UsageFailure(str(e)) from None
+    if lacking:
+        raise UsageFailure(caps.missing_message(lacking))
 
 
 def filter_options(fn):
@@ -204,7 +212,7 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, d
     if iface is not None and (len(ns_list) > 1 or all_netns):
         raise UsageFailure("--iface names a device of one namespace: give a single --netns with it")
     pf = build_filter(mark, src, dst, proto, port, iface, ns_list[0])
-    _require_root()
+    _require_root(named_netns=any(ns_list), all_netns=all_netns)
     from .session import TraceOptions
     opts = TraceOptions(netns=ns_list, filter=pf, tc=tc_mode, age_after=age_after, backend=backend,
                         all_netns=all_netns, snap=write_path is not None)
@@ -446,7 +454,7 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
     from .serve import Exporter, ServeError, ServeOptions
     addr = _listen(listen)
     ns_list, all_netns = _netns_choice(netns_names)
-    _require_root()
+    _require_root(named_netns=any(ns_list), all_netns=all_netns, bpf_stats=bpf_stats)
     srv = Exporter(ServeOptions(listen=addr, netns=ns_list, age_after=age_after, tc=tc_mode, max_paths=max_paths,
                                 bpf_stats=bpf_stats, all_netns=all_netns))
     try:

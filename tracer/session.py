@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from . import (backends, collector, events, libbpf, model, names, netns, observers, paths, placement, probes,
+from . import (backends, caps, collector, events, libbpf, model, names, netns, observers, paths, placement, probes,
                routing, sysinfo, tcobservers, watch)
 from .collector import Counters
 from .events import PtConfig
@@ -130,8 +130,15 @@ class Tracer:
 
     def start(self) -> "Tracer":
         t0 = time.monotonic()
-        if os.geteuid() != 0:
-            raise TraceError("pkttrace needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")
+        # the effective capabilities, not uid 0: a service runs as a
+        # DynamicUser= with exactly these (tracer/caps.py says why each)
+        try:
+            lacking = caps.missing(caps.needed(named_netns=any(self.opts.netns), all_netns=self.opts.all_netns),
+                                   caps.effective())
+        except caps.CapsError as e:
+            raise TraceError(str(e)) from None
+        if lacking:
+            raise TraceError(caps.missing_message(lacking))
         if self.opts.all_netns:
             self.opts.netns = list(dict.fromkeys(netns.everything().values()))
         seen: set[int] = set()
