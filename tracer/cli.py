@@ -440,7 +440,10 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
 @click.option("--bpf-stats/--no-bpf-stats", default=False, show_default=True, envvar="PKTTRACE_BPF_STATS",
               help="Export each BPF program's run time (kernel BPF stats: ~25 ns more on every run of every "
                    "BPF program of the host while pkttrace serves).")
-def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
+@click.option("--web.config.file", "web_config_file", envvar="PKTTRACE_WEB_CONFIG_FILE",
+              metavar="FILE", help="TLS and basic auth for /metrics: a Prometheus exporter web-config file "
+                                   "(tls_server_config, basic_auth_users with bcrypt hashes).")
+def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats, web_config_file):
     """Export per-hook, per-table, per-path counters to Prometheus.
 
     The kernel counts every packet by path; nothing is sent per packet.
@@ -452,11 +455,16 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
       pkttrace serve --listen 127.0.0.1:9632 --netns ptlab-rtr
     """
     from .serve import Exporter, ServeError, ServeOptions
+    from .webconfig import WebConfigError, load
     addr = _listen(listen)
     ns_list, all_netns = _netns_choice(netns_names)
+    try:
+        web = load(web_config_file) if web_config_file is not None else None
+    except WebConfigError as e:
+        raise UsageFailure(str(e)) from None
     _require_root(named_netns=any(ns_list), all_netns=all_netns, bpf_stats=bpf_stats)
     srv = Exporter(ServeOptions(listen=addr, netns=ns_list, age_after=age_after, tc=tc_mode, max_paths=max_paths,
-                                bpf_stats=bpf_stats, all_netns=all_netns))
+                                bpf_stats=bpf_stats, all_netns=all_netns, web=web))
     try:
         srv.start()
     except ServeError as e:
@@ -465,7 +473,8 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
     signal.signal(signal.SIGHUP, lambda *_: srv.stop())
     signal.signal(signal.SIGINT, lambda *_: srv.stop())
     where = "every netns" if all_netns else ", ".join(n or "current netns" for n in ns_list)
-    say(f"serving metrics of {where} on http://{listen}/metrics (ready in {srv.tracer.ready_s * 1000:.0f} ms)")
+    scheme = "https" if web and web.ssl_context else "http"
+    say(f"serving metrics of {where} on {scheme}://{listen}/metrics (ready in {srv.tracer.ready_s * 1000:.0f} ms)")
     try:
         srv.run()
     finally:

@@ -21,6 +21,9 @@ from tracer.filters import Mark, PacketFilter
 def unprivileged(monkeypatch):
     """Fake a normal user, and make tracing or lab changes a test failure."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    # the door checks capabilities (tracer/caps.py): the faked uid 0 has them all, others none
+    from tracer import caps
+    monkeypatch.setattr(caps, "effective", lambda: (1 << 64) - 1 if os.geteuid() == 0 else 0)
 
     def no_trace(*args, **kwargs):
         raise AssertionError("unit tests must not start tracing")

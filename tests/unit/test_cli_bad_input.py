@@ -71,6 +71,9 @@ def _table():
     add(["serve"], "--max-paths", NOT_MAX_PATHS)
     add(["serve"], "--tc", ["bogus", ""])
     add(["serve"], "--netns", NOT_A_NETNS)
+    # not a readable regular file, or not a web-config mapping ({tmp}/file: one line of text)
+    add(["serve"], "--web.config.file", ["/proc/version", "{tmp}", "{tmp}/fifo", "/dev/null", "{tmp}/dangling",
+                                         "{tmp}/missing.yml", "{tmp}/file", ""])
     add(["cleanup"], "--netns", NOT_A_NETNS)
     add(["install-service"], "--root", ["", "/nonexistent/root", "{tmp}/file", "/proc/version"])
     add(["install-service"], "--exec", ["", "pkttrace", "bin/pkttrace", "/opt/my tools/pkttrace", "/x\n/pkttrace"])
@@ -94,6 +97,9 @@ def _id(row) -> str:
 def uid(request, monkeypatch):
     """Fake the effective uid; make tracing, lab changes and serving a test failure."""
     monkeypatch.setattr(os, "geteuid", lambda: request.param)
+    # the door checks capabilities, not the uid: the user has none
+    from tracer import caps
+    monkeypatch.setattr(caps, "effective", lambda: (1 << 64) - 1 if request.param == 0 else 0)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("bad input went past the door")
@@ -135,7 +141,7 @@ def test_bad_value_is_one_line_exit_2(capsys, uid, tmp, row):
     assert "Traceback" not in out + err
     assert status == 2, (status, err)
     line = one_line(err)
-    assert "not root" not in line          # checked before root is asked for
+    assert "not root" not in line and "missing capabilit" not in line   # checked before root is asked for
     assert out == ""
 
 
