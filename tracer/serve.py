@@ -450,7 +450,7 @@ class Exporter:
         self._stop = threading.Event()
 
     def start(self) -> "Exporter":
-        from prometheus_client import CollectorRegistry, make_wsgi_app
+        from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
         try:
             self.tracer.start()     # every probe attached, or an error: never half-working
         except TraceError as e:
@@ -458,6 +458,9 @@ class Exporter:
         self.collector = Collector(self.tracer, self.lock, bpf_stats=self.opts.bpf_stats)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(self.collector)
+        # process_* (CPU, memory, fds, start time) of this process: a private
+        # registry has none of the default registry's collectors
+        ProcessCollector(registry=registry)
         host, port = self.opts.listen
         try:
             # the app prometheus-client's own server runs (0.16 and later):
