@@ -71,6 +71,21 @@ class Container:
             # the checkout and this venv's pure-Python dependencies, read-only
             f.write("#!/bin/sh\nPYTHONPATH=/opt/pkttrace/src:/opt/pkttrace/site exec /usr/bin/python3 -m tracer \"$@\"\n")
         os.chmod(wrapper, 0o755)
+        # root-only TLS material and a web-config file, as an operator keeps
+        # them in /etc/pkttrace: the dynamic user reads them only through
+        # LoadCredential= (test_tls_and_basic_auth_through_credentials)
+        etc = os.path.join(self.dir, "etc-pkttrace")
+        os.mkdir(etc, 0o700)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", f"{etc}/tls.key",
+                        "-out", f"{etc}/tls.crt"], check=True, capture_output=True, timeout=60)
+        import bcrypt
+        hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=8)).decode()
+        with open(f"{etc}/web.yml", "w") as f:
+            f.write(f"tls_server_config:\n  cert_file: tls.crt\n  key_file: tls.key\n"
+                    f"basic_auth_users:\n  prom: '{hashed}'\n")
+        for name in os.listdir(etc):
+            os.chmod(os.path.join(etc, name), 0o600)
         env_file = os.path.join(self.dir, "pkttrace.env")
         with open(env_file, "w") as f:
             f.write(f"PKTTRACE_LISTEN=127.0.0.1:{self.port}\nPKTTRACE_BPF_STATS=1\n")
@@ -83,6 +98,7 @@ class Container:
                f"--bind-ro={UNIT}:/etc/systemd/system/pkttrace.service",
                f"--bind-ro={env_file}:/etc/default/pkttrace",
                f"--bind-ro={wrapper}:/usr/local/bin/pkttrace",
+               f"--bind-ro={etc}:/etc/pkttrace",
                "-b", "systemd.wants=pkttrace.service"]
         self.log = open(os.path.join(self.dir, "console.log"), "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
@@ -214,3 +230,35 @@ def test_a_configuration_error_is_not_restarted(container):
     finally:
         ct.run("rm", "-rf", dropin)
         ct.run("systemctl", "daemon-reload")
+
+
+def test_tls_and_basic_auth_through_credentials(container):
+    """The README's drop-in: root-only files handed to the dynamic user with
+    LoadCredential=, the web-config's relative paths resolved in
+    $CREDENTIALS_DIRECTORY."""
+    ct = container
+    dropin = "/run/systemd/system/pkttrace.service.d"
+    ct.run("mkdir", "-p", dropin)
+    ct.run("sh", "-c", f"printf '%s\\n' '[Service]' 'LoadCredential=web.yml:/etc/pkttrace/web.yml' "
+                       f"'LoadCredential=tls.crt:/etc/pkttrace/tls.crt' 'LoadCredential=tls.key:/etc/pkttrace/tls.key' "
+                       f"'Environment=PKTTRACE_WEB_CONFIG_FILE=%d/web.yml' > {dropin}/tls.conf")
+    try:
+        ct.run("systemctl", "daemon-reload")
+        ct.run("systemctl", "restart", "pkttrace.service")
+        st = ct.show("ActiveState")
+        assert st["ActiveState"] == "active", ct.journal()
+        code = ("import base64, ssl, sys, urllib.request as u, urllib.error as e\n"
+                "ctx = ssl.create_default_context(cafile='/etc/pkttrace/tls.crt')\n"
+                "o = u.build_opener(u.ProxyHandler({}), u.HTTPSHandler(context=ctx))\n"
+                "for auth in ('prom:pw', 'prom:wrong', None):\n"
+                "    h = {'Authorization': 'Basic ' + base64.b64encode(auth.encode()).decode()} if auth else {}\n"
+                f"    r = u.Request('https://127.0.0.1:{ct.port}/metrics', headers=h)\n"
+                "    try:\n"
+                "        print(o.open(r, timeout=10).status)\n"
+                "    except e.HTTPError as x:\n"
+                "        print(x.code)\n")
+        assert ct.run("/usr/bin/python3", "-c", code).split() == ["200", "401", "401"]
+    finally:
+        ct.run("rm", "-rf", dropin)
+        ct.run("systemctl", "daemon-reload")
+        ct.run("systemctl", "restart", "pkttrace.service", check=False)
