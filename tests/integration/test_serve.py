@@ -251,7 +251,8 @@ def test_scraping_loses_nothing(served, lab):
     labels = dict(netns=lab.router, family="ipv4", reason="NETFILTER_DROP", stage="forward", table="filter")
     assert value(after, "pkttrace_drops_total", **labels) - value(before, "pkttrace_drops_total", **labels) == k
     assert value(after, "pkttrace_events_lost_total") == 0
-    assert value(after, "pkttrace_map_overflow_total") == 0
+    assert value(after, "pkttrace_map_overflow_total") == 0, [ln for ln in after.splitlines()
+                                                             if ln.startswith("pkttrace_map_overflow_total")]
 
 
 def test_sigterm_stops_cleanly_and_detaches(served):
