@@ -267,6 +267,15 @@ struct {
 	__type(value, struct pt_record);
 } path_examples SEC(".maps");
 
+/* Count mode: drops by netns, reason and family, kept apart from the paths
+ * (a few keys per namespace: sized by user space to far more than that). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct pt_drop_key);
+	__type(value, __u64);
+} drop_totals SEC(".maps");
+
 /* Per CPU: the last packet judged at first sight not to match (no record). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -904,6 +913,25 @@ static __always_inline __u32 path_signature(const struct pt_record *r, __u32 n)
 	return h;
 }
 
+/* Count mode: one more drop of this reason in this netns. */
+static __always_inline void count_drop(const struct pt_record *r)
+{
+	struct pt_drop_key k = { .netns = r->netns, .reason = r->drop_reason, .family = r->family };
+	__u64 one = 1, *c = bpf_map_lookup_elem(&drop_totals, &k);
+
+	if (c) {
+		*c += 1;
+		return;
+	}
+	if (bpf_map_update_elem(&drop_totals, &k, &one, BPF_NOEXIST)) {
+		c = bpf_map_lookup_elem(&drop_totals, &k);   /* another CPU added it */
+		if (c)
+			*c += 1;
+		else
+			stat_inc(PT_STAT_DROP_OVERFLOW);
+	}
+}
+
 /* Count mode: one more packet on this path. */
 static __always_inline void count_path(const struct pt_record *r)
 {
@@ -986,6 +1014,8 @@ __noinline int pt_emit(struct pt_record *r)
 		stat_inc(PT_STAT_FILTERED);
 	} else if (cfg.count) {
 		r->path_sig = path_signature(r, n);
+		if (r->fate == PT_FATE_DROPPED)
+			count_drop(r);
 		count_path(r);
 	} else if (cfg.emit) {
 		/* Wake the reader only once a batch waits: a wakeup per record

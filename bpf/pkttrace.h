@@ -145,7 +145,8 @@ enum pt_stat {
 	PT_STAT_PATH_OVERFLOW = 9, /* count mode: path_counts full, packet not counted by path */
 	PT_STAT_HANDOFF_LOST = 10, /* continuation in the next netns reserved, never claimed */
 	PT_STAT_PARKED = 11,       /* records moved from a CPU's slots to the shared table */
-	PT_STAT__MAX = 12,
+	PT_STAT_DROP_OVERFLOW = 12,/* count mode: drop_totals full, a drop not in drops_total */
+	PT_STAT__MAX = 13,
 };
 
 struct pt_config {
@@ -399,6 +400,15 @@ struct pt_path_key {
 	__u8 family;
 	__u8 proto;
 	__u8 _pad;
+};
+
+/* Count mode: drops per netns, reason and family (map drop_totals), apart
+ * from the paths: a drop is in drops_total even when path_counts is full. */
+struct pt_drop_key {
+	__u32 netns;
+	__u32 reason;
+	__u8 family;
+	__u8 _pad[3];
 };
 
 #endif /* PKTTRACE_H */

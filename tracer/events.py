@@ -124,9 +124,10 @@ class Stat(enum.IntEnum):
     PATH_OVERFLOW = 9
     HANDOFF_LOST = 10
     PARKED = 11
+    DROP_OVERFLOW = 12
 
 
-PT_STAT_MAX = 12
+PT_STAT_MAX = 13
 
 
 class PtConfig(ctypes.Structure):
@@ -315,6 +316,15 @@ class PtTcLast(ctypes.Structure):
 RECORD_HEADER_SIZE = PtRecord.stages.offset
 STAGE_SIZE = ctypes.sizeof(PtStage)
 
+class PtDropKey(ctypes.Structure):
+    _fields_ = [
+        ("netns", u32),
+        ("reason", u32),
+        ("family", u8),
+        ("_pad", u8 * 3),
+    ]
+
+
 class PtPathKey(ctypes.Structure):
     _fields_ = [
         ("netns", u32),
@@ -337,6 +347,7 @@ MIRRORS = {
     "pt_route_buf": PtRouteBuf,
     "pt_pending": PtPending,
     "pt_path_key": PtPathKey,
+    "pt_drop_key": PtDropKey,
     "pt_active": PtActive,
     "pt_slots": PtSlots,
     "pt_nat_slots": PtNatSlots,

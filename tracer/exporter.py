@@ -26,8 +26,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import events, libbpf, model, paths, placement, probes
 from .version import __version__
-from .events import PtPathKey, PtRecord
-from .session import Tracer
+from .events import PtDropKey, PtPathKey, PtRecord
+from .session import DROP_TOTALS, Tracer
 
 
 
@@ -134,12 +134,54 @@ class PathCounts:
         return out
 
 
+class DropTotals:
+    """Drops per (netns, family, reason) as the kernel counts them apart from
+    the paths (map drop_totals): what path_counts could not hold is still
+    in drops_total, as the (overflow) stage and table."""
+
+    OVERFLOW = "(overflow)"
+
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
+        self.entries = 0
+        self._shortfall: dict[tuple, int] = {}   # largest seen: a counter never goes down
+
+    def read(self) -> dict[tuple[str, str, str], int]:
+        """(netns name, family, reason name) -> drops."""
+        ctx = self.tracer.ctx
+        out: dict[tuple[str, str, str], int] = {}
+        self.entries = 0
+        m = self.tracer._obj.map("drop_totals")
+        for key in m.keys(PtDropKey):
+            self.entries += 1
+            ns = ctx.netns_names.get(key.netns)
+            n = m.percpu_u64_sum(key)
+            if ns is None or n is None:
+                continue               # a netns no longer traced (its keys are being deleted)
+            k = (ns, f"ipv{key.family}", ctx.drop_reason(key.reason))
+            out[k] = out.get(k, 0) + n
+        return out
+
+    def shortfall(self, by_path: Counter) -> dict[tuple, int]:
+        """Drops not on any counted path, per (netns, family, reason):
+        drops_total's (overflow) series."""
+        per_reason: Counter = Counter()
+        for (ns, fam, reason, _stage, _table), n in by_path.items():
+            per_reason[(ns, fam, reason)] += n
+        for k, total in self.read().items():
+            missing = total - per_reason.get(k, 0)
+            if missing > self._shortfall.get(k, 0):
+                self._shortfall[k] = missing
+        return dict(self._shortfall)
+
+
 class Collector:
     """prometheus-client custom collector over a running count-mode Tracer."""
 
     def __init__(self, tracer: Tracer, lock: threading.Lock | None = None, bpf_stats: bool = False):
         self.tracer = tracer
         self.paths = PathCounts(tracer)
+        self.drops = DropTotals(tracer)
         self.lock = lock or threading.Lock()
         self.kernel = platform.release()
         self._last_scrape = 0.0
@@ -220,6 +262,9 @@ class Collector:
                 sums["ifaces"][(pl.netns,) + lab] += n
             if pl.drop:
                 sums["drops"][base + pl.drop] += n
+        for k, n in self.drops.shortfall(sums["drops"]).items():
+            if n:
+                sums["drops"][k + (DropTotals.OVERFLOW, DropTotals.OVERFLOW)] += n
         for name, counter in sums.items():
             for labels, v in counter.items():
                 f[name].add_metric(list(labels), v)
@@ -233,6 +278,7 @@ class Collector:
         f["inflight"].add_metric([], inflight)
         maps = {"inflight": (inflight, t.opts.max_inflight, c.create_failed),
                 "path_counts": (self.paths.entries, t.opts.max_paths, c.path_overflow),
+                "drop_totals": (self.drops.entries, DROP_TOTALS, c.drop_overflow),
                 "route_buf": (None, events.PT_MAX_ROUTE, c.route_dropped)}
         for name, (entries, cap, over) in maps.items():
             if entries is not None:

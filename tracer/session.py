@@ -23,6 +23,12 @@ from .events import PtConfig
 from .filters import PacketFilter
 
 
+# count mode: (netns, drop reason, family) keys of map drop_totals.  A netns
+# sees a handful of reasons; this is room for every reason of the kernel's
+# enum (~120 in 6.18) in both families of 64 namespaces at once.
+DROP_TOTALS = 16384
+
+
 class TraceError(Exception):
     """Tracing cannot start or continue; the message says why."""
 
@@ -197,6 +203,7 @@ class Tracer:
         obj.map("events").set_max_entries(self.opts.ringbuf_bytes if self.opts.emit else 4096)
         for name in ("path_counts", "path_examples"):
             obj.map(name).set_max_entries(self.opts.max_paths if self.opts.count else 1)
+        obj.map("drop_totals").set_max_entries(DROP_TOTALS if self.opts.count else 1)
         ptr, size = obj.map(".rodata").initial_value()
         if size < ctypes.sizeof(PtConfig):
             raise TraceError("BPF object and pkttrace disagree on the config layout: rebuild it")
@@ -513,6 +520,9 @@ class Tracer:
         for key in [k for k in counts.keys(events.PtPathKey) if k.netns == ino]:
             counts.delete(key)
             examples.delete(key)
+        drops = self.obj.map("drop_totals")
+        for dk in [k for k in drops.keys(events.PtDropKey) if k.netns == ino]:
+            drops.delete(dk)
 
     def _forget_netns(self, ns: str) -> None:
         """Drop the observers of a netns that went away; keep the rest."""
