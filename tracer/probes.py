@@ -399,6 +399,10 @@ def attach_classic_tc(prog_fd: int, ifindex: int, ifname: str, ingress: bool,
 
 # ---- what killed sessions left ----
 
+class UnknownHolders(AttachError):
+    """Some process's fds cannot be read: which programs are held is unknown."""
+
+
 def held_prog_ids() -> set[int]:
     """Ids of the BPF programs some process holds an fd of, or of a link to
     (fdinfo of bpf-prog and bpf_link fds).  Only /proc/<pid>: a task that
@@ -410,6 +414,12 @@ def held_prog_ids() -> set[int]:
         fd_dir = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
+        except PermissionError:
+            # another user's process (pkttrace as a dynamic user without
+            # CAP_SYS_PTRACE): what it holds is unknown, so no filter may be
+            # judged dead
+            raise UnknownHolders(f"cannot read {fd_dir} (another user's process; needs root or "
+                                 "CAP_SYS_PTRACE): cannot tell which pkttrace filters are still in use") from None
         except OSError:
             continue   # gone, or a kernel thread
         for fd in fds:

@@ -60,9 +60,14 @@ class TcObservers:
         if not per_dev:
             # what killed pkttrace sessions left here, and only that (not another
             # tool's filters, not a running session's)
-            done = probes.clean_dead_sessions(ns)
-            if done.removed:
-                self.notice(done.summary())
+            try:
+                done = probes.clean_dead_sessions(ns)
+            except probes.UnknownHolders as e:
+                # never remove a filter that may be a live session's
+                self.notice(f"classic tc: left any killed session's filters alone: {e}")
+            else:
+                if done.removed:
+                    self.notice(done.summary())
         for prog_fd, ifindex, ifname, ingress in points:
             per_dev.setdefault(ifindex, []).append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns))
 

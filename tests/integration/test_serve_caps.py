@@ -111,3 +111,26 @@ def test_netns_all_needs_sys_ptrace(python):
     r = subprocess.run(as_nobody(ALL) + [exe, "-m", "tracer", "serve", "--netns", "all"], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == f"pkttrace: {caps.missing_message(['CAP_SYS_PTRACE'])}"
+
+
+def test_cleanup_as_another_uid_removes_nothing_it_cannot_judge(python, lab):
+    """Which pkttrace filters are dead is told by the fds processes hold; a
+    uid that cannot read other users' fds must not guess (it would remove a
+    live session's filters): it says why in one line, exit 1."""
+    from tracer.session import TraceOptions, Tracer
+    exe, env = python
+    live = Tracer(TraceOptions(netns=[lab.router], tc="classic")).start()    # root's live classic session
+    try:
+        before = subprocess.run(["ip", "netns", "exec", lab.router, "tc", "filter", "show", "dev", "rc", "ingress"],
+                                capture_output=True, text=True, check=True).stdout
+        assert "pkttrace" in before
+        r = subprocess.run(as_nobody(ALL) + [exe, "-m", "tracer", "cleanup", "--netns", lab.router], env=env,
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+        assert "cannot tell which pkttrace filters are still in use" in lines[0]
+        after = subprocess.run(["ip", "netns", "exec", lab.router, "tc", "filter", "show", "dev", "rc", "ingress"],
+                               capture_output=True, text=True, check=True).stdout
+        assert after == before
+    finally:
+        live.close()
