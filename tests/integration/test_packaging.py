@@ -150,17 +150,22 @@ py=$(dirname "$(readlink -f "$(command -v pkttrace)")")/python
 echo "RESULT bin=$(readlink -f "$(command -v pkttrace)")"
 echo "RESULT object=$("$py" -c 'from tracer.libbpf import object_path; print(object_path())')"
 case "$help" in *--version*) echo "RESULT version=$(pkttrace --version)";; esac
+if [ -e /etc/bash_completion.d/pkttrace ]; then
+  echo "RESULT completion=$(head -n 1 /etc/bash_completion.d/pkttrace)"
+  echo "RESULT man=$(sed -n 2p /usr/local/share/man/man1/pkttrace.1)"
+fi
 """
 
 
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.parametrize("block,prefix", [("install-venv", "/opt/pkttrace/"), ("install-pipx", "/opt/pipx/")])
-def test_the_readme_install_block_works_on_a_fresh_debian_12(dist, tmp_path, block, prefix):
+@pytest.mark.parametrize("blocks,prefix", [(("install-venv", "install-extras"), "/opt/pkttrace/"),
+                                           (("install-pipx",), "/opt/pipx/")])
+def test_the_readme_install_block_works_on_a_fresh_debian_12(dist, tmp_path, blocks, prefix):
     """scripts/bookworm-chroot.sh: a fresh copy of a cached debootstrap (minbase,
-    python3, python3-venv), the wheel in /root, the block run there as is."""
+    python3, python3-venv), the wheel in /root, the blocks run there as is."""
     script = tmp_path / "run.sh"
-    script.write_text(readme_block(block) + AFTER)
+    script.write_text("".join(map(readme_block, blocks)) + AFTER)
     t0 = time.monotonic()
     r = subprocess.run(["bash", os.path.join(REPO, "scripts", "bookworm-chroot.sh"), str(script),
                         str(wheel(dist, MACHINE))], capture_output=True, text=True, timeout=1800)
@@ -172,4 +177,6 @@ def test_the_readme_install_block_works_on_a_fresh_debian_12(dist, tmp_path, blo
     assert result["object"].endswith("/tracer/data/pkttrace.bpf.o")
     if "version" in result:
         assert VERSION in result["version"]
-    print(f"{block}: {time.monotonic() - t0:.0f} s in the chroot")
+    if "install-extras" in blocks:      # what bash and man read
+        assert result["completion"].startswith("_pkttrace_completion()") and result["man"] == ".SH NAME"
+    print(f"{' + '.join(blocks)}: {time.monotonic() - t0:.0f} s in the chroot")

@@ -83,3 +83,67 @@ def test_the_object_is_built_for_the_asked_architecture_into_its_own_file():
 def test_an_architecture_without_a_build_is_refused_by_make():
     r = make_n("ARCH=mips")
     assert r.returncode != 0 and "ARCH=mips: pkttrace's BPF object is built for x86 or arm64" in r.stderr
+
+
+def _visible_commands(cmd, ctx, path="pkttrace"):
+    """(path, command, ctx) for every visible command, from click's tree itself."""
+    import click
+    yield path, cmd, ctx
+    if isinstance(cmd, click.Group):
+        for name in cmd.list_commands(ctx):
+            sub = cmd.get_command(ctx, name)
+            if sub is not None and not sub.hidden:
+                yield from _visible_commands(sub, click.Context(sub, info_name=name, parent=ctx), f"{path} {name}")
+
+
+def test_the_man_page_renders_cleanly_and_has_every_command_and_option(tmp_path):
+    import click
+
+    from tracer import cli, manpage
+    page = tmp_path / "pkttrace.1"
+    page.write_text(manpage.render())
+    # -ww: every warning; -z: no output, only the check
+    r = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    text = subprocess.run(["groff", "-man", "-Tascii", "-P-cbou", "-rHY=0", str(page)], capture_output=True,
+                          text=True, timeout=60, check=True).stdout
+    assert "PKTTRACE(1)" in text and "EXIT STATUS" in text
+    commands = list(_visible_commands(cli.main, click.Context(cli.main, info_name="pkttrace")))
+    assert len(commands) > 5
+    for path, cmd, ctx in commands:
+        assert path in text, path
+        for p in cmd.get_params(ctx):
+            if isinstance(p, click.Option) and not p.hidden:
+                assert all(o in text for o in p.opts), (path, p.opts)
+
+
+def test_man_renders_it(tmp_path):
+    import shutil
+
+    from tracer import manpage
+    if not shutil.which("man"):
+        pytest.skip("man (man-db) not installed; groff rendered it above")
+    page = tmp_path / "pkttrace.1"
+    page.write_text(manpage.render())
+    r = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "MANPAGER": "cat", "MANWIDTH": "100"})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "pkttrace doctor" in r.stdout and "--netns" in r.stdout.replace("‐", "-")
+
+
+def test_bash_completion_script_completes_commands(tmp_path):
+    # what the README says: _PKTTRACE_COMPLETE=bash_source pkttrace > /etc/bash_completion.d/pkttrace;
+    # then bash itself, with that script, completes `pkttrace lab d`
+    import sys
+    exe = tmp_path / "pkttrace"
+    exe.write_text(f'#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m tracer "$@"\n')
+    exe.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    src = subprocess.run(["pkttrace"], env={**env, "_PKTTRACE_COMPLETE": "bash_source"}, capture_output=True,
+                         text=True, timeout=60)
+    assert src.returncode == 0 and "complete -o nosort -F _pkttrace_completion pkttrace" in src.stdout, src.stderr
+    (tmp_path / "completion.bash").write_text(src.stdout)
+    r = subprocess.run(["bash", "-c", f'source {tmp_path}/completion.bash; COMP_WORDS=(pkttrace lab d); COMP_CWORD=2; '
+                        '_pkttrace_completion pkttrace; printf "%s\\n" "${COMPREPLY[@]}"'],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["demo", "down"], r.stdout + r.stderr
