@@ -14,9 +14,18 @@ PY=${PYTHON:-.venv/bin/python}     # needs the `build` package (the test extra)
 mkdir -p "$out"
 version=$("$PY" -c 'import re; print(re.search(r"__version__ = \"(.+)\"", open("tracer/version.py").read())[1])')
 rm -f "$out/pkttrace-$version.tar.gz" "$out/pkttrace-$version"-*.whl
-log=$(mktemp) && trap 'rm -f "$log"' EXIT
+log=$(mktemp) src=$(mktemp -d) && trap 'rm -rf "$log" "$src"' EXIT
 quiet() { "$@" >"$log" 2>&1 || { cat "$log" >&2; echo "build-wheels.sh: failed: $*" >&2; exit 1; }; }
-quiet "$PY" -m build --sdist -o "$out" .
+# The sdist from the files git tracks (as they are in the work tree), not
+# from the checkout: setuptools adds whatever a stale pkttrace.egg-info/
+# SOURCES.txt lists, which would hide a file MANIFEST.in forgot.
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git ls-files -z | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+    xargs -0 cp -a --parents -t "$src"
+else
+  cp -a . "$src"
+fi
+quiet "$PY" -m build --sdist -o "$out" "$src"
 for plat in linux_x86_64 linux_aarch64; do
   quiet "$PY" -m build --wheel -o "$out" "-C--build-option=--plat-name=$plat" "$out/pkttrace-$version.tar.gz"
 done
