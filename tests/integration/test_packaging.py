@@ -145,10 +145,12 @@ def readme_block(name: str) -> str:
 # After the README's block: where `pkttrace` on PATH leads, which object that
 # install loads, and --version where the CLI has it.
 AFTER = r"""
+cd /root     # not in a checkout: python -c would import its tracer/
 help=$(pkttrace --help)
 py=$(dirname "$(readlink -f "$(command -v pkttrace)")")/python
+obj=$("$py" -c 'from tracer.libbpf import object_path; print(object_path())')
 echo "RESULT bin=$(readlink -f "$(command -v pkttrace)")"
-echo "RESULT object=$("$py" -c 'from tracer.libbpf import object_path; print(object_path())')"
+echo "RESULT object=$obj"
 case "$help" in *--version*) echo "RESULT version=$(pkttrace --version)";; esac
 if [ -e /etc/bash_completion.d/pkttrace ]; then
   echo "RESULT completion=$(head -n 1 /etc/bash_completion.d/pkttrace)"
@@ -160,15 +162,19 @@ fi
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.parametrize("blocks,prefix", [(("install-venv", "install-extras"), "/opt/pkttrace/"),
-                                           (("install-pipx",), "/opt/pipx/")])
+                                           (("install-pipx",), "/opt/pipx/"),
+                                           (("install-checkout",), "/opt/pkttrace/")])
 def test_the_readme_install_block_works_on_a_fresh_debian_12(dist, tmp_path, blocks, prefix):
     """scripts/bookworm-chroot.sh: a fresh copy of a cached debootstrap (minbase,
     python3, python3-venv), the wheel in /root, the blocks run there as is."""
     script = tmp_path / "run.sh"
-    script.write_text("".join(map(readme_block, blocks)) + AFTER)
+    sdist = dist / f"pkttrace-{VERSION}.tar.gz"
+    # "in the checkout": the sdist unpacked stands for one (the same tracked files)
+    before = f"tar xzf {sdist.name} && cd pkttrace-{VERSION}\n" if "install-checkout" in blocks else ""
+    script.write_text(before + "".join(map(readme_block, blocks)) + AFTER)
     t0 = time.monotonic()
     r = subprocess.run(["bash", os.path.join(REPO, "scripts", "bookworm-chroot.sh"), str(script),
-                        str(wheel(dist, MACHINE))], capture_output=True, text=True, timeout=1800)
+                        str(wheel(dist, MACHINE)), str(sdist)], capture_output=True, text=True, timeout=1800)
     if r.returncode == 3:
         pytest.skip(f"no Debian 12 to try it in: {r.stderr.strip()}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
