@@ -50,6 +50,12 @@ class BuildWithBpf(build_py):
         dest = os.path.join(self.build_lib, "tracer", "data")
         os.makedirs(dest, exist_ok=True)
         shutil.copy2(out, os.path.join(dest, "pkttrace.bpf.o"))
+        # the unit, its environment file and the dashboards travel with the
+        # package (tracer/data/systemd, tracer/data/dashboards), so an
+        # installed pkttrace can put them in place without a checkout
+        shutil.copytree(os.path.join(HERE, "systemd"), os.path.join(dest, "systemd"), dirs_exist_ok=True)
+        shutil.copytree(os.path.join(HERE, "dashboards"), os.path.join(dest, "dashboards"), dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.py", "*.md", "__pycache__"))
 
 
 class PlatformDistribution(Distribution):

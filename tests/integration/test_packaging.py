@@ -66,7 +66,7 @@ def test_sdist_carries_everything_a_wheel_build_needs_and_no_built_object(dist):
     assert not [n for n in names if n.endswith((".o", ".pyc"))]
 
 
-def test_wheels_are_tagged_per_architecture_and_carry_their_own_object(dist):
+def test_wheels_are_tagged_per_architecture_and_carry_their_own_object_and_the_service_files(dist):
     objs = {}
     for machine in ("x86_64", "aarch64"):
         with zipfile.ZipFile(wheel(dist, machine)) as z:
@@ -75,6 +75,14 @@ def test_wheels_are_tagged_per_architecture_and_carry_their_own_object(dist):
             objs[machine] = z.read("tracer/data/pkttrace.bpf.o")
             assert not [n for n in z.namelist() if ".data/" in n]     # at the root (platlib), not under .data/
         assert objs[machine][:4] == b"\x7fELF" and objs[machine][18] == EM_BPF
+    with zipfile.ZipFile(wheel(dist, MACHINE)) as z:
+        shipped = {n[len("tracer/data/"):]: z.read(n) for n in z.namelist() if n.startswith("tracer/data/")}
+    # the unit, its environment file and the dashboards, as the checkout has them
+    tracked = run(["git", "ls-files", "systemd", "dashboards"], cwd=REPO).stdout.split()
+    want = [f for f in tracked if not f.endswith((".py", ".md"))]
+    assert "systemd/pkttrace.service" in want and "dashboards/pkttrace-paths.json" in want
+    for f in want:
+        assert shipped.get(f) == open(os.path.join(REPO, f), "rb").read(), f
     x86, arm = elf_sections(objs["x86_64"]), elf_sections(objs["aarch64"])
     progs = [s for s in x86 if "/" in s and not s.startswith(".")]
     assert set(progs) == {s for s in arm if "/" in s and not s.startswith(".")}
