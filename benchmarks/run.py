@@ -510,12 +510,14 @@ def load_recording(path: Path):
     ctx, symbols, raws = paths.Context(), {}, []
     ctx.symbolize = lambda a: symbols.get(a, hex(a))
     with open(path) as f:
-        for line in f:
-            d = json.loads(line)
-            if "context" in d:
-                recording._ctx_update(ctx, symbols, d["context"])
-            elif "raw" in d:
-                raws.append((bytes.fromhex(d["raw"]), bool(d.get("aged"))))
+        # the checked lines: records of an older format come in this one's layout
+        for _n, kind, val in recording._items(f, recording.Cut()):
+            if kind == "header":
+                ctx.boot_wall_ns = val
+            elif kind == "context":
+                recording._context(ctx, symbols, val)
+            else:
+                raws.append(val)
     return ctx, raws
 
 

@@ -39,6 +39,7 @@
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define IPPROTO_FRAGMENT 44
+#define IPPROTO_ICMPV6 58
 #define AF_INET 2
 #define AF_INET6 10
 #define RTF_GATEWAY 0x0002
@@ -288,6 +289,11 @@ struct pkt_info {
 	__u8 tos;
 	__u8 frag;      /* a fragment (not reassembled) */
 	__u32 frag_id;
+	__u16 len;      /* IP total length */
+	__u8 tcp_flags;
+	__u8 icmp_type;
+	__u8 icmp_code;
+	__u8 l4;        /* the L4 header was read (not a later fragment) */
 };
 
 static __always_inline void stat_inc(__u32 idx)
@@ -352,6 +358,7 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 		if (bpf_probe_read_kernel(&iph, sizeof(iph), l3) || iph.version != 4)
 			return -1;
 		pi->family = 4;
+		pi->len = bpf_ntohs(iph.tot_len);
 		pi->proto = iph.protocol;
 		pi->tos = iph.tos;
 		__builtin_memcpy(pi->saddr, &iph.saddr, 4);
@@ -370,6 +377,7 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 		if (bpf_probe_read_kernel(&ip6, sizeof(ip6), l3) || ip6.version != 6)
 			return -1;
 		pi->family = 6;
+		pi->len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
 		pi->proto = ip6.nexthdr;
 		pi->tos = (ip6.priority << 4) | (ip6.flow_lbl[0] >> 4);
 		__builtin_memcpy(pi->saddr, &ip6.saddr, 16);
@@ -392,12 +400,25 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 	} else {
 		return -1;
 	}
-	if (pi->proto == IPPROTO_TCP || pi->proto == IPPROTO_UDP) {
-		__be16 ports[2];
+	/* The L4 facts without a buffer of their own (the kprobe programs are
+	 * at the 512-byte stack limit): the first 4 bytes are TCP's and
+	 * UDP's ports or ICMP's type and code; TCP's flag byte (13 bytes in)
+	 * is read straight into pi, for every protocol, so that there is no
+	 * branch more for the verifier to walk in each inlined copy; user
+	 * space picks what the protocol has. */
+	if (pi->proto == IPPROTO_TCP || pi->proto == IPPROTO_UDP ||
+	    pi->proto == IPPROTO_ICMP || pi->proto == IPPROTO_ICMPV6) {
+		__u8 b[4];
 
-		if (!bpf_probe_read_kernel(ports, sizeof(ports), l4)) {
-			pi->sport = bpf_ntohs(ports[0]);
-			pi->dport = bpf_ntohs(ports[1]);
+		if (!bpf_probe_read_kernel(b, sizeof(b), l4)) {
+			pi->l4 = 1;
+			pi->icmp_type = b[0];
+			pi->icmp_code = b[1];
+			bpf_probe_read_kernel(&pi->tcp_flags, 1, l4 + 13);
+			if (pi->proto == IPPROTO_TCP || pi->proto == IPPROTO_UDP) {
+				pi->sport = (b[0] << 8) | b[1];
+				pi->dport = (b[2] << 8) | b[3];
+			}
 		}
 	}
 	return 0;
@@ -691,8 +712,9 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 		stat_inc(PT_STAT_CREATE_FAILED);
 		return NULL;
 	}
-	/* Only the header is reset: stages past n_stages are never read. */
-	__builtin_memset(r, 0, offsetof(struct pt_record, stages));
+	/* Only the header is reset: stages past n_stages, and head[] past
+	 * head_len, are never read. */
+	__builtin_memset(r, 0, offsetof(struct pt_record, head));
 	r->id = id ? id : next_id();
 	r->first_ts = now;
 	r->last_ts = now;
@@ -707,11 +729,27 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 	r->cur_dport = pi->dport;
 	r->family = pi->family;
 	r->proto = pi->proto;
+	r->len = pi->len;
+	r->tcp_flags = pi->tcp_flags;
+	r->icmp_type = pi->icmp_type;
+	r->icmp_code = pi->icmp_code;
+	/* a fixed-size read: past a short packet's end it reads the skb's own
+	 * buffer (tailroom, shared info), which head_len leaves unread.  The
+	 * skb is read with CO-RE: it is a plain address in kprobe programs. */
+	if (cfg.snap) {
+		const struct sk_buff *sk_b = skb;
+		const void *l3 = BPF_CORE_READ(sk_b, head) + BPF_CORE_READ(sk_b, network_header);
+
+		if (!bpf_probe_read_kernel(r->head, PT_HEAD_LEN, l3))
+			r->head_len = pi->len < PT_HEAD_LEN ? pi->len : PT_HEAD_LEN;
+	}
 	r->match = match_header(pi);
 	if (pi->frag) {
 		r->flags = PT_REC_FRAG;
 		r->frag_id = pi->frag_id;
 	}
+	if (pi->l4)
+		r->flags |= PT_REC_L4;
 	/* only where NAT may rewrite it are headers compared after NAT tables */
 	r->ns_index = netns_index(netns) & (PT_MAX_NETNS - 1);
 	if (netns_may_nat(netns))

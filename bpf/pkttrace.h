@@ -10,6 +10,7 @@
 #define PKTTRACE_H
 
 #define PT_MAX_STAGES 32   /* stages kept per packet; more are counted, not kept */
+#define PT_HEAD_LEN 96     /* header bytes a record can carry: IPv6 + TCP with 36 bytes of options */
 #define PT_MAX_NETNS 1024  /* network namespaces traced at once */
 #define PT_NS_SLOTS 4096   /* map traced_ns: slot = netns inode % PT_NS_SLOTS */
 #define PT_SLOTS 4         /* records kept per CPU while their packet is processed there */
@@ -127,6 +128,7 @@ enum pt_fate {
 #define PT_REC_REDIRECTED (1u << 4) /* tc redirected it */
 #define PT_REC_FRAG      (1u << 5)  /* an IP fragment (frag_id set) */
 #define PT_REC_NAT_NS    (1u << 6)  /* first seen in a netns whose ruleset has NAT */
+#define PT_REC_L4        (1u << 7)  /* its L4 header was read (tcp_flags, icmp_type/code hold) */
 
 /* Per-CPU counters (array index).  Every packet that is not shown is counted
  * in exactly one of FILTERED, LOST, CREATE_FAILED or aged out (user space). */
@@ -163,7 +165,8 @@ struct pt_config {
 	 * except in a namespace where NAT may rewrite it (map netns_nat) */
 	__u8 early_reject;
 	__u8 count;                    /* 1: count packets per path in the kernel (serve) */
-	__u8 _pad1[2];
+	__u8 snap;                     /* 1: copy each record's first PT_HEAD_LEN bytes (pcap-ng, -w) */
+	__u8 _pad1;
 	__u16 port;                    /* host order; matches sport or dport */
 	__u16 _pad0;
 	__u32 _pad2;
@@ -246,7 +249,14 @@ struct pt_record {
 	__u32 prev_netns;         /* inode of the netns of `prev` */
 	__u32 frag_id;            /* PT_REC_FRAG: IP id (v4) / fragment id (v6) */
 	__u16 ns_index;           /* index of its netns (struct pt_ns_slot) */
-	__u16 _pad1;
+	/* the header line's facts, at first sight (0: unknown, or another protocol) */
+	__u16 len;                /* IP total length */
+	__u8 tcp_flags;           /* TCP: the header's flag byte (FIN 0x01 ... CWR 0x80) */
+	__u8 icmp_type;           /* ICMP / ICMPv6 */
+	__u8 icmp_code;
+	__u8 head_len;            /* bytes of head[] captured (cfg.snap; else 0) */
+	__u32 _pad1;
+	__u8 head[PT_HEAD_LEN];   /* the packet's first bytes from its IP header (-w) */
 	struct pt_stage stages[PT_MAX_STAGES];
 };
 

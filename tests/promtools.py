@@ -49,8 +49,11 @@ class PrometheusServer:
     """
 
     def __init__(self, targets: list[str], *, scrape_interval: str = "1s", job: str = "pkttrace",
-                 binary: str = PROMETHEUS, start_timeout: float = 30.0):
+                 binary: str = PROMETHEUS, start_timeout: float = 30.0, scrape: dict | None = None):
+        """`scrape`: more fields of the scrape config, e.g. {"scheme": "https",
+        "tls_config": {"ca_file": ...}, "basic_auth": {"username": ..., "password": ...}}."""
         self.targets, self.scrape_interval, self.job = list(targets), scrape_interval, job
+        self.scrape = dict(scrape or {})
         self.binary, self.start_timeout = binary, start_timeout
         self.proc: subprocess.Popen | None = None
         self.dir: str | None = None
@@ -84,7 +87,8 @@ class PrometheusServer:
         cfg = {
             "global": {"scrape_interval": self.scrape_interval, "scrape_timeout": self.scrape_interval,
                        "evaluation_interval": self.scrape_interval},
-            "scrape_configs": [{"job_name": self.job, "static_configs": [{"targets": self.targets}]}],
+            "scrape_configs": [{"job_name": self.job, "static_configs": [{"targets": self.targets}],
+                                **self.scrape}],
         }
         with open(os.path.join(self.dir, "prometheus.yml"), "w") as f:
             json.dump(cfg, f)

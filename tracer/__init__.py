@@ -1,8 +1,9 @@
 """pkttrace: the path each packet really takes through the Linux network stack.
 
 Flow: bpf/ (programs, shared header) -> libbpf (loader) -> probes, observers,
-tcobservers (attach) -> session (the lifecycle of a trace) -> paths (record
-bytes -> model.Packet) -> sinks (output, recording, exporter).  The README's
+tcobservers (attach) -> session (the lifecycle of a trace) -> collector (the
+ring buffer) -> paths (record bytes -> model.Packet) -> sinks (output,
+recording, exporter).  The README's
 "Architecture" section draws the layers.  The library API is tracer.api,
 whose names are here too (imported on first use, so the command line starts
 no slower):

@@ -25,7 +25,8 @@ from typing import IO
 from .filters import FilterError, PacketFilter
 from .model import Drop, Packet, Stage, TableStep
 from .recording import Cut, RecordingError, replay
-from .session import Counters, TraceError, TraceOptions, Tracer
+from .collector import Counters
+from .session import TraceError, TraceOptions, Tracer
 
 Filter = PacketFilter
 

@@ -10,11 +10,17 @@ import os
 import signal
 import sys
 
+from dataclasses import dataclass
+from typing import IO, cast
+
 import click
 
 from . import backends, netns
+from .colour import COLOR_CHOICES, wanted as colour_wanted
 from .filters import FilterError, PacketFilter
-from .inputs import MAX_SECONDS, InputError, InputPath, OutputPath, Seconds, UInt, dedupe, escape, open_output
+from .inputs import MAX_SECONDS, InputError, InputPath, OutputPath, Seconds, UInt, _PathParam, check_output_path, \
+    dedupe, escape, open_output
+from .version import __version__
 
 EXIT_USAGE = 2
 
@@ -82,9 +88,17 @@ def _check_netns(names: tuple[str, ...]) -> list[str | None]:
     return out
 
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise UsageFailure("not root: pkttrace needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON)")
+def _require_root(**options: bool) -> None:
+    """The effective capabilities the command needs (caps.needed), not uid
+    0: `User=`/`DynamicUser=` with AmbientCapabilities= passes, root in a
+    container without CAP_BPF does not.  Missing ones: one line, exit 2."""
+    from . import caps
+    try:
+        lacking = caps.missing(caps.needed(**options), caps.effective())
+    except caps.CapsError as e:
+        raise UsageFailure(str(e)) from None
+    if lacking:
+        raise UsageFailure(caps.missing_message(lacking))
 
 
 def filter_options(fn):
@@ -96,7 +110,8 @@ def filter_options(fn):
         click.option("--dst", metavar="CIDR", help="Destination address or network."),
         click.option("--proto", metavar="tcp|udp|icmp|icmpv6|N", help="IP protocol."),
         click.option("--port", metavar="N", help="TCP/UDP source or destination port."),
-        click.option("--iface", metavar="NAME", help="Packets received or sent on this device."),
+        click.option("-i", "--iface", metavar="NAME",
+                     help="Packets received or sent on this device (tcpdump's -i; 'any': every device)."),
         click.option("-c", "--count", type=UInt(1, (1 << 63) - 1), help="Stop after N packets."),
         click.option("--json", "as_json", is_flag=True, help="One JSON object per packet per line."),
     ]
@@ -105,7 +120,35 @@ def filter_options(fn):
     return fn
 
 
+def view_options(fn):
+    """How packets are shown (tcpdump's switches), shared by live tracing and replay."""
+    opts = [
+        click.option("-v", "verbose", count=True,
+                     help="More detail: every netfilter observer (priority, time, mark, TOS, conntrack), every "
+                          "route lookup and the rule that chose the table, TOS on each hook, tc verdicts, how "
+                          "delivery was seen."),
+        click.option("-t", "stamp", count=True,
+                     help="Time before each packet (wall clock of its first stage): absolute by default; -t none, "
+                          "-tt seconds since 1970, -ttt since the previous packet, -tttt date and time, "
+                          "-ttttt since the first packet."),
+        click.option("-n", "numeric", is_flag=True,
+                     help="Accepted for tcpdump's habit: pkttrace never turns addresses or ports into names."),
+        click.option("--color", "--colour", "color", type=click.Choice(COLOR_CHOICES), default="auto",
+                     show_default=True,
+                     help="Colour verdicts, drops and changes: auto = on a terminal unless NO_COLOR is set."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _write_path(value: str) -> str:
+    """-w FILE: a regular file (created or replaced), or - for standard output."""
+    return value if value == "-" else check_output_path(value, "")
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="pkttrace", message="%(prog)s %(version)s")
 @click.option("--netns", "netns_names", multiple=True, metavar="NAME", callback=dedupe,
               help="Trace this named network namespace (repeatable, a name given twice is traced once; "
                    "default: the current one).  'all': every namespace of the host, named or only held by "
@@ -124,9 +167,17 @@ def filter_options(fn):
               envvar="PKTTRACE_BACKEND",
               help="How netfilter hooks are observed: netfilter BPF links (6.4+), fentry (older kernels) "
                    "or kprobes (where fentry is refused).")
+@view_options
+@click.option("-w", "write_path", type=_PathParam(lambda v, _what: _write_path(v)), metavar="FILE",
+              help="Write the packets to a pcap-ng file (- : standard output) for Wireshark, tshark or tcpdump -r: "
+                   "their headers, and their path as each packet's comment.  Nothing is printed unless --print.")
+@click.option("--print", "print_too", is_flag=True, help="With -w: print the packets as well (tcpdump's --print).")
+@click.option("-r", "read_path", type=InputPath(), metavar="FILE",
+              help="Read packets from a pcap-ng file written by -w, or a --record recording, instead of "
+                   "tracing (- : standard input; no root needed).")
 @click.pass_context
 def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, duration, tc_mode, age_after,
-         record_path, backend):
+         record_path, backend, verbose, stamp, numeric, color, write_path, print_too, read_path):
     """Show the path each packet really takes through the Linux network stack.
 
     \b
@@ -135,21 +186,166 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, d
       pkttrace --netns ptlab-rtr --proto icmp -c 5
       pkttrace --dst 10.0.0.0/8 --port 53 --json
       pkttrace --record trace.jsonl       # replay later: pkttrace replay trace.jsonl
+      pkttrace -i rc -w trace.pcapng      # for Wireshark: paths as packet comments
+      pkttrace -r trace.pcapng -v -tttt   # read it back (no root)
       pkttrace doctor                     # what this kernel supports
       pkttrace lab up                     # a netns lab to try it on
     """
     if ctx.invoked_subcommand is not None:
         return
     # validate everything the user typed before asking for root
+    if iface == "any":                   # tcpdump's -i any: every device, no device filter
+        iface = None
+    show = _show(as_json, verbose, stamp, color, write_path, print_too)
+    if read_path is not None:
+        for name, given in (("--netns", netns_names), ("--duration", duration), ("--record", record_path)):
+            if given:
+                raise UsageFailure(f"-r reads packets traced before: {name} means nothing with it")
+        if write_path not in (None, "-") and read_path != "-" and os.path.exists(write_path) and \
+                os.path.samefile(read_path, write_path):
+            # -w empties its file before -r has read it
+            raise UsageFailure(f"-r and -w name the same file ({read_path}): write to another one")
+        pf = build_filter(mark, src, dst, proto, port, iface, None, live=False)
+        read_packets(read_path, pf, count, show, write_path)
+        return
     ns_list, all_netns = _netns_choice(netns_names)
     if iface is not None and (len(ns_list) > 1 or all_netns):
         raise UsageFailure("--iface names a device of one namespace: give a single --netns with it")
     pf = build_filter(mark, src, dst, proto, port, iface, ns_list[0])
-    _require_root()
+    _require_root(named_netns=any(ns_list), all_netns=all_netns)
     from .session import TraceOptions
     opts = TraceOptions(netns=ns_list, filter=pf, tc=tc_mode, age_after=age_after, backend=backend,
-                        all_netns=all_netns)
-    run_trace(opts, count=count, duration=duration, as_json=as_json, record_path=record_path)
+                        all_netns=all_netns, snap=write_path is not None)
+    run_trace(opts, count=count, duration=duration, as_json=as_json, record_path=record_path, show=show,
+              write_path=write_path)
+
+
+@dataclass
+class Show:
+    """Where packets go: printed (as_json, the clock, colour, -v) and/or written (-w)."""
+    as_json: bool = False
+    printing: bool = True
+    clock: int = 0                      # how many -t
+    colour: bool = False
+    verbose: int = 0
+
+    def printer(self, out=None):
+        from .output import Clock, Printer
+        if not self.printing:
+            return None
+        return Printer(out or sys.stdout, self.as_json, clock=Clock(self.clock), colour=self.colour,
+                       verbose=self.verbose)
+
+
+MAX_STAMP = 5      # -ttttt
+
+
+def _show(as_json, verbose, stamp, color, write_path, print_too) -> Show:
+    """The output options, checked together (one line, exit 2, before root)."""
+    if stamp > MAX_STAMP:
+        raise UsageFailure(f"-{'t' * stamp}: at most -{'t' * MAX_STAMP} (see --help)")
+    if print_too and write_path is None:
+        raise UsageFailure("--print prints packets that -w writes: give it with -w FILE")
+    if write_path == "-":
+        if print_too:
+            raise UsageFailure("-w - writes the pcap-ng file to standard output: --print has nowhere to go")
+        if sys.stdout.isatty():
+            raise UsageFailure("-w -: standard output is a terminal; redirect it to a file or a pipe")
+    printing = write_path is None or print_too
+    return Show(as_json=as_json, printing=printing, clock=stamp, verbose=verbose,
+                colour=printing and not as_json and colour_wanted(color, sys.stdout))
+
+
+def _open_write(path: str | None):
+    """The -w file (binary), opened once the packets will come: - is standard output."""
+    if path is None:
+        return None
+    if path == "-":
+        return sys.stdout.buffer
+    try:
+        # the checked, opened file as bytes (detached: the text layer would close it when collected)
+        return open_output(path, "-w").detach()
+    except InputError as e:
+        raise UsageFailure(str(e)) from None
+
+
+class Sinks:
+    """Where each packet goes: the printer (unless -w without --print) and
+    the -w writer (with -w)."""
+
+    def __init__(self, show: Show, out):
+        from .output import plain_text
+        from .pcapng import Writer
+        self.printer = show.printer()
+        self.writer = Writer(out, plain_text) if out is not None else None
+
+    def packet(self, pkt) -> None:
+        if self.writer is not None:
+            self.writer.packet(pkt)
+        if self.printer is not None:
+            self.printer.batch(pkt)
+
+    def flush(self) -> None:
+        # after each batch: a reader of -w - (tshark -r -) sees packets as they come
+        if self.writer is not None:
+            self.writer.flush()
+        if self.printer is not None:
+            self.printer.flush()
+
+    def close(self) -> None:
+        """The last packets out, and the pcap-ng file ended."""
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_packets(path: str, pf: PacketFilter, count: int | None, show: Show, write_path: str | None) -> None:
+    """-r FILE: the packets of a pcap-ng file written by -w, or of a --record
+    recording, shown as they were when traced (and written again with -w)."""
+    import io
+    from .pcapng import PcapngError, recordings, sniff
+    from .recording import RecordingError, replay_to
+    try:
+        f = cast(io.BufferedReader, sys.stdin.buffer) if path == "-" else open(path, "rb")
+    except OSError as e:
+        raise UsageFailure(f"-r: cannot read {path}: {e.strerror}") from None
+    out = None
+    try:
+        kind = sniff(f.peek(4)[:4])
+        if kind == "pcapng" or kind == "pcap":
+            try:
+                sources: list[IO] = [io.StringIO(text) for text in recordings(f)]
+            except PcapngError as e:
+                raise UsageFailure(f"-r: {path}: {e}") from None
+        elif kind == "recording":
+            sources = [f]
+        else:
+            raise UsageFailure(f"-r: {path}: neither a pcap-ng file written by pkttrace -w nor a recording")
+        out = _open_write(write_path)
+        sinks = Sinks(show, out)
+        left = count
+        for source in sources:
+            try:
+                done = replay_to(source, lambda p: p, sinks.packet, keep=pf.matches, count=left)
+            except RecordingError as e:
+                raise UsageFailure(f"-r: {path}: {e}") from None
+            if done.cut.lines:
+                say(f"-r: {done.cut}")
+            if left is not None:
+                left -= done.shown
+                if left <= 0:
+                    break
+        sinks.close()
+    except BrokenPipeError:
+        # the reader went away (pkttrace -r x | head): done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:            # writing the output failed (disk full)
+        raise RuntimeFailure(f"-r: cannot write the output: {e.strerror}") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+        if out is not None and out is not sys.stdout.buffer:
+            out.close()
 
 
 def _open_record(path: str | None):
@@ -163,15 +359,19 @@ def _open_record(path: str | None):
         raise UsageFailure(str(e)) from None
 
 
-def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) -> None:
+def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, show: Show | None = None,
+              write_path: str | None = None) -> None:
     from . import api
-    from .output import Printer, summary
+    from .output import summary
+    show = show or Show(as_json=as_json)
     record = _open_record(record_path)
+    out = _open_write(write_path)
     try:
         tracer = api.start(opts)
     except api.TraceError as e:
-        if record:
-            record.close()
+        for f in (record, out):
+            if f is not None and f is not sys.stdout.buffer:
+                f.close()
         raise RuntimeFailure(str(e)) from None
     if record:
         from .recording import Recorder
@@ -182,7 +382,7 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)   # the terminal went away: clean up as for SIGTERM
     signal.signal(signal.SIGINT, _stop)
-    printer = Printer(sys.stdout, as_json)
+    sinks = Sinks(show, out)
     where = ", ".join(n or "current netns" for n in opts.netns)
     if opts.all_netns:
         where = f"every netns ({len(opts.netns)} now, and new ones)"
@@ -193,9 +393,9 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
         say(f"note: {note}")
     limit_reached = False
     try:
-        for pkt in tracer.packets(count=count, duration=duration, after_batch=printer.flush):
-            printer.batch(pkt)
-        printer.flush()
+        for pkt in tracer.packets(count=count, duration=duration, after_batch=sinks.flush):
+            sinks.packet(pkt)
+        sinks.flush()
         limit_reached = count is not None
     except KeyboardInterrupt:
         pass
@@ -209,14 +409,18 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
         rest = tracer.stop(budget=0.0 if limit_reached else 1.0)
         try:
             for pkt in rest:
-                printer.packet(pkt)
+                sinks.packet(pkt)
+            sinks.close()
         except (BrokenPipeError, KeyboardInterrupt):
             pass
         c = tracer.counters()
         tracer.close()
         if record:
             record.close()
-        say(summary(c))
+        if out is not None and out is not sys.stdout.buffer:
+            out.close()
+        written = f"; {sinks.writer.packets} written to {write_path}" if sinks.writer is not None else ""
+        say(summary(c) + written)
 
 
 @main.command()
@@ -236,7 +440,10 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None) 
 @click.option("--bpf-stats/--no-bpf-stats", default=False, show_default=True, envvar="PKTTRACE_BPF_STATS",
               help="Export each BPF program's run time (kernel BPF stats: ~25 ns more on every run of every "
                    "BPF program of the host while pkttrace serves).")
-def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
+@click.option("--web.config.file", "web_config_file", envvar="PKTTRACE_WEB_CONFIG_FILE",
+              metavar="FILE", help="TLS and basic auth for /metrics: a Prometheus exporter web-config file "
+                                   "(tls_server_config, basic_auth_users with bcrypt hashes).")
+def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats, web_config_file):
     """Export per-hook, per-table, per-path counters to Prometheus.
 
     The kernel counts every packet by path; nothing is sent per packet.
@@ -248,11 +455,16 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
       pkttrace serve --listen 127.0.0.1:9632 --netns ptlab-rtr
     """
     from .serve import Exporter, ServeError, ServeOptions
+    from .webconfig import WebConfigError, load
     addr = _listen(listen)
     ns_list, all_netns = _netns_choice(netns_names)
-    _require_root()
+    try:
+        web = load(web_config_file) if web_config_file is not None else None
+    except WebConfigError as e:
+        raise UsageFailure(str(e)) from None
+    _require_root(named_netns=any(ns_list), all_netns=all_netns, bpf_stats=bpf_stats)
     srv = Exporter(ServeOptions(listen=addr, netns=ns_list, age_after=age_after, tc=tc_mode, max_paths=max_paths,
-                                bpf_stats=bpf_stats, all_netns=all_netns))
+                                bpf_stats=bpf_stats, all_netns=all_netns, web=web))
     try:
         srv.start()
     except ServeError as e:
@@ -261,7 +473,8 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats):
     signal.signal(signal.SIGHUP, lambda *_: srv.stop())
     signal.signal(signal.SIGINT, lambda *_: srv.stop())
     where = "every netns" if all_netns else ", ".join(n or "current netns" for n in ns_list)
-    say(f"serving metrics of {where} on http://{listen}/metrics (ready in {srv.tracer.ready_s * 1000:.0f} ms)")
+    scheme = "https" if web and web.ssl_context else "http"
+    say(f"serving metrics of {where} on {scheme}://{listen}/metrics (ready in {srv.tracer.ready_s * 1000:.0f} ms)")
     try:
         srv.run()
     finally:
@@ -287,7 +500,8 @@ def _listen(value: str) -> tuple[str, int]:
 @main.command()
 @click.argument("recording", type=InputPath())
 @filter_options
-def replay(recording, mark, src, dst, proto, port, iface, count, as_json):
+@view_options
+def replay(recording, mark, src, dst, proto, port, iface, count, as_json, verbose, stamp, numeric, color):
     """Print the packets of a recording made with --record (no root needed).
 
     Filters apply as in live tracing (any stage matches); --iface matches
@@ -299,14 +513,16 @@ def replay(recording, mark, src, dst, proto, port, iface, count, as_json):
     Example:
       pkttrace replay trace.jsonl --proto udp --json
     """
-    from .output import Printer
     from .recording import RecordingError, replay_to
+    if iface == "any":
+        iface = None
     pf = build_filter(mark, src, dst, proto, port, iface, None, live=False)
 
     def keep(pkt) -> bool:
         return pf.matches(pkt)
 
-    printer = Printer(sys.stdout, as_json)
+    printer = _show(as_json, verbose, stamp, color, None, False).printer()
+    assert printer is not None
     try:
         f = sys.stdin.buffer if recording == "-" else open(recording, "rb")
     except OSError as e:
@@ -344,6 +560,47 @@ def doctor():
         click.echo(doc.plan(checks))
     else:
         raise RuntimeFailure("this kernel cannot run pkttrace (see FAIL lines above)")
+
+
+@main.command("install-service")
+@click.option("--root", default="/", show_default=True, metavar="DIR",
+              help="Install below this directory (a chroot or image being built).")
+@click.option("--exec", "exe", metavar="PATH",
+              help="The pkttrace the unit runs (default: this one, e.g. /opt/pkttrace/bin/pkttrace).")
+@click.option("--no-dashboards", is_flag=True, help="Only the unit and its environment file.")
+@click.option("--no-reload", is_flag=True, help="Do not run `systemctl daemon-reload` afterwards.")
+def install_service(root, exe, no_dashboards, no_reload):
+    """Install the systemd unit, its environment file and the dashboards.
+
+    \b
+    Writes, from the files this pkttrace ships:
+      /etc/systemd/system/pkttrace.service   ExecStart = this pkttrace
+      /etc/default/pkttrace                  only if absent (yours to edit)
+      /usr/share/pkttrace/dashboards/        Grafana dashboards, provisioning
+    Safe to run again: what is already right is left alone.
+
+    \b
+    Examples:
+      pkttrace install-service && systemctl enable --now pkttrace
+      /opt/pkttrace/bin/pkttrace install-service    # ExecStart=/opt/pkttrace/bin/pkttrace serve
+      pkttrace install-service --root /srv/image --exec /usr/bin/pkttrace
+    """
+    from . import installer
+    try:
+        exe = installer.check(root, exe)      # what the user typed, before root is asked for
+        if root == "/" and os.geteuid() != 0:
+            raise UsageFailure("not root: installing a systemd unit writes /etc (or give --root DIR)")
+        report = installer.install(root, exe, dashboards=not no_dashboards)
+    except installer.InstallError as e:
+        raise UsageFailure(str(e)) from None
+    for line in report.lines():
+        click.echo(escape(line))
+    if root == "/" and not no_reload and report.written and os.path.isdir("/run/systemd/system"):
+        import subprocess
+        r = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeFailure(f"systemctl daemon-reload: {r.stderr.strip() or r.returncode}")
+        click.echo("systemctl daemon-reload: done")
 
 
 @main.command()

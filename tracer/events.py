@@ -11,6 +11,7 @@ import ctypes
 import enum
 
 PT_MAX_STAGES = 32
+PT_HEAD_LEN = 96      # header bytes a record can carry (cfg.snap)
 PT_MAX_NETNS = 1024  # namespaces traced at once
 PT_NS_SLOTS = 4096   # map traced_ns: slot = netns inode % PT_NS_SLOTS
 PT_SLOTS = 4          # per-CPU record slots
@@ -107,7 +108,7 @@ class DeliverHow(enum.IntEnum):
 SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT, SEEN_RX = 1, 2, 4, 8
 F_MARK, F_SRC, F_DST, F_PROTO, F_PORT, F_IFACE = 1, 2, 4, 8, 16, 32
 F_HEADER = F_SRC | F_DST | F_PROTO | F_PORT   # criteria judged from the IP header alone
-REC_TRUNCATED, REC_LATE, REC_QUEUED, REC_CAUSED, REC_REDIRECTED, REC_FRAG, REC_NAT_NS = 1, 2, 4, 8, 16, 32, 64
+REC_TRUNCATED, REC_LATE, REC_QUEUED, REC_CAUSED, REC_REDIRECTED, REC_FRAG, REC_NAT_NS, REC_L4 = 1, 2, 4, 8, 16, 32, 64, 128
 
 
 class Stat(enum.IntEnum):
@@ -143,7 +144,8 @@ class PtConfig(ctypes.Structure):
         ("emit", u8),
         ("early_reject", u8),
         ("count", u8),
-        ("_pad1", u8 * 2),
+        ("snap", u8),
+        ("_pad1", u8),
         ("port", u16),
         ("_pad0", u16),
         ("_pad2", u32),
@@ -221,7 +223,13 @@ class PtRecord(ctypes.Structure):
         ("prev_netns", u32),
         ("frag_id", u32),
         ("ns_index", u16),
-        ("_pad1", u16),
+        ("len", u16),
+        ("tcp_flags", u8),
+        ("icmp_type", u8),
+        ("icmp_code", u8),
+        ("head_len", u8),
+        ("_pad1", u32),
+        ("head", u8 * PT_HEAD_LEN),
         ("stages", PtStage * PT_MAX_STAGES),
     ]
 

@@ -13,8 +13,10 @@ Metric names and labels: docs/metrics.md.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import struct
 import threading
 import time
 from collections import Counter
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import events, libbpf, model, paths, placement
+from . import events, libbpf, model, paths, placement, probes
 from .version import __version__
 from .events import PtPathKey, PtRecord
 from .session import Tracer
@@ -51,6 +53,7 @@ class PathLabels:
     """Everything one path adds to, per packet on it: resolved once."""
     netns: str
     family: str
+    proto: str
     fate: str
     path_sig: str
     path: str
@@ -64,7 +67,11 @@ class PathLabels:
 
 
 def resolve(p: model.Packet) -> PathLabels:
-    pl = PathLabels(p.netns, p.family, p.fate, f"{p.path_sig:08x}", path_label(p))
+    # proto: the kernel's path key has it (a UDP and an ICMP packet on the
+    # same path are two keys); without the label their series would carry
+    # identical label sets.  Names for the common ones, the number otherwise
+    pl = PathLabels(p.netns or "", p.family, p.proto or str(p.proto_num), p.fate, f"{p.path_sig:08x}",
+                    path_label(p))
     for s in p.path:
         if s.is_hook:
             pl.hooks.append((s.stage,))
@@ -162,7 +169,7 @@ class Collector:
             "drops": C("pkttrace_drops", "Packets freed with a drop reason, where and by which table",
                        labels=["netns", "family", "reason", "stage", "table"]),
             "paths": C("pkttrace_paths", "Packets per distinct path",
-                       labels=["netns", "family", "path_sig", "path", "fate"]),
+                       labels=["netns", "family", "proto", "path_sig", "path", "fate"]),
             "routes": C("pkttrace_route_lookups", "FIB table lookups by table and result",
                         labels=["netns", "family", "table", "result"]),
             "marks": C("pkttrace_mark_changes", "Packets whose mark a table changed",
@@ -180,6 +187,8 @@ class Collector:
             "runs": C("pkttrace_bpf_runs", "Runs of each BPF program", labels=["program"]),
             "attach": C("pkttrace_attach_failures", "Attach attempts that failed (re-placement included)"),
             "observers": G("pkttrace_observers", "Netfilter observers attached", labels=["netns", "family", "hook"]),
+            "attached": G("pkttrace_attached", "1 while this program's attachment is live in the kernel, else 0",
+                          labels=["program", "netns", "target"]),
             "build": G("pkttrace_build_info", "pkttrace version and kernel", labels=["version", "kernel"]),
             "scrape": G("pkttrace_scrape_duration_seconds", "Time the last collect() took"),
         }
@@ -203,7 +212,7 @@ class Collector:
         for pl, n in self.paths.read():
             base = (pl.netns, pl.family)
             sums["packets"][base + (pl.fate,)] += n
-            sums["paths"][base + (pl.path_sig, pl.path, pl.fate)] += n
+            sums["paths"][base + (pl.proto, pl.path_sig, pl.path, pl.fate)] += n
             for name in ("hooks", "tables", "marks", "nat", "routes"):
                 for lab in getattr(pl, name):
                     sums[name][base + lab] += n
@@ -249,5 +258,86 @@ class Collector:
         for ns, placed in t.placed.items():
             for (fam, hook), hp in placed.plans.items():
                 f["observers"].add_metric([ns or "", f"ipv{fam}", placement.HOOKS[hook]], len(hp.priorities))
+        self._collect_attached(f["attached"])
         f["build"].add_metric([__version__, self.kernel], 1)
+
+    def _collect_attached(self, fam) -> None:
+        """One series per attachment: asked of the kernel (the link's info
+        by its fd), not of pkttrace's own bookkeeping, so a link the kernel
+        detached (its device deleted under it) reads 0."""
+        t = self.tracer
+        ids: dict[int, str] = {}
+        for prog in t.loaded_programs():
+            try:
+                pid, name = libbpf.prog_id_name(prog.fd)
+            except OSError:
+                continue
+            ids[pid] = prog.name
+        for a in [*t.attached(), *t.observer_links()]:
+            if isinstance(a, probes.TracepointAttachment):
+                fd = _libbpf_link_fd(a.link)
+                name, netns, target = a.prog, "", _section(t, a.prog)
+            elif isinstance(a, probes.FdLink):
+                fd, name, netns, target = a.fd, "", a.netns or "", f"{a.kind} {a.what}"
+            elif isinstance(a, probes.ClassicTcAttachment):
+                # a netlink filter, no link fd: alive while the filter that
+                # runs our program is there (read at attach; tcobservers
+                # forgets it when its device goes)
+                name = ids.get(a.prog_id, "tc_ingress" if a.ingress else "tc_egress")
+                fam.add_metric([name, a.ns or "", a.describe()], 0 if a.closed else 1)
+                continue
+            else:
+                continue
+            info = link_info(fd)
+            live = info is not None and info.prog_id in ids
+            if info is not None and info.type == BPF_LINK_TYPE_TCX:
+                live = live and info.ifindex != 0      # the kernel detaches it when its device goes
+            if not name:     # a netfilter or TCX link: its program, as the kernel says
+                name = ids.get(info.prog_id, "") if info is not None else ""
+            fam.add_metric([name or "(detached)", netns, target], 1 if live else 0)
+
+
+# bpf_link_info (uapi/linux/bpf.h): type, id, prog_id, then a per-type union
+# at offset 16; for TCX its first field is the ifindex (0 once detached).
+BPF_LINK_TYPE_TCX = 11
+
+
+@dataclass
+class LinkInfo:
+    type: int
+    id: int
+    prog_id: int
+    ifindex: int
+
+
+def link_info(fd: int) -> LinkInfo | None:
+    """What the kernel says of a link fd; None if it is no link (closed)."""
+    if fd < 0:
+        return None
+    info = (ctypes.c_uint8 * 64)()
+    attr = (ctypes.c_uint8 * 16)()            # bpf_fd, info_len, info
+    struct.pack_into("=IIQ", attr, 0, fd, len(info), ctypes.addressof(info))
+    try:
+        libbpf.bpf_syscall(libbpf.BPF_OBJ_GET_INFO_BY_FD, attr)
+    except OSError:
+        return None
+    raw = bytes(info)
+    typ, lid, prog_id = struct.unpack_from("=III", raw, 0)
+    return LinkInfo(typ, lid, prog_id, struct.unpack_from("=I", raw, 16)[0])
+
+
+def _libbpf_link_fd(link: libbpf.Link) -> int:
+    if not link.ptr:
+        return -1
+    fn = libbpf.lib().bpf_link__fd
+    fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
+    return fn(link.ptr)
+
+
+def _section(t: Tracer, prog: str) -> str:
+    """`tp_btf/kfree_skb`: where a tracepoint program is attached."""
+    try:
+        return t._obj.program(prog).section
+    except Exception:   # noqa: BLE001 - a label, never a failed scrape
+        return prog
 

@@ -68,3 +68,6 @@ VALS_OFF, VALS = pick(PtRecord, "id", "drop_location")
 TAIL_OFF, TAIL = pick(PtRecord, "match", "seen", "flags", "_pad_ns", "sport", "dport", "saddr", "daddr", "pid",
                       "comm")
 LINKS_OFF, LINKS = pick(PtRecord, "cause", "prev", "next", "link", "next_netns", "prev_netns")
+# the header line's facts, and the captured header bytes (HEAD_OFF, head_len of them)
+FACTS_OFF, FACTS = pick(PtRecord, "len", "tcp_flags", "icmp_type", "icmp_code", "head_len")
+HEAD_OFF = PtRecord.head.offset

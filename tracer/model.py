@@ -271,6 +271,13 @@ class Values:
     prev_netns: str | None = None
     next_netns: str | None = None
     reassembled: int | None = None     # a fragment: the packet it became
+    # the header line's facts at first sight (None: unknown, e.g. a recording of format 1)
+    length: int | None = None          # IP total length
+    tcp_flags: int | None = None       # TCP's flag byte (TCP_FLAGS)
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    wall_ns: int | None = None         # Unix time of the first stage, ns
+    head: bytes | None = None          # its first bytes from the IP header (captured for -w only)
 
 
 T = TypeVar("T")
@@ -335,6 +342,18 @@ class Packet:
     prev_netns = _Field[Optional[str]]()
     next_netns = _Field[Optional[str]]()
     reassembled = _Field[Optional[int]]()
+    length = _Field[Optional[int]]()
+    tcp_flags = _Field[Optional[int]]()
+    icmp_type = _Field[Optional[int]]()
+    icmp_code = _Field[Optional[int]]()
+    wall_ns = _Field[Optional[int]]()
+
+    @property
+    def wall_ts(self) -> float | None:
+        """Unix time of the first stage, in seconds."""
+        ns = self.wall_ns
+        return ns / 1e9 if ns is not None else None
+    head = _Field[Optional[bytes]]()
 
     def __init__(self, id, netns, family, proto, src, dst, sport, dport, fate, in_dev, out_dev,
                  path=None, drop=None, process=None, truncated=False, end=None, proto_num=0, path_sig=0):
@@ -436,9 +455,27 @@ class Packet:
             d["next_netns"] = v.next_netns
         if sh.end:
             d["end"] = sh.end
+        if v.wall_ns is not None:
+            d["time_ns"] = v.wall_ns
+        if v.length is not None:
+            d["len"] = v.length
+        if v.tcp_flags is not None:
+            d["tcp_flags"] = tcp_flags_text(v.tcp_flags)
+        if v.icmp_type is not None:
+            d["icmp_type"], d["icmp_code"] = v.icmp_type, v.icmp_code
         if sh.template is not None and sh.template.changing:
             d["attribution"] = "changing"
         return d
+
+
+# TCP's flag bits as tcpdump names them, in its order ("." is ACK)
+TCP_FLAGS = (("F", 0x01), ("S", 0x02), ("R", 0x04), ("P", 0x08), ("U", 0x20), ("E", 0x40), ("W", 0x80),
+             (".", 0x10))
+
+
+def tcp_flags_text(bits: int) -> str:
+    """tcpdump's notation: 0x12 -> "S.", 0x18 -> "P.", 0 -> "none"."""
+    return "".join(c for c, b in TCP_FLAGS if bits & b) or "none"
 
 
 def _endpoint_addr(ep: str) -> str:

@@ -22,7 +22,7 @@ from . import layout, routing
 from .model import (HOOK_NAMES as _HOOKS, TC_NAMES, Drop, FateName, Lookup, Observation, Packet, Route, Shape, Stage,
                     StageName as S, TableStep, Values, Verdict)
 from .placement import CONNTRACK, PRI_CONNTRACK, shares_conntrack_observer
-from .events import (CT_REPLY, NF_STAGES, PT_NF_BANK, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
+from .events import (REC_L4, CT_REPLY, NF_STAGES, PT_NF_BANK, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
                      REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_HOOK_SLOW, STF_NF_DROP, STF_NFT_TABLE, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtRecord,
                      StageKind, TcVerdict)
 
@@ -53,6 +53,7 @@ class Context:
     registered: dict[tuple[int, int, int], list] = field(default_factory=dict)
     rules: dict[tuple[int, int], list] = field(default_factory=dict)  # (ino, fam) -> [routing.Rule]
     generation: int = 0                # bumped when observers or rules change (recordings re-save names)
+    boot_wall_ns: int | None = None    # Unix time (ns) of the kernel's monotonic clock's zero: wall-clock times
     drop_reasons: dict[int, str] = field(default_factory=dict)         # enum value -> name
     symbolize: Callable[[int], str] | None = None
     socket_owner: Callable[[int], tuple[int, str] | None] | None = None  # socket inode -> (pid, comm)
@@ -673,6 +674,25 @@ def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
     return sh
 
 
+def _facts(v: Values, raw: bytes, sh: Shape, flags: int, ctx: Context | None) -> None:
+    """The header line's facts (length, TCP flags, ICMP type and code), the
+    wall-clock time and the captured header bytes."""
+    if ctx is not None and ctx.boot_wall_ns is not None:
+        v.wall_ns = ctx.boot_wall_ns + _U64.unpack_from(raw, layout.FIRST_TS_OFF)[0]
+    length, tcp_flags, icmp_type, icmp_code, head_len = layout.FACTS.unpack_from(raw, layout.FACTS_OFF)
+    if not length:                       # not parsed, or recorded before the record carried them
+        return
+    v.length = length
+    if head_len:
+        v.head = raw[layout.HEAD_OFF:layout.HEAD_OFF + head_len]
+    if not flags & REC_L4:
+        return                           # a later fragment, or a header cut short: no L4 facts
+    if sh.proto_num == 6:
+        v.tcp_flags = tcp_flags
+    elif sh.proto_num in (1, 58):
+        v.icmp_type, v.icmp_code = icmp_type, icmp_code
+
+
 def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
     pid_, drop_loc = _VALS.unpack_from(raw, layout.VALS_OFF)
     _m, _s, flags, _p, sport, dport, saddr, daddr, pid, comm = _TAIL.unpack_from(raw, _TAIL_OFF)
@@ -690,6 +710,7 @@ def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
             v.prev, v.prev_netns = prev, names.get(prev_ns, str(prev_ns))
         if nxt:
             v.next, v.next_netns = nxt, names.get(next_ns, str(next_ns))
+    _facts(v, raw, sh, flags, ctx)
     if sh.drop_reason is not None:
         sym = ctx.symbolize if ctx is not None else None
         tpl = sh.template

@@ -17,7 +17,12 @@ from typing import IO, Callable, Iterator
 
 from . import events, model, paths, routing
 
-FORMAT = 1
+# 2: the record carries the header line's facts and header bytes (appended to
+#    its header), and the recording the wall-clock time of the kernel's clock
+#    zero.  Format 1 records are read by padding their header with zeros:
+#    every field added since reads 0, "unknown".
+FORMAT = 2
+_LAYOUTS = {1: (200, 32), 2: (events.RECORD_HEADER_SIZE, events.STAGE_SIZE)}
 _U64 = struct.Struct("=Q")
 _FATE_OFF = events.PtRecord.fate.offset
 _LOC_OFF = events.PtRecord.drop_location.offset
@@ -59,8 +64,9 @@ class Recorder:
         self._written: dict | None = None
         self._sizes: tuple | None = None
         self._symbols: dict[int, str] = {}
+        # (None: records of a recording that had no wall clock, rewritten)
         out.write(json.dumps({"pkttrace_recording": FORMAT, "record_size": events.RECORD_HEADER_SIZE,
-                              "stage_size": events.STAGE_SIZE}) + "\n")
+                              "stage_size": events.STAGE_SIZE, "boot_wall_ns": ctx.boot_wall_ns}) + "\n")
 
     def __call__(self, raw: bytes, aged: bool) -> None:
         fate, loc = raw[_FATE_OFF], _U64.unpack_from(raw, _LOC_OFF)[0]
@@ -185,29 +191,40 @@ def _check_context(d) -> dict:
     return dict(d, rules=rules)
 
 
-def _check_raw(d: dict) -> tuple[bytes, bool]:
+def _check_raw(d: dict, header_size: int) -> tuple[bytes, bool]:
     raw, aged = d["raw"], d.get("aged", False)
     if not _is_str(raw) or len(raw) % 2 or not _HEX.fullmatch(raw) or type(aged) is not bool:
         raise ValueError("not a record")
     b = bytes.fromhex(raw)
-    stages, rest = divmod(len(b) - events.RECORD_HEADER_SIZE, events.STAGE_SIZE)
+    stages, rest = divmod(len(b) - header_size, events.STAGE_SIZE)
     # exactly the record the kernel sent: its header, and as many stages as it says
     if stages < 0 or rest or stages != min(b[_N_OFF], events.PT_MAX_STAGES):
         raise ValueError(f"a record of {len(b)} bytes")
+    if header_size < events.RECORD_HEADER_SIZE:      # an older format: its header grew at the end since
+        b = b[:header_size] + bytes(events.RECORD_HEADER_SIZE - header_size) + b[header_size:]
     return b, aged
 
 
-def _check_header(d, n: int) -> None:
+def _check_header(d, n: int) -> tuple[int, int | None]:
+    """(the records' header size, boot_wall_ns) of a recording's first line."""
     if type(d) is not dict or "pkttrace_recording" not in d:
         raise RecordingError(f"line {n}: not a pkttrace recording (no header)")
     version = d["pkttrace_recording"]
     if not _is_int(version) or version < 1:
         raise RecordingError(f"line {n}: not a pkttrace recording (format {version!r})")
-    if version != FORMAT:
+    if version > FORMAT:
         raise RecordingError(f"recording format {version} is newer than this pkttrace reads ({FORMAT}): "
                              "replay it with a newer pkttrace")
-    if (d.get("record_size"), d.get("stage_size")) != (events.RECORD_HEADER_SIZE, events.STAGE_SIZE):
+    if (d.get("record_size"), d.get("stage_size")) != _LAYOUTS[version]:
         raise RecordingError("recorded with another record layout (another pkttrace version)")
+    if version < 2:
+        return _LAYOUTS[version][0], None
+    wall = d.get("boot_wall_ns")
+    if wall is None:                     # a format 1 recording rewritten: times unknown
+        return _LAYOUTS[version][0], None
+    if not isinstance(wall, int) or not _is_int(wall) or wall < 0:
+        raise RecordingError(f"line {n}: boot_wall_ns is not a time")
+    return _LAYOUTS[version][0], wall
 
 
 def _lines(source: IO) -> Iterator[tuple[int, str | bytes, bool]]:
@@ -248,12 +265,13 @@ def _is_cut_line(text: str) -> bool:
     return text.startswith(_STARTS[:2])
 
 
-def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, dict | tuple[bytes, bool]]]:
-    """The checked lines of a recording after its header: (n, "context", dict) or (n, "raw", (bytes, aged)).
+def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, dict | tuple[bytes, bool] | int | None]]:
+    """The checked lines of a recording: (1, "header", boot_wall_ns), then
+    (n, "context", dict) or (n, "raw", (bytes, aged)).
 
     A last line without its newline that does not parse is a cut tail:
     counted in `cut`, not read."""
-    header = False
+    header, header_size = False, 0
     for n, line, complete in _lines(source):
         size = len(line) if isinstance(line, bytes) else len(line.encode("utf-8", "surrogateescape"))
         try:
@@ -273,8 +291,9 @@ def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, dict | tuple[bytes,
             what = "not JSON" if text is not None else "not UTF-8 text"
             raise RecordingError(f"line {n}: {what}: is this a pkttrace recording?") from None
         if not header:
-            _check_header(d, n)
+            header_size, wall = _check_header(d, n)
             header = True
+            yield n, "header", wall
             continue
         try:
             if type(d) is not dict:
@@ -282,7 +301,7 @@ def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, dict | tuple[bytes,
             if "context" in d:
                 yield n, "context", _check_context(d["context"])
             elif "raw" in d:
-                yield n, "raw", _check_raw(d)
+                yield n, "raw", _check_raw(d, header_size)
             else:
                 raise ValueError("neither a record nor names")
         except (ValueError, TypeError, RecursionError) as e:
@@ -308,11 +327,14 @@ def _replay(lines: IO, cut: Cut) -> Iterator[tuple[int, model.Packet]]:
     ctx = paths.Context()
     symbols: dict[int, str] = {}
     ctx.symbolize = lambda a: symbols.get(a, hex(a))
-    for n, _kind, val in _items(lines, cut):
+    for n, kind, val in _items(lines, cut):
+        if kind == "header":
+            ctx.boot_wall_ns = val        # type: ignore[assignment]
+            continue
         if isinstance(val, dict):         # a "context" line
             _context(ctx, symbols, val)
             continue
-        raw, aged = val                   # a "raw" line
+        raw, aged = val                   # type: ignore[misc]  # a "raw" line
         try:
             pkt = paths.assemble(events.decode_record(raw), ctx, aged=aged)
             pkt.path                          # built lazily otherwise: build it while errors are ours

@@ -15,12 +15,13 @@ import os
 import queue
 import selectors
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIRequestHandler
 
-from . import sdnotify
+from . import sdnotify, webconfig
 from .exporter import Collector
 from .session import TraceError, TraceOptions, Tracer
 
@@ -95,11 +96,12 @@ class _Handler(WSGIRequestHandler):
 
 
 class _Conn:
-    __slots__ = ("sock", "addr", "deadline", "head")
+    __slots__ = ("sock", "addr", "deadline", "head", "handshake")
 
-    def __init__(self, sock: socket.socket, addr, deadline: float):
+    def __init__(self, sock: socket.socket, addr, deadline: float, handshake: bool = False):
         self.sock, self.addr, self.deadline = sock, addr, deadline
         self.head = bytearray()
+        self.handshake = handshake      # TLS: the handshake is not done yet
 
 
 # errors of accept(2) that say "no fd or memory for one more connection now"
@@ -122,10 +124,15 @@ class MetricsServer:
 
     `app` is a WSGI application: prometheus_client.make_wsgi_app(registry),
     exactly what prometheus-client's start_http_server serves.
+
+    With `ssl_context`, each connection's TLS handshake is driven by the
+    accept loop, non-blocking, within the same `idle_timeout` as the request
+    (a client that stalls its handshake costs an fd, never a thread).
     """
 
     def __init__(self, host: str, port: int, app, workers: int = 4, max_connections: int = 256,
-                 idle_timeout: float = 5.0, io_timeout: float = 10.0, backlog: int = 1024):
+                 idle_timeout: float = 5.0, io_timeout: float = 10.0, backlog: int = 1024,
+                 ssl_context: ssl.SSLContext | None = None):
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -138,6 +145,7 @@ class MetricsServer:
             sock.close()
             raise
         self.socket = sock
+        self.ssl_context = ssl_context
         self.server_address = sock.getsockname()
         self.app = app
         self.workers = max(1, workers)
@@ -148,7 +156,7 @@ class MetricsServer:
         self.server_name, self.server_port = host, self.server_address[1]
         self.base_environ = {"SERVER_NAME": host, "GATEWAY_INTERFACE": "CGI/1.1",
                              "SERVER_PORT": str(self.server_port), "REMOTE_HOST": "", "CONTENT_LENGTH": "",
-                             "SCRIPT_NAME": ""}
+                             "SCRIPT_NAME": "", "HTTPS": "on" if ssl_context else "off"}
         self._idle: collections.OrderedDict[socket.socket, _Conn] = collections.OrderedDict()
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
         self._busy = 0                     # handed to the workers, not closed yet
@@ -159,7 +167,7 @@ class MetricsServer:
         self._spare = self._open_spare()
         self._accept_paused_until = 0.0
         self._threads: list[threading.Thread] = []
-        # accepted, evicted, refused, timed_out, shed, served
+        # accepted, evicted, refused, timed_out, shed, served, tls_failed
         self.stats: collections.Counter[str] = collections.Counter()
 
     # -- WSGIServer interface used by the request handler ------------------
@@ -281,7 +289,14 @@ class MetricsServer:
                     self.stats["refused"] += 1
                     continue
             sock.setblocking(False)
-            c = _Conn(sock, addr, time.monotonic() + self.idle_timeout)
+            if self.ssl_context is not None:
+                try:
+                    sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                except (ssl.SSLError, OSError):
+                    sock.close()
+                    self.stats["tls_failed"] += 1
+                    continue
+            c = _Conn(sock, addr, time.monotonic() + self.idle_timeout, handshake=self.ssl_context is not None)
             try:
                 sel.register(sock, selectors.EVENT_READ, c)
             except (OSError, ValueError):
@@ -331,23 +346,47 @@ class MetricsServer:
             self.stats["timed_out"] += 1
 
     def _read(self, sel, c: _Conn) -> None:
-        try:
-            data = c.sock.recv(16384)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:                   # closed (or reset) before a whole request
-            self._drop_idle(sel, c)
-            return
-        c.head += data
-        if b"\r\n\r\n" not in c.head and b"\n\n" not in c.head and len(c.head) < 65536 + 8192:
+        if c.handshake:
+            try:
+                c.sock.do_handshake()   # type: ignore[attr-defined]  # an SSLSocket
+            except ssl.SSLWantReadError:
+                sel.modify(c.sock, selectors.EVENT_READ, c)
+                return
+            except ssl.SSLWantWriteError:
+                sel.modify(c.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
+                return
+            except (ssl.SSLError, OSError):   # plain HTTP to the TLS port, a bad client cert, a reset
+                self.stats["tls_failed"] += 1
+                self._drop_idle(sel, c)
+                return
+            c.handshake = False
+            sel.modify(c.sock, selectors.EVENT_READ, c)
+        while True:
+            try:
+                data = c.sock.recv(16384)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError:
+                data = b""
+            if not data:                   # closed (or reset) before a whole request
+                self._drop_idle(sel, c)
+                return
+            c.head += data
+            # TLS may hold decrypted bytes the socket no longer signals
+            if not isinstance(c.sock, ssl.SSLSocket) or not c.sock.pending() or self._complete(c):
+                break
+        if not self._complete(c):
             return
         del self._idle[c.sock]
         sel.unregister(c.sock)
         with self._busy_lock:
             self._busy += 1
         self._ready.put(c)
+
+    @staticmethod
+    def _complete(c: _Conn) -> bool:
+        """A whole request head (or more than any head may be)."""
+        return b"\r\n\r\n" in c.head or b"\n\n" in c.head or len(c.head) >= 65536 + 8192
 
     # -- workers -----------------------------------------------------------
 
@@ -393,6 +432,8 @@ class ServeOptions:
     http_workers: int = 4
     max_connections: int = 256
     idle_timeout: float = 5.0   # seconds a connection may take to send its request
+    # TLS, basic auth and headers from a --web.config.file (tracer/webconfig.py)
+    web: webconfig.WebConfig | None = None
 
 
 class Exporter:
@@ -409,7 +450,7 @@ class Exporter:
         self._stop = threading.Event()
 
     def start(self) -> "Exporter":
-        from prometheus_client import CollectorRegistry, make_wsgi_app
+        from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
         try:
             self.tracer.start()     # every probe attached, or an error: never half-working
         except TraceError as e:
@@ -417,13 +458,18 @@ class Exporter:
         self.collector = Collector(self.tracer, self.lock, bpf_stats=self.opts.bpf_stats)
         registry = CollectorRegistry(auto_describe=True)
         registry.register(self.collector)
+        # process_* (CPU, memory, fds, start time) of this process: a private
+        # registry has none of the default registry's collectors
+        ProcessCollector(registry=registry)
         host, port = self.opts.listen
         try:
             # the app prometheus-client's own server runs (0.16 and later):
             # same content, content type and negotiation; only the threads differ
-            self.httpd = MetricsServer(host, port, make_wsgi_app(registry), workers=self.opts.http_workers,
-                                       max_connections=self.opts.max_connections,
-                                       idle_timeout=self.opts.idle_timeout).start()
+            web = self.opts.web
+            self.httpd = MetricsServer(host, port, webconfig.wrap(make_wsgi_app(registry), web),
+                                       workers=self.opts.http_workers, max_connections=self.opts.max_connections,
+                                       idle_timeout=self.opts.idle_timeout,
+                                       ssl_context=web.ssl_context if web else None).start()
         except OSError as e:
             self.close()
             raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import ctypes
 import os
-import struct
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from . import (backends, events, libbpf, model, netns, observers, paths, placement, probes, routing, sysinfo,
-               tcobservers, watch)
-from .events import PtConfig, PtRecord, Stat
+from . import (backends, caps, collector, events, libbpf, model, names, netns, observers, paths, placement, probes,
+               routing, sysinfo, tcobservers, watch)
+from .collector import Counters
+from .events import PtConfig
 from .filters import PacketFilter
-
-_U64 = struct.Struct("=Q")
 
 
 class TraceError(Exception):
@@ -52,28 +50,8 @@ class TraceOptions:
     # a traced name deleted and created again is traced again (serve); ad
     # hoc tracing says it went away and goes on with the rest
     follow_names: bool = False
-
-
-@dataclass
-class Counters:
-    created: int = 0
-    emitted: int = 0
-    filtered: int = 0                  # records that ended without matching
-    rejected: int = 0                  # judged at first sight, never given a record
-    lost: int = 0                      # ring buffer full
-    create_failed: int = 0             # in-flight table full
-    truncated: int = 0
-    route_dropped: int = 0
-    path_overflow: int = 0             # count mode: packets on paths the path map had no room for
-    aged_out: int = 0                  # counted in user space
-    shown: int = 0
-    unread: int = 0                    # emitted, still in the ring when tracing stopped
-    attach_failures: int = 0           # re-placements that could not attach (old observers kept)
-
-    @property
-    def not_seen(self) -> int:
-        """Packets the user asked for that could not be shown."""
-        return self.lost + self.create_failed
+    # copy each record's first header bytes (Packet.head): pcap-ng output (-w)
+    snap: bool = False
 
 
 def _raise_fd_limit() -> None:
@@ -92,22 +70,21 @@ class Tracer:
         self.opts = opts or TraceOptions()
         self.obj: libbpf.BpfObject | None = None
         self.attachments: list[probes.Attachment] = []
-        self.ctx = paths.Context(symbolize=sysinfo.Kallsyms(), socket_owner=sysinfo.SocketOwners())
-        self.ring: libbpf.RingBuffer | None = None
-        self.aged = 0
-        self.shown = 0
-        self.unread = 0
+        self.ctx = paths.Context(symbolize=sysinfo.Kallsyms(), socket_owner=sysinfo.SocketOwners(),
+                                 # bpf_ktime_get_ns() is CLOCK_MONOTONIC, as time.monotonic_ns()
+                                 boot_wall_ns=time.time_ns() - time.monotonic_ns())
+        # records -> packets, and the counts that account for every one
+        self.names = names.Names(self.ctx)
+        self.collect = collector.Collector(self.ctx, self.opts,
+                                           relearn=lambda: self.names.relearn(self._ns_inodes.items()))
         self.started_ns = 0
         self.ready_s = 0.0
         self._last_age_scan = 0.0
-        self._last_relearn = 0.0
         self._ns_inodes: dict[str | None, int] = {}
         self._ns_index: dict[int, int] = {}          # netns inode -> its index in the BPF maps
         self._free_index = list(range(events.PT_MAX_NETNS - 1, -1, -1))   # popped from the end
         self._slot_of: dict[int, int] = {}           # inode -> traced_ns slot it holds
-        self._aged_ids: dict[int, None] = {}         # records reported as aged out (bounded)
         self.plan: backends.Plan | None = None       # the backend of each feature on this kernel
-        self._parked_deleted = 0                     # parked records user space deleted (aged out)
         self.nf: observers.Observers | None = None   # the netfilter observers (netfilter links)
         self._initial: dict = {}   # ns -> ruleset read before load, placed at attach
         self.attach_failures = 0
@@ -125,8 +102,6 @@ class Tracer:
         self._last_ns_check = 0.0
         # called with one line when a traced netns goes away; default: stderr
         self.on_notice: Callable[[str], None] | None = None
-        # called with (raw record bytes, aged) for every packet reported: --record
-        self.on_raw: Callable[[bytes, bool], None] | None = None
         # set (e.g. from a signal handler) to end packets() between batches,
         # never in the middle of one: a batch taken from the ring is reported
         self.stopping = False
@@ -155,8 +130,15 @@ class Tracer:
 
     def start(self) -> "Tracer":
         t0 = time.monotonic()
-        if os.geteuid() != 0:
-            raise TraceError("pkttrace needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")
+        # the effective capabilities, not uid 0: a service runs as a
+        # DynamicUser= with exactly these (tracer/caps.py says why each)
+        try:
+            lacking = caps.missing(caps.needed(named_netns=any(self.opts.netns), all_netns=self.opts.all_netns),
+                                   caps.effective())
+        except caps.CapsError as e:
+            raise TraceError(str(e)) from None
+        if lacking:
+            raise TraceError(caps.missing_message(lacking))
         if self.opts.all_netns:
             self.opts.netns = list(dict.fromkeys(netns.everything().values()))
         seen: set[int] = set()
@@ -178,7 +160,7 @@ class Tracer:
             self.plan = backends.plan(backends.probe(), self.opts.backend, self.opts.tc)
         except backends.BackendError as e:
             raise TraceError(str(e)) from None
-        self._read_vmlinux_btf()
+        self._gen_visible = self.names.read_kernel_btf()
         try:
             self._load()
             self._attach()
@@ -188,7 +170,8 @@ class Tracer:
         except BaseException:
             self.close()
             raise
-        self._learn_names()
+        for ns, ino in self._ns_inodes.items():
+            self.names.learn_netns(ns, ino)
         self._last_replace_check = time.monotonic()
         self.ready_s = time.monotonic() - t0
         self.started_ns = time.monotonic_ns()
@@ -220,6 +203,7 @@ class Tracer:
         cfg = PtConfig.from_address(ptr)
         cfg.emit = 1 if self.opts.emit else 0
         cfg.count = 1 if self.opts.count else 0
+        cfg.snap = 1 if self.opts.snap else 0
         if self._plan.hook_slow:
             cfg.hook_slow_start, cfg.hook_slow_end = self._plan.hook_slow
         self.opts.filter.fill(cfg)
@@ -255,8 +239,7 @@ class Tracer:
         self.nf.gen_visible = self._gen_visible
         if self._plan.tc:
             self.tc = tcobservers.TcObservers(obj, self.opts.tc, self._notice)
-        if self.opts.emit:
-            self.ring = libbpf.RingBuffer(obj.map("events").fd, self.opts.ringbuf_bytes)
+        self.collect.bind(obj)
 
     def _attach(self) -> None:
         obj = self._obj
@@ -385,7 +368,7 @@ class Tracer:
             now = netns.links(ns)
         except netns.NetnsError:
             return                           # the netns is going: check_netns says so
-        self._learn_ifnames(ns, ino, now)
+        self.names.learn_devices(ns, ino, now)
         if self.tc is not None:
             self.tc.follow(ns, now, deleted)
         self._set_iface(ns, now)
@@ -404,37 +387,6 @@ class Tracer:
         if index != self._iface_index:
             self._obj.map("iface_want").update(ctypes.c_uint32(0), ctypes.c_uint32(index))
             self._iface_index = index
-
-    def _learn_names(self) -> None:
-        for ns, ino in self._ns_inodes.items():
-            self.ctx.netns_names[ino] = ns or ""
-            self._learn_ifnames(ns, ino)
-
-    def _read_vmlinux_btf(self) -> None:
-        """What user space needs from the kernel's BTF: drop reason names,
-        and whether the BPF programs can read nftables' generation."""
-        try:
-            btf = libbpf.Btf.vmlinux()
-            try:
-                self.ctx.drop_reasons = btf.enum("skb_drop_reason")
-                try:
-                    # in struct net since 6.x (6.12 has it, 6.1 keeps it in
-                    # nf_tables' per-netns data, out of the programs' reach)
-                    self._gen_visible = "base_seq" in btf.struct_layout("netns_nftables")
-                except libbpf.BpfError:
-                    self._gen_visible = False
-            finally:
-                btf.close()
-        except libbpf.BpfError:
-            pass  # names fall back to numbers; the doctor reports missing BTF
-
-    def _learn_ifnames(self, ns: str | None, ino: int, devices: dict[int, str] | None = None) -> None:
-        self.ctx.shapes.clear()  # they hold device names
-        try:
-            for idx, name in (netns.links(ns) if devices is None else devices).items():
-                self.ctx.ifnames[(ino, idx)] = name
-        except netns.NetnsError:
-            pass
 
     # ---- namespaces that come and go ----
 
@@ -494,8 +446,7 @@ class Tracer:
         try:
             self._register(ino)
             self._attach_netns(ns, *observers.read_ruleset(ns))
-            self.ctx.netns_names[ino] = ns or ""
-            self._learn_ifnames(ns, ino)
+            self.names.learn_netns(ns, ino)
         except (probes.AttachError, netns.NetnsError, OSError) as e:
             self._drop_netns(ns)
             if ns is None or netns.current_inode(ns) == ino:   # not just gone again: a failure
@@ -593,12 +544,7 @@ class Tracer:
 
     def poll(self, timeout: float = 0.2) -> list[model.Packet]:
         """Packets whose traversal ended since the last call (and aged-out ones)."""
-        out: list[model.Packet] = []
-        if self.ring is not None:
-            self.ring.wait(timeout)
-            out.extend(self._drain_ring())
-        else:
-            time.sleep(timeout)
+        out = self.collect.wait(timeout)
         now = time.monotonic()
         if now - self._last_ns_check >= 0.5:
             self._last_ns_check = now
@@ -612,100 +558,22 @@ class Tracer:
             self.replace_observers(only_signalled=True)
         if now - self._last_age_scan >= min(1.0, self.opts.age_after / 2):
             self._last_age_scan = now
-            out.extend(self.age_out())
-        self.shown += len(out)
-        return out
-
-    def _drain_ring(self) -> list[model.Packet]:
-        """One batch from the ring: bounded, so memory stays flat when it is full."""
-        out: list[model.Packet] = []
-        if self.ring is None:            # no emit: nothing comes through a ring
-            return out
-        aged = self._aged_ids
-        for raw in self.ring.drain(max_records=4096):
-            if aged and _U64.unpack_from(raw)[0] in aged:
-                continue  # reported as aged out from its slot: its late end is not a new packet
-            out.append(self._packet(raw))
-            if self.on_raw:
-                self.on_raw(raw, False)
-        return out
-
-    def _packet(self, rec: PtRecord | bytes, aged: bool = False) -> model.Packet:
-        pkt = paths.assemble(rec, self.ctx, aged=aged)
-        if any(d is not None and d.startswith("if") for d in (pkt.in_dev, pkt.out_dev)):
-            # a device created after start: learn names again (at most once a second)
-            now = time.monotonic()
-            if now - self._last_relearn >= 1.0:
-                self._last_relearn = now
-                for ns, ino in self._ns_inodes.items():
-                    self._learn_ifnames(ns, ino)
-                pkt = paths.assemble(rec, self.ctx, aged=aged)
-        return pkt
-
-    def _slot_records(self) -> list[tuple[int, int, PtRecord]]:
-        """(cpu, skb, record) of the records held in the CPUs' slots."""
-        metas = self._obj.map("slots_meta").percpu_values(0, events.PtSlots)
-        out: list[tuple[int, int, PtRecord]] = []
-        for i in range(events.PT_SLOTS):
-            if not any(m.skb[i] for m in metas):
-                continue
-            recs = self._obj.map("slots").percpu_values(i, PtRecord)
-            out.extend((cpu, m.skb[i], recs[cpu]) for cpu, m in enumerate(metas) if m.skb[i])
+            out.extend(self.collect.age_out())
+        self.collect.shown += len(out)
         return out
 
     def age_out(self, older_than: float | None = None) -> list[model.Packet]:
-        """Forget records idle for age_after seconds; report the matching ones.
+        """Report (and forget) records idle for age_after (or older_than) seconds."""
+        return self.collect.age_out(older_than)
 
-        Parked records are deleted from the shared table.  A record in a
-        CPU's slot is that CPU's to free: it is reported once here, and
-        not again when the kernel later parks or reuses its slot."""
-        limit = time.monotonic_ns() - int((self.opts.age_after if older_than is None else older_than) * 1e9)
-        m = self._obj.map("inflight")
-        out = []
-        idle = []
-        rec = PtRecord()
-        for key in list(m.keys(ctypes.c_uint64)):
-            if not m.lookup(key, rec) or rec.last_ts > limit:
-                continue
-            if not m.delete(key):
-                continue  # ended meanwhile: the kernel reported it
-            self._parked_deleted += 1
-            if rec.id not in self._aged_ids:   # else reported from its slot already
-                idle.append(PtRecord.from_buffer_copy(rec))
-        if self._parked_deleted:
-            # tell the kernel: it searches the shared table only while any is parked
-            self._obj.map("parked").update(ctypes.c_uint32(1), ctypes.c_int64(self._parked_deleted))
-        for _cpu, _skb, r in self._slot_records():
-            if r.last_ts <= limit and r.id not in self._aged_ids:
-                idle.append(r)
-        want = self.opts.filter.flags
-        for rec in idle:
-            self._aged_ids[rec.id] = None
-            if len(self._aged_ids) > 65536:
-                self._aged_ids.pop(next(iter(self._aged_ids)))
-            # a fragment whose datagram was reassembled, freed without a
-            # tracepoint (local-delivery defrag merges them): it was absorbed
-            aged = not self._absorbed_fragment(rec)
-            self.aged += aged
-            if (rec.match & want) == want and self.opts.emit:
-                out.append(self._packet(PtRecord.from_buffer_copy(rec), aged=aged))
-                if self.on_raw:
-                    n = min(rec.n_stages, events.PT_MAX_STAGES)
-                    self.on_raw(bytes(rec)[:events.RECORD_HEADER_SIZE + n * events.STAGE_SIZE], aged)
-        return out
+    @property
+    def on_raw(self) -> Callable[[bytes, bool], None] | None:
+        """Called with (raw record bytes, aged) for every packet reported: --record."""
+        return self.collect.on_raw
 
-    def _absorbed_fragment(self, rec: PtRecord) -> bool:
-        """If rec is a fragment of a datagram the kernel reassembled, end it
-        as the kernel would have told: reassembled into that packet."""
-        if not rec.flags & events.REC_FRAG:
-            return False
-        k = events.PtFragKey(netns=rec.netns, frag_id=rec.frag_id, family=rec.family, proto=rec.proto)
-        k.saddr[:], k.daddr[:] = rec.saddr[:], rec.daddr[:]
-        into = ctypes.c_uint64()
-        if not self._obj.map("frag_groups").lookup(k, into):
-            return False
-        rec.fate, rec.link = events.Fate.REASSEMBLED, into.value
-        return True
+    @on_raw.setter
+    def on_raw(self, fn: Callable[[bytes, bool], None] | None) -> None:
+        self.collect.on_raw = fn
 
     def packets(self, count: int | None = None, duration: float | None = None,
                 after_batch=None) -> Iterator[model.Packet]:
@@ -726,45 +594,26 @@ class Tracer:
                 if count is not None and n >= count:
                     # reported by the kernel, not handed out: count, don't drop
                     rest = len(batch) - i - 1
-                    self.shown -= rest
-                    self.unread += rest
+                    self.collect.shown -= rest
+                    self.collect.unread += rest
                     return
             if after_batch is not None and batch:
                 after_batch()
 
     def counters(self) -> Counters:
-        st = self._obj.map("stats")
-        vals = {s: sum(st.percpu_u64(s)) for s in Stat}
-        return Counters(
-            created=vals[Stat.CREATED], emitted=vals[Stat.EMITTED], filtered=vals[Stat.FILTERED],
-            # per-CPU u64 counters: LATE can exceed REJECTED on one CPU, never in sum
-            rejected=vals[Stat.REJECTED] - vals[Stat.LATE],
-            lost=vals[Stat.LOST], create_failed=vals[Stat.CREATE_FAILED], truncated=vals[Stat.TRUNCATED],
-            route_dropped=vals[Stat.ROUTE_DROPPED], path_overflow=vals[Stat.PATH_OVERFLOW], aged_out=self.aged,
-            shown=self.shown, unread=self.unread,
-            attach_failures=self.attach_failures)
+        return self.collect.counters(self.attach_failures)
 
     def inflight(self) -> int:
         """Records in flight: parked in the shared table, and in the CPUs' slots."""
-        return sum(1 for _ in self._obj.map("inflight").keys(ctypes.c_uint64)) + len(self._slot_records())
+        return self.collect.inflight()
 
     # ---- tear-down ----
 
     def stop(self, budget: float = 1.0) -> list[model.Packet]:
-        """Detach, then hand over what the kernel had already reported.
-
-        Records still in the ring after `budget` seconds of reading are
-        counted as unread, so the summary accounts for every packet.
-        """
+        """Detach, then hand over what the kernel had already reported
+        (within `budget` seconds; the rest is counted as unread)."""
         self._detach()
-        out: list[model.Packet] = []
-        if self.ring is not None:
-            deadline = time.monotonic() + budget
-            while self.ring.pending() and time.monotonic() < deadline:
-                out.extend(self._drain_ring())
-            self.unread += self.ring.discard()
-        self.shown += len(out)
-        return out
+        return self.collect.finish(budget)
 
     def _detach(self) -> None:
         if self.nf is not None:
@@ -784,7 +633,8 @@ class Tracer:
     def close(self) -> None:
         self._detach()
         # the ring, the observer banks (second loads sharing the maps), then the object
-        for part in ("ring", "nf", "obj"):
+        self.collect.close()
+        for part in ("nf", "obj"):
             held = getattr(self, part)
             if held is not None:
                 held.close()

@@ -18,8 +18,8 @@ from operator import itemgetter, sub as _sub
 from typing import Callable
 
 from .events import PT_MAX_STAGES, StageKind
-from .layout import HEADER_SIZE as _HDR_SIZE, LINKS_OFF as _LINKS_OFF, N_STAGES_OFF as _N_OFF, \
-    STAGE_SIZE as _STAGE_SIZE
+from .layout import HEAD_OFF as _HEAD_OFF, HEADER_SIZE as _HDR_SIZE, LINKS_OFF as _LINKS_OFF, \
+    N_STAGES_OFF as _N_OFF, STAGE_SIZE as _STAGE_SIZE
 from .model import Packet
 
 # Sentinels: the id, and the time of raw stage i (ns after the first stage),
@@ -28,6 +28,9 @@ _SENT_ID = 7_100_000_000_000_000_000
 _SENT_LINK = 7_200_000_000_000_000_000          # + 0..3: cause, prev, next, reassembled
 _SENT_T = 7_000_000_000_000                     # + i * 1000: distinct at the human view's resolution
 _T_STEP = 1000
+# the wall-clock time (ns) the sentinel record's first stage gets: year 2201,
+# a value no real packet has (its first_ts is set to this minus boot_wall_ns)
+_SENT_WALL = 7_300_000_000_000_000_000
 _TS_OFF = 0                                     # a stage's time is its first 8 bytes
 _KIND_OFF = 24
 _U64 = struct.Struct("=Q")
@@ -65,19 +68,23 @@ class _Shape:
     def key(self, raw: bytes) -> tuple:
         # everything but id, times and link ids (which links exist is kept):
         # the header around them, and the stages
+        # (not the captured header bytes, head[]: no view but pcap-ng's shows
+        # them, and each packet's differ)
         links = raw[_LINKS_OFF:_LINKS_OFF + _LINK_BYTES]
         return (raw[24:_LINKS_OFF], None if links == _NO_LINKS else tuple(map(bool, _LINKS4.unpack(links))),
-                raw[_LINKS_OFF + _LINK_BYTES:_HDR_SIZE], self.stages.unpack_from(raw, _HDR_SIZE))
+                raw[_LINKS_OFF + _LINK_BYTES:_HEAD_OFF], self.stages.unpack_from(raw, _HDR_SIZE))
 
-    def sentinel_raw(self, raw: bytes) -> bytes:
+    def sentinel_raw(self, raw: bytes, boot_wall_ns: int | None) -> bytes:
         b = bytearray(raw[:self.size])
         _U64.pack_into(b, 0, _SENT_ID)
-        _U64.pack_into(b, 8, 0)                 # first_ts: times are then the sentinels themselves
+        # first_ts: the wall-clock sentinel (times after it are the stage sentinels)
+        first = _SENT_WALL - boot_wall_ns if boot_wall_ns is not None else 0
+        _U64.pack_into(b, 8, first)
         for k in range(4):
             if _U64.unpack_from(b, _LINKS_OFF + 8 * k)[0]:
                 _U64.pack_into(b, _LINKS_OFF + 8 * k, _SENT_LINK + k)
         for j, i in enumerate(self.timed):
-            _U64.pack_into(b, _HDR_SIZE + i * _STAGE_SIZE + _TS_OFF, _SENT_T + j * _T_STEP)
+            _U64.pack_into(b, _HDR_SIZE + i * _STAGE_SIZE + _TS_OFF, first + _SENT_T + j * _T_STEP)
         return bytes(b)
 
 
@@ -94,11 +101,15 @@ class Templates:
     of a 2 KB line where str formatting takes 1.6."""
 
     def __init__(self, render: Callable[[Packet], str], time: Callable[[int], str],
-                 fill: Callable[[int], str] | None = None, max_entries: int = 4096, as_bytes: bool = False):
+                 fill: Callable[[int], str] | None = None, max_entries: int = 4096, as_bytes: bool = False,
+                 wall: Callable[[int], str] = str):
         self.render, self.time, self.max_entries = render, time, max_entries
         self.fill = fill or time
+        # how the renderer writes a packet's wall-clock time (Unix ns), e.g.
+        # JSON's "time_ns" as str() does
+        self.wall = wall
         self.as_bytes = as_bytes
-        if as_bytes and (self.fill is not str or time is not str):
+        if as_bytes and (self.fill is not str or time is not str or wall is not str):
             raise ValueError("as_bytes templates hold integers only")
         self._shapes: dict[int, tuple] = {}     # id(Shape) -> (Shape object, _Shape)
         self._texts: dict[tuple, tuple] = {}    # key -> (Shape object, format string, holes)
@@ -138,32 +149,35 @@ class Templates:
         """The text of pkt with holes: rendered from a copy of its record
         whose id, times and links are sentinels."""
         ctx = pkt._ctx
-        probe = Packet._from_raw(meta.sentinel_raw(pkt._raw), pkt._shape, ctx, pkt._decoder)
+        boot = ctx.boot_wall_ns if ctx is not None else None
+        probe = Packet._from_raw(meta.sentinel_raw(pkt._raw, boot), pkt._shape, ctx, pkt._decoder)
         text = self.render(probe)
-        tokens = {str(_SENT_ID): -1}
+        # each token stands for a value: (id, cause, prev, next, reassembled,
+        # wall-clock time, time of timed stage 0, 1, ...)
+        tokens = {str(_SENT_ID): 0}
         for k in range(4):
-            tokens[str(_SENT_LINK + k)] = -2 - k
+            tokens[str(_SENT_LINK + k)] = 1 + k
+        if boot is not None:
+            tokens[self.wall(_SENT_WALL)] = 5
         for j in range(len(meta.timed)):
-            tokens[self.time(_SENT_T + j * _T_STEP)] = j
+            tokens[self.time(_SENT_T + j * _T_STEP)] = 6 + j
         pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
-        # %s holes in the order of the text; each picks from the values
-        # (id, cause, prev, next, reassembled, time of timed stage 0, 1, ...)
+        # holes in the order of the text, each picking from the values
         out, order = [], []
         pos = 0
         hole = "%d" if self.as_bytes else "%s"
         for m in pattern.finditer(text):
             out.append(text[pos:m.start()].replace("%", "%%"))
             out.append(hole)
-            h = tokens[m.group(0)]
-            order.append(0 if h == -1 else 1 + (-h - 2) if h < -1 else 5 + h)
+            order.append(tokens[m.group(0)])
             pos = m.end()
         out.append(text[pos:].replace("%", "%%"))
         n_times = len(meta.timed)
         # the common case: the id, then every time in stage order, no link
-        natural = order == [0] + [5 + j for j in range(n_times)]
+        natural = order == [0] + [6 + j for j in range(n_times)]
         joined = "".join(out)
         fmt = (joined.encode() if self.as_bytes else joined, None if natural else itemgetter(*order) if len(order) > 1 else
-               (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ()))
+               (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ()), boot or 0)
         # the sentinels must stand for values only: a text that renders
         # differently with them (a time or id used for anything but
         # printing) would be wrong; check the packet itself against it
@@ -172,7 +186,7 @@ class Templates:
         return pkt._shape, fmt
 
     def _fill(self, fmt: tuple, meta: _Shape, raw: bytes) -> str | bytes:
-        text, pick = fmt
+        text, pick, boot = fmt
         v = meta.values.unpack_from(raw, 0)
         # id, links, then the times after the first stage (C loops: map)
         times = map(_sub, v[6:], repeat(v[1]))
@@ -180,4 +194,5 @@ class Templates:
             times = map(self.fill, times)
         if pick is None:
             return text % (v[0], *times)
-        return text % pick(v[:1] + v[2:6] + tuple(times))
+        wall = boot + v[1]
+        return text % pick(v[:1] + v[2:6] + (wall if self.wall is str else self.wall(wall),) + tuple(times))

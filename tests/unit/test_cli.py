@@ -21,6 +21,9 @@ from tracer.filters import Mark, PacketFilter
 def unprivileged(monkeypatch):
     """Fake a normal user, and make tracing or lab changes a test failure."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    # the door checks capabilities (tracer/caps.py): the faked uid 0 has them all, others none
+    from tracer import caps
+    monkeypatch.setattr(caps, "effective", lambda: (1 << 64) - 1 if os.geteuid() == 0 else 0)
 
     def no_trace(*args, **kwargs):
         raise AssertionError("unit tests must not start tracing")
@@ -134,8 +137,10 @@ def test_root_passes_parsed_options_to_the_tracer(capsys, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     seen = {}
 
-    def fake_run_trace(opts, count=None, duration=None, as_json=False, record_path=None):
-        seen.update(opts=opts, count=count, duration=duration, as_json=as_json, record_path=record_path)
+    def fake_run_trace(opts, count=None, duration=None, as_json=False, record_path=None, show=None,
+                       write_path=None):
+        seen.update(opts=opts, count=count, duration=duration, as_json=as_json, record_path=record_path, show=show,
+                    write_path=write_path)
     monkeypatch.setattr(cli, "run_trace", fake_run_trace)
 
     status = cli.run(["--mark", "0x10/0xf0", "--src", "10.1.2.3/8", "--dst", "2001:db8::1", "--proto", "udp",
@@ -149,6 +154,7 @@ def test_root_passes_parsed_options_to_the_tracer(capsys, monkeypatch):
     assert opts.netns == [None]
     assert (opts.tc, opts.age_after) == ("off", 2.0)
     assert (seen["count"], seen["duration"], seen["as_json"]) == (3, 1.5, True)
+    assert opts.snap is False and seen["write_path"] is None and seen["show"].printing
 
 
 # --- help -------------------------------------------------------------------

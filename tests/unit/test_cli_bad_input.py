@@ -56,18 +56,27 @@ def _table():
         add(cmd, "--iface", NOT_AN_IFACE)
         add(cmd, "--count", NOT_A_COUNT)
         add(cmd, "-c", ["0", "nan", "1_0", "５"])
+        add(cmd, "--color", ["bogus", "", "ALWAYS", "always "])
+        add(cmd, "-i", NOT_AN_IFACE)
     add([], "--duration", NOT_SECONDS + ["0", "0.0"])
     add([], "--age-after", NOT_SECONDS + ["0", "0.05"])
     add([], "--tc", ["bogus", "", "TCX", "tcx "])
     add([], "--backend", ["bogus", "", "NFLINK"])
     add([], "--record", _bad_paths())
+    add([], "-w", _bad_paths())
+    add([], "-r", ["/dev/zero", "{tmp}", "/nonexistent/trace.pcapng", "", "/proc/version", "{tmp}/file"])
     add([], "--netns", NOT_A_NETNS)
     add(["serve"], "--listen", NOT_A_LISTEN)
     add(["serve"], "--age-after", NOT_SECONDS + ["0", "0.05"])
     add(["serve"], "--max-paths", NOT_MAX_PATHS)
     add(["serve"], "--tc", ["bogus", ""])
     add(["serve"], "--netns", NOT_A_NETNS)
+    # not a readable regular file, or not a web-config mapping ({tmp}/file: one line of text)
+    add(["serve"], "--web.config.file", ["/proc/version", "{tmp}", "{tmp}/fifo", "/dev/null", "{tmp}/dangling",
+                                         "{tmp}/missing.yml", "{tmp}/file", ""])
     add(["cleanup"], "--netns", NOT_A_NETNS)
+    add(["install-service"], "--root", ["", "/nonexistent/root", "{tmp}/file", "/proc/version"])
+    add(["install-service"], "--exec", ["", "pkttrace", "bin/pkttrace", "/opt/my tools/pkttrace", "/x\n/pkttrace"])
     add(["replay"], None, ["/dev/zero", "{tmp}", "{tmp}/fifo-no-writer-is-never-opened", "/nonexistent/rec", "",
                            "/proc/version", "{tmp}/file"])
     for sub in ("up", "down", "status", "demo"):
@@ -88,6 +97,9 @@ def _id(row) -> str:
 def uid(request, monkeypatch):
     """Fake the effective uid; make tracing, lab changes and serving a test failure."""
     monkeypatch.setattr(os, "geteuid", lambda: request.param)
+    # the door checks capabilities, not the uid: the user has none
+    from tracer import caps
+    monkeypatch.setattr(caps, "effective", lambda: (1 << 64) - 1 if request.param == 0 else 0)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("bad input went past the door")
@@ -98,6 +110,8 @@ def uid(request, monkeypatch):
     monkeypatch.setattr(lab.Lab, "down", forbidden)
     monkeypatch.setattr(demo, "run", forbidden)
     monkeypatch.setattr(serve, "Exporter", forbidden)
+    from tracer import installer
+    monkeypatch.setattr(installer, "install", forbidden)
     return request.param
 
 
@@ -127,7 +141,7 @@ def test_bad_value_is_one_line_exit_2(capsys, uid, tmp, row):
     assert "Traceback" not in out + err
     assert status == 2, (status, err)
     line = one_line(err)
-    assert "not root" not in line          # checked before root is asked for
+    assert "not root" not in line and "missing capabilit" not in line   # checked before root is asked for
     assert out == ""
 
 
@@ -142,7 +156,8 @@ def test_table_covers_every_option_of_every_command():
                 if (path, None) not in seen:
                     missing.append((path, p.name))
                 continue
-            if getattr(p, "is_flag", False) or p.name == "help":
+            # flags and counted switches (-v, -tt...) take no value (tests/unit/test_cli_tcpdump.py)
+            if getattr(p, "is_flag", False) or getattr(p, "count", False) or p.name == "help":
                 continue
             if not any((path, o) in seen for o in p.opts):
                 missing.append((path, p.opts[0]))
@@ -292,6 +307,8 @@ def test_netns_all_is_given_alone(argv, capsys, monkeypatch):
     monkeypatch.setattr(cli, "run_trace", forbidden)
     from tracer import serve
     monkeypatch.setattr(serve, "Exporter", forbidden)
+    from tracer import installer
+    monkeypatch.setattr(installer, "install", forbidden)
     assert cli.run(argv) == 2
     line = one_line(capsys.readouterr().err)
     assert "--netns all" in line or "--iface" in line

@@ -92,6 +92,56 @@ def test_json_is_what_build_py_writes():
             assert f.read() == text, f"{name} is stale: run python3 dashboards/build.py"
 
 
+def _lost(ours, theirs, path: str = "") -> list[str]:
+    """Fields of `ours` that `theirs` does not have, or has with another value
+    (fields `theirs` adds, its defaults, are fine)."""
+    if isinstance(ours, dict):
+        if not isinstance(theirs, dict):
+            return [f"{path}: {ours!r} became {theirs!r}"]
+        return [x for k, v in ours.items()
+                for x in ([f"{path}.{k}: dropped"] if k not in theirs else _lost(v, theirs[k], f"{path}.{k}"))]
+    if isinstance(ours, list):
+        if not isinstance(theirs, list) or len(ours) != len(theirs):
+            return [f"{path}: {ours!r} became {theirs!r}"]
+        return [x for i, (a, b) in enumerate(zip(ours, theirs)) for x in _lost(a, b, f"{path}[{i}]")]
+    return [] if ours == theirs else [f"{path}: {ours!r} became {theirs!r}"]
+
+
+@pytest.mark.parametrize("name", DASHBOARDS)
+def test_grafana_schema_keeps_every_field(name):
+    """Read back by the grafana-foundation-sdk's models of Grafana 11.6's
+    dashboard schema (and each panel plugin's options and field config,
+    generated from Grafana's own CUE kinds), the JSON loses nothing: no field
+    Grafana does not know (a row's description, a variable's definition, both
+    in the hand-written JSON before), no value it would change.  Only its
+    defaults are added.  (Enum values are checked when build.py is type
+    checked: the SDK's builders take its enums; from_json does not check them.)"""
+    pytest.importorskip("grafana_foundation_sdk")
+    from grafana_foundation_sdk.cog import plugins
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+    plugins.register_default_plugins()     # panel options by panel type, queries by datasource type
+    ours = load(name)
+    theirs = json.loads(json.dumps(Dashboard.from_json(ours), cls=JSONEncoder))
+    assert _lost(ours, theirs) == []
+
+
+def test_the_schema_check_catches_what_grafana_drops():
+    pytest.importorskip("grafana_foundation_sdk")
+    from grafana_foundation_sdk.cog import plugins
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+    plugins.register_default_plugins()
+    bad = load(DASHBOARDS[0])
+    row = next(p for p in bad["panels"] if p["type"] == "row")
+    row["description"] = "rows have none"
+    ts = next(p for p in bad["panels"] if p["type"] == "timeseries")
+    ts["options"]["legend"]["placment"] = "bottom"
+    lost = _lost(bad, json.loads(json.dumps(Dashboard.from_json(bad), cls=JSONEncoder)))
+    assert any(x.endswith(".description: dropped") for x in lost)
+    assert any(x.endswith(".legend.placment: dropped") for x in lost)
+
+
 @pytest.mark.parametrize("name", DASHBOARDS)
 def test_dashboard_structure(name):
     d = load(name)
@@ -124,7 +174,9 @@ def test_dashboard_structure(name):
 def test_queries_use_documented_metrics_and_labels(name):
     d = load(name)
     exprs = [(p["title"], t["expr"]) for p in all_panels(d["panels"]) for t in p.get("targets") or []]
-    exprs += [("variable " + v["name"], v["definition"]) for v in d["templating"]["list"] if v["type"] == "query"]
+    # a query variable's PromQL: {"query": ..., "refId": ...} as Grafana's Prometheus editor writes it
+    exprs += [("variable " + v["name"], v["query"]["query"] if isinstance(v["query"], dict) else v["query"])
+              for v in d["templating"]["list"] if v["type"] == "query"]
     for title, expr in exprs:
         expr = re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", expr)  # variable query: its selector
         names, selectors, grouping = promql_parts(expr)
@@ -194,3 +246,13 @@ def test_provisioning_yaml():
     for name in DASHBOARDS:
         (var,) = [v for v in load(name)["templating"]["list"] if v["name"] == "DS_PROMETHEUS"]
         assert var["type"] == "datasource" and var["current"]["value"] == "prometheus"
+
+
+def test_build_py_type_checks():
+    """The SDK's builders are typed (its enums, its models): mypy is what
+    turns a wrong field or enum value in build.py into an error."""
+    pytest.importorskip("grafana_foundation_sdk")
+    import sys
+    r = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary", os.path.join(DASH_DIR, "build.py")],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -10,12 +10,13 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 # bottom to top, as the README draws it; a module imports only from layers below its own
 LAYERS = [
-    {"events", "libbpf", "netns", "inputs", "model", "sysinfo", "sdnotify", "version"},   # facts, loader, model
+    {"events", "libbpf", "netns", "inputs", "model", "sysinfo", "sdnotify", "version", "colour",
+     "caps", "webconfig"},                                                         # facts, model
     {"layout", "filters", "backends", "placement", "routing", "watch", "lab"},   # what the kernel offers / has
     {"probes", "paths"},                                                          # attach; bytes -> packets
-    {"observers", "tcobservers", "recording", "templates"},                       # observers; record/replay
+    {"observers", "tcobservers", "recording", "templates", "collector", "names"},          # observers; record/replay; collect
     {"session"},                                                                  # the lifecycle of a trace
-    {"output", "exporter", "doctor", "api", "demo"},                              # sinks, library API
+    {"output", "exporter", "doctor", "api", "demo", "installer", "pcapng"},                    # sinks, library API
     {"serve"},                                                                    # the service
     {"cli"},                                                                      # the command line
     {"__main__", "__init__", "manpage"},                                          # python -m tracer; import tracer; pkttrace(1)

@@ -202,9 +202,12 @@ def _recorded():
     return load_recording(RECORDING)
 
 
-def test_json_bytes_lines_equal_the_json_renderer_for_every_recorded_packet():
-    # twice each: the first renders and compiles a template, the second fills it
+@pytest.mark.parametrize("boot_wall_ns", [None, 1_764_672_000_123_456_789])
+def test_json_bytes_lines_equal_the_json_renderer_for_every_recorded_packet(boot_wall_ns):
+    # twice each: the first renders and compiles a template, the second fills it;
+    # with a wall clock, each packet's "time_ns" is a hole of its own
     ctx, raws = _recorded()
+    ctx.boot_wall_ns = boot_wall_ns
     fmt = output.Templates(output.packet_json, str, as_bytes=True)
     for _ in range(2):
         for raw, aged in raws:

@@ -183,7 +183,7 @@ def garbage(rng, lines):
 
 def header(rng, lines):
     lines = list(lines)
-    lines[0] = rng.choice([b'{"pkttrace_recording": 2, "record_size": 200, "stage_size": 32}\n',
+    lines[0] = rng.choice([b'{"pkttrace_recording": 3, "record_size": 200, "stage_size": 32}\n',
                            b'{"pkttrace_recording": 99999999999999999999999}\n',
                            b'{"pkttrace_recording": true, "record_size": 200, "stage_size": 32}\n',
                            b'{"pkttrace_recording": "1", "record_size": 200, "stage_size": 32}\n',

@@ -8,7 +8,9 @@ import os
 import pytest
 
 from tracer.output import Printer
-from tracer.recording import FORMAT, Cut, RecordingError, check, replay, replay_to
+from tracer.recording import _LAYOUTS, FORMAT, Cut, RecordingError, _check_raw, check, replay, replay_to
+
+_LAYOUT2 = _LAYOUTS[2]
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "lab-demo.jsonl")
 
@@ -23,7 +25,9 @@ def ids(data: bytes) -> list[int]:
 
 
 def test_the_fixture_declares_this_format():
-    assert json.loads(LINES[0])["pkttrace_recording"] == FORMAT == 1
+    # the fixture is of format 1 (records without the header line's facts):
+    # still read, its records padded to this format's layout
+    assert json.loads(LINES[0])["pkttrace_recording"] == 1 and FORMAT == 2
     assert len(ids(BASE)) == ALL
 
 
@@ -66,7 +70,7 @@ def test_header_only_is_an_empty_recording():
     (b"\x89PNG\r\n\x1a\n\0\0", "not UTF-8"),
     (b"[1, 2]\n", "no header"),
     (b'{"context": {}}\n', "no header"),
-    (b'{"pkttrace_recording": 2, "record_size": 200, "stage_size": 32}\n', "format 2 is newer"),
+    (b'{"pkttrace_recording": 3, "record_size": 200, "stage_size": 32}\n', "format 3 is newer"),
     (b'{"pkttrace_recording": true, "record_size": 200, "stage_size": 32}\n', "format True"),
     (b'{"pkttrace_recording": "1", "record_size": 200, "stage_size": 32}\n', "format '1'"),
     (b'{"pkttrace_recording": 1, "record_size": 208, "stage_size": 32}\n', "another record layout"),
@@ -139,3 +143,62 @@ def test_a_line_too_long_is_refused_without_reading_it_all(monkeypatch):
     monkeypatch.setattr(rec, "MAX_LINE", 1000)
     with pytest.raises(RecordingError, match="longer than"):
         list(replay(io.BytesIO(LINES[0] + b'{"context": {"x": "' + b"a" * 5000)))
+
+
+def _with_facts(raw: bytes) -> bytes:
+    """A record given the header line's facts, as the kernel fills them for a TCP SYN."""
+    from tracer import events
+    b = bytearray(raw)
+    R = events.PtRecord
+    b[R.len.offset:R.len.offset + 2] = (60).to_bytes(2, "little")
+    b[R.tcp_flags.offset], b[R.head_len.offset] = 0x02, 4
+    b[R.flags.offset] |= events.REC_L4
+    b[R.head.offset:R.head.offset + 4] = b"\x45\x00\x00\x3c"
+    return bytes(b)
+
+
+def test_format_1_records_read_with_unknown_facts_and_format_2_keeps_them():
+    """A format 1 recording (the fixture) still replays, without the facts
+    its records do not carry; one written now keeps them, and the time."""
+    from tracer import paths
+    from tracer.recording import Recorder, _check_raw
+    old = list(replay(io.BytesIO(BASE)))
+    assert all(p.length is None and p.wall_ns is None and p.head is None for p in old)
+    assert all("time_ns" not in p.to_json() and "len" not in p.to_json() for p in old)
+    # rewrite the fixture's records (read in this format's layout) as format 2
+    ctx = paths.Context(boot_wall_ns=1_764_672_000_000_000_000)
+    out = io.StringIO()
+    rec = Recorder(out, ctx)
+    for line in LINES[1:]:
+        d = json.loads(line)
+        if "context" in d:
+            out.write(line.decode())
+        else:
+            raw, aged = _check_raw(d, 200)    # format 1's header size: padded to this layout
+            rec(_with_facts(raw), aged)
+    assert json.loads(out.getvalue().splitlines()[0])["pkttrace_recording"] == FORMAT == 2
+    new = list(replay(io.StringIO(out.getvalue())))
+    assert [p.id for p in new] == [p.id for p in old]
+    tcp = [p for p in new if p.proto_num == 6]
+    others = [p for p in new if p.proto_num != 6]
+    assert all(p.length == 60 and p.head == b"\x45\x00\x00\x3c" for p in new)
+    assert all(p.tcp_flags == 2 and p.to_json()["tcp_flags"] == "S" for p in tcp)
+    assert all(p.tcp_flags is None for p in others)
+    assert all(p.wall_ns is not None and p.wall_ns > 1_764_672_000_000_000_000 for p in new)
+
+
+def test_a_format_2_recording_without_a_wall_clock_replays_without_times():
+    """A format 1 recording rewritten (pcap-ng -w from -r) keeps "no wall clock": null."""
+    head = json.loads(LINES[0])
+    head.update(pkttrace_recording=2, record_size=_LAYOUT2[0], boot_wall_ns=None)
+    lines = [json.dumps(head).encode() + b"\n"]
+    for line in LINES[1:]:
+        d = json.loads(line)
+        if "raw" in d:
+            d["raw"] = _check_raw(d, 200)[0].hex()
+        lines.append(json.dumps(d).encode() + b"\n")
+    pkts = list(replay(io.BytesIO(b"".join(lines))))
+    assert len(pkts) == ALL and all(p.wall_ns is None for p in pkts)
+    bad = dict(head, boot_wall_ns="yesterday")
+    with pytest.raises(RecordingError, match="boot_wall_ns is not a time"):
+        list(replay(io.BytesIO(json.dumps(bad).encode() + b"\n" + b"".join(lines[1:]))))

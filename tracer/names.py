@@ -1,0 +1,59 @@
+"""The names records do not carry, learnt from the kernel for a trace.
+
+Records hold numbers: netns inodes, ifindexes, drop reason values.  This
+keeps the decoder's Context (tracer.paths) supplied with their names:
+devices per namespace (again when devices come, go or are renamed),
+namespace names, and the drop reasons of this kernel's BTF (never a copied
+table).  The kernel's BTF also says whether the BPF programs can read
+nftables' generation, which the observers need to know.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from . import libbpf, netns
+from .paths import Context
+
+
+class Names:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def read_kernel_btf(self) -> bool:
+        """Drop reason names into the context; True if the programs can
+        read nftables' generation (net->nft.base_seq)."""
+        try:
+            btf = libbpf.Btf.vmlinux()
+        except libbpf.BpfError:
+            return True   # names fall back to numbers; the doctor reports missing BTF
+        try:
+            self.ctx.drop_reasons = btf.enum("skb_drop_reason")
+            try:
+                # in struct net since 6.x (6.12 has it, 6.1 keeps it in
+                # nf_tables' per-netns data, out of the programs' reach)
+                return "base_seq" in btf.struct_layout("netns_nftables")
+            except libbpf.BpfError:
+                return False
+        except libbpf.BpfError:
+            return True
+        finally:
+            btf.close()
+
+    def learn_netns(self, ns: str | None, ino: int) -> None:
+        """A traced namespace: its name ("" for the current one) and its devices'."""
+        self.ctx.netns_names[ino] = ns or ""
+        self.learn_devices(ns, ino)
+
+    def learn_devices(self, ns: str | None, ino: int, devices: dict[int, str] | None = None) -> None:
+        """The device names of ns (devices: ifindex -> name, already read)."""
+        self.ctx.shapes.clear()  # resolved path shapes hold device names
+        try:
+            for idx, name in (netns.links(ns) if devices is None else devices).items():
+                self.ctx.ifnames[(ino, idx)] = name
+        except netns.NetnsError:
+            pass
+
+    def relearn(self, traced: Iterable[tuple[str | None, int]]) -> None:
+        """Every traced namespace's devices again (a device unknown so far)."""
+        for ns, ino in traced:
+            self.learn_devices(ns, ino)
