@@ -163,6 +163,8 @@ case "$help" in *--version*) echo "RESULT version=$(pkttrace --version)";; esac
 if [ -e /etc/bash_completion.d/pkttrace ]; then
   echo "RESULT completion=$(head -n 1 /etc/bash_completion.d/pkttrace)"
   echo "RESULT man=$(sed -n 2p /usr/local/share/man/man1/pkttrace.1)"
+  echo "RESULT unit=$(grep '^ExecStart=' /etc/systemd/system/pkttrace.service)"
+  echo "RESULT dashboards=$(ls /usr/share/pkttrace/dashboards/*.json | wc -l)"
 fi
 """
 
@@ -191,6 +193,8 @@ def test_the_readme_install_block_works_on_a_fresh_debian_12(dist, tmp_path, blo
     assert result["object"].endswith("/tracer/data/pkttrace.bpf.o")
     if "version" in result:
         assert VERSION in result["version"]
-    if "install-extras" in blocks:      # what bash and man read
+    if "install-extras" in blocks:      # what bash, man and systemd read
         assert result["completion"].startswith("_pkttrace_completion()") and result["man"] == ".SH NAME"
+        # the unit runs the pkttrace on PATH, the link into /opt/pkttrace; the wheel shipped the files
+        assert result["unit"] == "ExecStart=/usr/local/bin/pkttrace serve" and int(result["dashboards"]) >= 2
     print(f"{' + '.join(blocks)}: {time.monotonic() - t0:.0f} s in the chroot")
