@@ -16,9 +16,13 @@ fi
 # tcpdump: the ground truth the ECMP tests compare pkttrace's choice with;
 # qemu-system-x86, busybox-static, cpio, xz-utils, kmod: ../shared/kernel-vm/
 # run-vm.sh, which runs the tests under Debian's 6.1 and 6.12 kernels
-# (scripts/kernel-matrix.sh).
+# (scripts/kernel-matrix.sh); debootstrap: the README's install path tried
+# on a fresh Debian 12 (tests/integration/test_packaging.py); tshark: reads
+# the pcap-ng files pkttrace writes back in the tests; libpcap0.8: compiles
+# filter expressions (pcap_compile, at run time; no -dev needed).
 APT_PKGS=(clang llvm libbpf-dev libbpf1 bpftool make iproute2 iptables nftables iperf3 iputils-ping util-linux
-          python3-venv systemd prometheus tcpdump qemu-system-x86 busybox-static cpio xz-utils kmod)
+          python3-venv systemd prometheus tcpdump libpcap0.8 tshark debootstrap
+          qemu-system-x86 busybox-static cpio xz-utils kmod)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -37,6 +41,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     trap 'rm -f "$policy"' EXIT
   fi
   apt-get update -qq
+  # wireshark-common (tshark's) asks whether non-root users may capture:
+  # answer no beforehand, so the install never stops for a question
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   # prometheus goes in without its Recommends (node-exporter, another daemon)
   others=() prom=
   for p in "${missing[@]}"; do

@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 rc=0
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@" || rc=$?
+# again with the oldest dependencies the floors allow (Debian 12's versions)
+# in .venv-floor (PKTTRACE_NO_FLOOR=1 skips it)
+if [ -z "${PKTTRACE_NO_FLOOR:-}" ]; then
+  scripts/test-floor.sh || rc=1
+fi
 # then the integration tests that exercise every backend, under Debian 12's
 # 6.1 (fentry, kprobe) and 6.12 (netfilter links) kernels in qemu
 # (PKTTRACE_NO_MATRIX=1 skips it, e.g. when iterating on one test)

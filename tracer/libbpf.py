@@ -31,7 +31,13 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+# __NR_bpf by os.uname().machine, from the kernel's syscall tables
+# (arch/x86/entry/syscalls/syscall_{64,32}.tbl, arch/arm/tools/syscall.tbl,
+# arch/powerpc/kernel/syscalls/syscall.tbl, arch/s390/kernel/syscalls/
+# syscall.tbl; arm64, riscv and loongarch use asm-generic/unistd.h's 280).
+# Not a default: a wrong number would be some other syscall.
+SYS_BPF = {"x86_64": 321, "i686": 357, "i386": 357, "aarch64": 280, "riscv64": 280, "loongarch64": 280,
+           "ppc64le": 361, "ppc64": 361, "s390x": 351, "armv7l": 386, "armv6l": 386}
 
 # BTF kinds (include/uapi/linux/btf.h)
 BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_STRUCT = 1, 2, 3, 4
@@ -62,6 +68,21 @@ def object_path() -> str:
 
 class BpfError(Exception):
     """A libbpf or bpf() failure, as one line a user can act on."""
+
+
+class UnsupportedArchitecture(BpfError):
+    """This machine's bpf() syscall number is not known: refused, never guessed.
+    A BpfError, so every caller that already turns those into one line does."""
+
+
+def sys_bpf() -> int:
+    """The bpf() syscall number of this machine, or UnsupportedArchitecture."""
+    machine = os.uname().machine
+    try:
+        return SYS_BPF[machine]
+    except KeyError:
+        raise UnsupportedArchitecture(f"unsupported architecture {machine}: pkttrace knows the bpf() syscall "
+                                      f"on {', '.join(sorted(SYS_BPF))}") from None
 
 
 def _errmsg(what: str, err: int, hint: str = "") -> str:
@@ -103,6 +124,7 @@ def lib():
     global _lib
     if _lib is not None:
         return _lib
+    sys_bpf()   # an unknown architecture is refused before anything touches the kernel
     name = ctypes.util.find_library("bpf") or "libbpf.so.1"
     try:
         L = ctypes.CDLL(name, use_errno=True)
@@ -162,7 +184,7 @@ def _last_log(n: int = 3) -> str:
 
 def bpf_syscall(cmd: int, attr: ctypes.Array) -> int:
     """bpf(cmd, attr, size); returns the result or raises OSError."""
-    r = _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    r = _libc.syscall(sys_bpf(), cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if r < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))

@@ -19,7 +19,7 @@ LAYERS = [
     {"output", "exporter", "doctor", "api", "demo", "installer", "pcapng"},                    # sinks, library API
     {"serve"},                                                                    # the service
     {"cli"},                                                                      # the command line
-    {"__main__", "__init__"},                                                     # python -m tracer; import tracer
+    {"__main__", "__init__", "manpage"},                                          # python -m tracer; import tracer; pkttrace(1)
 ]
 
 
