@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector as Registered
 
 from . import events, libbpf, model, paths, placement, probes
 from .version import __version__
@@ -175,7 +176,7 @@ class DropTotals:
         return dict(self._shortfall)
 
 
-class Collector:
+class Collector(Registered):
     """prometheus-client custom collector over a running count-mode Tracer."""
 
     def __init__(self, tracer: Tracer, lock: threading.Lock | None = None, bpf_stats: bool = False):
