@@ -13,6 +13,8 @@ fi
 
 # systemd: systemd-analyze (the unit file test); prometheus: prometheus and
 # promtool (the exporter's integration tests start a private server);
+# systemd-container: systemd-nspawn boots the unit under a real systemd
+# (tests/integration/test_systemd_nspawn.py, tree from scripts/nspawn-tree.sh);
 # tcpdump: the ground truth the ECMP tests compare pkttrace's choice with;
 # qemu-system-x86, busybox-static, cpio, xz-utils, kmod: ../shared/kernel-vm/
 # run-vm.sh, which runs the tests under Debian's 6.1 and 6.12 kernels
@@ -21,7 +23,7 @@ fi
 # the pcap-ng files pkttrace writes back in the tests; libpcap0.8: compiles
 # filter expressions (pcap_compile, at run time; no -dev needed).
 APT_PKGS=(clang llvm libbpf-dev libbpf1 bpftool make iproute2 iptables nftables iperf3 iputils-ping util-linux
-          python3-venv systemd prometheus tcpdump libpcap0.8 tshark debootstrap
+          python3-venv systemd systemd-container prometheus tcpdump libpcap0.8 tshark debootstrap
           qemu-system-x86 busybox-static cpio xz-utils kmod)
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# the OS tree the systemd-nspawn test boots (cached; made once, ~1-3 min):
+# without it that test skips and says why
+scripts/nspawn-tree.sh || echo "test.sh: no nspawn tree (see above): test_systemd_nspawn.py will skip" >&2
 rc=0
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@" || rc=$?
 # again with the oldest dependencies the floors allow (Debian 12's versions)
