@@ -2217,6 +2217,22 @@ static __always_inline void handoff_reserve(const void *skb, struct pt_record *r
 	r->next_netns = ino;
 }
 
+/* A packet handed to a device (tc egress, or net_dev_queue without tc):
+ * the reply of a translated connection gets its addresses back in
+ * POSTROUTING's NAT, where no observer may follow (nat chains only at
+ * PREROUTING still make the NAT core hook there): the header it leaves with
+ * is matched too.  Only where NAT may have rewritten it. */
+static __always_inline void match_leaving(struct sk_buff *skb, struct pt_record *r)
+{
+	struct pkt_info pi;
+
+	if (!(r->flags & PT_REC_NAT_NS) || !((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT | PT_F_PCAP)) & ~r->match) ||
+	    !ct_natted(BPF_CORE_READ(skb, _nfct)))
+		return;
+	if (!parse_l3(skb_l3(skb), r->family, &pi))
+		r->match |= match_header(skb, &pi);
+}
+
 /* First sight of a packet entering a traced netns on a device: a packet
  * handed over by a veth from another traced netns takes the id reserved for
  * it; a copy tc made is named on the original; else the filter decides. */
@@ -2340,6 +2356,7 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 		route_result(r, skb->_skb_refdst, bpf_ktime_get_ns());
 	r->out_ifindex = ifindex;
 	r->match |= match_stage(mark, 0, ifindex);
+	match_leaving(skb, r);
 	r->flags |= PT_REC_QUEUED;
 	if (redirected)
 		r->flags |= PT_REC_REDIRECTED;
@@ -3004,6 +3021,7 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 	if (!ingress) {
 		/* handed to the device: it ends when a driver takes it; a
 		 * qdisc may queue it for later, maybe for another CPU */
+		match_leaving(skb, r);
 		r->out_ifindex = ctx->ifindex;
 		r->flags |= PT_REC_QUEUED;
 		if (dev_has_qdisc(skb->dev))
