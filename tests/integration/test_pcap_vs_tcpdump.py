@@ -17,8 +17,8 @@ link-layer header on Ethernet: there only the raw-IP reading applies.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
-import os
 import signal
 import socket
 import struct
@@ -62,37 +62,48 @@ def _expressions(lab):
 
 # ---- traffic ----------------------------------------------------------------
 
-def _serve_tcp(lab, stop: threading.Event) -> list[socket.socket]:
+@contextlib.contextmanager
+def _tcp_servers(lab):
     """Listeners on the server for OPEN_PORTS, v4 and v6, and on the
-    router's IPv4 address; each connection is read to its end and closed."""
+    router's IPv4 address; each connection is read to its end and closed.
+    Each listener is closed by its own thread, once out of accept(): closed
+    under it, the port would stay taken for the next test."""
+    stop = threading.Event()
     socks = []
     for ns, addrs in ((lab.server, ((socket.AF_INET, lab.addr["server4"]), (socket.AF_INET6, lab.addr["server6"]))),
                       (lab.router, ((socket.AF_INET, lab.addr["router_c4"]),))):
         for port, (fam, addr) in ((port, a) for port in OPEN_PORTS for a in addrs):
             with netns.entered(ns):
                 s = socket.socket(fam, socket.SOCK_STREAM)
+            socks.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((addr, port))
             s.listen(16)
             s.settimeout(0.2)
-            socks.append(s)
 
-    def loop(s):
-        while not stop.is_set():
-            try:
-                c, _ = s.accept()
-            except (socket.timeout, OSError):
-                continue
-            with c:
-                c.settimeout(2)
+    def serve(s):
+        with s:
+            while not stop.is_set():
                 try:
-                    while c.recv(65536):
+                    c, _ = s.accept()
+                except OSError:     # the timeout included
+                    continue
+                with c:
+                    c.settimeout(2)
+                    try:
+                        while c.recv(65536):
+                            pass
+                    except OSError:
                         pass
-                except OSError:
-                    pass
-    for s in socks:
-        threading.Thread(target=loop, args=(s,), daemon=True).start()
-    return socks
+    threads = [threading.Thread(target=serve, args=(s,), daemon=True) for s in socks]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def _traffic(lab) -> None:
@@ -219,10 +230,8 @@ def make_lab_module():
 
 def test_expressions_select_what_tcpdump_selects(plain_lab, tmp_path):
     lab = plain_lab
-    stop = threading.Event()
-    listeners = _serve_tcp(lab, stop)
     failures, checked = [], 0
-    try:
+    with _tcp_servers(lab):
         lab.ping(lab.client, lab.addr["server4"], count=1)   # neighbours resolved before the runs
         lab.ping(lab.client, lab.addr["server6"], count=1)
         for i, (expr, opts, tcpdump_expr) in enumerate(_expressions(lab)):
@@ -264,9 +273,71 @@ def test_expressions_select_what_tcpdump_selects(plain_lab, tmp_path):
                 # the expression must select some of the traffic and leave some
                 _, everything = _read_pcap(path)
                 assert 0 < sum(want_raw.values()) < len(everything), (expr, dev)
-    finally:
-        stop.set()
-        for s in listeners:
-            s.close()
     assert not failures, "\n".join(failures)
     assert checked >= 2 * len(_expressions(lab))
+
+
+def _connect(lab, dst: str, port: int) -> None:
+    with netns.entered(lab.client):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with s:
+        s.settimeout(2)
+        s.connect((dst, port))
+        s.sendall(b"n" * 100)
+        s.shutdown(socket.SHUT_WR)
+        s.recv(10)
+
+
+def test_expression_matches_before_or_after_nat(plain_lab, tmp_path):
+    """DNAT on the router (router:8443 -> server:443): an expression that
+    matches the packet only before the translation (as tcpdump sees it on
+    the client's side) or only after it (on the server's side) selects it
+    whole; pkttrace's packets are, per flow, those tcpdump selects on
+    either device."""
+    lab, a = plain_lab, plain_lab.addr
+
+    def seen_from_client(flow):
+        # the server's side of a translated flow, named as the client sees it
+        version, proto, src, dst, sport, dport = flow
+        if (src, sport) == (a["server4"], 443):
+            src, sport = a["router_c4"], 8443
+        if (dst, dport) == (a["server4"], 443):
+            dst, dport = a["router_c4"], 8443
+        return version, proto, src, dst, sport, dport
+
+    failures = []
+    with contextlib.ExitStack() as done:
+        done.enter_context(_tcp_servers(lab))
+        done.callback(lab.iptables, "-t", "nat", "-F", "PREROUTING")
+        lab.iptables("-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8443", "-j", "DNAT",
+                     "--to-destination", f"{a['server4']}:443")
+        for i, expr in enumerate(["tcp dst port 8443", "tcp dst port 443", "tcp src port 8443", "tcp src port 443",
+                                  f"host {a['server4']} and tcp port 443"]):
+            tracer = Tracer(TraceOptions(netns=[lab.router], filter=PacketFilter(expression=expr))).start()
+            try:
+                caps = {dev: str(tmp_path / f"nat{i}-{dev}.pcap") for dev in DEVICES}
+                dumps = [_tcpdump_start(lab.router, dev, path) for dev, path in caps.items()]
+                try:
+                    for _ in range(3):
+                        _connect(lab, a["router_c4"], 8443)        # translated
+                    _connect(lab, a["server4"], 22)                # not
+                    _connect(lab, a["server4"], 8080)
+                finally:
+                    stats = [_tcpdump_stop(d) for d in dumps]
+                assert all(" 0 packets dropped by kernel" in st for st in stats), stats
+                time.sleep(0.5)
+                got = tracer.stop(budget=2.0)
+            finally:
+                tracer.close()
+            per_dev = [collections.Counter(
+                seen_from_client(f) for f in map(_flow_of_ip, _tcpdump_read(path, expr, path + ".sel"))
+                if _between_client_and_server(lab, f)) for path in caps.values()]
+            want = collections.Counter({f: max(c[f] for c in per_dev) for c in per_dev for f in c})
+            mine = collections.Counter(seen_from_client(_flow_of_packet(p)) for p in got
+                                       if _between_client_and_server(lab, _flow_of_packet(p)))
+            # every translated connection is selected, on one side of the NAT only
+            assert sum(1 for f in want if f[4] == 8443 or f[5] == 8443) in (3, 6), (expr, want)
+            assert all(min(c[f] for c in per_dev) == 0 for f in want), (expr, per_dev)
+            if want != mine:
+                failures.append(f"{expr!r}: only tcpdump {dict(want - mine)}, only pkttrace {dict(mine - want)}")
+    assert not failures, "\n".join(failures)
