@@ -98,6 +98,8 @@ class PacketFilter:
     program: pcapfilter.PcapProgram | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        if self.expression is not None and not self.expression.strip():
+            object.__setattr__(self, "expression", None)   # as tcpdump '': no filter
         if self.expression is not None:
             # compiled now: a bad expression is refused before anything loads
             try:

@@ -65,6 +65,11 @@ def test_the_expression_is_a_header_criterion():
     assert not pf.flags & ~events.F_HEADER
 
 
+def test_an_empty_expression_is_no_filter():
+    """As tcpdump '': nothing to run in the kernel."""
+    assert PacketFilter(expression="  ").flags == 0 and PacketFilter(expression="").program is None
+
+
 def test_a_recording_cannot_be_filtered_by_an_expression():
     with pytest.raises(FilterError, match="packet's bytes"):
         PacketFilter(expression="tcp").matches(object())
