@@ -24,7 +24,7 @@ PREFIXES = ("nf_obs", "tc_", "on_")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", nargs="?", default="all", choices=("all", "nomatch", "count"))
+    ap.add_argument("mode", nargs="?", default="all", choices=("all", "nomatch", "nomatch-expr", "count"))
     ap.add_argument("--duration", type=int, default=3)
     args = ap.parse_args()
     lab = Lab("ptcost", 62)
@@ -34,7 +34,9 @@ def main() -> None:
     try:
         with open(STATS, "w") as f:
             f.write("1")
-        flt = PacketFilter(dst=parse_cidr("192.0.2.1/32")) if args.mode == "nomatch" else PacketFilter()
+        flt = {"nomatch": PacketFilter(dst=parse_cidr("192.0.2.1/32")),
+               # the same criterion as a tcpdump expression: the interpreter's cost
+               "nomatch-expr": PacketFilter(expression="dst host 192.0.2.1")}.get(args.mode, PacketFilter())
         with Tracer(TraceOptions(netns=[lab.router], filter=flt, emit=args.mode != "count")) as t:
             srv = subprocess.Popen(["ip", "netns", "exec", lab.server, "iperf3", "-s", "-1", "-B",
                                     lab.addr["server4"]], stdout=subprocess.DEVNULL)

@@ -62,6 +62,8 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Set by user space between open and load; see struct pt_config. */
 const volatile struct pt_config cfg = {};
 
+#include "pcap_filter.h"
+
 /* Records of packets in flight.  Each CPU keeps the records of the packets
  * it is processing in its slots (no hashing, no sharing); a record whose
  * packet is queued for later (qdisc, neighbour, reassembly, socket backlog),
@@ -303,6 +305,12 @@ struct pkt_info {
 	__u8 icmp_type;
 	__u8 icmp_code;
 	__u8 l4;        /* the L4 header was read (not a later fragment) */
+	/* for the filter expression, run only when another criterion does not
+	 * settle it first (no pointers here: spilled pointers cost the verifier
+	 * states, and 6.1's fx_nft_chain is near its limit) */
+	__u8 pcap;      /* 0: not run yet, 1: no match, 2: match */
+	__u8 l3_at_data; /* the IP header is at skb->data (receive: its offset
+			    may not be set yet), else at network_header */
 };
 
 static __always_inline void stat_inc(__u32 idx)
@@ -470,8 +478,25 @@ static __always_inline bool addr_match(const __u8 *a, const volatile __u64 *net,
 	return (a0 & mask[0]) == net[0] && (a1 & mask[1]) == net[1];
 }
 
-/* Criteria an IP header satisfies (PT_F_SRC/DST/PROTO/PORT). */
-static __always_inline __u8 match_header(const struct pkt_info *pi)
+/* Does the filter expression match skb's packet, parsed in pi?  Run once
+ * per parse. */
+static __always_inline bool match_pcap(const struct sk_buff *skb, struct pkt_info *pi)
+{
+	__u64 head, l3;
+
+	if (!pi->pcap) {
+		/* read as numbers (CO-RE), not the pointers the verifier follows:
+		 * the interpreter is a global function */
+		head = (__u64)BPF_CORE_READ(skb, head);
+		l3 = pi->l3_at_data ? (__u64)BPF_CORE_READ(skb, data) : head + BPF_CORE_READ(skb, network_header);
+		/* skb->tail is an offset from head, as network_header is */
+		pi->pcap = 1 + pt_pcap_l3(l3, head + BPF_CORE_READ(skb, tail), pi->len);
+	}
+	return pi->pcap == 2;
+}
+
+/* Criteria an IP header's fields satisfy (PT_F_SRC/DST/PROTO/PORT). */
+static __always_inline __u8 match_fields(const struct pkt_info *pi)
 {
 	__u32 f = cfg.filter;
 	__u8 m = 0;
@@ -489,6 +514,16 @@ static __always_inline __u8 match_header(const struct pkt_info *pi)
 	if ((f & PT_F_PORT) && (pi->sport == cfg.port || pi->dport == cfg.port) &&
 	    (pi->proto == IPPROTO_TCP || pi->proto == IPPROTO_UDP))
 		m |= PT_F_PORT;
+	return m;
+}
+
+/* Criteria an IP packet satisfies (PT_F_SRC/DST/PROTO/PORT/PCAP). */
+static __always_inline __u8 match_header(const void *skb, struct pkt_info *pi)
+{
+	__u8 m = match_fields(pi);
+
+	if ((cfg.filter & PT_F_PCAP) && match_pcap(skb, pi))
+		m |= PT_F_PCAP;
 	return m;
 }
 
@@ -554,7 +589,12 @@ static __always_inline bool rejected_final(void)
 }
 
 /* The packet ended without a record: forget it was rejected (the pointer
- * will be reused for another packet). */
+ * will be reused for another packet).  Also where a packet generated here
+ * is first seen, OUTPUT's entry: a rejected skb there is a new packet in
+ * the memory of one freed without a tracepoint (TCP frees most packets it
+ * takes so), or the same skb output anew (a tunnel's outer packet), judged
+ * anew.  (Called by the entry programs, not in nf_observe_dev: one branch
+ * more there and 6.1's verifier gives up on fx_nft_chain.) */
 static __always_inline void rejected_forget(const void *skb)
 {
 	__u64 *slot = rejected_slot();
@@ -567,11 +607,18 @@ static __always_inline void rejected_forget(const void *skb)
  * and a packet that does not match gets no record at all (every later probe
  * then returns at once) -- unless NAT in its netns may make it match later:
  * then its whole path is kept and judged at its end.  False when rejected. */
-static __always_inline bool first_sight_wanted(const void *skb, const struct pkt_info *pi, __u32 netns)
+static __always_inline bool first_sight_wanted(const void *skb, struct pkt_info *pi, __u32 netns)
 {
+	__u32 f = cfg.filter;
 	__u64 *slot;
 
-	if (!cfg.early_reject || (match_header(pi) & cfg.filter) == cfg.filter || netns_may_nat(netns))
+	if (!cfg.early_reject)
+		return true;
+	/* the expression last, and only if the rest matched: it costs the
+	 * most (its verdict stays in pi for the record) */
+	if (((match_fields(pi) | PT_F_PCAP) & f) == f && (!(f & PT_F_PCAP) || match_pcap(skb, pi)))
+		return true;
+	if (netns_may_nat(netns))
 		return true;
 	slot = rejected_slot();
 	if (slot)
@@ -705,7 +752,7 @@ static __always_inline int slot_take(struct pt_slots *m, __u64 key, __u64 now)
 /* Start a record for a packet first seen now (id 0: a new one).  NULL if
  * no slot can be had. */
 static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
-						 const struct pkt_info *pi, __u64 now, __u64 id)
+						 struct pkt_info *pi, __u64 now, __u64 id)
 {
 	struct pt_slots *m = slots_of_cpu();
 	struct pt_record *r;
@@ -752,7 +799,7 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 		if (!bpf_probe_read_kernel(r->head, PT_HEAD_LEN, l3))
 			r->head_len = pi->len < PT_HEAD_LEN ? pi->len : PT_HEAD_LEN;
 	}
-	r->match = match_header(pi);
+	r->match = match_header(skb, pi);
 	if (pi->frag) {
 		r->flags = PT_REC_FRAG;
 		r->frag_id = pi->frag_id;
@@ -1503,7 +1550,10 @@ static __always_inline int ct_post_nat_match(__u64 nfct, __u8 family, __u8 proto
 		pi.sport = bpf_ntohs(t.dst.u.all);
 		pi.dport = bpf_ntohs(t.src.u.all);
 	}
-	return match_header(&pi);
+	/* the expression cannot be run on a header made from conntrack: say
+	 * it may match, so that only the other criteria can rule it out (it
+	 * is run on the packet itself after the NAT tables) */
+	return match_fields(&pi) | PT_F_PCAP;
 }
 
 /* A record kept only because NAT might make its packet match (a header
@@ -1615,7 +1665,7 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		 * and claimable only by a packet of their flow. */
 		if (!ct_natted(nfct))
 			return NF_ACCEPT;
-		if (parse_l3(l3, family, &pi) || (match_header(&pi) & cfg.filter) != cfg.filter)
+		if (parse_l3(l3, family, &pi) || (match_header(skb, &pi) & cfg.filter) != cfg.filter)
 			return NF_ACCEPT;
 		rejected_forget(skb);
 		stat_inc(PT_STAT_LATE);
@@ -1655,11 +1705,11 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 				r = rec_new(skb, netns, &pi, now, into);
 				if (!r)
 					return NF_ACCEPT;
-				r->match |= match & ~(PT_F_SRC | PT_F_DST | PT_F_PROTO | PT_F_PORT);
+				r->match |= match & ~(PT_F_SRC | PT_F_DST | PT_F_PROTO | PT_F_PORT | PT_F_PCAP);
 			}
 			/* NAT may have rewritten addresses or ports: match again */
-			if ((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT)) & ~r->match)
-				r->match |= match_header(&pi);
+			if ((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT | PT_F_PCAP)) & ~r->match)
+				r->match |= match_header(skb, &pi);
 		}
 	}
 	if (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD || kind == PT_STAGE_OUTPUT) {
@@ -1879,13 +1929,17 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
 
 	/* A rejected packet (most packets, with a filter) costs one load
 	 * here: only NAT could still make it match, and only where its
-	 * connection was not known to be NATed when it was judged. */
-	if (rj && (*rj & ~PT_REJECTED_FINAL) == (__u64)ctx->skb &&
+	 * connection was not known to be NATed when it was judged.  Not at
+	 * OUTPUT: a packet generated here may have the skb of a rejected one
+	 * that TCP freed without a tracepoint (nf_observe_dev tells). */
+	if (rj && (*rj & ~PT_REJECTED_FINAL) == (__u64)ctx->skb && ctx->state->hook != NF_INET_LOCAL_OUT &&
 	    ((*rj & PT_REJECTED_FINAL) || !ct_natted(ctx->skb->_nfct)))
 		return NF_ACCEPT;
 	i = nf_position(ctx->skb, ctx->state, bank);
 	if (i == 0)
 		changing = hook_changing(ctx->state, bank, &entry);
+	if (i == 0 && entry && ctx->state->hook == NF_INET_LOCAL_OUT)
+		rejected_forget(ctx->skb);
 	return nf_observe_at(ctx->skb, ctx->state, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), entry, 0,
 			     changing, 0, false);
 }
@@ -1968,8 +2022,11 @@ SEC("fentry/nf_hook_slow")
 int BPF_PROG(fe_hook_entry, struct sk_buff *skb, struct nf_hook_state *state,
 	     const struct nf_hook_entries *e, unsigned int s)
 {
-	if (netns_traced(state->net->ns.inum))
-		nf_observe_at(skb, state, 0, true, 0, 0, 0, false);
+	if (!netns_traced(state->net->ns.inum))
+		return 0;
+	if (state->hook == NF_INET_LOCAL_OUT)
+		rejected_forget(skb);
+	nf_observe_at(skb, state, 0, true, 0, 0, 0, false);
 	return 0;
 }
 
@@ -2160,11 +2217,27 @@ static __always_inline void handoff_reserve(const void *skb, struct pt_record *r
 	r->next_netns = ino;
 }
 
+/* A packet handed to a device (tc egress, or net_dev_queue without tc):
+ * the reply of a translated connection gets its addresses back in
+ * POSTROUTING's NAT, where no observer may follow (nat chains only at
+ * PREROUTING still make the NAT core hook there): the header it leaves with
+ * is matched too.  Only where NAT may have rewritten it. */
+static __always_inline void match_leaving(struct sk_buff *skb, struct pt_record *r)
+{
+	struct pkt_info pi;
+
+	if (!(r->flags & PT_REC_NAT_NS) || !((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT | PT_F_PCAP)) & ~r->match) ||
+	    !ct_natted(BPF_CORE_READ(skb, _nfct)))
+		return;
+	if (!parse_l3(skb_l3(skb), r->family, &pi))
+		r->match |= match_header(skb, &pi);
+}
+
 /* First sight of a packet entering a traced netns on a device: a packet
  * handed over by a veth from another traced netns takes the id reserved for
  * it; a copy tc made is named on the original; else the filter decides. */
-static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, const void *l3, __u8 family,
-							__u32 netns, __u32 ifindex, __u64 now)
+static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, const void *l3, bool l3_at_data,
+							__u8 family, __u32 netns, __u32 ifindex, __u64 now)
 {
 	__u64 key = (__u64)skb;
 	struct pt_handoff *h = handoffs_waiting() ? bpf_map_lookup_elem(&handoff, &key) : NULL;
@@ -2175,6 +2248,7 @@ static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, con
 
 	if (parse_l3(l3, family, &pi))
 		return NULL;
+	pi.l3_at_data = l3_at_data;
 	if (h) {
 		if (now - h->ts < HANDOFF_MAX_AGE_NS) {
 			id = h->next;
@@ -2223,7 +2297,7 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	r = rec_lookup(skb);
 	/* the network header is not reset yet here; data is at L3 */
 	if (!r)
-		r = rx_first_sight(skb, skb->data, family, netns, ifindex, now);
+		r = rx_first_sight(skb, skb->data, true, family, netns, ifindex, now);
 	if (!r)
 		return 0;
 	if (!r->in_ifindex)
@@ -2282,6 +2356,7 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 		route_result(r, skb->_skb_refdst, bpf_ktime_get_ns());
 	r->out_ifindex = ifindex;
 	r->match |= match_stage(mark, 0, ifindex);
+	match_leaving(skb, r);
 	r->flags |= PT_REC_QUEUED;
 	if (redirected)
 		r->flags |= PT_REC_REDIRECTED;
@@ -2307,8 +2382,13 @@ int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, u
 	if (rc != NETDEV_TX_OK)
 		return 0; /* busy: requeued, it will be sent again */
 	r = rec_lookup(skb);
-	if (!r)
+	if (!r) {
+		/* a rejected packet left by a device: its end here may be the
+		 * last this netns sees of it (a veth peer's TCP frees it
+		 * without a tracepoint), and the next packet may reuse its skb */
+		rejected_forget(skb);
 		return 0;
+	}
 	s = last_stage(r);
 	if (!s || s->kind != PT_STAGE_TX) {
 		/* (the skb may be freed already: only the arguments are read;
@@ -2554,6 +2634,8 @@ static __always_inline void hook_done(struct sk_buff *skb, __u8 pf, __u8 hook, b
 				break;
 		}
 	}
+	if (hook == NF_INET_LOCAL_OUT && first)
+		rejected_forget(skb);
 	if (hook == 0 || hook == 1)
 		in = ifindex;
 	else if (hook == 2) {
@@ -2723,8 +2805,11 @@ SEC("kprobe/nf_hook_slow")
 int BPF_KPROBE(kp_hook_entry, struct sk_buff *skb, struct nf_hook_state *state)
 {
 	stash_push(STASH_HOOK, (__u64)skb, (__u64)state, 0);
-	if (netns_traced(BPF_CORE_READ(state, net, ns.inum)))
-		nf_observe_at(skb, state, 0, true, 0, 0, 0, true);
+	if (!netns_traced(BPF_CORE_READ(state, net, ns.inum)))
+		return 0;
+	if (BPF_CORE_READ(state, hook) == NF_INET_LOCAL_OUT)
+		rejected_forget(skb);
+	nf_observe_at(skb, state, 0, true, 0, 0, 0, true);
 	return 0;
 }
 
@@ -2882,8 +2967,14 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 
 	if (ingress)
 		pending_resolve(skb);
-	if (is_rejected(skb))
-		return;
+	if (is_rejected(skb)) {
+		if (!ingress)
+			return;
+		/* received: a new packet in the skb of a rejected one freed
+		 * without a tracepoint (a packet that left by a device forgot
+		 * its rejection at net_dev_xmit); judged at first sight */
+		rejected_forget(skb);
+	}
 	now = bpf_ktime_get_ns();
 	r = rec_lookup(skb);
 	if (!r) {
@@ -2894,7 +2985,8 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 		if (!family)
 			return;
 		if (ingress) {
-			r = rx_first_sight(skb, skb_l3(skb), family, netns, ctx->ifindex, now);
+			/* (tc programs run with data at the MAC header) */
+			r = rx_first_sight(skb, skb_l3(skb), false, family, netns, ctx->ifindex, now);
 		} else {
 			struct pkt_info pi;
 
@@ -2929,6 +3021,7 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 	if (!ingress) {
 		/* handed to the device: it ends when a driver takes it; a
 		 * qdisc may queue it for later, maybe for another CPU */
+		match_leaving(skb, r);
 		r->out_ifindex = ctx->ifindex;
 		r->flags |= PT_REC_QUEUED;
 		if (dev_has_qdisc(skb->dev))
@@ -2948,4 +3041,25 @@ int tc_egress(struct __sk_buff *ctx)
 {
 	tc_observe(ctx, PT_STAGE_TC_EGRESS);
 	return TCX_NEXT;
+}
+
+/* Test only (never attached; the session does not load it): the filter
+ * expression's verdict on an Ethernet frame given to BPF_PROG_TEST_RUN, so
+ * tests compare the kernel's interpreter with libpcap's on many packets. */
+SEC("tc")
+int pt_pcap_selftest(struct __sk_buff *ctx)
+{
+	struct pcap_run *s = pcap_run_of_cpu();
+	__u64 len = ctx->len, n;   /* 64-bit: the verifier follows the bounds */
+
+	if (!s || len <= 14)
+		return 0;
+	len -= 14;
+	n = len < PT_PCAP_CAP ? len : PT_PCAP_CAP;
+	barrier_var(n);
+	if (n < 1 || n > PT_PCAP_CAP || bpf_skb_load_bytes(ctx, 14, s->buf, n))
+		return 0;
+	s->caplen = n;
+	s->wirelen = len;
+	return pt_pcap_exec();
 }

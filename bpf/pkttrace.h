@@ -119,6 +119,14 @@ enum pt_fate {
 #define PT_F_PROTO (1u << 3)
 #define PT_F_PORT  (1u << 4)
 #define PT_F_IFACE (1u << 5)
+#define PT_F_PCAP  (1u << 6)   /* the pcap-filter expression (struct pt_config.pcap) */
+
+/* The pcap-filter expression: libpcap's classic BPF for DLT_RAW (offset 0 is
+ * the IP header), run in the kernel by bpf/pcap_filter.h.  'tcp port 443 and
+ * host 192.0.2.1' is 22 instructions, a dozen-term expression about 90. */
+#define PT_PCAP_MAX 128    /* instructions; longer programs are refused */
+#define PT_PCAP_CAP 256    /* bytes of the IP packet the expression sees; a
+			      load past them (or past the packet) rejects */
 
 /* Flags in struct pt_record.flags */
 #define PT_REC_TRUNCATED (1u << 0)  /* more than PT_MAX_STAGES stages */
@@ -149,6 +157,14 @@ enum pt_stat {
 	PT_STAT__MAX = 13,
 };
 
+/* One classic BPF instruction, as struct sock_filter / libpcap's bpf_insn. */
+struct pt_sock_filter {
+	__u16 code;
+	__u8 jt;
+	__u8 jf;
+	__u32 k;
+};
+
 struct pt_config {
 	__u32 filter;                  /* PT_F_* criteria that are active */
 	__u32 mark_value;
@@ -176,6 +192,9 @@ struct pt_config {
 	 * chain's, which frees its packet itself */
 	__u64 hook_slow_start;
 	__u64 hook_slow_end;
+	__u32 pcap_len;                /* instructions in pcap (PT_F_PCAP) */
+	__u32 _pad3;
+	struct pt_sock_filter pcap[PT_PCAP_MAX];
 };
 
 struct pt_stage {

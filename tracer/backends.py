@@ -272,6 +272,7 @@ def plan(feat: Features, backend: str = "auto", tc: str = "auto") -> Plan:
         p.notes.append("no tc stages or tc verdicts: tc observers need the kfunc bpf_cast_to_kern_ctx "
                        "(Linux 6.2+); receive and hand-over come from tracepoints")
     p.off |= {"on_rx", "on_dev_queue"} if p.tc else {"tc_ingress", "tc_egress"}
+    p.off.add("pt_pcap_selftest")   # tests run it (BPF_PROG_TEST_RUN); a trace never does
     if feat.sk_data_ready_tp:
         p.data_ready = "tp"
         p.off |= {FENTRY_DATA_READY[0], KPROBE_DATA_READY[0]}

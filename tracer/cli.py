@@ -46,9 +46,10 @@ class RuntimeFailure(click.ClickException):
         say(self.format_message())
 
 
-def build_filter(mark, src, dst, proto, port, iface, ns, live: bool = True) -> PacketFilter:
+def build_filter(mark, src, dst, proto, port, iface, ns, live: bool = True, expression=None) -> PacketFilter:
     try:
-        pf = PacketFilter.parse(mark=mark, src=src, dst=dst, proto=proto, port=port, iface=iface)
+        pf = PacketFilter.parse(mark=mark, src=src, dst=dst, proto=proto, port=port, iface=iface,
+                                expression=expression)
     except FilterError as e:
         raise UsageFailure(str(e)) from None
     if iface is not None and live:
@@ -147,7 +148,26 @@ def _write_path(value: str) -> str:
     return value if value == "-" else check_output_path(value, "")
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+class TraceGroup(click.Group):
+    """`pkttrace [OPTIONS] [EXPRESSION]`: trailing words that do not start
+    with a subcommand's name are a tcpdump filter expression, joined with
+    spaces as tcpdump joins them (`pkttrace tcp port 443` or quoted)."""
+    EXPRESSION = "pkttrace.expression"
+
+    def parse_args(self, ctx, args):
+        super().parse_args(ctx, args)
+        # click 8.2 renamed the attribute that holds the subcommand's name
+        attr = "_protected_args" if hasattr(ctx, "_protected_args") else "protected_args"
+        first = getattr(ctx, attr)
+        if first and first[0] not in self.commands:
+            ctx.meta[self.EXPRESSION] = " ".join([*first, *ctx.args])
+            setattr(ctx, attr, [])
+            ctx.args = []
+        return ctx.args
+
+
+@click.group(cls=TraceGroup, invoke_without_command=True, subcommand_metavar="[EXPRESSION] | COMMAND [ARGS]...",
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="pkttrace", message="%(prog)s %(version)s")
 @click.option("--netns", "netns_names", multiple=True, metavar="NAME", callback=dedupe,
               help="Trace this named network namespace (repeatable, a name given twice is traced once; "
@@ -185,6 +205,7 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, d
       pkttrace --mark 0x1                 # packets marked 0x1 at any stage
       pkttrace --netns ptlab-rtr --proto icmp -c 5
       pkttrace --dst 10.0.0.0/8 --port 53 --json
+      pkttrace tcp port 443 and host 192.0.2.1   # a tcpdump expression (on the IP packet)
       pkttrace --record trace.jsonl       # replay later: pkttrace replay trace.jsonl
       pkttrace -i rc -w trace.pcapng      # for Wireshark: paths as packet comments
       pkttrace -r trace.pcapng -v -tttt   # read it back (no root)
@@ -205,13 +226,16 @@ def main(ctx, netns_names, mark, src, dst, proto, port, iface, count, as_json, d
                 os.path.samefile(read_path, write_path):
             # -w empties its file before -r has read it
             raise UsageFailure(f"-r and -w name the same file ({read_path}): write to another one")
+        if ctx.meta.get(TraceGroup.EXPRESSION):
+            raise UsageFailure("-r: a filter expression is run in the kernel on live packets; packets read back "
+                               "are filtered with --src, --dst, --proto, --port, --mark, --iface")
         pf = build_filter(mark, src, dst, proto, port, iface, None, live=False)
         read_packets(read_path, pf, count, show, write_path)
         return
     ns_list, all_netns = _netns_choice(netns_names)
     if iface is not None and (len(ns_list) > 1 or all_netns):
         raise UsageFailure("--iface names a device of one namespace: give a single --netns with it")
-    pf = build_filter(mark, src, dst, proto, port, iface, ns_list[0])
+    pf = build_filter(mark, src, dst, proto, port, iface, ns_list[0], expression=ctx.meta.get(TraceGroup.EXPRESSION))
     _require_root(named_netns=any(ns_list), all_netns=all_netns)
     from .session import TraceOptions
     opts = TraceOptions(netns=ns_list, filter=pf, tc=tc_mode, age_after=age_after, backend=backend,

@@ -19,6 +19,8 @@ PT_MAX_ROUTE = 16
 PT_NF_SLOTS = 16
 PT_NF_BANK = 8      # slots per bank; slot % PT_NF_BANK == 0 is a hook's first observer
 PT_NF_POS = 4       # per CPU: packets whose place in a hook is counted
+PT_PCAP_MAX = 128   # instructions of the filter expression run in the kernel
+PT_PCAP_CAP = 256   # bytes of the IP packet the expression sees
 
 u8, u16, u32, s32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64
 
@@ -106,8 +108,9 @@ class DeliverHow(enum.IntEnum):
 
 
 SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT, SEEN_RX = 1, 2, 4, 8
-F_MARK, F_SRC, F_DST, F_PROTO, F_PORT, F_IFACE = 1, 2, 4, 8, 16, 32
-F_HEADER = F_SRC | F_DST | F_PROTO | F_PORT   # criteria judged from the IP header alone
+F_MARK, F_SRC, F_DST, F_PROTO, F_PORT, F_IFACE, F_PCAP = 1, 2, 4, 8, 16, 32, 64
+# criteria judged from the IP packet alone (F_PCAP: the expression reads nothing else)
+F_HEADER = F_SRC | F_DST | F_PROTO | F_PORT | F_PCAP
 REC_TRUNCATED, REC_LATE, REC_QUEUED, REC_CAUSED, REC_REDIRECTED, REC_FRAG, REC_NAT_NS, REC_L4 = 1, 2, 4, 8, 16, 32, 64, 128
 
 
@@ -128,6 +131,10 @@ class Stat(enum.IntEnum):
 
 
 PT_STAT_MAX = 13
+
+
+class PtSockFilter(ctypes.Structure):
+    _fields_ = [("code", u16), ("jt", u8), ("jf", u8), ("k", u32)]
 
 
 class PtConfig(ctypes.Structure):
@@ -152,6 +159,9 @@ class PtConfig(ctypes.Structure):
         ("_pad2", u32),
         ("hook_slow_start", u64),   # nf_hook_slow's code: a netfilter drop freed there is not an nft chain's
         ("hook_slow_end", u64),
+        ("pcap_len", u32),          # the filter expression's classic BPF (tracer/pcapfilter.py)
+        ("_pad3", u32),
+        ("pcap", PtSockFilter * PT_PCAP_MAX),
     ]
 
 
@@ -340,6 +350,7 @@ class PtPathKey(ctypes.Structure):
 # C struct name -> mirror, for the BTF check
 MIRRORS = {
     "pt_config": PtConfig,
+    "pt_sock_filter": PtSockFilter,
     "pt_stage": PtStage,
     "pt_addr_stage": PtAddrStage,
     "pt_record": PtRecord,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import events
+from . import events, pcapfilter
 from .inputs import InputError, check_cidr_text, check_ifname, parse_uint
 
 PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
@@ -91,13 +91,33 @@ class PacketFilter:
     # --iface: a device name in the traced netns, matched by the ifindex it
     # has when the packet passes (the session follows renames, re-creation)
     iface: str | None = None
+    # a tcpdump filter expression (pcap-filter(7)), compiled by libpcap for
+    # the IP packet (tracer/pcapfilter.py): it matches when it matches the
+    # packet at first sight or after a NAT table rewrote it
+    expression: str | None = None
+    program: pcapfilter.PcapProgram | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.expression is not None and not self.expression.strip():
+            object.__setattr__(self, "expression", None)   # as tcpdump '': no filter
+        if self.expression is not None:
+            # compiled now: a bad expression is refused before anything loads
+            try:
+                prog = pcapfilter.compile(self.expression)
+            except pcapfilter.PcapError as e:
+                raise FilterError(str(e)) from None
+            if len(prog.insns) > events.PT_PCAP_MAX:
+                raise FilterError(f"filter expression {self.expression!r} compiles to {len(prog.insns)} "
+                                  f"instructions: at most {events.PT_PCAP_MAX} run in the kernel")
+            object.__setattr__(self, "program", prog)
 
     @classmethod
     def parse(cls, mark: str | None = None, src: str | None = None, dst: str | None = None,
-              proto: str | None = None, port: str | int | None = None, iface: str | None = None) -> "PacketFilter":
+              proto: str | None = None, port: str | int | None = None, iface: str | None = None,
+              expression: str | None = None) -> "PacketFilter":
         """A filter from the command line's texts (`--mark 0x1/0xff`, `--src
-        10.0.0.0/8`, `--proto udp`, `--port 53`, `--iface eth0`): FilterError,
-        one line, for a value the command line would refuse."""
+        10.0.0.0/8`, `--proto udp`, `--port 53`, `--iface eth0`, `tcp port
+        443`): FilterError, one line, for a value the command line would refuse."""
         if iface is not None:
             try:
                 check_ifname(iface)
@@ -108,7 +128,7 @@ class PacketFilter:
                    dst=parse_cidr(dst) if dst is not None else None,
                    proto=parse_proto(proto) if proto is not None else None,
                    port=parse_port(port) if port is not None else None,
-                   iface=iface)
+                   iface=iface, expression=expression)
 
     @property
     def flags(self) -> int:
@@ -119,6 +139,7 @@ class PacketFilter:
         f |= events.F_PROTO if self.proto is not None else 0
         f |= events.F_PORT if self.port is not None else 0
         f |= events.F_IFACE if self.iface is not None else 0
+        f |= events.F_PCAP if self.program is not None else 0
         return f
 
     def fill(self, cfg: events.PtConfig) -> None:
@@ -140,9 +161,17 @@ class PacketFilter:
             cfg.proto = self.proto
         if self.port is not None:
             cfg.port = self.port
+        if self.program is not None:
+            cfg.pcap_len = len(self.program.insns)
+            for i, (code, jt, jf, k) in enumerate(self.program.insns):
+                cfg.pcap[i].code, cfg.pcap[i].jt, cfg.pcap[i].jf, cfg.pcap[i].k = code, jt, jf, k
 
     def matches(self, pkt) -> bool:
-        """The kernel's rule, in Python, for recorded data (unit tests, replays)."""
+        """The kernel's rule, in Python, for recorded data (unit tests, replays).
+        A recording keeps no packet bytes: an expression cannot be applied
+        to it (FilterError)."""
+        if self.program is not None:
+            raise FilterError("a filter expression needs the packet's bytes: a recording has its path only")
         def any_addr(net, attr):
             return any(ipaddress.ip_address(a).version == net.version and ipaddress.ip_address(a) in net
                        for a in pkt.addresses(attr))

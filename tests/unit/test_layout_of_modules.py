@@ -11,7 +11,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 # bottom to top, as the README draws it; a module imports only from layers below its own
 LAYERS = [
     {"events", "libbpf", "netns", "inputs", "model", "sysinfo", "sdnotify", "version", "colour",
-     "caps", "webconfig"},                                                         # facts, model
+     "caps", "webconfig", "pcapfilter"},                                           # facts, model; libpcap
     {"layout", "filters", "backends", "placement", "routing", "watch", "lab"},   # what the kernel offers / has
     {"probes", "paths"},                                                          # attach; bytes -> packets
     {"observers", "tcobservers", "recording", "templates", "collector", "names"},          # observers; record/replay; collect
