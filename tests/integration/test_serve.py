@@ -189,6 +189,13 @@ def test_process_metrics_are_exported(served):
     assert value(text, "process_start_time_seconds") >= time.time() - 3600
 
 
+def _plan():
+    """What the served pkttrace uses on this kernel (the same choice)."""
+    from tracer import backends
+    return backends.plan(backends.probe(), os.environ.get("PKTTRACE_BACKEND", "auto"),
+                         os.environ.get("PKTTRACE_TC", "auto"))
+
+
 def _attached(text: str) -> list[tuple[dict, float]]:
     return [(dict(s.labels), s.value) for fam in text_string_to_metric_families(text) for s in fam.samples
             if s.name == "pkttrace_attached"]
@@ -215,19 +222,27 @@ def test_every_attachment_has_an_attached_gauge(served, lab):
         # fentry or kprobe backend: host-wide programs on the hook machinery
         hook = {lb["target"] for lb, _ in att if lb["netns"] == ""}
         assert hook & {"fentry/nf_hook_slow", "kprobe/nf_hook_slow"}, sorted(hook)
+    tc = [lb for lb in router if lb["program"] in ("tc_ingress", "tc_egress")]
+    tps = {lb["program"]: lb["target"] for lb, _ in att if lb["target"].startswith("tp_btf/")}
+    assert tps.get("on_kfree_skb") == "tp_btf/kfree_skb"
+    if not _plan().tc:
+        # no tc observers (6.1: no kfunc bpf_cast_to_kern_ctx): the receive
+        # and queue tracepoints stand in for them, host-wide
+        assert not tc
+        assert (tps.get("on_rx"), tps.get("on_dev_queue")) == ("tp_btf/netif_receive_skb", "tp_btf/net_dev_queue")
+        return
     # tc observers on every device of the router, both directions
     devices = {ln.split(":")[1].strip().split("@")[0] for ln in lab.ip(lab.router, "-o", "link", "show").splitlines()}
-    tc = [lb for lb in router if lb["program"] in ("tc_ingress", "tc_egress")]
     for d in ("ingress", "egress"):
         for n in devices:
             assert sum(_tc_target(lb, d, n) for lb in tc) == 1, (d, n, [lb["target"] for lb in tc])
     assert len(tc) == 2 * len(devices)
-    # and the tracepoints, host-wide
-    tps = {lb["program"]: lb["target"] for lb, _ in att if lb["target"].startswith("tp_btf/")}
-    assert tps.get("on_kfree_skb") == "tp_btf/kfree_skb"
 
 
 def test_a_new_device_gets_attached_gauges_and_loses_them_when_deleted(served, lab):
+    if not _plan().tc:
+        pytest.skip("tc observers switched off (PKTTRACE_TC=off)" if os.environ.get("PKTTRACE_TC") == "off" else
+                    "no tc observers on this kernel: kfunc bpf_cast_to_kern_ctx missing (Linux 6.2+)")
     _, port = served
 
     def ours() -> list[tuple[dict, float]]:
