@@ -6,12 +6,11 @@ fentry is asked for with a minimal program.
 """
 from __future__ import annotations
 
-import os
 import platform
 import uuid
 from dataclasses import dataclass
 
-from . import backends, libbpf, probes
+from . import backends, caps, libbpf, probes
 
 TRACEPOINTS = tuple(tp for tp, _ in backends.TRACEPOINT_PROGRAMS.values())
 
@@ -46,7 +45,12 @@ def _attach_checks(obj: libbpf.BpfObject, plan: backends.Plan) -> list[Check]:
     from pyroute2 import netns as pr_netns
     name = f"pkttrace-doctor-{uuid.uuid4().hex[:8]}"
     out = []
-    pr_netns.create(name)
+    try:
+        pr_netns.create(name)
+    except OSError as e:
+        # as a non-root uid with capabilities: /run/netns is root's to write
+        return [Check("attach", False, f"cannot make a throwaway netns to try attaching in ({e.strerror}): "
+                      "run doctor as root for this check", required=False)]
     try:
         if plan.netfilter == "nflink":
             try:
@@ -95,10 +99,16 @@ def run() -> list[Check]:
     from .libbpf import object_path
     from .session import TraceError
     checks = [Check("kernel", True, platform.release(), required=False)]
-    if os.geteuid() != 0:
-        checks.append(Check("root", False, "run as root: loading BPF needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"))
+    # the capabilities a trace needs, as the trace itself checks them (not uid 0)
+    try:
+        lacking = caps.missing(caps.needed(), caps.effective())
+    except caps.CapsError as e:
+        checks.append(Check("capabilities", False, str(e)))
         return checks
-    checks.append(Check("root", True, "yes"))
+    if lacking:
+        checks.append(Check("capabilities", False, caps.missing_message(lacking)))
+        return checks
+    checks.append(Check("capabilities", True, " ".join(caps.NAMES[c] for c in caps.needed())))
     try:
         btf = libbpf.Btf.vmlinux()
     except libbpf.BpfError as e:

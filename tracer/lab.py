@@ -38,7 +38,6 @@ PREROUTING and drops UDP dport 5009 in filter FORWARD, for v4 and v6.
 from __future__ import annotations
 
 import ipaddress
-import os
 import random
 import re
 import select
@@ -435,8 +434,15 @@ def _ipr_in(ns: str):
 
 
 def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise LabError("not root: the lab needs CAP_NET_ADMIN")
+    """CAP_NET_ADMIN and CAP_SYS_ADMIN (netns, links, rules; mounting the
+    netns names), as the effective set says: not uid 0."""
+    from . import caps
+    try:
+        lacking = caps.missing((caps.CAP_NET_ADMIN, caps.CAP_SYS_ADMIN), caps.effective())
+    except caps.CapsError as e:
+        raise LabError(str(e)) from None
+    if lacking:
+        raise LabError(f"the lab needs {' and '.join(lacking)}: run as root")
 
 
 # ---- in-process ping -------------------------------------------------------

@@ -106,6 +106,29 @@ def test_a_missing_capability_is_named_in_one_line_exit_2(python, lacking):
     assert r.stderr.strip() == f"pkttrace: {caps.missing_message([lacking])}"
 
 
+def test_doctor_and_lab_check_capabilities_not_the_uid(python):
+    """doctor passes its capability check as nobody with the four
+    capabilities and names the missing one without; the lab says what it
+    lacks in one line."""
+    exe, env = python
+
+    def doctor(cap_names):
+        return subprocess.run(as_nobody(cap_names) + [exe, "-m", "tracer", "doctor"], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    full = doctor(ALL)
+    line = next(ln for ln in full.stdout.splitlines() if "capabilities" in ln)
+    assert line.startswith("ok") and all(c in line for c in ALL), full.stdout + full.stderr
+    short = doctor([c for c in ALL if c != "CAP_PERFMON"])
+    line = next(ln for ln in short.stdout.splitlines() if "capabilities" in ln)
+    assert short.returncode != 0 and not line.startswith("ok") and "CAP_PERFMON" in line
+    lab = subprocess.run(as_nobody([]) + [exe, "-m", "tracer", "lab", "up", "--prefix", "ptcaps"], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in lab.stderr.splitlines() if ln.strip()]
+    assert lab.returncode != 0 and len(lines) == 1 and "CAP_NET_ADMIN" in lines[0], lab.stderr
+    assert "Traceback" not in lab.stderr
+
+
 def test_netns_all_needs_sys_ptrace(python):
     exe, env = python
     r = subprocess.run(as_nobody(ALL) + [exe, "-m", "tracer", "serve", "--netns", "all"], env=env, cwd=REPO,
