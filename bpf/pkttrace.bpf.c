@@ -59,6 +59,9 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/* Criteria NAT can change the answer to: matched again after NAT. */
+#define PT_F_NAT_CHANGES (PT_F_SRC | PT_F_DST | PT_F_PORT | PT_F_PCAP)
+
 /* Set by user space between open and load; see struct pt_config. */
 const volatile struct pt_config cfg = {};
 
@@ -960,23 +963,34 @@ static __always_inline __u32 path_signature(const struct pt_record *r, __u32 n)
 	return h;
 }
 
+/* Count mode: one more in a per-CPU u64 counter map.  1 if this added the
+ * key, 0 if it was there (or another CPU added it meanwhile), -1 if the map
+ * is full (counted in stat `full`). */
+static __always_inline int counter_inc(void *map, const void *key, __u32 full)
+{
+	__u64 one = 1, *c = bpf_map_lookup_elem(map, key);
+
+	if (c) {
+		*c += 1;
+		return 0;
+	}
+	if (!bpf_map_update_elem(map, key, &one, BPF_NOEXIST))
+		return 1;
+	c = bpf_map_lookup_elem(map, key);
+	if (c) {
+		*c += 1;
+		return 0;
+	}
+	stat_inc(full);
+	return -1;
+}
+
 /* Count mode: one more drop of this reason in this netns. */
 static __always_inline void count_drop(const struct pt_record *r)
 {
 	struct pt_drop_key k = { .netns = r->netns, .reason = r->drop_reason, .family = r->family };
-	__u64 one = 1, *c = bpf_map_lookup_elem(&drop_totals, &k);
 
-	if (c) {
-		*c += 1;
-		return;
-	}
-	if (bpf_map_update_elem(&drop_totals, &k, &one, BPF_NOEXIST)) {
-		c = bpf_map_lookup_elem(&drop_totals, &k);   /* another CPU added it */
-		if (c)
-			*c += 1;
-		else
-			stat_inc(PT_STAT_DROP_OVERFLOW);
-	}
+	counter_inc(&drop_totals, &k, PT_STAT_DROP_OVERFLOW);
 }
 
 /* Count mode: one more packet on this path. */
@@ -986,23 +1000,11 @@ static __always_inline void count_path(const struct pt_record *r)
 		.netns = r->netns, .path_sig = r->path_sig, .drop_reason = r->drop_reason,
 		.fate = r->fate, .family = r->family, .proto = r->proto,
 	};
-	__u64 one = 1, *c = bpf_map_lookup_elem(&path_counts, &k);
 	struct pt_record *ex;
 	__u32 zero = 0;
 
-	if (c) {
-		*c += 1;
+	if (counter_inc(&path_counts, &k, PT_STAT_PATH_OVERFLOW) != 1)
 		return;
-	}
-	if (bpf_map_update_elem(&path_counts, &k, &one, BPF_NOEXIST)) {
-		/* another CPU added it meanwhile, or the map is full */
-		c = bpf_map_lookup_elem(&path_counts, &k);
-		if (c)
-			*c += 1;
-		else
-			stat_inc(PT_STAT_PATH_OVERFLOW);
-		return;
-	}
 	/* its first packet is the path's example.  Older verifiers (6.1) take
 	 * only stack or map memory as a map value, and r may be neither (a
 	 * global function's argument): copied through a map first */
@@ -1705,10 +1707,10 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 				r = rec_new(skb, netns, &pi, now, into);
 				if (!r)
 					return NF_ACCEPT;
-				r->match |= match & ~(PT_F_SRC | PT_F_DST | PT_F_PROTO | PT_F_PORT | PT_F_PCAP);
+				r->match |= match & ~(PT_F_NAT_CHANGES | PT_F_PROTO);
 			}
 			/* NAT may have rewritten addresses or ports: match again */
-			if ((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT | PT_F_PCAP)) & ~r->match)
+			if ((cfg.filter & PT_F_NAT_CHANGES) & ~r->match)
 				r->match |= match_header(skb, &pi);
 		}
 	}
@@ -2226,7 +2228,7 @@ static __always_inline void match_leaving(struct sk_buff *skb, struct pt_record 
 {
 	struct pkt_info pi;
 
-	if (!(r->flags & PT_REC_NAT_NS) || !((cfg.filter & (PT_F_SRC | PT_F_DST | PT_F_PORT | PT_F_PCAP)) & ~r->match) ||
+	if (!(r->flags & PT_REC_NAT_NS) || !((cfg.filter & PT_F_NAT_CHANGES) & ~r->match) ||
 	    !ct_natted(BPF_CORE_READ(skb, _nfct)))
 		return;
 	if (!parse_l3(skb_l3(skb), r->family, &pi))

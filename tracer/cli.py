@@ -293,6 +293,12 @@ def _open_write(path: str | None):
         raise UsageFailure(str(e)) from None
 
 
+def _close_output(f) -> None:
+    """Close an output file pkttrace opened (never standard output)."""
+    if f is not None and f is not sys.stdout.buffer:
+        f.close()
+
+
 class Sinks:
     """Where each packet goes: the printer (unless -w without --print) and
     the -w writer (with -w)."""
@@ -368,8 +374,7 @@ def read_packets(path: str, pf: PacketFilter, count: int | None, show: Show, wri
     finally:
         if f is not sys.stdin.buffer:
             f.close()
-        if out is not None and out is not sys.stdout.buffer:
-            out.close()
+        _close_output(out)
 
 
 def _open_record(path: str | None):
@@ -393,9 +398,8 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
     try:
         tracer = api.start(opts)
     except api.TraceError as e:
-        for f in (record, out):
-            if f is not None and f is not sys.stdout.buffer:
-                f.close()
+        _close_output(record)
+        _close_output(out)
         raise RuntimeFailure(str(e)) from None
     if record:
         from .recording import Recorder
@@ -439,10 +443,8 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
             pass
         c = tracer.counters()
         tracer.close()
-        if record:
-            record.close()
-        if out is not None and out is not sys.stdout.buffer:
-            out.close()
+        _close_output(record)
+        _close_output(out)
         written = f"; {sinks.writer.packets} written to {write_path}" if sinks.writer is not None else ""
         say(summary(c) + written)
 
