@@ -13,6 +13,8 @@ fi
 
 # systemd: systemd-analyze (the unit file test); prometheus: prometheus and
 # promtool (the exporter's integration tests start a private server);
+# openssl: certificates for the TLS tests; groff-base, man-db: the man page
+# tests; linux-libc-dev: the syscall-number table checked against its headers;
 # systemd-container: systemd-nspawn boots the unit under a real systemd
 # (tests/integration/test_systemd_nspawn.py, tree from scripts/nspawn-tree.sh);
 # tcpdump: the ground truth the ECMP tests compare pkttrace's choice with;
@@ -24,6 +26,7 @@ fi
 # filter expressions (pcap_compile, at run time; no -dev needed).
 APT_PKGS=(clang llvm libbpf-dev libbpf1 bpftool make iproute2 iptables nftables iperf3 iputils-ping util-linux
           python3-venv systemd systemd-container prometheus tcpdump libpcap0.8 tshark debootstrap
+          openssl groff-base man-db linux-libc-dev
           qemu-system-x86 busybox-static cpio xz-utils kmod)
 missing=()
 for p in "${APT_PKGS[@]}"; do
