@@ -15,7 +15,7 @@ from typing import IO, cast
 
 import click
 
-from . import backends, netns
+from . import backends, libbpf, netns
 from .colour import COLOR_CHOICES, wanted as colour_wanted
 from .filters import FilterError, PacketFilter
 from .inputs import MAX_SECONDS, InputError, InputPath, OutputPath, Seconds, UInt, _PathParam, check_output_path, \
@@ -822,6 +822,7 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 def run(argv=None) -> int:
     """Console entry point: click's errors become one line too."""
+    libbpf.one_malloc_arena()
     try:
         main.main(args=argv, prog_name="pkttrace", standalone_mode=False)
     except click.exceptions.Exit as e:
