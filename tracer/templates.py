@@ -37,6 +37,10 @@ _U64 = struct.Struct("=Q")
 _LINKS4 = struct.Struct("=QQQQ")                # cause, prev, next, link: ids
 _LINK_BYTES = _LINKS4.size
 _NO_LINKS = bytes(_LINK_BYTES)
+# how a template's holes take the values, in the two common orders
+_ID_TIMES = "id, times"
+_ID_WALL_TIMES = "id, wall-clock time, times"
+_ID_SOME_TIMES = "id, times picked"
 
 
 class _Shape:
@@ -173,11 +177,22 @@ class Templates:
             pos = m.end()
         out.append(text[pos:].replace("%", "%%"))
         n_times = len(meta.timed)
-        # the common case: the id, then every time in stage order, no link
-        natural = order == [0] + [6 + j for j in range(n_times)]
+        times_in_order = [6 + j for j in range(n_times)]
+        # the common cases: the id, (the wall-clock time,) then every time
+        # in stage order, no link; else a pick from all the values
+        pick: object
+        if order == [0] + times_in_order:
+            pick = _ID_TIMES
+        elif order == [0, 5] + times_in_order and self.wall is str:
+            pick = _ID_WALL_TIMES
+        elif len(order) > 2 and order[0] == 0 and min(order[1:]) >= 6:
+            # the id, then times, some twice (a hook and its table share one)
+            pick = (_ID_SOME_TIMES, itemgetter(*(i - 6 for i in order[1:])))
+        else:
+            pick = itemgetter(*order) if len(order) > 1 else \
+                (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ())
         joined = "".join(out)
-        fmt = (joined.encode() if self.as_bytes else joined, None if natural else itemgetter(*order) if len(order) > 1 else
-               (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ()), boot or 0)
+        fmt = (joined.encode() if self.as_bytes else joined, pick, boot or 0)
         # the sentinels must stand for values only: a text that renders
         # differently with them (a time or id used for anything but
         # printing) would be wrong; check the packet itself against it
@@ -192,7 +207,11 @@ class Templates:
         times = map(_sub, v[6:], repeat(v[1]))
         if self.fill is not str:      # (% writes ints as str() would, without a call each)
             times = map(self.fill, times)
-        if pick is None:
+        if pick is _ID_WALL_TIMES:    # JSON lines: "id", "time_ns", then the stages'
+            return text % (v[0], boot + v[1], *times)
+        if pick is _ID_TIMES:
             return text % (v[0], *times)
+        if pick.__class__ is tuple:     # _ID_SOME_TIMES
+            return text % (v[0], *pick[1](tuple(times)))
         wall = boot + v[1]
         return text % pick(v[:1] + v[2:6] + (wall if self.wall is str else self.wall(wall),) + tuple(times))
