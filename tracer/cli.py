@@ -395,21 +395,33 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
     show = show or Show(as_json=as_json)
     record = _open_record(record_path)
     out = _open_write(write_path)
+    # Ctrl-C and SIGTERM end the trace between two batches, with the summary.
+    # Caught from before the start: a KeyboardInterrupt raised while libbpf
+    # calls back into Python (loading) is printed and dropped by ctypes, and
+    # a SIGTERM would skip the clean-up; a signal during the start stops the
+    # trace as soon as it is started.
+    tracer: api.Tracer | None = None
+    early: list[int] = []
+
+    def _stop(signum, _frame):
+        if tracer is None:
+            early.append(signum)
+        else:
+            tracer.stopping = True
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)   # the terminal went away: clean up as for SIGTERM
+    signal.signal(signal.SIGINT, _stop)
     try:
         tracer = api.start(opts)
     except api.TraceError as e:
         _close_output(record)
         _close_output(out)
         raise RuntimeFailure(str(e)) from None
+    if early:
+        tracer.stopping = True
     if record:
         from .recording import Recorder
         tracer.on_raw = Recorder(record, tracer.ctx)
-    # Ctrl-C and SIGTERM end the trace between two batches, with the summary
-    def _stop(*_):
-        tracer.stopping = True
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGHUP, _stop)   # the terminal went away: clean up as for SIGTERM
-    signal.signal(signal.SIGINT, _stop)
     sinks = Sinks(show, out)
     where = ", ".join(n or "current netns" for n in opts.netns)
     if opts.all_netns:
@@ -491,13 +503,15 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats, web_con
     _require_root(named_netns=any(ns_list), all_netns=all_netns, bpf_stats=bpf_stats)
     srv = Exporter(ServeOptions(listen=addr, netns=ns_list, age_after=age_after, tc=tc_mode, max_paths=max_paths,
                                 bpf_stats=bpf_stats, all_netns=all_netns, web=web))
+    # from before the start, as for a trace (run_trace): a signal during it
+    # stops the service as soon as it has started
+    signal.signal(signal.SIGTERM, lambda *_: srv.stop())
+    signal.signal(signal.SIGHUP, lambda *_: srv.stop())
+    signal.signal(signal.SIGINT, lambda *_: srv.stop())
     try:
         srv.start()
     except ServeError as e:
         raise RuntimeFailure(str(e)) from None
-    signal.signal(signal.SIGTERM, lambda *_: srv.stop())
-    signal.signal(signal.SIGHUP, lambda *_: srv.stop())
-    signal.signal(signal.SIGINT, lambda *_: srv.stop())
     where = "every netns" if all_netns else ", ".join(n or "current netns" for n in ns_list)
     scheme = "https" if web and web.ssl_context else "http"
     say(f"serving metrics of {where} on {scheme}://{listen}/metrics (ready in {srv.tracer.ready_s * 1000:.0f} ms)")

@@ -268,3 +268,49 @@ def test_stop_under_load_accounts_for_every_record(lab):
     accounted = sum(nums.get(k, 0) for k in ("packets shown", "lost", "not traced", "aged out", "not printed"))
     # every datagram crossed the router before SIGTERM
     assert accounted == sent, err
+
+
+def loading(pid: int) -> bool:
+    """Has the process a BPF program yet (its fds: other tracers may run)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-prog":
+                return True
+        except OSError:
+            pass    # closed meanwhile
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_start_stops_cleanly(lab, sig):
+    """Ctrl-C (or SIGTERM) while the programs load: not lost (a
+    KeyboardInterrupt raised inside a libbpf callback is dropped by ctypes,
+    and the trace then ran on), not a traceback, nothing left behind: the
+    trace stops once started, with its summary."""
+    before = tc_state(lab.router)
+    # classic tc filters (where tc observers run) are netlink state: the
+    # clean-up that a lost signal would skip
+    proc = pkttrace("--netns", lab.router, *(["--tc", "classic"] if the_plan().tc else []))
+    try:
+        os.set_blocking(proc.stderr.fileno(), False)
+        deadline = time.monotonic() + 20
+        while not loading(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, "pkttrace never loaded its programs"
+            time.sleep(0.01)
+        try:
+            early = os.read(proc.stderr.fileno(), 65536).decode()
+        except BlockingIOError:
+            early = ""      # nothing written yet
+        proc.send_signal(sig)
+        os.set_blocking(proc.stderr.fileno(), True)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = early + err
+    assert "tracing" not in early, "the signal came after the start: the test did not test the start"
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert "packets shown" in err                       # the summary: a stop, not a crash
+    # (links are the process's fds: gone with it; classic filters are not)
+    assert tc_state(lab.router) == before
