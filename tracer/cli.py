@@ -457,7 +457,8 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:9632", show_default=True, envvar="PKTTRACE_LISTEN",
-              metavar="ADDRESS:PORT", help="Where to serve /metrics (explicit address; [::1]:PORT for IPv6).")
+              metavar="ADDRESS:PORT",
+              help="Where to serve /metrics and the live page at / (explicit address; [::1]:PORT for IPv6).")
 @click.option("--netns", "netns_names", multiple=True, envvar="PKTTRACE_NETNS", metavar="NAME", callback=dedupe,
               help="Count in this named network namespace (repeatable, a name given twice counts once; "
                    "default: the current one; a traced name deleted and created again is counted again).  "
@@ -473,12 +474,14 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
               help="Export each BPF program's run time (kernel BPF stats: ~25 ns more on every run of every "
                    "BPF program of the host while pkttrace serves).")
 @click.option("--web.config.file", "web_config_file", envvar="PKTTRACE_WEB_CONFIG_FILE",
-              metavar="FILE", help="TLS and basic auth for /metrics: a Prometheus exporter web-config file "
+              metavar="FILE", help="TLS and basic auth for /metrics and the page: a Prometheus exporter web-config file "
                                    "(tls_server_config, basic_auth_users with bcrypt hashes).")
 def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats, web_config_file):
     """Export per-hook, per-table, per-path counters to Prometheus.
 
     The kernel counts every packet by path; nothing is sent per packet.
+    Beside /metrics, a page at / draws the packet flow of the traced
+    namespaces with live rates per box, edge and drop reason.
     Every option can also come from a PKTTRACE_* environment variable
     (systemd/pkttrace.env).  Metrics: docs/metrics.md.
 
@@ -506,7 +509,8 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats, web_con
     signal.signal(signal.SIGINT, lambda *_: srv.stop())
     where = "every netns" if all_netns else ", ".join(n or "current netns" for n in ns_list)
     scheme = "https" if web and web.ssl_context else "http"
-    say(f"serving metrics of {where} on {scheme}://{listen}/metrics (ready in {srv.tracer.ready_s * 1000:.0f} ms)")
+    say(f"serving metrics of {where} on {scheme}://{listen}/metrics, the live page on {scheme}://{listen}/ "
+        f"(ready in {srv.tracer.ready_s * 1000:.0f} ms)")
     try:
         srv.run()
     finally:
