@@ -164,13 +164,14 @@ class DropTotals:
             out[k] = out.get(k, 0) + n
         return out
 
-    def shortfall(self, by_path: Counter) -> dict[tuple, int]:
+    def shortfall(self, by_path: Counter, totals: dict[tuple[str, str, str], int] | None = None) -> dict[tuple, int]:
         """Drops not on any counted path, per (netns, family, reason):
-        drops_total's (overflow) series."""
+        drops_total's (overflow) series.  `totals`: read() made before the
+        paths were read (else it is read now)."""
         per_reason: Counter = Counter()
         for (ns, fam, reason, _stage, _table), n in by_path.items():
             per_reason[(ns, fam, reason)] += n
-        for k, total in self.read().items():
+        for k, total in (self.read() if totals is None else totals).items():
             missing = total - per_reason.get(k, 0)
             if missing > self._shortfall.get(k, 0):
                 self._shortfall[k] = missing
@@ -291,6 +292,10 @@ class Collector(Registered):
     def _snapshot(self) -> Snapshot:
         sums: dict[str, Counter[tuple]] = {k: Counter() for k in ("packets", "hooks", "tables", "drops", "paths",
                                                                   "routes", "marks", "nat", "ifaces")}
+        # the per-reason totals before the paths: read after, a drop made
+        # between the two reads is in the totals and on no path yet, and
+        # the shortfall (which never goes down) would keep it as an overflow
+        totals = self.drops.read()
         paths = self.paths.read()
         for pl, n in paths:
             base = (pl.netns, pl.family)
@@ -303,7 +308,7 @@ class Collector(Registered):
                 sums["ifaces"][(pl.netns,) + lab] += n
             if pl.drop:
                 sums["drops"][base + pl.drop] += n
-        for k, n in self.drops.shortfall(sums["drops"]).items():
+        for k, n in self.drops.shortfall(sums["drops"], totals).items():
             if n:
                 sums["drops"][k + (DropTotals.OVERFLOW, DropTotals.OVERFLOW)] += n
         return Snapshot(time.monotonic(), paths, sums)
