@@ -46,9 +46,10 @@ class Box:
     hook: bool = False        # a netfilter hook: its tables are listed inside
 
     @property
-    def rows(self) -> int:
-        """Table (or annotation) lines that fit under the title, rate and drop lines."""
-        return max(0, (self.h - 84) // ROW)
+    def tables(self) -> int:
+        """Tables that fit under the title, rate and drop lines (two lines each:
+        name and priority, then its rates)."""
+        return max(0, (self.h - 84) // (2 * ROW))
 
 
 BOXES: tuple[Box, ...] = (
@@ -379,15 +380,15 @@ def _box(b: Box, rows: list[TableRow], marked: Marked | None) -> str:
         if b.id == "drop":
             for i in range(DROP_ROWS):
                 g.append(_text(b.x + 8, b.y + 90 + i * ROW * 1.5, "", "row", id=f"dr-{i}"))
-        shown = rows if len(rows) <= b.rows else rows[:b.rows - 1]
+        shown = rows if len(rows) <= b.tables else rows[:b.tables - 1]
         for i, r in enumerate(shown):
-            y = b.y + 88 + i * ROW
+            y = b.y + 88 + i * 2 * ROW
             prio = "" if r.priority is None else str(r.priority)
-            g.append(_text(b.x + 8, y, _clip(r.table, 13), "row table-name", tip=f"{r.table} {prio}".strip()))
-            g.append(_text(b.x + 100, y, prio, "row prio", anchor="end"))
-            g.append(_text(b.x + b.w - 8, y, "", "row table-rate", id=f"tv-{b.id}-{i}", anchor="end"))
+            g.append(_text(b.x + 8, y, _clip(r.table, 16), "row table-name", tip=f"{r.table} {prio}".strip()))
+            g.append(_text(b.x + b.w - 8, y, prio, "row prio", anchor="end"))
+            g.append(_text(b.x + 16, y + ROW - 2, "", "row table-rate", id=f"tv-{b.id}-{i}"))
         if len(shown) < len(rows):
-            g.append(_text(b.x + 8, b.y + 88 + len(shown) * ROW, f"+{len(rows) - len(shown)} more (click)",
+            g.append(_text(b.x + 8, b.y + 88 + len(shown) * 2 * ROW, f"+{len(rows) - len(shown)} more (click)",
                            "row note"))
     else:
         lines = marked.boxes.get(b.id, [])

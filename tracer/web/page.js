@@ -157,6 +157,7 @@
   }
 
   function draw(flow, rates) {
+    setText("caption", "netns " + (flow.selected || "(this host)"));
     for (const [id, b] of Object.entries(flow.boxes)) {
       const r = rates.boxes[id];
       setText("rate-" + id, id === "drop" ? "" : fmtRate(r) + "  (" + fmtCount(b.packets) + ")");
@@ -178,8 +179,7 @@
     for (const [hook, rows] of Object.entries(flow.tables)) {
       rows.forEach((row, i) => {
         const r = rates.tables[hook][i];
-        setText("tv-" + hook + "-" + i, row.drops ? fmtRate(r.packets) + " ✕" + fmtRate(r.drops)
-          : fmtRate(r.packets));
+        setText("tv-" + hook + "-" + i, fmtRate(r.packets) + (row.drops ? "  ✕ " + fmtRate(r.drops) : ""));
       });
     }
     // the drop box: the most frequent reasons
