@@ -70,6 +70,23 @@ def test_a_locally_generated_packet_starts_at_the_local_process(tmp_path):
                      "postrouting-egress", "egress-tx"}
 
 
+def test_a_pcapng_file_written_by_w_draws_the_same(tmp_path):
+    pcap = tmp_path / "t.pcapng"
+    assert cli.run(["-r", DATA, "-w", str(pcap)]) == 0
+    a, b = tmp_path / "a.svg", tmp_path / "b.svg"
+    assert cli.run(["diagram", "-r", str(pcap), "--packet", "4609", "-o", str(a)]) == 0
+    assert cli.run(["diagram", "-r", DATA, "--packet", "4609", "-o", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_the_readmes_drawing_is_current():
+    """docs/diagram-drop.svg, shown in the README: `pkttrace diagram -r
+    tests/data/lab-demo.jsonl --proto udp --port 5009 -o docs/diagram-drop.svg`."""
+    p = next(tracer.read(DATA, tracer.Filter.parse(proto="udp", port="5009")))
+    with open(os.path.join(os.path.dirname(DATA), "..", "..", "docs", "diagram-drop.svg")) as f:
+        assert f.read() == diagram.packet_svg(p)
+
+
 def test_names_from_the_host_are_escaped(tmp_path):
     p = next(tracer.read(DATA, tracer.Filter.parse(port="5009")))
     p.path[-2].tables[0].table = "<script>alert(1)</script>&"
