@@ -115,6 +115,7 @@ STAGE_BOX = {"rx": "ingress", "tc_ingress": "ingress", "prerouting": "prerouting
              "postrouting": "postrouting", "tc_egress": "egress", "qdisc": "egress", "tx": "tx",
              "deliver": "local"}
 _RECEIVED = ("ingress", "prerouting")
+OVERFLOW = "(overflow)"       # exporter.DropTotals.OVERFLOW: a drop on a path the map could not hold
 
 
 def _box_of(stage: str, received: bool) -> str | None:
@@ -201,11 +202,14 @@ def flow(snap: Counts, netns: str) -> dict:
     other: Counter[str] = Counter()       # transitions the drawing has no edge for
     fates: Counter[str] = Counter()
     accepted: Counter[tuple[str, str]] = Counter()
+    dropped: Counter[tuple[str, str]] = Counter()          # (hook, table) -> drops it made
+    # one row per (reason, stage, table, box): IPv4 and IPv6 counted together
+    drops: Counter[tuple[str, str, str, str | None]] = Counter()
     for pl, n in snap.paths:
         if pl.netns != netns:
             continue
         fates[pl.fate] += n
-        path, _ = boxes_of(pl.stages, pl.drop[1] if pl.drop else None)
+        path, dropped_in = boxes_of(pl.stages, pl.drop[1] if pl.drop else None)
         for b in path:
             boxes[b]["packets"] += n
         for a, b in zip(path, path[1:]):
@@ -215,32 +219,26 @@ def flow(snap: Counts, netns: str) -> dict:
                 other[f"{a}>{b}"] += n
         for hook, table in pl.tables:
             accepted[(hook, table)] += n
-    drops = []
-    dropped: Counter[tuple[str, str]] = Counter()
-    for (ns, _fam, reason, stage, table), n in snap.drops.items():
-        if ns != netns or not n:
-            continue
-        box = STAGE_BOX.get(stage)
-        if box is not None:
-            boxes[box]["drops"] += n
+        if pl.drop is not None:
+            reason, stage, table = pl.drop
+            # the box the path says (a locally generated packet's route is the output one)
+            if dropped_in is not None:
+                boxes[dropped_in]["drops"] += n
             if table:
                 dropped[(stage, table)] += n
-        boxes["drop"]["drops"] += n
-        drops.append({"reason": reason, "stage": stage, "table": table, "box": box, "packets": n})
-    # one row per (reason, stage, table): IPv4 and IPv6 counted together
-    merged: dict[tuple, dict] = {}
-    for d in drops:
-        k = (d["reason"], d["stage"], d["table"])
-        if k in merged:
-            merged[k]["packets"] += d["packets"]
-        else:
-            merged[k] = d
+            drops[(reason, stage, table, dropped_in)] += n
+    # drops on no counted path (the path map was full): the drop box only
+    for (ns, _fam, reason, stage, table), n in snap.drops.items():
+        if ns == netns and n and stage == OVERFLOW:
+            drops[(reason, stage, table, None)] += n
+    boxes["drop"]["drops"] = sum(drops.values())
     boxes["drop"]["packets"] = boxes["drop"]["drops"]
     rows = table_rows(snap.registered.get(netns, {}), accepted, dropped)
     return {"t": snap.t, "netns": namespaces(snap), "selected": netns, "boxes": boxes, "edges": edges,
             "other": dict(other), "fates": dict(fates),
             "tables": {hook: [r.to_json() for r in rs] for hook, rs in rows.items()},
-            "drops": sorted(merged.values(), key=lambda d: (-d["packets"], d["reason"], d["stage"])),
+            "drops": [{"reason": r, "stage": st, "table": t, "box": b, "packets": n}
+                      for (r, st, t, b), n in sorted(drops.items(), key=lambda kv: (-kv[1], kv[0][:3]))],
             "layout": layout_sig(rows)}
 
 

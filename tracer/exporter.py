@@ -286,7 +286,8 @@ class Collector(Registered):
                     for table in t.ctx.registered.get((ino, fam, hook), []):
                         if (table[0], table[1]) not in hooks.setdefault(name, []):
                             hooks[name].append((table[0], table[1]))
-            out[t.ctx.netns_names.get(ino, ns or "")] = hooks
+            # named as the paths name it (paths.assemble): the inode when no name is known
+            out[t.ctx.netns_names.get(ino, str(ino))] = hooks
         return out
 
     def _snapshot(self) -> Snapshot:

@@ -142,6 +142,7 @@ def snapshot() -> Snap:
     return Snap(10.0, [
         (PL(FWD, "forwarded", tables=[("prerouting", "mangle"), ("forward", "filter")]), 7),
         (dropped, 5),
+        (PL(dropped.stages, "dropped", family="ipv6", drop=dropped.drop), 1),
         (PL(("tc_ingress", "prerouting", "route", "input", "deliver"), "delivered"), 3),
         (PL(("route", "output", "reroute", "postrouting", "tc_egress", "tx"), "sent"), 2),
         (PL(("output", "postrouting", "tx"), "sent"), 1),                   # no tc, no route seen
@@ -158,17 +159,18 @@ def test_flow_counts_boxes_edges_tables_and_drops_of_one_netns():
     f = diagram.flow(snapshot(), "r")
     assert f["netns"] == ["other", "r"] and f["selected"] == "r" and f["t"] == 10.0
     b = {k: v["packets"] for k, v in f["boxes"].items()}
-    assert b["ingress"] == 7 + 5 + 3 + 4 and b["prerouting"] == 15 and b["forward"] == 12
+    assert b["ingress"] == 7 + 5 + 1 + 3 + 4 and b["prerouting"] == 16 and b["forward"] == 13
     assert b["postrouting"] == 7 + 2 + 1 and b["tx"] == 7 + 2 + 1 + 4 and b["local"] == 3 + 2 + 1
     assert b["route_out"] == 2 and b["reroute"] == 2 and b["output"] == 3
     e = f["edges"]
-    assert e["route>forward"] == 12 and e["forward>postrouting"] == 7 and e["route>input"] == 3
+    assert e["route>forward"] == 13 and e["forward>postrouting"] == 7 and e["route>input"] == 3
     assert e["input>local"] == 3 and e["local>route_out"] == 2 and e["local>output"] == 1
     assert e["output>reroute"] == 2 and e["output>postrouting"] == 1 and e["postrouting>tx"] == 1
     assert e["postrouting>egress"] == 2 + 7 and e["egress>tx"] == 13
     assert f["other"] == {"ingress>egress": 4}
-    assert f["fates"] == {"forwarded": 7, "dropped": 5, "delivered": 3, "sent": 3, "redirected": 4}
-    # drops: by the box of their stage; both families on one row; the overflow only in the drop box
+    assert f["fates"] == {"forwarded": 7, "dropped": 6, "delivered": 3, "sent": 3, "redirected": 4}
+    # drops: in the box of their stage, both families on one row; those on no counted path
+    # (the path map was full) only in the drop box
     assert f["boxes"]["forward"]["drops"] == 6 and f["boxes"]["drop"]["drops"] == 8
     assert [(d["reason"], d["stage"], d["packets"]) for d in f["drops"]] == [
         ("NETFILTER_DROP", "forward", 6), ("NO_SOCKET", "(overflow)", 2)]
@@ -176,6 +178,15 @@ def test_flow_counts_boxes_edges_tables_and_drops_of_one_netns():
     assert f["tables"]["prerouting"] == [{"table": "conntrack", "priority": -200, "packets": 0, "drops": 0},
                                          {"table": "mangle", "priority": -150, "packets": 12, "drops": 0}]
     assert f["tables"]["forward"] == [{"table": "filter", "priority": 0, "packets": 7, "drops": 6}]
+
+
+def test_a_drop_lands_in_the_box_its_path_says():
+    # a locally generated packet refused by routing: the output routing decision, not the input one
+    snap = Snap(1.0, [(PL(("route", "drop"), "dropped", drop=("IP_OUTNOROUTES", "route", "")), 2)], Counter(), {})
+    f = diagram.flow(snap, "r")
+    assert f["boxes"]["route_out"]["drops"] == 2 and f["boxes"]["route"]["drops"] == 0
+    assert f["drops"] == [{"reason": "IP_OUTNOROUTES", "stage": "route", "table": "", "box": "route_out",
+                           "packets": 2}]
 
 
 def test_the_page_svg_has_an_element_for_every_value_flow_gives():

@@ -78,7 +78,7 @@ def test_flow_json_and_the_svg_are_of_the_asked_netns(app):
     f = json.loads(call(app, "/flow.json")[2])
     assert f["selected"] == "other" and f["netns"] == ["other", "r"]        # the first one by default
     f = json.loads(call(app, "/flow.json?netns=r")[2])
-    assert f["selected"] == "r" and f["edges"]["route>forward"] == 12
+    assert f["selected"] == "r" and f["edges"]["route>forward"] == 13
     svg = ET.fromstring(call(app, "/diagram.svg?netns=r")[2])
     assert svg.get("data-layout") == f["layout"]
     assert call(app, "/flow.json?netns=nope")[0].startswith("404")

@@ -81,7 +81,7 @@
   }
 
   function dropKey(d) {
-    return d.reason + "\u0000" + d.stage + "\u0000" + d.table;
+    return [d.reason, d.stage, d.table, d.box].join("\u0000");
   }
 
   async function loadDrawing(ns) {
