@@ -3,6 +3,8 @@ with traffic and drops, the page loaded in headless Chromium (Debian's
 `chromium`), and the DOM checked after real updates (issue 15)."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -33,17 +35,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(lab):
-    """`pkttrace serve` on the lab router, ready (systemd's READY=1) when yielded."""
-    demo.setup(lab)
+@contextlib.contextmanager
+def serving(*netns: str):
+    """`pkttrace serve` on these namespaces, ready (systemd's READY=1) when entered: its port."""
     port = free_port()
     d = tempfile.mkdtemp()
     sock_path = os.path.join(d, "notify")
     ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     ns.bind(sock_path)
     ns.settimeout(30)
-    env = dict(os.environ, NOTIFY_SOCKET=sock_path, PKTTRACE_LISTEN=f"127.0.0.1:{port}", PKTTRACE_NETNS=lab.router)
+    env = dict(os.environ, NOTIFY_SOCKET=sock_path, PKTTRACE_LISTEN=f"127.0.0.1:{port}", PKTTRACE_NETNS=" ".join(netns))
     proc = subprocess.Popen([sys.executable, "-m", "tracer", "serve"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -57,6 +58,14 @@ def served(lab):
             proc.kill()
         ns.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served(lab):
+    """`pkttrace serve` on the lab router."""
+    demo.setup(lab)
+    with serving(lab.router) as port:
+        yield port
 
 
 @pytest.fixture
@@ -152,3 +161,34 @@ def test_the_page_shows_the_boxes_live_rates_and_drops(served, traffic, lab, tmp
         assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         if SCREENSHOT:
             shutil.copy(tmp_path / "page.png", os.path.join(REPO, SCREENSHOT))
+
+
+def choose(browser: Chromium, netns: str) -> None:
+    """Pick a netns in the page's selector, as a user does."""
+    browser.evaluate(f"(() => {{ const s = document.getElementById('netns'); s.value = {json.dumps(netns)}; "
+                     "s.dispatchEvent(new Event('change')); })()")
+
+
+def test_several_namespaces_get_a_selector(lab, traffic):
+    with serving(lab.router, lab.client) as port, Chromium() as browser:
+        browser.goto(f"http://127.0.0.1:{port}/?interval=1")
+        browser.wait_for("Number(document.body.getAttribute('data-updates')) >= 1", timeout=40)
+        options = browser.evaluate("Array.from(document.getElementById('netns').options, (o) => o.value)")
+        assert sorted(options) == sorted([lab.router, lab.client])
+        assert browser.evaluate("document.getElementById('netns-label').hidden") is False
+        # the router's drawing: its caption, its FORWARD rates, its filter table
+        choose(browser, lab.router)
+        state = browser.wait_for(f"""(() => {{
+            const t = (id) => document.getElementById(id).textContent;
+            return t('caption') === 'netns {lab.router}' && parseFloat(t('rate-forward')) > 0
+                ? {{forward: t('rate-forward'), table: t('tv-forward-0')}} : null; }})()""", timeout=20)
+        assert per_second(state["forward"]) > 0
+        # the client's: it forwards nothing, it sends and receives
+        choose(browser, lab.client)
+        state = browser.wait_for(f"""(() => {{
+            const t = (id) => document.getElementById(id).textContent;
+            return t('caption') === 'netns {lab.client}' && parseFloat(t('rate-output')) > 0
+                ? {{forward: t('rate-forward'), output: t('rate-output'), local: t('rate-local')}} : null; }})()""",
+                                 timeout=20)
+        assert per_second(state["forward"]) == 0 and per_second(state["local"]) > 0
+        assert browser.console_errors() == []
