@@ -60,6 +60,7 @@ class Chromium:
                                                              "deviceScaleFactor": 1, "mobile": False}, page=True)
             self.send("Page.enable", page=True)
             self.send("Runtime.enable", page=True)
+            self.send("Log.enable", page=True)      # CSP violations, failed loads
         except BaseException:
             self.close()
             raise
@@ -137,6 +138,8 @@ class Chromium:
             if m.get("method") == "Runtime.exceptionThrown":
                 out.append(p["exceptionDetails"].get("text", "") + " " +
                            p["exceptionDetails"].get("exception", {}).get("description", ""))
+            elif m.get("method") == "Log.entryAdded" and p["entry"].get("level") == "error":
+                out.append(p["entry"].get("text", "") + " " + p["entry"].get("url", ""))
             elif m.get("method") == "Runtime.consoleAPICalled" and p.get("type") == "error":
                 out.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
         return out

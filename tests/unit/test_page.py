@@ -52,6 +52,7 @@ def test_metrics_is_the_prometheus_app_unchanged(app):
                                         ("/page.js", "text/javascript; charset=utf-8"),
                                         ("/page.css", "text/css; charset=utf-8"),
                                         ("/diagram.css", "text/css; charset=utf-8"),
+                                        ("/favicon.svg", "image/svg+xml; charset=utf-8"),
                                         ("/diagram.svg", "image/svg+xml; charset=utf-8"),
                                         ("/flow.json", "application/json")])
 def test_the_page_its_files_and_data(app, path, ctype):
@@ -85,7 +86,7 @@ def test_flow_json_and_the_svg_are_of_the_asked_netns(app):
 
 
 @pytest.mark.parametrize("path", ["/index.html", "/metrics/", "/page.js/x", "/../tracer/page.py", "/web/page.js",
-                                  "/favicon.ico"])
+                                  "/favicon.ico", "/page.html"])
 def test_anything_else_is_404(app, path):
     status, headers, _ = call(app, path)
     assert status == "404 Not Found" and headers["Content-Type"].startswith("text/plain")
@@ -100,7 +101,7 @@ def test_basic_auth_covers_the_page_too():
     bcrypt = pytest.importorskip("bcrypt")
     hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4))
     app = webconfig.wrap(page.App(metrics_app, snapshot), webconfig.WebConfig("web.yml", users={"prom": hashed}))
-    for path in ("/", "/page.js", "/flow.json", "/diagram.svg", "/metrics", "/nope"):
+    for path in ("/", "/page.js", "/favicon.svg", "/flow.json", "/diagram.svg", "/metrics", "/nope"):
         assert call(app, path)[0].startswith("401"), path
         assert call(app, path, auth="prom:wrong")[0].startswith("401"), path
     for path in ("/", "/page.js", "/flow.json", "/diagram.svg", "/metrics"):
