@@ -458,8 +458,9 @@ def _stage_lines(p: Packet, s: Stage, n: int = MAX_ROW_CHARS) -> list[tuple[str,
                 lines.append(("change", f"↳ dscp {t.dscp_in}→{t.dscp}"))
             for side in ("src", "dst"):
                 if t.nat and side in t.nat:
-                    lines += [("change", "↳ " + w)
-                              for w in _wrap(f"{side} {t.nat[side]['from']}→{t.nat[side]['to']}", n - 2)]
+                    # the address before and after on lines of their own: one line is too long for a box
+                    lines += [("change", w) for w in _wrap(f"↳ {side} {t.nat[side]['from']}", n)]
+                    lines += [("change", w) for w in _wrap(f"→ {t.nat[side]['to']}", n)]
     elif s.stage in ("route", "reroute"):
         lines += [("", w) for w in _wrap(_route_text(s, p.dst), n)]
         if s.route is not None and s.route.rule and s.route.rule.split(":", 1)[0] not in ("0", "32766", "32767"):

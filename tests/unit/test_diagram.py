@@ -63,6 +63,13 @@ def test_a_dropped_packet_shows_where_and_why(tmp_path):
     assert any(t.startswith("at nft_do_chain+") for t in drop)
 
 
+def test_a_port_forwarded_packet_shows_the_nat_rewrite(tmp_path):
+    root = draw(tmp_path, "--proto", "udp", "--port", "8080")     # #2816: DNAT in PREROUTING's nat
+    pre = texts(root, "prerouting")
+    i = pre.index("· nat accept")
+    assert pre[i + 1:i + 3] == ["↳ dst 10.71.1.1:8080", "→ 10.71.2.2:5002"]
+
+
 def test_a_locally_generated_packet_starts_at_the_local_process(tmp_path):
     root = draw(tmp_path, "--packet", "1536")        # sent, rerouted after OUTPUT's mangle set the mark
     edges = {e for e, c in classes(root, "edge").items() if "on" in c}
