@@ -85,6 +85,16 @@ def test_flow_json_and_the_svg_are_of_the_asked_netns(app):
     assert call(app, "/flow.json?netns=nope")[0].startswith("404")
 
 
+def test_the_hosts_own_netns_is_the_empty_name():
+    from test_diagram import PL, Snap
+    from collections import Counter
+    host = page.App(metrics_app, lambda: Snap(1.0, [(PL(("output", "postrouting", "tx"), "sent", netns=""), 3)],
+                                              Counter(), {"": {}}))
+    for path in ("/flow.json", "/flow.json?netns="):
+        f = json.loads(call(host, path)[2])
+        assert f["netns"] == [""] and f["selected"] == "" and f["boxes"]["output"]["packets"] == 3
+
+
 @pytest.mark.parametrize("path", ["/index.html", "/metrics/", "/page.js/x", "/../tracer/page.py", "/web/page.js",
                                   "/favicon.ico", "/page.html"])
 def test_anything_else_is_404(app, path):
