@@ -157,6 +157,15 @@ def test_the_page_shows_the_boxes_live_rates_and_drops(served, traffic, lab, tmp
         assert panel["drops"][0][:2] == ["NETFILTER_DROP", "filter"]
         assert browser.evaluate("document.getElementById('box-forward').classList.contains('selected')")
         assert browser.console_errors() == []
+        # the Content-Security-Policy holds: a script injected inline (as a host name that got
+        # into the DOM as HTML would be) does not run, and the browser says why
+        browser.evaluate("(() => { const s = document.createElement('script'); s.textContent = "
+                         "'window.injected = 1'; document.body.appendChild(s); })()")
+        assert browser.evaluate("window.injected === undefined")
+        deadline = time.monotonic() + 5
+        while not any("Content Security Policy" in e for e in browser.console_errors()):
+            assert time.monotonic() < deadline, browser.console_errors()
+            browser.evaluate("0")        # reads the events that came meanwhile
         browser.screenshot(str(tmp_path / "page.png"))
         assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         if SCREENSHOT:
