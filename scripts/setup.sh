@@ -23,10 +23,12 @@ fi
 # (scripts/kernel-matrix.sh); debootstrap: the README's install path tried
 # on a fresh Debian 12 (tests/integration/test_packaging.py); tshark: reads
 # the pcap-ng files pkttrace writes back in the tests; libpcap0.8: compiles
-# filter expressions (pcap_compile, at run time; no -dev needed).
+# filter expressions (pcap_compile, at run time; no -dev needed); chromium:
+# the headless browser that loads serve's live page
+# (tests/integration/test_page_browser.py, which fails without it).
 APT_PKGS=(clang llvm libbpf-dev libbpf1 bpftool make iproute2 iptables nftables iperf3 iputils-ping util-linux
           python3-venv systemd systemd-container prometheus tcpdump libpcap0.8 tshark debootstrap
-          openssl groff-base man-db linux-libc-dev
+          openssl groff-base man-db linux-libc-dev chromium
           qemu-system-x86 busybox-static cpio xz-utils kmod)
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -333,7 +333,6 @@ def read_packets(path: str, pf: PacketFilter, count: int | None, show: Show, wri
     """-r FILE: the packets of a pcap-ng file written by -w, or of a --record
     recording, shown as they were when traced (and written again with -w)."""
     import io
-    from .pcapng import PcapngError, recordings, sniff
     from .recording import RecordingError, replay_to
     try:
         f = cast(io.BufferedReader, sys.stdin.buffer) if path == "-" else open(path, "rb")
@@ -341,16 +340,7 @@ def read_packets(path: str, pf: PacketFilter, count: int | None, show: Show, wri
         raise UsageFailure(f"-r: cannot read {path}: {e.strerror}") from None
     out = None
     try:
-        kind = sniff(f.peek(4)[:4])
-        if kind == "pcapng" or kind == "pcap":
-            try:
-                sources: list[IO] = [io.StringIO(text) for text in recordings(f)]
-            except PcapngError as e:
-                raise UsageFailure(f"-r: {path}: {e}") from None
-        elif kind == "recording":
-            sources = [f]
-        else:
-            raise UsageFailure(f"-r: {path}: neither a pcap-ng file written by pkttrace -w nor a recording")
+        sources = _recorded_sources(f, path, "-r")
         out = _open_write(write_path)
         sinks = Sinks(show, out)
         left = count
@@ -375,6 +365,22 @@ def read_packets(path: str, pf: PacketFilter, count: int | None, show: Show, wri
         if f is not sys.stdin.buffer:
             f.close()
         _close_output(out)
+
+
+def _recorded_sources(f, path: str, what: str) -> list[IO]:
+    """The recordings a file holds: itself (--record), or those a pcap-ng
+    file written by -w carries in its comments."""
+    import io
+    from .pcapng import PcapngError, recordings, sniff
+    kind = sniff(f.peek(4)[:4])
+    if kind == "pcapng" or kind == "pcap":
+        try:
+            return [io.StringIO(text) for text in recordings(f)]
+        except PcapngError as e:
+            raise UsageFailure(f"{what}: {path}: {e}") from None
+    if kind == "recording":
+        return [f]
+    raise UsageFailure(f"{what}: {path}: neither a pcap-ng file written by pkttrace -w nor a recording")
 
 
 def _open_record(path: str | None):
@@ -463,7 +469,8 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:9632", show_default=True, envvar="PKTTRACE_LISTEN",
-              metavar="ADDRESS:PORT", help="Where to serve /metrics (explicit address; [::1]:PORT for IPv6).")
+              metavar="ADDRESS:PORT",
+              help="Where to serve /metrics and the live page at / (explicit address; [::1]:PORT for IPv6).")
 @click.option("--netns", "netns_names", multiple=True, envvar="PKTTRACE_NETNS", metavar="NAME", callback=dedupe,
               help="Count in this named network namespace (repeatable, a name given twice counts once; "
                    "default: the current one; a traced name deleted and created again is counted again).  "
@@ -479,12 +486,14 @@ def run_trace(opts, count=None, duration=None, as_json=False, record_path=None, 
               help="Export each BPF program's run time (kernel BPF stats: ~25 ns more on every run of every "
                    "BPF program of the host while pkttrace serves).")
 @click.option("--web.config.file", "web_config_file", envvar="PKTTRACE_WEB_CONFIG_FILE",
-              metavar="FILE", help="TLS and basic auth for /metrics: a Prometheus exporter web-config file "
+              metavar="FILE", help="TLS and basic auth for /metrics and the page: a Prometheus exporter web-config file "
                                    "(tls_server_config, basic_auth_users with bcrypt hashes).")
 def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats, web_config_file):
     """Export per-hook, per-table, per-path counters to Prometheus.
 
     The kernel counts every packet by path; nothing is sent per packet.
+    Beside /metrics, a page at / draws the packet flow of the traced
+    namespaces with live rates per box, edge and drop reason.
     Every option can also come from a PKTTRACE_* environment variable
     (systemd/pkttrace.env).  Metrics: docs/metrics.md.
 
@@ -514,7 +523,8 @@ def serve(listen, netns_names, tc_mode, age_after, max_paths, bpf_stats, web_con
         raise RuntimeFailure(str(e)) from None
     where = "every netns" if all_netns else ", ".join(n or "current netns" for n in ns_list)
     scheme = "https" if web and web.ssl_context else "http"
-    say(f"serving metrics of {where} on {scheme}://{listen}/metrics (ready in {srv.tracer.ready_s * 1000:.0f} ms)")
+    say(f"serving metrics of {where} on {scheme}://{listen}/metrics, the live page on {scheme}://{listen}/ "
+        f"(ready in {srv.tracer.ready_s * 1000:.0f} ms)")
     try:
         srv.run()
     finally:
@@ -831,6 +841,76 @@ def lab_demo(prefix, as_json, keep, record_path):
 
 
 # click >= 8.2 raises this for a group called without a command (8.1 prints the help itself)
+@main.command()
+@click.option("-r", "read_path", type=InputPath(), metavar="FILE",
+              help="The recording to read: pkttrace --record FILE, or a pcap-ng file written by -w.")
+@click.option("--packet", "packet_id", type=UInt(0, (1 << 63) - 1), metavar="ID",
+              help="The packet with this id (#ID in pkttrace's output); else the first that matches the filters.")
+@click.option("--mark", metavar="VALUE[/MASK]", help="The first packet whose mark matches at any stage.")
+@click.option("--src", metavar="CIDR", help="... whose source is in this network.")
+@click.option("--dst", metavar="CIDR", help="... whose destination is in this network.")
+@click.option("--proto", metavar="tcp|udp|icmp|icmpv6|N", help="... of this IP protocol.")
+@click.option("--port", metavar="N", help="... with this TCP/UDP source or destination port.")
+@click.option("-i", "--iface", metavar="NAME", help="... received or sent on this device.")
+@click.option("-o", "out_path", type=_PathParam(lambda v, _what: _write_path(v)), metavar="FILE",
+              help="The SVG file to write (-: standard output).")
+def diagram(read_path, packet_id, mark, src, dst, proto, port, iface, out_path):
+    """Draw one recorded packet's path on the packet-flow diagram, as SVG.
+
+    The drawing is the live page's (`pkttrace serve`, at /): the stages the
+    packet crossed are highlighted, with the tables it crossed in each hook,
+    their verdicts, mark and NAT changes, the routing decision, and where it
+    ended (the drop reason and location).  No root needed.
+
+    \b
+    Example:
+      pkttrace diagram -r trace.jsonl --proto udp --port 5009 -o drop.svg
+      pkttrace diagram -r trace.pcapng --packet 1024 -o forwarded.svg
+    """
+    from .diagram import packet_svg
+    from .recording import RecordingError, replay
+    if iface == "any":
+        iface = None
+    pf = build_filter(mark, src, dst, proto, port, iface, None, live=False)
+    if read_path is None:
+        raise UsageFailure("diagram: which recording? -r FILE (made by pkttrace --record FILE or -w FILE)")
+    if out_path is None:
+        raise UsageFailure("diagram: where to? -o FILE.svg (- for standard output)")
+    try:
+        f = sys.stdin.buffer if read_path == "-" else open(read_path, "rb")
+    except OSError as e:
+        raise UsageFailure(f"diagram: cannot read {read_path}: {e.strerror}") from None
+    found = None
+    try:
+        for source in _recorded_sources(f, read_path, "diagram"):
+            found = next((p for p in replay(source) if (packet_id is None or p.id == packet_id) and pf.matches(p)),
+                         None)
+            if found is not None:
+                break
+    except RecordingError as e:
+        raise UsageFailure(f"diagram: {read_path}: {e}") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    if found is None:
+        which = f"packet #{packet_id}" if packet_id is not None else "packet"
+        filtered = " that matches the filters" if pf.flags else ""
+        raise UsageFailure(f"diagram: no {which}{filtered} in {read_path}")
+    svg = packet_svg(found)
+    try:
+        if out_path == "-":
+            sys.stdout.write(svg)
+            sys.stdout.flush()
+            return
+        with open_output(out_path, "-o") as out:
+            out.write(svg)
+    except InputError as e:
+        raise UsageFailure(str(e)) from None
+    except OSError as e:
+        raise RuntimeFailure(f"diagram: cannot write {out_path}: {e.strerror}") from None
+    say(f"diagram: #{found.id} ({found.fate}) drawn in {out_path}")
+
+
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 

@@ -65,6 +65,7 @@ class PathLabels:
     routes: list[tuple] = field(default_factory=list)       # (table, result)
     ifaces: list[tuple] = field(default_factory=list)       # (device, direction)
     drop: tuple | None = None                               # (reason, stage, table)
+    stages: tuple[str, ...] = ()                            # the path's stages, for the page's edges
 
 
 def resolve(p: model.Packet) -> PathLabels:
@@ -72,7 +73,7 @@ def resolve(p: model.Packet) -> PathLabels:
     # same path are two keys); without the label their series would carry
     # identical label sets.  Names for the common ones, the number otherwise
     pl = PathLabels(p.netns or "", p.family, p.proto or str(p.proto_num), p.fate, f"{p.path_sig:08x}",
-                    path_label(p))
+                    path_label(p), stages=tuple(p.stage_names()))
     for s in p.path:
         if s.is_hook:
             pl.hooks.append((s.stage,))
@@ -163,17 +164,34 @@ class DropTotals:
             out[k] = out.get(k, 0) + n
         return out
 
-    def shortfall(self, by_path: Counter) -> dict[tuple, int]:
+    def shortfall(self, by_path: Counter, totals: dict[tuple[str, str, str], int] | None = None) -> dict[tuple, int]:
         """Drops not on any counted path, per (netns, family, reason):
-        drops_total's (overflow) series."""
+        drops_total's (overflow) series.  `totals`: read() made before the
+        paths were read (else it is read now)."""
         per_reason: Counter = Counter()
         for (ns, fam, reason, _stage, _table), n in by_path.items():
             per_reason[(ns, fam, reason)] += n
-        for k, total in self.read().items():
+        for k, total in (self.read() if totals is None else totals).items():
             missing = total - per_reason.get(k, 0)
             if missing > self._shortfall.get(k, 0):
                 self._shortfall[k] = missing
         return dict(self._shortfall)
+
+
+@dataclass
+class Snapshot:
+    """The counters at one moment, read once: what collect() exports and
+    the page's /flow.json draws (tracer/diagram.py)."""
+    t: float                                   # time.monotonic() of the read
+    paths: list[tuple[PathLabels, int]]        # each counted path and its packets
+    sums: dict[str, Counter]                   # metric family -> label values -> packets
+    # netns name -> hook -> [(table, priority)] registered there (both families)
+    registered: dict[str, dict[str, list[tuple[str, int]]]] = field(default_factory=dict)
+
+    @property
+    def drops(self) -> Counter:
+        """(netns, family, reason, stage, table) -> drops, the (overflow) ones included."""
+        return self.sums["drops"]
 
 
 class Collector(Registered):
@@ -243,16 +261,44 @@ class Collector(Registered):
         t0 = time.monotonic()
         f = self._families()
         with self.lock:
-            self._collect_paths(f)
+            for name, counter in self._snapshot().sums.items():
+                for labels, v in counter.items():
+                    f[name].add_metric(list(labels), v)
             self._collect_self(f)
         f["scrape"].add_metric([], self._last_scrape)
         self._last_scrape = time.monotonic() - t0
         return list(f.values())
 
-    def _collect_paths(self, f) -> None:
+    def snapshot(self) -> Snapshot:
+        """The path counters now, with the tables of each hook (the page)."""
+        with self.lock:
+            snap = self._snapshot()
+            snap.registered = self._registered()
+        return snap
+
+    def _registered(self) -> dict[str, dict[str, list[tuple[str, int]]]]:
+        t = self.tracer
+        out: dict[str, dict[str, list[tuple[str, int]]]] = {}
+        for ns, ino in t._ns_inodes.items():
+            hooks: dict[str, list[tuple[str, int]]] = {}
+            for fam in (4, 6):
+                for hook, name in enumerate(placement.HOOKS):
+                    for table in t.ctx.registered.get((ino, fam, hook), []):
+                        if (table[0], table[1]) not in hooks.setdefault(name, []):
+                            hooks[name].append((table[0], table[1]))
+            # named as the paths name it (paths.assemble): the inode when no name is known
+            out[t.ctx.netns_names.get(ino, str(ino))] = hooks
+        return out
+
+    def _snapshot(self) -> Snapshot:
         sums: dict[str, Counter[tuple]] = {k: Counter() for k in ("packets", "hooks", "tables", "drops", "paths",
                                                                   "routes", "marks", "nat", "ifaces")}
-        for pl, n in self.paths.read():
+        # the per-reason totals before the paths: read after, a drop made
+        # between the two reads is in the totals and on no path yet, and
+        # the shortfall (which never goes down) would keep it as an overflow
+        totals = self.drops.read()
+        paths = self.paths.read()
+        for pl, n in paths:
             base = (pl.netns, pl.family)
             sums["packets"][base + (pl.fate,)] += n
             sums["paths"][base + (pl.proto, pl.path_sig, pl.path, pl.fate)] += n
@@ -263,12 +309,10 @@ class Collector(Registered):
                 sums["ifaces"][(pl.netns,) + lab] += n
             if pl.drop:
                 sums["drops"][base + pl.drop] += n
-        for k, n in self.drops.shortfall(sums["drops"]).items():
+        for k, n in self.drops.shortfall(sums["drops"], totals).items():
             if n:
                 sums["drops"][k + (DropTotals.OVERFLOW, DropTotals.OVERFLOW)] += n
-        for name, counter in sums.items():
-            for labels, v in counter.items():
-                f[name].add_metric(list(labels), v)
+        return Snapshot(time.monotonic(), paths, sums)
 
     def _collect_self(self, f) -> None:
         t = self.tracer

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIRequestHandler
 
-from . import sdnotify, webconfig
+from . import page, sdnotify, webconfig
 from .exporter import Collector
 from .session import TraceError, TraceOptions, Tracer
 
@@ -463,10 +463,13 @@ class Exporter:
         ProcessCollector(registry=registry)
         host, port = self.opts.listen
         try:
-            # the app prometheus-client's own server runs (0.16 and later):
-            # same content, content type and negotiation; only the threads differ
+            # /metrics: the app prometheus-client's own server runs (0.16 and
+            # later): same content, content type and negotiation; only the
+            # threads differ.  The page and its data sit beside it, behind
+            # the same TLS and basic auth
             web = self.opts.web
-            self.httpd = MetricsServer(host, port, webconfig.wrap(make_wsgi_app(registry), web),
+            app = page.App(make_wsgi_app(registry), self.collector.snapshot)
+            self.httpd = MetricsServer(host, port, webconfig.wrap(app, web),
                                        workers=self.opts.http_workers, max_connections=self.opts.max_connections,
                                        idle_timeout=self.opts.idle_timeout,
                                        ssl_context=web.ssl_context if web else None).start()

@@ -83,6 +83,14 @@ def test_wheels_are_tagged_per_architecture_and_carry_their_own_object_and_the_s
     assert "systemd/pkttrace.service" in want and "dashboards/pkttrace-paths.json" in want
     for f in want:
         assert shipped.get(f) == open(os.path.join(REPO, f), "rb").read(), f
+    # the live page's files (pkttrace serve, /) and the drawing's stylesheet, as the checkout has them
+    with zipfile.ZipFile(wheel(dist, MACHINE)) as z:
+        web = {n: z.read(n) for n in z.namelist() if n.startswith("tracer/web/")}
+    tracked_web = run(["git", "ls-files", "tracer/web"], cwd=REPO).stdout.split()
+    assert {"tracer/web/page.html", "tracer/web/page.js", "tracer/web/page.css", "tracer/web/diagram.css"} <= \
+        set(tracked_web) == set(web)
+    for f in tracked_web:
+        assert web[f] == open(os.path.join(REPO, f), "rb").read(), f
     x86, arm = elf_sections(objs["x86_64"]), elf_sections(objs["aarch64"])
     progs = [s for s in x86 if "/" in s and not s.startswith(".")]
     assert set(progs) == {s for s in arm if "/" in s and not s.startswith(".")}

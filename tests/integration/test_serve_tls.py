@@ -66,13 +66,14 @@ def tls_serve(tmp_path_factory, lab):
         assert "https://127.0.0.1" in proc.stderr.read()
 
 
-def get(port: int, ctx, auth: tuple[str, str] | None = None, scheme: str = "https") -> tuple[int, str]:
+def get(port: int, ctx, auth: tuple[str, str] | None = None, scheme: str = "https",
+        path: str = "/metrics") -> tuple[int, str]:
     headers = {}
     if auth:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx))
     try:
-        with opener.open(urllib.request.Request(f"{scheme}://127.0.0.1:{port}/metrics", headers=headers),
+        with opener.open(urllib.request.Request(f"{scheme}://127.0.0.1:{port}{path}", headers=headers),
                          timeout=10) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
@@ -91,6 +92,17 @@ def test_https_without_the_right_credentials_is_401(tls_serve, auth):
     port, ctx, _ = tls_serve
     status, text = get(port, ctx, auth)
     assert status == 401 and "pkttrace_" not in text
+
+
+@pytest.mark.parametrize("path", ["/", "/page.js", "/flow.json", "/diagram.svg"])
+def test_the_live_page_needs_the_same_credentials(tls_serve, lab, path):
+    port, ctx, _ = tls_serve
+    assert get(port, ctx, None, path=path)[0] == 401
+    assert get(port, ctx, (USER, "wrong"), path=path)[0] == 401
+    status, text = get(port, ctx, (USER, PASSWORD), path=path)
+    assert status == 200
+    if path == "/flow.json":
+        assert f'"selected":"{lab.router}"' in text
 
 
 def test_plain_http_gets_nothing(tls_serve):

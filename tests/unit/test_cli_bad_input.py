@@ -79,6 +79,12 @@ def _table():
     add(["install-service"], "--exec", ["", "pkttrace", "bin/pkttrace", "/opt/my tools/pkttrace", "/x\n/pkttrace"])
     add(["replay"], None, ["/dev/zero", "{tmp}", "{tmp}/fifo-no-writer-is-never-opened", "/nonexistent/rec", "",
                            "/proc/version", "{tmp}/file"])
+    for opt in ("--port", "--mark", "--proto", "--src", "--dst", "--iface", "-i"):     # checked before -r, -o
+        add(["diagram"], opt, {"--port": NOT_A_PORT, "--mark": NOT_A_MARK, "--proto": NOT_A_PROTO,
+                               "--src": NOT_A_CIDR, "--dst": NOT_A_CIDR}.get(opt, NOT_AN_IFACE))
+    add(["diagram"], "--packet", [v for v in NOT_A_COUNT if v != "0"])     # 0 is an id
+    add(["diagram"], "-r", ["/dev/zero", "{tmp}", "/nonexistent/trace.pcapng", "", "/proc/version", "{tmp}/file"])
+    add(["diagram"], "-o", _bad_paths())
     for sub in ("up", "down", "status", "demo"):
         add(["lab", sub], "--prefix", NOT_A_PREFIX)
     add(["lab", "demo"], "--record", _bad_paths())

@@ -16,7 +16,8 @@ LAYERS = [
     {"probes", "paths"},                                                          # attach; bytes -> packets
     {"observers", "tcobservers", "recording", "templates", "collector", "names"},          # observers; record/replay; collect
     {"session"},                                                                  # the lifecycle of a trace
-    {"output", "exporter", "doctor", "api", "demo", "installer", "pcapng"},                    # sinks, library API
+    {"output", "exporter", "doctor", "api", "demo", "installer", "pcapng", "diagram"},         # sinks, library API
+    {"page"},                                                                     # HTTP: /metrics, the live page
     {"serve"},                                                                    # the service
     {"cli"},                                                                      # the command line
     {"__main__", "__init__", "manpage"},                                          # python -m tracer; import tracer; pkttrace(1)
