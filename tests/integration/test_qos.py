@@ -197,3 +197,62 @@ def test_ifb_ingress_policy_is_one_path_through_the_ifb_device(lab, trace):
             assert (first["stage"], first["dev"], first.get("verdict"), first.get("target")) == \
                 ("tc_ingress", "rc", "redirect", "ifb0"), first
     print(format_packet(pkts[0]))
+
+
+def scrape_text(collector) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+    reg = CollectorRegistry(auto_describe=True)
+    reg.register(collector)
+    return generate_latest(reg).decode()
+
+
+def samples(text: str, name: str, **labels) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def test_serve_counts_queue_time_and_qdisc_drops_as_tc_does(lab):
+    """Count mode (what `pkttrace serve` runs): the kernel's histogram of
+    time queued and the qdisc drops, against tc -s qdisc's sent and dropped."""
+    from tracer.exporter import Collector
+    from tracer.session import TraceOptions, Tracer
+    a = lab.addr
+    tc(lab, "qdisc", "add", "dev", "rs", "root", "tbf", "rate", "1mbit", "burst", "3000", "limit", "30000")
+    handle = handle_of(lab, "rs")
+    srv = lab.udp_server(lab.server, a["server4"], 5072)
+    tracer = Tracer(TraceOptions(netns=[lab.router], emit=False, count=True)).start()
+    try:
+        col = Collector(tracer)
+        before = qdisc_line_stats(lab, "rs")
+        lab.udp_send(lab.client, a["server4"], 5072, b"s" * 1000, count=BURST, sport=41072)
+        deadline = time.monotonic() + 20
+        while True:
+            now = qdisc_line_stats(lab, "rs")
+            sent, dropped = now["sent"] - before["sent"], now["dropped"] - before["dropped"]
+            if now["backlog"] == 0 and sent + dropped >= BURST:
+                break
+            assert time.monotonic() < deadline, f"set-up: the qdisc never handled the burst: {now}"
+            time.sleep(0.2)
+        assert sent + dropped == BURST and dropped > 0, \
+            f"set-up: other packets crossed the qdisc (no ARP, no IPv6 on rs), or none dropped: {sent}, {dropped}"
+        time.sleep(0.3)
+        text = scrape_text(col)
+    finally:
+        tracer.close()
+        srv.close()
+    q = dict(netns=lab.router, dev="rs", qdisc="tbf", handle=handle)
+    drops = samples(text, "pkttrace_qdisc_drops_total", **q)
+    assert sum(s.value for s in drops) == dropped, drops
+    assert {s.labels["reason"] for s in drops} <= {"QDISC_DROP", "NOT_SPECIFIED", "QDISC_OVERLIMIT"}, drops
+    count = samples(text, "pkttrace_qdisc_queue_seconds_count", **q)
+    assert [s.value for s in count] == [sent], (count, sent)
+    buckets = samples(text, "pkttrace_qdisc_queue_seconds_bucket", **q)
+    by_le = [(float(s.labels["le"]), s.value) for s in buckets]
+    assert by_le == sorted(by_le) and by_le[-1] == (float("inf"), sent), by_le
+    # at 1 mbit/s the queue holds ~29 frames of ~8.2 ms: most waited more than 16 ms
+    assert dict(by_le)[0.016384] < sent / 2, by_le
+    total = samples(text, "pkttrace_qdisc_queue_seconds_sum", **q)[0].value
+    assert 0.016 * sent / 4 < total < 1.0 * sent, total
+    # the same drops in the drops total, at stage qdisc
+    assert sum(s.value for s in samples(text, "pkttrace_drops_total", netns=lab.router, stage="qdisc")) == dropped
