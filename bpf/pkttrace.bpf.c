@@ -2514,6 +2514,11 @@ static __always_inline void qdisc_left(struct sk_buff *skb, __u32 ifindex, __u32
 			enq = s->ts;
 		else
 			ev = PT_QDISC_REQUEUED;   /* dequeued before: the driver refused it */
+	} else if (s && (s->kind == PT_STAGE_TC_EGRESS || s->kind == PT_STAGE_TX)) {
+		/* taken without the enqueue tracepoint: the qdisc made room by
+		 * dropping others (NET_XMIT_CN, fq_codel); the hand-over to the
+		 * device, just before, stands for the enqueue */
+		enq = s->ts;
 	}
 	s = stage_add(r, PT_STAGE_QDISC, now);
 	if (!s)

@@ -527,12 +527,20 @@ def _qdisc_stage(stage: Stage, p: _Plan, st: list[tuple], plans: list[_Plan]) ->
     stage.verdict = QdiscVerdict.QUEUED
     if any(d[_SLOT] == QdiscEvent.REQUEUED for d in deq):
         stage.verdict = QdiscVerdict.REQUEUED
+    k = plans.index(p)
     if enq is None:
-        return
+        before = plans[k - 1] if k else None
+        if before is not None and before.label in (S.TC_EGRESS, S.TX) and before.dev == p.dev:
+            # the qdisc took it while dropping others to make room (fq_codel:
+            # NET_XMIT_CN), which the enqueue tracepoint does not report: the
+            # hand-over to the device just before stands for the enqueue
+            enq = st[before.first]
+            stage.t_ns += enq[_TS] - first[_TS]
+        else:
+            return
     if deq:
         stage.queued_ns = deq[0][_TS] - enq[_TS]
         return
-    k = plans.index(p)
     nxt = plans[k + 1] if k + 1 < len(plans) else None
     if nxt is not None and nxt.label == S.DROP:
         # dropped inside the qdisc (AQM, overlimit) after waiting there

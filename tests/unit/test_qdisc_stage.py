@@ -127,3 +127,11 @@ def test_handles_are_written_as_tc_writes_them(h, text):
                                       (1_250_000_000, "1.25 s")])
 def test_durations(ns, text):
     assert output.duration(ns) == text
+
+
+def test_taken_without_the_enqueue_tracepoint_waits_from_the_hand_over():
+    """fq_codel takes a packet while dropping others (NET_XMIT_CN): no
+    enqueue event; the hand-over to the device stands for it, qlen unknown."""
+    stages = [s for s in queued(2_010_000) if not (s[0] == StageKind.QDISC and s[3] == QdiscEvent.ENQUEUED)]
+    st = assemble(record(stages), ctx()).stage("qdisc")
+    assert (st.t_ns, st.queued_ns, st.qlen, st.verdict) == (10_000, 2_000_000, None, "queued")
