@@ -2414,7 +2414,8 @@ int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, u
 		return 0;
 	}
 	s = last_stage(r);
-	ifb = dev_is_ifb(dev);
+	/* only a packet tc redirected reaches an IFB device: others pay nothing */
+	ifb = (r->flags & PT_REC_REDIRECTED) && dev_is_ifb(dev);
 	if (!s || s->kind != PT_STAGE_TX) {
 		/* (the skb may be freed already: only the arguments are read;
 		 * the mark is the one it had at the device, at tc egress) */

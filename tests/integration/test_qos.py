@@ -248,10 +248,11 @@ def test_serve_counts_queue_time_and_qdisc_drops_as_tc_does(lab):
         srv.close()
     q = dict(netns=lab.router, dev="rs", qdisc="tbf", handle=handle)
     drops = samples(text, "pkttrace_qdisc_drops_total", **q)
-    assert sum(s.value for s in drops) == dropped, drops
+    qdisc_lines = [ln for ln in text.splitlines() if "qdisc" in ln and not ln.startswith("#")]
+    assert sum(s.value for s in drops) == dropped, (dropped, sent, qdisc_lines)
     assert {s.labels["reason"] for s in drops} <= {"QDISC_DROP", "NOT_SPECIFIED", "QDISC_OVERLIMIT"}, drops
     count = samples(text, "pkttrace_qdisc_queue_seconds_count", **q)
-    assert [s.value for s in count] == [sent], (count, sent)
+    assert [s.value for s in count] == [sent], (count, sent, qdisc_lines)
     buckets = samples(text, "pkttrace_qdisc_queue_seconds_bucket", **q)
     by_le = [(float(s.labels["le"]), s.value) for s in buckets]
     assert by_le == sorted(by_le) and by_le[-1] == (float("inf"), sent), by_le
