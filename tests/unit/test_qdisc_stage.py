@@ -135,3 +135,15 @@ def test_taken_without_the_enqueue_tracepoint_waits_from_the_hand_over():
     stages = [s for s in queued(2_010_000) if not (s[0] == StageKind.QDISC and s[3] == QdiscEvent.ENQUEUED)]
     st = assemble(record(stages), ctx()).stage("qdisc")
     assert (st.t_ns, st.queued_ns, st.qlen, st.verdict) == (10_000, 2_000_000, None, "queued")
+
+
+def test_without_qdisc_tracepoints_the_plan_leaves_their_programs_off():
+    from tracer import backends
+    feat = backends.Features(kernel="5.15.0", netfilter_link=True, cast_kfunc=True, sk_data_ready_tp=True,
+                             fentry="refused", qdisc_tp=False)
+    p = backends.plan(feat)
+    assert set(backends.QDISC_PROGRAMS) <= p.off and any("qdisc" in n for n in p.notes)
+    assert not set(backends.QDISC_PROGRAMS) & backends.plan(
+        backends.Features(kernel="6.1.0", netfilter_link=True, cast_kfunc=True, sk_data_ready_tp=True,
+                          fentry="refused")).off
+    assert {"qdisc_enqueue", "qdisc_dequeue"} <= set(backends.OPTIONAL_TRACEPOINTS)
