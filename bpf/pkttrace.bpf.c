@@ -256,6 +256,15 @@ struct {
 	__uint(max_entries, 4 << 20); /* resized by user space before load */
 } events SEC(".maps");
 
+/* Count mode: packets that left a qdisc by queueing time (struct
+ * pt_qdisc_key); a few keys per shaped device.  Resized by user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct pt_qdisc_key);
+	__type(value, struct pt_qdisc_val);
+} qdisc_hist SEC(".maps");
+
 /* Count mode: packets per path (per CPU), and one example record per path.
  * Both resized by user space before load. */
 struct {
@@ -956,9 +965,10 @@ static __always_inline __u32 path_signature(const struct pt_record *r, __u32 n)
 		}
 		h = sig_mix(h, s->kind | (s->slot << 8) | (changed << 16) | (s->flags << 24));
 		h = sig_mix(h, s->ifindex);
-		/* a deliver stage's aux is the socket inode: per packet */
+		/* a deliver stage's aux is the socket inode, a qdisc stage's
+		 * aux2 the queue length: per packet */
 		h = sig_mix(h, s->kind == PT_STAGE_DELIVER ? 0 : s->aux);
-		h = sig_mix(h, (__u32)s->aux2);
+		h = sig_mix(h, s->kind == PT_STAGE_QDISC ? 0 : (__u32)s->aux2);
 	}
 	return h;
 }
@@ -2374,12 +2384,24 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 	return 0;
 }
 
+/* An IFB device (tc redirects packets to it to shape them): it queues
+ * them and its tasklet sends them on, later, as the same skb. */
+static __always_inline bool dev_is_ifb(const struct net_device *dev)
+{
+	char kind[4] = {};
+	const char *k = BPF_CORE_READ(dev, rtnl_link_ops, kind);
+
+	return k && !bpf_probe_read_kernel(kind, sizeof(kind), k) &&
+	       kind[0] == 'i' && kind[1] == 'f' && kind[2] == 'b' && !kind[3];
+}
+
 /* The driver took it: the packet left this netns on dev. */
 SEC("tp_btf/net_dev_xmit")
 int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, unsigned int len)
 {
 	struct pt_record *r;
 	struct pt_stage *s;
+	bool ifb;
 
 	if (rc != NETDEV_TX_OK)
 		return 0; /* busy: requeued, it will be sent again */
@@ -2392,6 +2414,8 @@ int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, u
 		return 0;
 	}
 	s = last_stage(r);
+	/* only a packet tc redirected reaches an IFB device: others pay nothing */
+	ifb = (r->flags & PT_REC_REDIRECTED) && dev_is_ifb(dev);
 	if (!s || s->kind != PT_STAGE_TX) {
 		/* (the skb may be freed already: only the arguments are read;
 		 * the mark is the one it had at the device, at tc egress) */
@@ -2405,8 +2429,133 @@ int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, u
 		}
 		r->out_ifindex = dev->ifindex;
 	}
+	if (ifb) {
+		/* not the end: the IFB device's tasklet sends it on (received
+		 * again on its device, or handed to it), maybe on another CPU */
+		r->flags &= ~(PT_REC_QUEUED | PT_REC_REDIRECTED);
+		r->out_ifindex = 0;
+		rec_park(skb);
+		return 0;
+	}
 	handoff_reserve(skb, r, dev);
 	rec_finish(skb, r, fate_tx(r));
+	return 0;
+}
+
+/* ---- qdiscs: the queue between the hand-over to a device and its driver ---- */
+
+/* A qdisc took a packet (fired only when the enqueue succeeded; a packet
+ * the qdisc refused is freed, kfree_skb).  q is the device's root qdisc. */
+SEC("tp_btf/qdisc_enqueue")
+int BPF_PROG(on_qdisc_enqueue, struct Qdisc *q, const struct netdev_queue *txq, struct sk_buff *skb)
+{
+	struct net_device *dev = skb->dev;
+	struct pt_record *r;
+	struct pt_stage *s;
+
+	if (!dev || !netns_traced(dev->nd_net.net->ns.inum))
+		return 0;
+	r = rec_lookup(skb);
+	if (!r)
+		return 0;
+	s = stage_add(r, PT_STAGE_QDISC, bpf_ktime_get_ns());
+	if (!s)
+		return 0;
+	s->ifindex = dev->ifindex;
+	s->mark = skb->mark;
+	s->slot = PT_QDISC_ENQUEUED;
+	s->aux = q->handle;
+	s->aux2 = q->q.qlen;
+	return 0;
+}
+
+/* Count mode: one more packet out of this qdisc after waiting d ns. */
+static __always_inline void qdisc_count(const struct pt_record *r, __u32 ifindex, __u32 handle, __u64 d)
+{
+	struct pt_qdisc_key k = { .netns = r->netns, .ifindex = ifindex, .handle = handle };
+	struct pt_qdisc_val one = { .packets = 1, .ns = d }, *v;
+	__u64 bound = 1000;   /* 1 us, then x4 */
+
+	for (int i = 0; i < PT_QDISC_BUCKETS - 1; i++) {
+		if (d <= bound)
+			break;
+		k.bucket++;
+		bound <<= 2;
+	}
+	v = bpf_map_lookup_elem(&qdisc_hist, &k);
+	if (v) {
+		v->packets += 1;
+		v->ns += d;
+		return;
+	}
+	if (bpf_map_update_elem(&qdisc_hist, &k, &one, BPF_NOEXIST)) {
+		v = bpf_map_lookup_elem(&qdisc_hist, &k);
+		if (v) {
+			v->packets += 1;
+			v->ns += d;
+		} else {
+			stat_inc(PT_STAT_QDISC_OVERFLOW);
+		}
+	}
+}
+
+/* One packet the qdisc gave up: the end of its wait. */
+static __always_inline void qdisc_left(struct sk_buff *skb, __u32 ifindex, __u32 handle, __u64 now)
+{
+	struct pt_record *r = rec_lookup(skb);
+	struct pt_stage *s;
+	__u64 enq = 0;
+	__u8 ev = PT_QDISC_DEQUEUED;
+
+	if (!r)
+		return;
+	s = last_stage(r);
+	if (s && s->kind == PT_STAGE_QDISC) {
+		if (s->slot == PT_QDISC_ENQUEUED)
+			enq = s->ts;
+		else
+			ev = PT_QDISC_REQUEUED;   /* dequeued before: the driver refused it */
+	} else if (s && (s->kind == PT_STAGE_TC_EGRESS || s->kind == PT_STAGE_TX)) {
+		/* taken without the enqueue tracepoint: the qdisc made room by
+		 * dropping others (NET_XMIT_CN, fq_codel); the hand-over to the
+		 * device, just before, stands for the enqueue */
+		enq = s->ts;
+	}
+	s = stage_add(r, PT_STAGE_QDISC, now);
+	if (!s)
+		return;
+	s->ifindex = ifindex;
+	s->mark = skb->mark;
+	s->slot = ev;
+	s->aux = handle;
+	if (cfg.count && enq && (r->match & cfg.filter) == cfg.filter)
+		qdisc_count(r, ifindex, handle, now - enq);
+}
+
+/* The qdisc gave packets to the driver: skb and, with bulk dequeue, the
+ * packets chained after it (skb->next), `packets` in all.  Fired for every
+ * dequeue attempt (skb NULL: nothing ready). */
+SEC("tp_btf/qdisc_dequeue")
+int BPF_PROG(on_qdisc_dequeue, struct Qdisc *q, const struct netdev_queue *txq, int packets, struct sk_buff *skb)
+{
+	struct net_device *dev;
+	__u32 ifindex, handle;
+	__u64 now;
+
+	if (!skb || !txq)
+		return 0;
+	dev = txq->dev;
+	if (!dev || !netns_traced(dev->nd_net.net->ns.inum))
+		return 0;
+	ifindex = dev->ifindex;
+	handle = q->handle;
+	now = bpf_ktime_get_ns();
+	for (int i = 0; i < PT_QDISC_BULK; i++) {
+		if (!skb || i >= packets)
+			break;
+		qdisc_left(skb, ifindex, handle, now);
+		skb = skb->next;
+	}
 	return 0;
 }
 

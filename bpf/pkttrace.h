@@ -41,7 +41,24 @@ enum pt_stage_kind {
 	PT_STAGE_DROP = 13,       /* skb:kfree_skb */
 	PT_STAGE_ADDR = 14,       /* struct pt_addr_stage: an address belonging to the
 				     stage before it (NAT rewrite, route gateway) */
+	PT_STAGE_QDISC = 15,      /* a device's qdisc (tracepoints qdisc:qdisc_enqueue /
+				     qdisc_dequeue): slot = enum pt_qdisc_event, aux = the
+				     root qdisc's handle, aux2 = queue length after the
+				     enqueue (enqueue only: per packet, not in the path
+				     signature), ifindex = the device */
 };
+
+/* struct pt_stage.slot of a PT_STAGE_QDISC stage */
+enum pt_qdisc_event {
+	PT_QDISC_ENQUEUED = 1,    /* the qdisc took it (ts: enqueue) */
+	PT_QDISC_DEQUEUED = 2,    /* it left the qdisc for the driver (ts: dequeue) */
+	PT_QDISC_REQUEUED = 3,    /* dequeued again: the driver was busy, the qdisc requeued it */
+};
+
+/* Count mode: queueing time of a qdisc, in buckets of powers of 4 from
+ * 1 us (bucket i: up to 4^i us; the last one: more) */
+#define PT_QDISC_BUCKETS 12
+#define PT_QDISC_BULK 8   /* skbs of one bulk dequeue followed (skb->next) */
 
 /* struct pt_stage.flags */
 #define PT_STF_REDIRECTED 1       /* skb->redirected: tc (mirred, bpf_redirect) sent it here */
@@ -154,7 +171,8 @@ enum pt_stat {
 	PT_STAT_HANDOFF_LOST = 10, /* continuation in the next netns reserved, never claimed */
 	PT_STAT_PARKED = 11,       /* records moved from a CPU's slots to the shared table */
 	PT_STAT_DROP_OVERFLOW = 12,/* count mode: drop_totals full, a drop not in drops_total */
-	PT_STAT__MAX = 13,
+	PT_STAT_QDISC_OVERFLOW = 13,/* count mode: qdisc_hist full, a dequeue not counted */
+	PT_STAT__MAX = 14,
 };
 
 /* One classic BPF instruction, as struct sock_filter / libpcap's bpf_insn. */
@@ -428,6 +446,20 @@ struct pt_drop_key {
 	__u32 reason;
 	__u8 family;
 	__u8 _pad[3];
+};
+
+/* Count mode: packets that left a qdisc, per netns, device, root qdisc and
+ * bucket of queueing time (map qdisc_hist, per CPU). */
+struct pt_qdisc_key {
+	__u32 netns;
+	__u32 ifindex;
+	__u32 handle;
+	__u32 bucket;             /* 0 .. PT_QDISC_BUCKETS - 1 */
+};
+
+struct pt_qdisc_val {
+	__u64 packets;
+	__u64 ns;                 /* their queueing time, summed */
 };
 
 #endif /* PKTTRACE_H */

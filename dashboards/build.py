@@ -232,6 +232,20 @@ def paths_board() -> Board:
            f"(increase(pkttrace_drops_total{{{FAM}}}[$__range])))")],
         unit="short")
 
+    # QoS: the devices' queues (qdiscs), where shaping makes packets wait or drops them
+    b.row("Queues (qdiscs)")
+    b.add(ts(), "Time queued per qdisc (p50, p99)", [
+        q(f"histogram_quantile(0.99, sum by (netns, dev, qdisc, handle, le) "
+          f"(rate(pkttrace_qdisc_queue_seconds_bucket{{{NS}}}[{RATE}])))", "p99 {{dev}} {{qdisc}} {{handle}}"),
+        q(f"histogram_quantile(0.5, sum by (netns, dev, qdisc, handle, le) "
+          f"(rate(pkttrace_qdisc_queue_seconds_bucket{{{NS}}}[{RATE}])))", "p50 {{dev}} {{qdisc}} {{handle}}"),
+    ], unit="s", description="Enqueue to dequeue in each device's root qdisc (buckets: powers of 4 from 1 µs).")
+    b.add(ts(), "Qdisc drops by device, qdisc and reason", [
+        q(f"sum by (netns, dev, qdisc, handle, reason) (rate(pkttrace_qdisc_drops_total{{{NS}}}[{RATE}]))",
+          "{{dev}} {{qdisc}} {{handle}} {{reason}}")], unit="pps",
+        description="Packets a qdisc refused (tail drop) or dropped after queueing them (AQM, overlimit).",
+        overrides=[(".*", color("red"))])
+
     b.row("Paths")
     b.add(tb(), "Top paths", [
         qt(f"topk(10, sum by (netns, family, path, fate) (rate(pkttrace_paths_total{{{FAM}}}[{RATE}])))")],

@@ -53,9 +53,14 @@ TRACEPOINT_PROGRAMS = {
     "on_napi_poll": ("napi_poll", "the end of a poll: packets held for later"),
     "on_fib_lookup": ("fib_table_lookup", "IPv4 route lookups"),
     "on_fib6_lookup": ("fib6_table_lookup", "IPv6 route lookups"),
+    "on_qdisc_enqueue": ("qdisc_enqueue", "a qdisc taking the packet: the qdisc stage starts"),
+    "on_qdisc_dequeue": ("qdisc_dequeue", "a qdisc giving the packet to the driver: time queued"),
 }
 # tracepoints a kernel may lack, and what stands in for them
-OPTIONAL_TRACEPOINTS = {"sk_data_ready": "Linux 6.3+: fentry or a kprobe on sock_def_readable stands in"}
+OPTIONAL_TRACEPOINTS = {"sk_data_ready": "Linux 6.3+: fentry or a kprobe on sock_def_readable stands in",
+                        "qdisc_enqueue": "Linux 5.16+: no qdisc stage (time queued); qdisc drops still show",
+                        "qdisc_dequeue": "no qdisc stage (time queued); qdisc drops still show"}
+QDISC_PROGRAMS = ("on_qdisc_enqueue", "on_qdisc_dequeue")
 
 # fentry backend programs and the kernel function each needs
 FENTRY_PROGRAMS = {
@@ -118,6 +123,7 @@ class Features:
     kprobes: bool = False       # the kprobe PMU (or tracefs kprobe_events): kprobes attach
     functions: frozenset = field(default_factory=frozenset)   # kernel functions present (kallsyms)
     hook_slow: tuple[int, int] | None = None    # nf_hook_slow's code [start, end), if kallsyms shows addresses
+    qdisc_tp: bool = True       # tracepoints qdisc:qdisc_enqueue (5.16+) and qdisc_dequeue: the qdisc stage
 
 
 @dataclass
@@ -226,7 +232,9 @@ def probe() -> Features:
             sk_data_ready_tp=btf.has_type("btf_trace_sk_data_ready", libbpf.BTF_KIND_TYPEDEF),
             fentry=fentry_refusal(btf),
             kprobes=kprobes_available(),
-            functions=functions, hook_slow=hook_slow)
+            functions=functions, hook_slow=hook_slow,
+            qdisc_tp=all(btf.has_type(f"btf_trace_{tp}", libbpf.BTF_KIND_TYPEDEF)
+                         for tp in ("qdisc_enqueue", "qdisc_dequeue")))
     finally:
         btf.close()
 
@@ -273,6 +281,10 @@ def plan(feat: Features, backend: str = "auto", tc: str = "auto") -> Plan:
                        "(Linux 6.2+); receive and hand-over come from tracepoints")
     p.off |= {"on_rx", "on_dev_queue"} if p.tc else {"tc_ingress", "tc_egress"}
     p.off.add("pt_pcap_selftest")   # tests run it (BPF_PROG_TEST_RUN); a trace never does
+    if not feat.qdisc_tp:
+        p.off |= set(QDISC_PROGRAMS)
+        p.notes.append("no qdisc tracepoints (qdisc_enqueue: Linux 5.16+): no qdisc stage (time queued); "
+                       "qdisc drops still show")
     if feat.sk_data_ready_tp:
         p.data_ready = "tp"
         p.off |= {FENTRY_DATA_READY[0], KPROBE_DATA_READY[0]}

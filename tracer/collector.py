@@ -35,6 +35,7 @@ class Counters:
     route_dropped: int = 0
     path_overflow: int = 0             # count mode: packets on paths the path map had no room for
     drop_overflow: int = 0             # count mode: drops the drop_totals map had no room for
+    qdisc_overflow: int = 0            # count mode: dequeues the qdisc_hist map had no room for
     aged_out: int = 0                  # counted in user space
     shown: int = 0
     unread: int = 0                    # emitted, still in the ring when tracing stopped
@@ -192,7 +193,7 @@ class Collector:
             rejected=vals[Stat.REJECTED] - vals[Stat.LATE],
             lost=vals[Stat.LOST], create_failed=vals[Stat.CREATE_FAILED], truncated=vals[Stat.TRUNCATED],
             route_dropped=vals[Stat.ROUTE_DROPPED], path_overflow=vals[Stat.PATH_OVERFLOW],
-            drop_overflow=vals[Stat.DROP_OVERFLOW], aged_out=self.aged,
+            drop_overflow=vals[Stat.DROP_OVERFLOW], qdisc_overflow=vals[Stat.QDISC_OVERFLOW], aged_out=self.aged,
             shown=self.shown, unread=self.unread, attach_failures=attach_failures)
 
     def inflight(self) -> int:

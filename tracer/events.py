@@ -40,6 +40,7 @@ class StageKind(enum.IntEnum):
     DELIVER = 12
     DROP = 13
     ADDR = 14      # PtAddrStage: address for the stage before it (NAT, gateway)
+    QDISC = 15     # a device's qdisc: slot = QdiscEvent, aux = root qdisc handle, aux2 = qlen after enqueue
 
     @property
     def label(self) -> str:
@@ -82,6 +83,17 @@ class AddrWhat(enum.IntEnum):
     NAT_DST = 2
     GW = 3
     NEXTHOP = 4    # the skb's dst after routing: chosen nexthop, device, route type
+
+
+class QdiscEvent(enum.IntEnum):
+    """pt_stage.slot of a QDISC stage."""
+    ENQUEUED = 1
+    DEQUEUED = 2
+    REQUEUED = 3   # dequeued again: the driver was busy, the qdisc requeued it
+
+
+PT_QDISC_BUCKETS = 12   # count mode: queueing time buckets, powers of 4 from 1 us (the last: more)
+PT_QDISC_BULK = 8       # skbs of one bulk dequeue followed
 
 
 class TcVerdict(enum.IntEnum):
@@ -128,9 +140,10 @@ class Stat(enum.IntEnum):
     HANDOFF_LOST = 10
     PARKED = 11
     DROP_OVERFLOW = 12
+    QDISC_OVERFLOW = 13
 
 
-PT_STAT_MAX = 13
+PT_STAT_MAX = 14
 
 
 class PtSockFilter(ctypes.Structure):
@@ -347,6 +360,14 @@ class PtPathKey(ctypes.Structure):
     ]
 
 
+class PtQdiscKey(ctypes.Structure):
+    _fields_ = [("netns", u32), ("ifindex", u32), ("handle", u32), ("bucket", u32)]
+
+
+class PtQdiscVal(ctypes.Structure):
+    _fields_ = [("packets", u64), ("ns", u64)]
+
+
 # C struct name -> mirror, for the BTF check
 MIRRORS = {
     "pt_config": PtConfig,
@@ -367,6 +388,8 @@ MIRRORS = {
     "pt_handoff": PtHandoff,
     "pt_frag_key": PtFragKey,
     "pt_tc_last": PtTcLast,
+    "pt_qdisc_key": PtQdiscKey,
+    "pt_qdisc_val": PtQdiscVal,
 }
 
 

@@ -22,13 +22,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector as Registered
 
 from . import events, libbpf, model, paths, placement, probes
 from .version import __version__
-from .events import PtDropKey, PtPathKey, PtRecord
-from .session import DROP_TOTALS, Tracer
+from .events import PT_QDISC_BUCKETS, PtDropKey, PtPathKey, PtQdiscKey, PtRecord
+from .session import DROP_TOTALS, QDISC_HIST, Tracer
 
 
 
@@ -66,6 +66,7 @@ class PathLabels:
     ifaces: list[tuple] = field(default_factory=list)       # (device, direction)
     drop: tuple | None = None                               # (reason, stage, table)
     stages: tuple[str, ...] = ()                            # the path's stages, for the page's edges
+    qdisc_drop: tuple | None = None                         # (device, qdisc kind, handle, reason)
 
 
 def resolve(p: model.Packet) -> PathLabels:
@@ -96,7 +97,47 @@ def resolve(p: model.Packet) -> PathLabels:
     if p.drop:
         table = CHANGING if p.drop.attribution == "changing" else p.drop.table or ""
         pl.drop = (p.drop.reason, p.drop.stage or "", table)
+        if p.drop.stage == "qdisc":
+            q = p.drop.qdisc
+            pl.qdisc_drop = (p.drop.dev or "", (q.kind or "") if q else "", q.handle if q else "", p.drop.reason)
     return pl
+
+
+# pkttrace_qdisc_queue_seconds' upper bounds: the kernel's buckets (powers
+# of 4 from 1 us: bucket i holds waits up to 4^i us), the last one +Inf
+QDISC_BOUNDS = [1e-6 * 4 ** i for i in range(PT_QDISC_BUCKETS - 1)]
+
+
+class QdiscHist:
+    """Queueing time per (netns, device, root qdisc), from the kernel's
+    per-CPU buckets (map qdisc_hist, counted at each dequeue)."""
+
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
+        self.entries = 0
+
+    def read(self) -> dict[tuple[str, str, str, str], tuple[list[int], float]]:
+        """(netns, device, qdisc kind, handle) -> (packets per bucket, seconds summed)."""
+        ctx = self.tracer.ctx
+        m = self.tracer._obj.map("qdisc_hist")
+        ncpu = libbpf.possible_cpus()
+        out: dict[tuple[str, str, str, str], tuple[list[int], float]] = {}
+        self.entries = 0
+        for key in m.keys(PtQdiscKey):
+            self.entries += 1
+            vals = (ctypes.c_uint64 * (2 * ncpu))()      # struct pt_qdisc_val per CPU: packets, ns
+            if libbpf.lib().bpf_map_lookup_elem(m.fd, ctypes.byref(key), vals):
+                continue
+            ns = ctx.netns_names.get(key.netns)
+            if ns is None or key.bucket >= PT_QDISC_BUCKETS:
+                continue                   # a netns no longer traced
+            q = ctx.qdisc(key.netns, key.ifindex, key.handle)
+            labels = (ns, ctx.dev(key.netns, key.ifindex) or "", (q.kind or "") if q else "",
+                      q.handle if q else "")
+            counts, total = out.get(labels) or ([0] * PT_QDISC_BUCKETS, 0.0)
+            counts[key.bucket] += sum(vals[0::2])
+            out[labels] = (counts, total + sum(vals[1::2]) / 1e9)
+        return out
 
 
 class PathCounts:
@@ -201,6 +242,7 @@ class Collector(Registered):
         self.tracer = tracer
         self.paths = PathCounts(tracer)
         self.drops = DropTotals(tracer)
+        self.qdisc = QdiscHist(tracer)
         self.lock = lock or threading.Lock()
         self.kernel = platform.release()
         self._last_scrape = 0.0
@@ -229,6 +271,11 @@ class Collector(Registered):
                         labels=["netns", "family", "hook", "table"]),
             "drops": C("pkttrace_drops", "Packets freed with a drop reason, where and by which table",
                        labels=["netns", "family", "reason", "stage", "table"]),
+            "qdisc_drops": C("pkttrace_qdisc_drops", "Packets a qdisc dropped, per device, root qdisc and reason",
+                             labels=["netns", "dev", "qdisc", "handle", "reason"]),
+            "qdisc_queue": HistogramMetricFamily("pkttrace_qdisc_queue_seconds",
+                                                 "Time packets waited in a device's qdisc (enqueue to dequeue)",
+                                                 labels=["netns", "dev", "qdisc", "handle"]),
             "paths": C("pkttrace_paths", "Packets per distinct path",
                        labels=["netns", "family", "proto", "path_sig", "path", "fate"]),
             "routes": C("pkttrace_route_lookups", "FIB table lookups by table and result",
@@ -264,6 +311,7 @@ class Collector(Registered):
             for name, counter in self._snapshot().sums.items():
                 for labels, v in counter.items():
                     f[name].add_metric(list(labels), v)
+            self._collect_qdisc(f)
             self._collect_self(f)
         f["scrape"].add_metric([], self._last_scrape)
         self._last_scrape = time.monotonic() - t0
@@ -292,7 +340,8 @@ class Collector(Registered):
 
     def _snapshot(self) -> Snapshot:
         sums: dict[str, Counter[tuple]] = {k: Counter() for k in ("packets", "hooks", "tables", "drops", "paths",
-                                                                  "routes", "marks", "nat", "ifaces")}
+                                                                  "routes", "marks", "nat", "ifaces",
+                                                                  "qdisc_drops")}
         # the per-reason totals before the paths: read after, a drop made
         # between the two reads is in the totals and on no path yet, and
         # the shortfall (which never goes down) would keep it as an overflow
@@ -309,10 +358,21 @@ class Collector(Registered):
                 sums["ifaces"][(pl.netns,) + lab] += n
             if pl.drop:
                 sums["drops"][base + pl.drop] += n
+            if pl.qdisc_drop:
+                sums["qdisc_drops"][(pl.netns,) + pl.qdisc_drop] += n
         for k, n in self.drops.shortfall(sums["drops"], totals).items():
             if n:
                 sums["drops"][k + (DropTotals.OVERFLOW, DropTotals.OVERFLOW)] += n
         return Snapshot(time.monotonic(), paths, sums)
+
+    def _collect_qdisc(self, f) -> None:
+        """The queue-time histogram, from the kernel's per-CPU buckets."""
+        for labels, (counts, total) in sorted(self.qdisc.read().items()):
+            cumulative, buckets = 0, []
+            for bound, c in zip(QDISC_BOUNDS + [float("inf")], counts):
+                cumulative += c
+                buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
+            f["qdisc_queue"].add_metric(list(labels), buckets, total)
 
     def _collect_self(self, f) -> None:
         t = self.tracer
@@ -324,6 +384,7 @@ class Collector(Registered):
         maps = {"inflight": (inflight, t.opts.max_inflight, c.create_failed),
                 "path_counts": (self.paths.entries, t.opts.max_paths, c.path_overflow),
                 "drop_totals": (self.drops.entries, DROP_TOTALS, c.drop_overflow),
+                "qdisc_hist": (self.qdisc.entries, QDISC_HIST, c.qdisc_overflow),
                 "route_buf": (None, events.PT_MAX_ROUTE, c.route_dropped)}
         for name, (entries, cap, over) in maps.items():
             if entries is not None:

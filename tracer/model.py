@@ -38,6 +38,7 @@ class StageName(_Name):
     ROUTE = "route"
     REROUTE = "reroute"
     TC_EGRESS = "tc_egress"
+    QDISC = "qdisc"
     TX = "tx"
     DELIVER = "deliver"
     DROP = "drop"
@@ -139,6 +140,32 @@ class Route:
         return d
 
 
+def qdisc_handle(handle: int) -> str:
+    """A qdisc or class handle as tc writes it: `8004:`, `1:10` (hex)."""
+    major, minor = handle >> 16, handle & 0xFFFF
+    return f"{major:x}:{minor:x}" if minor else f"{major:x}:"
+
+
+@dataclass
+class Qdisc:
+    """A device's root qdisc as a packet met it (JSON `{"kind": "tbf", "handle": "8004:"}`)."""
+    kind: str | None                   # tbf, htb, fq_codel, ... (None: gone before it was read)
+    handle: str
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "handle": self.handle}
+
+    def __str__(self) -> str:
+        return f"{self.kind or 'qdisc'} {self.handle}"
+
+
+class QdiscVerdict(_Name):
+    """What the qdisc did with the packet (a qdisc stage's `verdict`)."""
+    QUEUED = "queued"                  # enqueued, then given to the driver
+    REQUEUED = "requeued"              # ... which was busy: dequeued again later
+    DROPPED = "dropped"                # enqueued, then dropped inside (AQM, overlimit)
+
+
 @dataclass
 class Stage:
     stage: str
@@ -161,6 +188,9 @@ class Stage:
     verdict: str | None = None         # tc stages: ok | shot | redirect | mirror
     target: str | None = None          # tc redirect/mirror: the device it (or a copy) went to
     attribution: str | None = None     # hook stages: "changing" while the ruleset changed (no tables named)
+    qdisc: Qdisc | None = None         # qdisc stage: the device's root qdisc
+    qlen: int | None = None            # ... packets in it after this one was enqueued
+    queued_ns: int | None = None       # ... enqueue to dequeue (to the drop, if dropped in it)
 
     @property
     def is_hook(self) -> bool:
@@ -178,6 +208,9 @@ class Stage:
             d["tables"] = [t.to_json() for t in self.tables]
             if self.attribution:
                 d["attribution"] = self.attribution
+        if self.qdisc is not None:
+            d["qdisc"] = self.qdisc.to_json()
+            d["qlen"], d["queued_ns"] = self.qlen, self.queued_ns
         # present only where they say something (a tc target only with its verdict)
         d.update((k, getattr(self, k)) for k in ("in_dev", "verdict", "target", "how", "socket_inode")
                  if getattr(self, k))
@@ -204,10 +237,13 @@ class Drop:
     dev: str | None = None
     before_priority: int | None = None  # a hook function before pkttrace's first observer there
     attribution: str | None = None      # "changing": the ruleset changed under the observers
+    qdisc: Qdisc | None = None          # stage qdisc: the qdisc that dropped it
 
     def to_json(self) -> dict:
         d: dict[str, object] = {"reason": self.reason, "location": self.location, "last_hook": self.last_hook,
                                 "stage": self.stage, "table": self.table, "dev": self.dev}
+        if self.qdisc is not None:
+            d["qdisc"] = self.qdisc.to_json()
         if self.before_priority is not None:
             d["before_priority"] = self.before_priority
         if self.attribution:

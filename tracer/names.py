@@ -9,15 +9,21 @@ nftables' generation, which the observers need to know.
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable
 
-from . import libbpf, netns
+from . import libbpf, netns, qdiscs
 from .paths import Context
+
+QDISC_REREAD_S = 0.5   # an unknown qdisc handle reads a netns's qdiscs again at most this often
 
 
 class Names:
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        self._ns: dict[int, str | None] = {}          # traced netns inode -> name
+        self._qdiscs_read: dict[int, float] = {}      # netns inode -> when its qdiscs were read
+        ctx.qdisc_refresh = self.learn_qdiscs
 
     def read_kernel_btf(self) -> bool:
         """Drop reason names into the context; True if the programs can
@@ -42,7 +48,30 @@ class Names:
     def learn_netns(self, ns: str | None, ino: int) -> None:
         """A traced namespace: its name ("" for the current one) and its devices'."""
         self.ctx.netns_names[ino] = ns or ""
+        self._ns[ino] = ns
         self.learn_devices(ns, ino)
+        self._qdiscs_read.pop(ino, None)
+        self.learn_qdiscs(ino)
+
+    def learn_qdiscs(self, ino: int) -> None:
+        """The qdiscs of traced netns ino (kinds by handle, each device's
+        root): at start, then again when a record names one not known
+        (rate-limited: a handle that is gone stays unknown)."""
+        if ino not in self._ns:
+            return
+        now = time.monotonic()
+        if now - self._qdiscs_read.get(ino, -QDISC_REREAD_S) < QDISC_REREAD_S:
+            return
+        self._qdiscs_read[ino] = now
+        found = qdiscs.dump(self._ns[ino])
+        before = (len(self.ctx.qdisc_kinds), dict(self.ctx.qdisc_roots))
+        for q in found:
+            self.ctx.qdisc_kinds[(ino, q.ifindex, q.handle)] = q.kind
+            if q.root:
+                self.ctx.qdisc_roots[(ino, q.ifindex)] = q.handle
+        if (len(self.ctx.qdisc_kinds), self.ctx.qdisc_roots) != before:
+            self.ctx.shapes.clear()    # resolved path shapes hold qdisc kinds
+            self.ctx.generation += 1   # recordings save the names again
 
     def learn_devices(self, ns: str | None, ino: int, devices: dict[int, str] | None = None) -> None:
         """The device names of ns (devices: ifindex -> name, already read)."""

@@ -114,6 +114,9 @@ def _detail(s: Stage, dst: str, v: _View) -> str:
             parts.append(f"tos {s.tos:#04x}")
         if s.ct:
             parts.append(f"ct {s.ct}")
+    elif s.qdisc is not None:
+        parts.append(_qdisc(s, v))
+        return "  ".join(parts)
     elif s.route is not None:
         parts.append(_route(s, dst, v))
     elif s.lookups:
@@ -129,6 +132,32 @@ def _detail(s: Stage, dst: str, v: _View) -> str:
     if v.verbose and s.how:
         parts.append(f"{s.how}" + (f" socket {s.socket_inode}" if s.socket_inode else ""))
     return "  ".join(parts)
+
+
+def duration(ns: int) -> str:
+    """`850 ns`, `12.4 µs`, `1.8 ms`, `1.25 s`."""
+    if ns < 1000:
+        return f"{ns} ns"
+    if ns < 1_000_000:
+        return f"{ns / 1000:.1f} µs"
+    if ns < 1_000_000_000:
+        return f"{ns / 1e6:.1f} ms"
+    return f"{ns / 1e9:.2f} s"
+
+
+def _qdisc(s: Stage, v: _View) -> str:
+    """`queued 1.8 ms in tbf 8004: on rs  qlen 3`: the wait in the device's queue."""
+    where = f"in {s.qdisc} on {_name(s.dev or '?')}"
+    if s.verdict == "dropped":
+        out = v.paint(RED, f"dropped after {duration(s.queued_ns or 0)} {where}")
+    elif s.queued_ns is None:
+        out = f"queued {where}"
+    else:
+        out = f"queued {duration(s.queued_ns)} {where}" + (v.paint(YELLOW, " (requeued)")
+                                                           if s.verdict == "requeued" else "")
+    if s.qlen is not None:
+        out += f"  qlen {s.qlen}"
+    return out
 
 
 _FAILED_TYPES = ("unreachable", "prohibit", "blackhole", "throw")
@@ -258,7 +287,7 @@ def _format_packet(p: Packet, v: _View = _PLAIN_VIEW) -> str:
         if p.drop.before_priority is not None:
             where += f", before priority {p.drop.before_priority}"
         elif p.drop.stage in ("qdisc", "tx") and p.drop.dev:
-            where += f" on {p.drop.dev}"
+            where += (f" {p.drop.qdisc}" if p.drop.qdisc is not None else "") + f" on {p.drop.dev}"
         lines.append("  " + paint(RED, f"dropped: {p.drop.reason} at {p.drop.location}"
                                        + (f" (in {where})" if where else "")))
     if p.reassembled is not None:

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import layout, routing
-from .model import (HOOK_NAMES as _HOOKS, TC_NAMES, Drop, FateName, Lookup, Observation, Packet, Route, Shape, Stage,
-                    StageName as S, TableStep, Values, Verdict)
+from .model import (HOOK_NAMES as _HOOKS, TC_NAMES, Drop, FateName, Lookup, Observation, Packet, Qdisc, QdiscVerdict,
+                    Route, Shape, Stage, StageName as S, TableStep, Values, Verdict, qdisc_handle)
 from .placement import CONNTRACK, PRI_CONNTRACK, shares_conntrack_observer
 from .events import (REC_L4, CT_REPLY, NF_STAGES, PT_NF_BANK, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
                      REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_HOOK_SLOW, STF_NF_DROP, STF_NFT_TABLE, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtRecord,
-                     StageKind, TcVerdict)
+                     QdiscEvent, StageKind, TcVerdict)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
 FATE_NAMES = {Fate.FORWARDED: FateName.FORWARDED, Fate.DELIVERED: FateName.DELIVERED, Fate.SENT: FateName.SENT,
@@ -61,6 +61,10 @@ class Context:
     # resolved Shapes by the record's PT_SHAPE bytes (netns, devices, signature, fate, ...)
     shapes: dict = field(default_factory=dict)
     max_shapes: int = 4096
+    # qdiscs: (netns inode, ifindex, handle) -> kind; (netns inode, ifindex) -> the root's handle
+    qdisc_kinds: dict[tuple[int, int, int], str] = field(default_factory=dict)
+    qdisc_roots: dict[tuple[int, int], int] = field(default_factory=dict)
+    qdisc_refresh: Callable[[int], None] | None = None   # read netns ino's qdiscs again (live tracing)
 
     def dev(self, netns: int, ifindex: int) -> str | None:
         if not ifindex:
@@ -75,6 +79,21 @@ class Context:
 
     def table(self, tb: int) -> str:
         return self.route_tables.get(tb, str(tb))
+
+    def qdisc(self, netns: int, ifindex: int, handle: int | None = None) -> Qdisc | None:
+        """The qdisc `handle` of a device (None: its root), with its kind."""
+        for again in (False, True):
+            if again:
+                if self.qdisc_refresh is None:
+                    break
+                self.qdisc_refresh(netns)      # a qdisc added (or replaced) since the last read
+            h = self.qdisc_roots.get((netns, ifindex)) if handle is None else handle
+            kind = self.qdisc_kinds.get((netns, ifindex, h)) if h is not None else None
+            if kind is not None:
+                break
+        if h is None:
+            return None
+        return Qdisc(kind, qdisc_handle(h))
 
 
 def _err_name(err: int) -> str | None:
@@ -155,6 +174,7 @@ class _Plan:
     how: str | None = None
     verdict: str | None = None          # tc stages
     target: str | None = None
+    qdisc: Qdisc | None = None          # qdisc stage: the root qdisc (raws: enqueue, dequeue(s))
 
 
 @dataclass
@@ -168,6 +188,7 @@ class _Template:
     drop_before: int | None = None      # netfilter drop before our first observer of that hook: its priority
     changing: bool = False              # a hook crossed while its ruleset was changing: tables not named
     drop_changing: bool = False         # ... and the drop happened in such a hook
+    drop_qdisc: Qdisc | None = None     # dropped in a qdisc: which
 
 
 def _nf_drop(reason: str | None) -> bool:
@@ -235,6 +256,12 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
                     prev.dev = dev or prev.dev
                 continue
             plans.append(_Plan(S(kind.label), dev, i, [i], lookups=[lk]))
+        elif kind == StageKind.QDISC:
+            # enqueue, then dequeue (and again, requeued): one stage
+            if slot != QdiscEvent.ENQUEUED and prev is not None and prev.qdisc is not None and prev.dev == dev:
+                prev.raws.append(i)
+                continue
+            plans.append(_Plan(S.QDISC, dev, i, [i], qdisc=ctx.qdisc(ino, ifindex, aux)))
         elif kind == StageKind.DELIVER:
             plans.append(_Plan(S(kind.label), dev, i, [i], how=_DELIVER_HOW.get(aux2)))
             if aux2 == DeliverHow.QUEUED:
@@ -254,7 +281,8 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
                     changing=any(p.changing for p in hooks))
     if drop_reason is not None:
         tpl.drop_dev = ctx.dev(ino, stages[drop_raw][_IFX]) if drop_raw is not None else None
-        _drop_place(tpl, plans, stages, ino, fam, ctx, drop_reason, caused)
+        _drop_place(tpl, plans, stages, ino, fam, ctx, drop_reason, caused,
+                    stages[drop_raw][_IFX] if drop_raw is not None else 0)
         hooks = [p for p in plans if p.obs is not None]
         tpl.last_hook = hooks[-1].label if hooks else None
         tpl.changing = any(p.changing for p in hooks)
@@ -317,7 +345,7 @@ def _route_failed(p: _Plan) -> bool:
 
 
 def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: int, fam: int, ctx: Context,
-                reason: str, caused: bool) -> None:
+                reason: str, caused: bool, drop_dev_ifindex: int = 0) -> None:
     """Where the kernel dropped the packet: the stage, and for netfilter the table."""
     before = [p for p in plans if p.label != S.DROP]
     last = before[-1] if before else None
@@ -325,10 +353,15 @@ def _drop_place(tpl: _Template, plans: list[_Plan], stages: list[tuple], ino: in
         return
     nf = _nf_drop(reason)
     tpl.drop_stage = last.label
-    if reason.startswith("QDISC") or (last.label == S.TX and not reason.startswith("TC_")):
+    if reason.startswith("QDISC") or (last.label in (S.TX, S.QDISC) and not reason.startswith("TC_")):
         # handed to the device (tc egress, or the queue tracepoint), then
-        # dropped in its queue (qdisc, or a driver that could not take it)
+        # dropped in its queue (qdisc, or a driver that could not take it):
+        # the qdisc that took it, else the device's root qdisc (a tail drop)
         tpl.drop_stage = "qdisc"
+        if last.qdisc is not None:
+            tpl.drop_qdisc = last.qdisc
+        elif drop_dev_ifindex:
+            tpl.drop_qdisc = ctx.qdisc(ino, drop_dev_ifindex)
         return
     if nf and _dropped_in_first_table(tpl, plans, stages, ino, fam, ctx, caused):
         return
@@ -477,8 +510,42 @@ def _materialize(sh: Shape, raw_stages: bytes, base: int, v: Values, ctx: Contex
             _route_stage(stage, p, st, raw_stages, base, cur, sh, fam, ctx)
         elif p.how is not None and t0[_AUX] and t0[_AUX2] == DeliverHow.QUEUED:
             stage.socket_inode = t0[_AUX]
+        elif p.qdisc is not None:
+            _qdisc_stage(stage, p, st, tpl.plans)
         path.append(stage)
     return path
+
+
+def _qdisc_stage(stage: Stage, p: _Plan, st: list[tuple], plans: list[_Plan]) -> None:
+    """Enqueue, dequeue (requeued: dequeued again) as one stage: how long
+    the packet waited, how many were queued with it, and how it left."""
+    stage.qdisc = p.qdisc
+    first = st[p.first]
+    enq = first if first[_SLOT] == QdiscEvent.ENQUEUED else None
+    deq = [st[i] for i in p.raws if st[i][_SLOT] != QdiscEvent.ENQUEUED]
+    stage.qlen = enq[_AUX2] if enq is not None else None
+    stage.verdict = QdiscVerdict.QUEUED
+    if any(d[_SLOT] == QdiscEvent.REQUEUED for d in deq):
+        stage.verdict = QdiscVerdict.REQUEUED
+    k = plans.index(p)
+    if enq is None:
+        before = plans[k - 1] if k else None
+        if before is not None and before.label in (S.TC_EGRESS, S.TX) and before.dev == p.dev:
+            # the qdisc took it while dropping others to make room (fq_codel:
+            # NET_XMIT_CN), which the enqueue tracepoint does not report: the
+            # hand-over to the device just before stands for the enqueue
+            enq = st[before.first]
+            stage.t_ns += enq[_TS] - first[_TS]
+        else:
+            return
+    if deq:
+        stage.queued_ns = deq[0][_TS] - enq[_TS]
+        return
+    nxt = plans[k + 1] if k + 1 < len(plans) else None
+    if nxt is not None and nxt.label == S.DROP:
+        # dropped inside the qdisc (AQM, overlimit) after waiting there
+        stage.verdict = QdiscVerdict.DROPPED
+        stage.queued_ns = st[nxt.first][_TS] - enq[_TS]
 
 
 def _hook_stage(stage: Stage, p: _Plan, st: list[tuple], raw_stages: bytes, base: int, cur: dict, sh: Shape,
@@ -715,7 +782,8 @@ def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
         sym = ctx.symbolize if ctx is not None else None
         tpl = sh.template
         v.drop = Drop(sh.drop_reason, sym(drop_loc) if sym else hex(drop_loc), tpl.last_hook, tpl.drop_stage,
-                      tpl.drop_table, tpl.drop_dev, tpl.drop_before, "changing" if tpl.drop_changing else None)
+                      tpl.drop_table, tpl.drop_dev, tpl.drop_before, "changing" if tpl.drop_changing else None,
+                      tpl.drop_qdisc)
     elif sh.fate == "delivered":
         tpl = sh.template
         if pid:

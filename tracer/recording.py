@@ -40,6 +40,9 @@ def _ctx_to_json(ctx: paths.Context, symbols: dict[int, str]) -> dict:
         "rules": [[ino, fam, [routing.rule_to_json(r) for r in rules]] for (ino, fam), rules in sorted(ctx.rules.items())],
         "drop_reasons": [[v, n] for v, n in sorted(ctx.drop_reasons.items())],
         "symbols": [[a, s] for a, s in sorted(symbols.items())],
+        # [ino, ifindex, handle, kind, root]: a context line without them (older recordings) reads as before
+        "qdiscs": [[ino, idx, h, kind, ctx.qdisc_roots.get((ino, idx)) == h]
+                   for (ino, idx, h), kind in sorted(ctx.qdisc_kinds.items())],
     }
 
 
@@ -54,6 +57,10 @@ def _ctx_update(ctx: paths.Context, symbols: dict[int, str], d: dict) -> None:
     ctx.rules.update({(ino, fam): [routing.rule_from_json(r) for r in rules] for ino, fam, rules in d.get("rules", [])})
     ctx.drop_reasons.update({v: n for v, n in d.get("drop_reasons", [])})
     symbols.update({a: s for a, s in d.get("symbols", [])})
+    for ino, idx, h, kind, root in d.get("qdiscs", []):
+        ctx.qdisc_kinds[(ino, idx, h)] = kind
+        if root:
+            ctx.qdisc_roots[(ino, idx)] = h
 
 
 class Recorder:
@@ -160,6 +167,7 @@ _CONTEXT_ROWS = {
     "rules": _row(_I, _I, _list_of(lambda r: type(r) is dict)),
     "drop_reasons": _row(_I, _is_str),
     "symbols": _row(_I, _is_str),
+    "qdiscs": _row(_I, _I, _I, _is_str, lambda v: type(v) is bool),
 }
 _RULE_TYPES = {
     "priority": _is_int, "table": _is_int, "action": _is_int, "src": _is_str_or_none, "dst": _is_str_or_none,

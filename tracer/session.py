@@ -27,6 +27,7 @@ from .filters import PacketFilter
 # sees a handful of reasons; this is room for every reason of the kernel's
 # enum (~120 in 6.18) in both families of 64 namespaces at once.
 DROP_TOTALS = 16384
+QDISC_HIST = 4096      # count mode: (netns, device, root qdisc, bucket) keys of map qdisc_hist
 
 
 class TraceError(Exception):
@@ -204,6 +205,7 @@ class Tracer:
         for name in ("path_counts", "path_examples"):
             obj.map(name).set_max_entries(self.opts.max_paths if self.opts.count else 1)
         obj.map("drop_totals").set_max_entries(DROP_TOTALS if self.opts.count else 1)
+        obj.map("qdisc_hist").set_max_entries(QDISC_HIST if self.opts.count else 1)
         ptr, size = obj.map(".rodata").initial_value()
         if size < ctypes.sizeof(PtConfig):
             raise TraceError("BPF object and pkttrace disagree on the config layout: rebuild it")

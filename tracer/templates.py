@@ -50,8 +50,12 @@ class _Shape:
         n = min(raw[_N_OFF], PT_MAX_STAGES)
         fmt = "="
         self.timed = []                         # raw indices of stages that carry a time
+        # a qdisc stage prints a difference of two times (queued_ns): not a
+        # hole a template can fill; such packets are rendered each
+        self.untemplated = False
         for i in range(n):
             kind = raw[_HDR_SIZE + i * _STAGE_SIZE + _KIND_OFF]
+            self.untemplated |= kind == StageKind.QDISC
             if kind == StageKind.ADDR:
                 fmt += f"{_STAGE_SIZE}s"        # an address where other stages have a time
             else:
@@ -133,7 +137,7 @@ class Templates:
                 self._shapes.clear()
             sh = self._shapes[id(shape)] = (shape, _Shape(raw))
         meta = sh[1]
-        if len(raw) < meta.size:
+        if len(raw) < meta.size or meta.untemplated:
             return self._render(pkt)
         key = meta.key(raw)
         t = self._texts.get(key)

@@ -121,19 +121,31 @@ def test_promtool_accepts_a_scrape(served, lab):
 @pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="Debian's prometheus package is not installed")
 def test_prometheus_scrapes_and_every_dashboard_panel_has_data(served, lab):
     _, port = served
-    with PrometheusServer([f"127.0.0.1:{port}"]) as prom:
-        prom.wait_for('up{job="pkttrace"} == 1')
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:     # traffic across several scrapes: rate() needs two
-            all_kinds_of_traffic(lab)
-            time.sleep(1)
-        prom.wait_for("pkttrace_packets_total")
-        empty = []
-        panels: dict[tuple, list] = {}
-        for dash, panel, expr in dashboard_queries(os.path.join(REPO, "dashboards")):
-            panels.setdefault((dash, panel), []).append(bool(prom.query(expr)))
-        empty = [k for k, results in panels.items() if not any(results)]
-        assert panels and not empty, f"panels without data: {empty}"
+    # the queue panels need a qdisc that queues and drops: a shaper on rs2,
+    # where the demo's marked UDP to 5001 leaves, and bursts through it
+    shaper = ["ip", "netns", "exec", lab.router, "tc", "qdisc", "{}", "dev", "rs2", "root"]
+    subprocess.run([a.format("add") for a in shaper] + ["tbf", "rate", "1mbit", "burst", "3000", "limit", "6000"],
+                   check=True)
+    try:
+        with PrometheusServer([f"127.0.0.1:{port}"]) as prom:
+            prom.wait_for('up{job="pkttrace"} == 1')
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:     # traffic across several scrapes: rate() needs two
+                all_kinds_of_traffic(lab)
+                lab.udp_send(lab.client, lab.addr["server4"], 5001, b"q" * 1000, count=20)
+                time.sleep(1)
+            prom.wait_for("pkttrace_packets_total")
+            _every_panel_has_data(prom)
+    finally:
+        subprocess.run([a.format("del") for a in shaper], check=True)
+
+
+def _every_panel_has_data(prom) -> None:
+    panels: dict[tuple, list] = {}
+    for dash, panel, expr in dashboard_queries(os.path.join(REPO, "dashboards")):
+        panels.setdefault((dash, panel), []).append(bool(prom.query(expr)))
+    empty = [k for k, results in panels.items() if not any(results)]
+    assert panels and not empty, f"panels without data: {empty}"
 
 
 def series(text: str) -> list[tuple[str, tuple]]:

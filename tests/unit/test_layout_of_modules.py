@@ -12,7 +12,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 LAYERS = [
     {"events", "libbpf", "netns", "inputs", "model", "sysinfo", "sdnotify", "version", "colour",
      "caps", "webconfig", "pcapfilter"},                                           # facts, model; libpcap
-    {"layout", "filters", "backends", "placement", "routing", "watch", "lab"},   # what the kernel offers / has
+    {"layout", "filters", "backends", "placement", "routing", "watch", "lab", "qdiscs"},   # what the kernel offers / has
     {"probes", "paths"},                                                          # attach; bytes -> packets
     {"observers", "tcobservers", "recording", "templates", "collector", "names"},          # observers; record/replay; collect
     {"session"},                                                                  # the lifecycle of a trace
