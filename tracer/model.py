@@ -96,12 +96,17 @@ class TableStep:
     mark_in: int = 0
     dscp_in: int = 0
     nat: dict | None = None             # {"src"|"dst": {"from": "a:p", "to": "b:p"}}
+    # --rules: what nftables traced in this table, in order (user chains
+    # reached by jump/goto included): {"chain", "handle", "rule", "verdict"}
+    rules: list[dict] | None = None
 
     def to_json(self) -> dict:
         d = {"table": self.table, "priority": self.priority, "mark": self.mark, "dscp": self.dscp,
              "ct": self.ct, "verdict": self.verdict}
         if self.nat:
             d.update(self.nat)
+        if self.rules is not None:
+            d["rules"] = self.rules
         return d
 
 
@@ -347,6 +352,11 @@ class Packet:
     icmp_type = _Field[Optional[int]]()
     icmp_code = _Field[Optional[int]]()
     wall_ns = _Field[Optional[int]]()
+
+    @property
+    def netns_inode(self) -> int | None:
+        """The traced netns's inode (None for a packet not decoded from a record)."""
+        return self._shape.ino
 
     @property
     def wall_ts(self) -> float | None:

@@ -63,6 +63,7 @@ VERDICTS = {NF_DROP: "drop", NF_ACCEPT: "accept", NF_STOLEN: "stolen", NF_QUEUE:
             NFT_CONTINUE: "continue", NFT_BREAK: "break", NFT_JUMP: "jump", NFT_GOTO: "goto",
             NFT_RETURN: "return"}
 HOOK_NUMBERS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
+TABLE_PREFIX = "pkttrace_"     # --rules tables: pkttrace_<pid>, owned by its socket
 PRIO_LOWEST = -(2**31)         # nft accepts INT_MIN for a filter chain: nothing runs before it
 
 _NLMSGHDR = struct.Struct("=IHHII")
