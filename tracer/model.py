@@ -101,8 +101,8 @@ class TableStep:
     rules: list[dict] | None = None
 
     def to_json(self) -> dict:
-        d = {"table": self.table, "priority": self.priority, "mark": self.mark, "dscp": self.dscp,
-             "ct": self.ct, "verdict": self.verdict}
+        d: dict[str, Any] = {"table": self.table, "priority": self.priority, "mark": self.mark, "dscp": self.dscp,
+                             "ct": self.ct, "verdict": self.verdict}
         if self.nat:
             d.update(self.nat)
         if self.rules is not None:

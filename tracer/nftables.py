@@ -19,7 +19,6 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from . import netns
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -273,13 +272,18 @@ def decode_trace(body: bytes) -> TraceEvent:
 
 # ---- the socket ----
 
-class Socket:
-    """A NETLINK_NETFILTER socket created inside netns ns (and bound to it
-    for life): commits batches, and receives trace events once subscribed."""
+def open_socket() -> socket.socket:
+    """A NETLINK_NETFILTER socket in the calling thread's netns (it stays there)."""
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
 
-    def __init__(self, ns: str | None, rcvbuf: int = 8 << 20):
-        with netns.entered(ns):
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+
+class Socket:
+    """A NETLINK_NETFILTER socket (open_socket(), made inside the netns it
+    serves, bound to it for life): commits batches, and receives trace
+    events once subscribed."""
+
+    def __init__(self, sock: socket.socket, rcvbuf: int = 8 << 20):
+        self.sock = sock
         try:
             self.sock.bind((0, 0))
             try:   # beyond rmem_max (root): bursts of trace events must not overrun it

@@ -58,6 +58,7 @@ def rules_by_table(g: Group, r: NsRules) -> dict[tuple[str, str], list[dict]]:
             continue                 # a user chain whose caller was not seen
         if ev.type == nft.TRACE_RULE and ev.handle is None:
             continue                 # the end of a chain's rules, before its policy or return: no rule
+        entry: dict[str, object]
         if ev.type == nft.TRACE_POLICY:
             v = ev.verdict_text
             entry = {"chain": ev.chain, "handle": None, "rule": f"policy {v}", "verdict": v}

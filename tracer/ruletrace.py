@@ -215,7 +215,9 @@ class NsRules:
         self.ns, self.table = ns, table
         self.ino = netns.inode(ns)
         try:
-            self.sock = nft.Socket(ns)
+            with netns.entered(ns):     # the socket stays in the netns it was made in
+                raw = nft.open_socket()
+            self.sock = nft.Socket(raw)
         except OSError as e:
             raise RulesError(f"--rules needs nf_tables (netlink NETLINK_NETFILTER): {e.strerror}") from None
         try:
