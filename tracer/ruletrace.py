@@ -40,7 +40,7 @@ from .filters import PacketFilter
 
 TABLE_PREFIX = nft.TABLE_PREFIX
 LIMIT_RATE = 2000               # packets (hook passes) per second selected for nftables tracing
-LIMIT_BURST = 200
+LIMIT_BURST = LIMIT_RATE // 10   # a tenth of a second's worth at once
 SELECT = "select"               # our regular chain: the limit, then meta nftrace set 1
 FAMILY_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 GROUP_TTL = 2.0                 # seconds a group waits for its path before it is dropped
@@ -318,10 +318,11 @@ def legacy_tables(ns: str | None) -> list[str]:
 class RuleTracer:
     """The tables and trace sockets of every traced netns."""
 
-    def __init__(self, pf: PacketFilter, rate: int = LIMIT_RATE, burst: int = LIMIT_BURST):
+    def __init__(self, pf: PacketFilter, rate: int = LIMIT_RATE, burst: int | None = None):
         self.selects = compile_filter(pf)
         self.broad = pf.expression is not None    # the expression is not compiled: more is selected
-        self.rate, self.burst = rate, burst
+        # a tenth of a second's worth at once, by default
+        self.rate, self.burst = rate, max(1, rate // 10) if burst is None else burst
         self.table = table_name()
         self.ns: dict[str | None, NsRules] = {}
 
