@@ -295,6 +295,7 @@ class Socket:
             raise
         self.seq = 1
         self.overruns = 0              # ENOBUFS: trace events the kernel could not queue to us
+        self.drained = False           # the last events() emptied the queue (not stopped by its budget)
 
     def commit(self, build) -> None:
         """Send one batch (build(seq) -> messages) and wait for every ack."""
@@ -327,10 +328,12 @@ class Socket:
     def events(self, budget: int = 4096) -> list[TraceEvent]:
         """The trace events queued now (at most budget datagrams)."""
         out: list[TraceEvent] = []
+        self.drained = False
         for _ in range(budget):
             try:
                 data = self.sock.recv(1 << 16)
             except BlockingIOError:
+                self.drained = True
                 break
             except OSError as e:
                 if e.errno == errno.ENOBUFS:   # events were lost: counted, and reading goes on

@@ -7,9 +7,13 @@ first event of a group carries them, as the path's record does), its netns
 and family, and with the record's captured header the IPv4 id.  Groups with
 the same headers are taken oldest first.
 
-A packet ends (and its record comes) after its last hook, so its events are
-normally queued already; a path with hook stages waits at most `wait`
-seconds for them, then goes out without rules, counted.  Each event lands
+A packet's trace events are queued to pkttrace's socket as the kernel runs
+the rules (netlink multicast delivers synchronously), before the packet
+ends and its record is written: so once the socket was read empty after the
+record came, a path whose group is not there will get none (the limit left
+it untraced, or the socket overflowed) and goes out without rules, counted.
+Only while the socket holds more than one read takes does a path wait, at
+most `wait` seconds.  Each event lands
 on the table step of its base chain's hook (events in user chains on the
 base chain that jumped there).
 """
@@ -131,12 +135,14 @@ class Joiner:
         now = time.monotonic()
         self.pending.extend((now, p) for p in pkts)
         self._take_groups()
+        # every event queued before these records came has been read
+        complete = getattr(self.rt, "drained", False)
         out: list[model.Packet] = []
         while self.pending:
             t, p = self.pending[0]
             if not any(s.is_hook for s in p.path) or self._claim(p):
                 pass
-            elif final or now - t >= self.wait:
+            elif final or complete or now - t >= self.wait:
                 self.counts.without += 1
             else:
                 break

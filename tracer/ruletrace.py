@@ -354,6 +354,11 @@ class RuleTracer:
         return sum(r.events for r in self.ns.values())
 
     @property
+    def drained(self) -> bool:
+        """The last take() read every queued event of every netns."""
+        return all(r.sock.drained for r in self.ns.values())
+
+    @property
     def overruns(self) -> int:
         return sum(r.sock.overruns for r in self.ns.values())
 

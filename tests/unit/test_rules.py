@@ -151,9 +151,10 @@ class _FakeNs:
 
 
 class _FakeTracer:
-    def __init__(self, groups):
+    def __init__(self, groups, drained=False):
         self.ns = {None: _FakeNs()}
         self.groups = groups
+        self.drained = drained
 
     def take(self):
         out, self.groups = self.groups, []
@@ -194,4 +195,11 @@ def test_a_path_without_its_group_waits_then_goes_out_counted():
     __import__("time").sleep(0.06)
     (p,) = j.feed([])
     assert p.stage("forward").tables[0].rules is None and "rules" not in p.to_json()["path"][1]["tables"][0]
+    assert j.counts.without == 1
+
+
+def test_a_path_goes_out_at_once_when_the_socket_was_read_empty():
+    # its events would have been queued before its record: none will come
+    j = rulejoin.Joiner(_FakeTracer([], drained=True), wait=10)
+    (p,) = j.feed([_packet(sport=1)])
     assert j.counts.without == 1
