@@ -102,9 +102,11 @@ class Joiner:
         for g in self.rt.take():
             if g.key is None:
                 continue
-            ver, proto, src, dst, sport, dport, _ipid = g.key
+            ver, proto, src, dst, sport, dport, ipid = g.key
             r = by_ns.get(g.ns)
-            k = (r.ino if r is not None else None, ver, proto, src, dst, sport, dport)
+            # the IPv4 id in the key: the packets of one flow are told apart
+            # without a scan (IPv6 has none: oldest first)
+            k = (r.ino if r is not None else None, ver, proto, src, dst, sport, dport, ipid)
             self.index.setdefault(k, deque()).append(g)
         for k in list(self.index):
             q = self.index[k]
@@ -116,13 +118,10 @@ class Joiner:
 
     def _claim(self, p: model.Packet) -> bool:
         key, ipid = packet_key(p)
-        q = self.index.get(key)
+        q = self.index.get((*key, ipid))
         if not q:
             return False
-        g = next((g for g in q if ipid is None or g.key is None or g.key[6] in (None, ipid)), None)
-        if g is None:
-            return False
-        q.remove(g)
+        g = q.popleft()
         r = next((r for r in self.rt.ns.values() if r.ns == g.ns), None)
         if r is not None:
             attach(p, rules_by_table(g, r))

@@ -131,6 +131,15 @@ def test_drop_in_a_user_chain_reached_by_jump_and_accept_and_goto(lab):
     assert c is not None and c.joined == len([p for p in pkts if any(s.is_hook for s in p.path)])
 
 
+def test_ipv6_through_the_inet_chains(lab):
+    c, pkts = run(lab, lambda: lab.udp_send(lab.client, lab.addr["server6"], 6002),
+                  PacketFilter.parse(src=lab.addr["client6"], proto="udp"))
+    p = one(pkts, 6002)
+    assert p.family == "ipv6" and p.fate == "dropped"
+    step = next(s for s in p.stage("forward").tables if s.table == "ptrlab/fw")
+    assert [(r["chain"], r["verdict"]) for r in step.rules] == [("fw", "jump check"), ("check", "drop")]
+
+
 def test_an_iptables_nft_rule_shows_with_its_text(lab):
     c, pkts = run(lab, lambda: lab.udp_send(lab.client, lab.addr["server4"], 5009),
                   PacketFilter.parse(proto="udp", port="5009"))

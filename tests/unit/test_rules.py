@@ -164,8 +164,10 @@ class _FakeTracer:
 def _packet(sport=40000):
     fwd = model.Stage("forward", 1000, "rs", 0, mark_out=0, tables=[
         model.TableStep("filter, lab/fw", 0, 0, 0, None, "drop")])
-    return model.Packet(1, "lab", "ipv4", "udp", "10.0.1.2", "10.0.2.2", sport, 5009, "dropped", "rc", "rs",
-                        path=[model.Stage("tc_ingress", 0, "rc", 0), fwd], proto_num=17)
+    p = model.Packet(1, "lab", "ipv4", "udp", "10.0.1.2", "10.0.2.2", sport, 5009, "dropped", "rc", "rs",
+                     path=[model.Stage("tc_ingress", 0, "rc", 0), fwd], proto_num=17)
+    p.head = IP4 + UDP               # the record's header capture: the IPv4 id joins
+    return p
 
 
 def _group(events):
@@ -203,3 +205,40 @@ def test_a_path_goes_out_at_once_when_the_socket_was_read_empty():
     j = rulejoin.Joiner(_FakeTracer([], drained=True), wait=10)
     (p,) = j.feed([_packet(sport=1)])
     assert j.counts.without == 1
+
+
+class _RawSock:
+    def bind(self, addr):
+        pass
+
+    def setsockopt(self, *a):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_kernel_without_owned_tables_is_named(monkeypatch):
+    monkeypatch.setattr(nft, "open_socket", lambda: _RawSock())
+
+    def refuse(self, build):
+        raise OSError(95, "Operation not supported")
+    monkeypatch.setattr(nft.Socket, "commit", refuse)
+    try:
+        ruletrace.NsRules(None, "pkttrace_1", [[]], 10, 1)
+    except ruletrace.RulesError as e:
+        assert "NFT_TABLE_F_OWNER, Linux 5.12+" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("no RulesError")
+
+
+def test_no_nf_tables_is_named(monkeypatch):
+    def nope():
+        raise OSError(93, "Protocol not supported")
+    monkeypatch.setattr(nft, "open_socket", nope)
+    try:
+        ruletrace.NsRules(None, "pkttrace_1", [[]], 10, 1)
+    except ruletrace.RulesError as e:
+        assert str(e).startswith("--rules needs nf_tables")
+    else:
+        raise AssertionError("no RulesError")
