@@ -59,8 +59,8 @@ UNITS = {"udp": "pps", "tcp": "Gb/s", "paced": "pps"}
 # (issue 12: no loss at all at 50,000 pps)
 PACED_PPS = 50_000
 MODE_WORKLOADS = {"trace-all": WORKLOADS + ("paced",)}
-PKTTRACE_MODES = ("filter-nomatch", "trace-all", "count-only", "serve", "rules")
-ALL_MODES = ("baseline", "filter-nomatch", "trace-all", "count-only", "serve", "nft-trace", "rules")
+PKTTRACE_MODES = ("filter-nomatch", "trace-all", "count-only", "serve", "rules", "rules-nomatch")
+ALL_MODES = ("baseline", "filter-nomatch", "trace-all", "count-only", "serve", "nft-trace", "rules", "rules-nomatch")
 
 TARGETS = {  # name -> (threshold, comparison, description); issue 12's budget
     "serve-udp-ratio": (0.90, ">=", "serve (or count-only stand-in) UDP pps ratio"),
@@ -451,6 +451,9 @@ def make_modes(selected: list[str], notes: list[str]) -> list:
         # the limit) and the join on top of trace-all's work
         "rules": Pkttrace("rules", "pkttrace --rules --json, filter matching the flood",
                           ["--netns", "{router}", "--rules", "--json", "--port", str(PORT)]),
+        # what --rules costs the packets it does not select: our chains' rules at each hook
+        "rules-nomatch": Pkttrace("rules-nomatch", "pkttrace --rules, filter matching nothing",
+                                  ["--netns", "{router}", "--rules", "--dst", NOMATCH_DST]),
     }
     if "serve" in selected:
         help_text = serve_options()

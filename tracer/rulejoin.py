@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from . import model, nftables as nft, placement
-from .ruletrace import Group, NsRules, RuleTracer
+from .ruletrace import GROUP_TTL, Group, NsRules, RuleTracer
 
 WAIT = 0.2                      # seconds a path waits for its trace events
 
@@ -84,6 +84,10 @@ def attach(p: model.Packet, found: dict[tuple[str, str], list[dict]]) -> None:
             if step is not None:
                 step.rules = (step.rules or []) + rules
                 break
+    for s in p.path:                 # a table nftables reported nothing of (conntrack, legacy): []
+        for t in s.tables if s.is_hook else ():
+            if t.rules is None:
+                t.rules = []
 
 
 class Joiner:
@@ -110,7 +114,7 @@ class Joiner:
             self.index.setdefault(k, deque()).append(g)
         for k in list(self.index):
             q = self.index[k]
-            while q and now - q[0].t > 2.0:
+            while q and now - q[0].t > GROUP_TTL:
                 q.popleft()
                 self.counts.unclaimed += 1
             if not q:

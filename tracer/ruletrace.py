@@ -281,12 +281,16 @@ class NsRules:
             # hash of the skb's address: a later packet may reuse it)
             if g is None or (ours and ev.chain == SELECT and ev.network is not None):
                 g = Group(self.ns, ev.id, now, header_key(ev.nfproto, ev.network, ev.transport))
+                self.open.pop(ev.id, None)  # re-inserted: the dict stays in order of creation
                 self.open[ev.id] = g
                 started.append(g)
             g.events.append(ev)
-        if len(self.open) > 65536:          # ids of packets long gone: forget the oldest
-            for k in list(self.open)[:len(self.open) - 65536]:
-                del self.open[k]
+        # the groups of packets long gone (their paths claimed them or never will)
+        while self.open:
+            first = next(iter(self.open.values()))
+            if now - first.t <= GROUP_TTL:
+                break
+            del self.open[first.id]
         return started
 
     def over_limit(self) -> int:
