@@ -45,6 +45,7 @@ SELECT = "select"               # our regular chain: the limit, then meta nftrac
 FAMILY_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 GROUP_TTL = 2.0                 # seconds a group waits for its path before it is dropped
 REFRESH_EVERY = 0.2             # seconds between two re-reads of a netns's rule texts
+GEN_CHECK_EVERY = 1.0           # seconds between two checks of nftables' generation while events come
 
 
 class RulesError(Exception):
@@ -237,6 +238,7 @@ class NsRules:
         self.rules: Ruleset = {}
         self._gen = -1
         self._read_at = 0.0
+        self._gen_checked = 0.0
         self.events = 0
 
     def base_of(self, family: int, table: str, chain: str) -> Chain | None:
@@ -272,7 +274,14 @@ class NsRules:
         a packet enters prerouting or output through our chain first."""
         started: list[Group] = []
         now = time.monotonic()
-        for ev in self.sock.events():
+        evs = self.sock.events()
+        if evs and now - self._gen_checked >= GEN_CHECK_EVERY:
+            # a table deleted and added again numbers its rules from 1 again:
+            # a known handle may now be another rule (read again if the
+            # generation moved; at most once a second)
+            self._gen_checked = now
+            self.refresh()
+        for ev in evs:
             self.events += 1
             ours = ev.table == self.table and ev.family == nft.NFPROTO_INET
             g = self.open.get(ev.id)

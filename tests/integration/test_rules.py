@@ -266,3 +266,37 @@ def test_legacy_xtables_said_once(lab):
     finally:
         subprocess.run(["ip", "netns", "exec", ns, "iptables-legacy", "-F"], check=False)
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_locally_generated_and_locally_delivered_packets(lab):
+    nft = ["ip", "netns", "exec", lab.router, "nft"]
+    subprocess.run([*nft, "-f", "-"], text=True, check=True, input="""
+table ip ptrloc {
+  chain out {
+    type filter hook output priority 0; policy accept;
+    udp dport 6100 counter
+  }
+  chain in {
+    type filter hook input priority 0; policy accept;
+    udp dport 6200 drop
+  }
+}
+""")
+    try:
+        def send():
+            lab.udp_send(lab.router, lab.addr["server4"], 6100)
+            lab.udp_send(lab.client, lab.addr["router_c4"], 6200)
+        c, pkts = run(lab, send, PacketFilter.parse(proto="udp"))
+        h = handles(lab, "ip", "ptrloc")
+    finally:
+        subprocess.run([*nft, "delete", "table", "ip", "ptrloc"], check=True)
+    sent = next(p for p in pkts if p.dport == 6100)
+    out = next(t for t in sent.stage("output").tables if t.table == "ptrloc/out")
+    assert out.rules == [
+        {"chain": "out", "handle": h["udp dport 6100 counter"], "rule": "udp dport 6100 counter",
+         "verdict": "continue"},
+        {"chain": "out", "handle": None, "rule": "policy accept", "verdict": "accept"}]
+    dropped = next(p for p in pkts if p.dport == 6200)
+    inp = next(t for t in dropped.stage("input").tables if t.table == "ptrloc/in")
+    assert inp.rules == [{"chain": "in", "handle": h["udp dport 6200 drop"], "rule": "udp dport 6200 drop",
+                          "verdict": "drop"}]
