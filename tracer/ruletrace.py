@@ -259,15 +259,6 @@ class NsRules:
             return
         self._gen, self._read_at = gen, now
 
-    def rule_text(self, ev: nft.TraceEvent) -> str | None:
-        c = self.base_of(ev.family, ev.table, ev.chain)
-        if c is None or (ev.handle is not None and ev.handle not in c.rules):
-            self.refresh(force=True)
-            c = self.base_of(ev.family, ev.table, ev.chain)
-        if c is None or ev.handle is None:
-            return None
-        return c.rules.get(ev.handle)
-
     def take(self) -> list[Group]:
         """Read the queued events; the groups they started (closing the earlier
         group of the same trace id).  Our own table's events only delimit:

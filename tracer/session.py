@@ -198,6 +198,10 @@ class Tracer:
     def _start_rules(self) -> None:
         self.rules = ruletrace.RuleTracer(self.opts.filter, rate=self.opts.rules_rate)
         self.joiner = rulejoin.Joiner(self.rules)
+        if self.rules.broad:
+            self._notice("--rules: the filter expression is not compiled into nftables: every packet the other "
+                         "options select is traced by nftables (at most "
+                         f"{self.opts.rules_rate}/s), and only those of the paths shown are kept")
         for ns in self.opts.netns:
             for note in self.rules.add(ns):
                 self._notice(note)

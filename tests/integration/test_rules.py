@@ -140,6 +140,19 @@ def test_ipv6_through_the_inet_chains(lab):
     assert [(r["chain"], r["verdict"]) for r in step.rules] == [("fw", "jump check"), ("check", "drop")]
 
 
+def test_a_filter_expression_traces_the_rest_and_keeps_the_shown_paths(lab):
+    # the expression is not compiled into nft: every UDP packet is traced by
+    # nftables, the groups of the paths not shown are dropped
+    def send():
+        lab.udp_send(lab.client, lab.addr["server4"], 6001)
+        lab.udp_send(lab.client, lab.addr["server4"], 6002)
+    c, pkts = run(lab, send, PacketFilter(proto=17, expression="udp and dst port 6002"))
+    assert [p.dport for p in pkts] == [6002]
+    step = next(s for s in pkts[0].stage("forward").tables if s.table == "ptrlab/fw")
+    assert [r["verdict"] for r in step.rules] == ["jump check", "drop"]
+    assert c.rules is not None and c.rules.joined == 1
+
+
 def test_an_iptables_nft_rule_shows_with_its_text(lab):
     c, pkts = run(lab, lambda: lab.udp_send(lab.client, lab.addr["server4"], 5009),
                   PacketFilter.parse(proto="udp", port="5009"))
