@@ -121,7 +121,8 @@ class Joiner:
                 del self.index[k]
 
     def _claim(self, p: model.Packet) -> bool:
-        key, ipid = packet_key(p)
+        # read from a copy: a packet that gets no rules stays undecoded
+        key, ipid = packet_key(p.reader())
         q = self.index.get((*key, ipid))
         if not q:
             return False
@@ -143,7 +144,7 @@ class Joiner:
         out: list[model.Packet] = []
         while self.pending:
             t, p = self.pending[0]
-            if not any(s.is_hook for s in p.path) or self._claim(p):
+            if not p.has_hook_stage() or self._claim(p):
                 pass
             elif final or complete or now - t >= self.wait:
                 self.counts.without += 1
