@@ -207,10 +207,11 @@ def _table_line(t: TableStep, paint: Paint = PLAIN) -> str:
 def _rule_line(r: dict) -> str:
     """--rules: one rule the packet met, under its table: `forward #4  udp dport 5009 jump check`,
     its verdict added when the text does not end with it (`continue` after a counter)."""
-    chain, text, verdict = escape(str(r["chain"])), r.get("rule"), str(r["verdict"])
+    # chain names and rule texts are anyone's: escaped with the whole block (_format_packet)
+    chain, text, verdict = str(r["chain"]), r.get("rule"), str(r["verdict"])
     if r.get("handle") is None:
-        return f"{chain}  {escape(text) if text else verdict}"
-    body = escape(text) if text is not None else "(rule text unknown)"
+        return f"{chain}  {text or verdict}"
+    body = text if text is not None else "(rule text unknown)"
     if text is None or not text.endswith(verdict):
         body += f"  → {verdict}"
     return f"{chain} #{r['handle']}  {body}"

@@ -242,3 +242,19 @@ def test_no_nf_tables_is_named(monkeypatch):
         assert str(e).startswith("--rules needs nf_tables")
     else:
         raise AssertionError("no RulesError")
+
+
+def test_human_view_prints_rules_under_their_table_escaped():
+    from tracer.output import plain_text
+    p = _packet()
+    p.stage("forward").tables[0].rules = [
+        {"chain": "fw", "handle": 5, "rule": 'udp dport 6002 jump "evil\x1b[31m"', "verdict": "jump evil\x1b[31m"},
+        {"chain": "fw", "handle": 6, "rule": "udp dport 6002 counter", "verdict": "continue"},
+        {"chain": "fw", "handle": None, "rule": "policy drop", "verdict": "drop"}]
+    text = plain_text(p)
+    assert "\x1b" not in text
+    lines = text.splitlines()
+    i = next(n for n, ln in enumerate(lines) if "· filter, lab/fw" in ln)
+    assert lines[i + 1].strip().startswith('fw #5  udp dport 6002 jump "evil\\x1b[31m"  → jump evil\\x1b[31m')
+    assert lines[i + 2].strip() == "fw #6  udp dport 6002 counter  → continue"
+    assert lines[i + 3].strip() == "fw  policy drop"
