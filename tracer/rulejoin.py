@@ -156,3 +156,9 @@ class Joiner:
 
     def waiting(self) -> int:
         return len(self.pending)
+
+    def discard(self) -> int:
+        """Forget the paths still waiting (not to be printed); how many."""
+        n = len(self.pending)
+        self.pending.clear()
+        return n

@@ -662,6 +662,11 @@ class Tracer:
         self._detach()
         out = self.collect.finish(budget)
         if self.joiner is not None:
+            if budget <= 0:
+                # past -c or a gone reader: the paths waiting for their
+                # rules are not printed either, counted like the ring's rest
+                self.collect.unread += self.joiner.discard()
+                return out
             # the packets ended, so their events are queued already; the
             # ones that waited are shown now (finish counted its own)
             before = len(out)
