@@ -241,6 +241,15 @@ class NsRules:
         self._gen_checked = 0.0
         self.events = 0
 
+    def table_handle(self) -> int | None:
+        """Our table's handle: what the fentry/kprobe backends see its chains by."""
+        try:
+            text = list_ruleset(self.ns, "-a", "list", "table", "inet", self.table)
+        except (RulesError, OSError, netns.NetnsError, subprocess.TimeoutExpired):
+            return None
+        m = re.search(rf"^table inet {re.escape(self.table)} {{ # handle (\d+)", text, re.M)
+        return int(m.group(1)) if m else None
+
     def base_of(self, family: int, table: str, chain: str) -> Chain | None:
         return self.rules.get((FAMILY_NAMES.get(family, str(family)), table), {}).get(chain)
 

@@ -203,8 +203,19 @@ class Tracer:
                          "options select is traced by nftables (at most "
                          f"{self.opts.rules_rate}/s), and only those of the paths shown are kept")
         for ns in self.opts.netns:
-            for note in self.rules.add(ns):
-                self._notice(note)
+            self._add_rules(ns)
+
+    def _add_rules(self, ns: str | None) -> None:
+        """Our nft table in ns; its handle told to the decoder (the fentry and
+        kprobe backends see its chains run, and must not take them for a
+        table the ruleset read did not have: a change)."""
+        assert self.rules is not None
+        for note in self.rules.add(ns):
+            self._notice(note)
+        r = self.rules.ns[ns]
+        handle = r.table_handle()
+        if handle is not None:
+            self.ctx.hidden_tables.add((r.ino, handle))
 
     def _load(self) -> None:
         obj = self.obj = libbpf.BpfObject(libbpf.object_path())
@@ -476,8 +487,7 @@ class Tracer:
         self.gone.pop(ino, None)         # an inode number is reused for a new namespace
         try:
             if self.rules is not None:
-                for note in self.rules.add(ns):
-                    self._notice(note)
+                self._add_rules(ns)
             self._register(ino)
             self._attach_netns(ns, *observers.read_ruleset(ns))
             self.names.learn_netns(ns, ino)

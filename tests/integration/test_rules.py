@@ -273,7 +273,7 @@ def test_legacy_xtables_said_once(lab):
     try:
         subprocess.run(["ip", "netns", "exec", ns, "iptables-legacy", "-A", "INPUT", "-j", "ACCEPT"], check=True)
         r = subprocess.run([sys.executable, "-m", "tracer", "--rules", "--netns", ns, "--duration", "0.3"],
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=120)     # a TCG guest starts slowly
         assert r.returncode == 0, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if "legacy xtables" in ln]
         assert len(lines) == 1 and "iptables filter" in lines[0] and "nftables trace events" in lines[0]
