@@ -60,8 +60,11 @@ def rules_by_table(g: Group, r: NsRules) -> dict[tuple[str, str], list[dict]]:
             base = (c.hook, placement.table_step_name(ev.table, ev.chain, ev.family, hook))
         if base is None:
             continue                 # a user chain whose caller was not seen
-        if ev.type == nft.TRACE_RULE and ev.handle is None:
-            continue                 # the end of a chain's rules, before its policy or return: no rule
+        if ev.handle is None and (ev.type == nft.TRACE_RULE or
+                                  (ev.type == nft.TRACE_RETURN and c is not None and c.hook is not None)):
+            # the end of a chain's rules, before its policy (6.18: a rule
+            # event without a handle; 6.1: a return from the base chain): no rule
+            continue
         entry: dict[str, object]
         if ev.type == nft.TRACE_POLICY:
             v = ev.verdict_text

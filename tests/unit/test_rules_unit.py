@@ -258,3 +258,15 @@ def test_human_view_prints_rules_under_their_table_escaped():
     assert lines[i + 1].strip().startswith('fw #5  udp dport 6002 jump "evil\\x1b[31m"  → jump evil\\x1b[31m')
     assert lines[i + 2].strip() == "fw #6  udp dport 6002 counter  → continue"
     assert lines[i + 3].strip() == "fw  policy drop"
+
+
+def test_the_end_of_a_base_chain_is_no_rule_on_either_kernel():
+    # before the policy, 6.18 reports a rule event without a handle, 6.1 a return
+    evs = [_trace_msg(family=1, chain=b"fw\0", handle=4, verdict=nft.NFT_CONTINUE, network=IP4, transport=UDP),
+           _trace_msg(family=1, chain=b"fw\0", verdict=nft.NFT_CONTINUE),
+           _trace_msg(family=1, chain=b"fw\0", type=nft.TRACE_RETURN, verdict=nft.NFT_CONTINUE),
+           _trace_msg(family=1, chain=b"fw\0", type=nft.TRACE_POLICY, policy=nft.NF_ACCEPT)]
+    g = _group(evs)
+    g.events = [type(e)(**{**e.__dict__, "table": "lab"}) for e in g.events]
+    found = rulejoin.rules_by_table(g, _FakeNs())
+    assert [(r["handle"], r["verdict"]) for r in found[("forward", "lab/fw")]] == [(4, "continue"), (None, "accept")]
