@@ -59,8 +59,8 @@ UNITS = {"udp": "pps", "tcp": "Gb/s", "paced": "pps"}
 # (issue 12: no loss at all at 50,000 pps)
 PACED_PPS = 50_000
 MODE_WORKLOADS = {"trace-all": WORKLOADS + ("paced",)}
-PKTTRACE_MODES = ("filter-nomatch", "trace-all", "count-only", "serve")
-ALL_MODES = ("baseline", "filter-nomatch", "trace-all", "count-only", "serve", "nft-trace")
+PKTTRACE_MODES = ("filter-nomatch", "trace-all", "count-only", "serve", "rules", "rules-nomatch")
+ALL_MODES = ("baseline", "filter-nomatch", "trace-all", "count-only", "serve", "nft-trace", "rules", "rules-nomatch")
 
 TARGETS = {  # name -> (threshold, comparison, description); issue 12's budget
     "serve-udp-ratio": (0.90, ">=", "serve (or count-only stand-in) UDP pps ratio"),
@@ -447,6 +447,13 @@ def make_modes(selected: list[str], notes: list[str]) -> list:
         "count-only": Pkttrace("count-only", "library, emit=False (records built, nothing counted or sent)",
                                ["{router}"], module="benchmarks.count_only"),
         "nft-trace": NftTrace(),
+        # --rules with a filter the flood matches: nftables tracing (bounded by
+        # the limit) and the join on top of trace-all's work
+        "rules": Pkttrace("rules", "pkttrace --rules --json, filter matching the flood",
+                          ["--netns", "{router}", "--rules", "--json", "--port", str(PORT)]),
+        # what --rules costs the packets it does not select: our chains' rules at each hook
+        "rules-nomatch": Pkttrace("rules-nomatch", "pkttrace --rules, filter matching nothing",
+                                  ["--netns", "{router}", "--rules", "--dst", NOMATCH_DST]),
     }
     if "serve" in selected:
         help_text = serve_options()

@@ -2695,7 +2695,13 @@ static __always_inline void data_ready(const struct sock *sk, bool core)
 {
 	struct pt_record *r;
 	__u64 key;
+	__u16 fam = core ? BPF_CORE_READ(sk, __sk_common.skc_family) : sk->__sk_common.skc_family;
 
+	/* data queued to a netlink socket meanwhile (pkttrace --rules' own
+	 * nftables trace events, sent while the packet crosses a hook) is
+	 * not the packet's delivery */
+	if (fam != AF_INET && fam != AF_INET6)
+		return;
 	r = pending_take(&key);
 	if (r)
 		deliver((const void *)key, r, PT_DELIVER_QUEUED,

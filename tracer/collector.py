@@ -24,6 +24,16 @@ _MAX_AGED_IDS = 65536          # ids of records reported aged out, remembered (b
 
 
 @dataclass
+class RuleCounts:
+    """--rules: what nftables tracing gave, and the paths it could not detail."""
+    events: int = 0                    # trace events received
+    joined: int = 0                    # paths given their rules
+    without: int = 0                   # paths with hook stages and no rule detail
+    over_limit: int = 0                # hook passes the trace limit left untraced
+    overruns: int = 0                  # trace events lost: the socket's buffer was full (ENOBUFS)
+
+
+@dataclass
 class Counters:
     created: int = 0
     emitted: int = 0
@@ -40,6 +50,7 @@ class Counters:
     shown: int = 0
     unread: int = 0                    # emitted, still in the ring when tracing stopped
     attach_failures: int = 0           # re-placements that could not attach (old observers kept)
+    rules: RuleCounts | None = None    # --rules only
 
     @property
     def not_seen(self) -> int:

@@ -97,12 +97,17 @@ class TableStep:
     mark_in: int = 0
     dscp_in: int = 0
     nat: dict | None = None             # {"src"|"dst": {"from": "a:p", "to": "b:p"}}
+    # --rules: what nftables traced in this table, in order (user chains
+    # reached by jump/goto included): {"chain", "handle", "rule", "verdict"}
+    rules: list[dict] | None = None
 
     def to_json(self) -> dict:
-        d = {"table": self.table, "priority": self.priority, "mark": self.mark, "dscp": self.dscp,
-             "ct": self.ct, "verdict": self.verdict}
+        d: dict[str, Any] = {"table": self.table, "priority": self.priority, "mark": self.mark, "dscp": self.dscp,
+                             "ct": self.ct, "verdict": self.verdict}
         if self.nat:
             d.update(self.nat)
+        if self.rules is not None:
+            d["rules"] = self.rules
         return d
 
 
@@ -287,6 +292,7 @@ class Shape:
     ports: bool = False
     local_out: bool = False             # locally generated: its first hook is output
     ino: int | None = None              # netns inode (rules are kept per netns)
+    hooks: bool | None = None           # a netfilter hook stage in the path (None: not looked at yet)
 
 
 @dataclass
@@ -383,6 +389,27 @@ class Packet:
     icmp_type = _Field[Optional[int]]()
     icmp_code = _Field[Optional[int]]()
     wall_ns = _Field[Optional[int]]()
+
+    def reader(self) -> "Packet":
+        """This packet, or a copy decoded apart from it: reading a copy leaves
+        this one undecoded, so its output keeps the per-path templates
+        (tracer.templates) -- --rules reads every packet, changes few."""
+        if self._raw is None or self._vals is not None or self._path is not None:
+            return self
+        return Packet._from_raw(self._raw, self._shape, self._ctx, self._decoder)
+
+    def has_hook_stage(self) -> bool:
+        """A netfilter hook stage in the path (known once per path shape)."""
+        if self._raw is None:
+            return any(s.is_hook for s in self.path)
+        if self._shape.hooks is None:
+            self._shape.hooks = any(s.is_hook for s in self.reader().path)
+        return self._shape.hooks
+
+    @property
+    def netns_inode(self) -> int | None:
+        """The traced netns's inode (None for a packet not decoded from a record)."""
+        return self._shape.ino
 
     @property
     def wall_ts(self) -> float | None:

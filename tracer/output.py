@@ -233,6 +233,19 @@ def _table_line(t: TableStep, paint: Paint = PLAIN) -> str:
     return f"{t.table:<14} " + "  ".join(parts) if parts else t.table
 
 
+def _rule_line(r: dict) -> str:
+    """--rules: one rule the packet met, under its table: `forward #4  udp dport 5009 jump check`,
+    its verdict added when the text does not end with it (`continue` after a counter)."""
+    # chain names and rule texts are anyone's: escaped with the whole block (_format_packet)
+    chain, text, verdict = str(r["chain"]), r.get("rule"), str(r["verdict"])
+    if r.get("handle") is None:
+        return f"{chain}  {text or verdict}"
+    body = text if text is not None else "(rule text unknown)"
+    if text is None or not text.endswith(verdict):
+        body += f"  → {verdict}"
+    return f"{chain} #{r['handle']}  {body}"
+
+
 def _observer_line(o) -> str:
     """-v: one netfilter observation inside a hook (its real priority)."""
     prio = "?" if o.priority is None else str(o.priority)
@@ -276,6 +289,8 @@ def _format_packet(p: Packet, v: _View = _PLAIN_VIEW) -> str:
                 lines.append(f"  {_time_col(o.t_ns)}    ◦ {_observer_line(o)}")
         for t in s.tables:
             lines.append(f"  {'':>11}    · {_table_line(t, paint)}")
+            for r in t.rules or ():
+                lines.append(f"  {'':>11}        {_rule_line(r)}")
             if t.nat and "dst" in t.nat:
                 dst = _endpoint_addr(t.nat["dst"]["to"])
         if s.attribution == "changing":
@@ -390,6 +405,10 @@ def summary(c: Counters) -> str:
             f"{c.create_failed} not traced (in-flight table full), {c.aged_out} aged out")
     if c.unread:
         line += f", {c.unread} not printed (still queued at exit)"
+    if c.rules is not None:
+        r = c.rules
+        line += (f"; rules: {r.events} nftables trace events, {r.joined} paths with rules, {r.without} without "
+                 f"({r.over_limit} hook passes over the trace limit, {r.overruns} trace socket overruns)")
     return line
 
 

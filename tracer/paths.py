@@ -51,6 +51,9 @@ class Context:
     # (ino, fam, hook) -> [(table, priority, nft table handle or 0)] registered there, in
     # priority order (fentry/kprobe backends)
     registered: dict[tuple[int, int, int], list] = field(default_factory=dict)
+    # (ino, nft table handle) of pkttrace's own --rules tables: their chains
+    # are seen running (fentry/kprobe) but are no table of the path
+    hidden_tables: set[tuple[int, int]] = field(default_factory=set)
     rules: dict[tuple[int, int], list] = field(default_factory=dict)  # (ino, fam) -> [routing.Rule]
     generation: int = 0                # bumped when observers or rules change (recordings re-save names)
     boot_wall_ns: int | None = None    # Unix time (ns) of the kernel's monotonic clock's zero: wall-clock times
@@ -230,8 +233,12 @@ def _template(stages: list[tuple], raw_stages: bytes, ino: int, fam: int, ctx: C
                 # fentry backend: after the table at priority aux2, or after
                 # every hook function; with it, what ran since the last look
                 last = hook_plan.obs[-1].priority if hook_plan is not None and hook_plan.obs else None
-                ob = _table_obs(i, slot, aux2, last, ctx.registered.get((ino, fam, kind - StageKind.PREROUTING), []),
-                                aux if st[_FLAGS] & STF_NFT_TABLE else None)
+                handle = aux if st[_FLAGS] & STF_NFT_TABLE else None
+                if handle is not None and (ino, handle) in ctx.hidden_tables:
+                    ob = _Obs(i, aux2, [])   # pkttrace's --rules chain: an observation, no table
+                else:
+                    ob = _table_obs(i, slot, aux2, last,
+                                    ctx.registered.get((ino, fam, kind - StageKind.PREROUTING), []), handle)
             else:
                 key = (ino, fam, kind - StageKind.PREROUTING, slot)
                 # (the fentry backend's hook entry has no placed slot: before

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import netns
+from . import netns, nftables
 
 HOOKS = ("prerouting", "input", "forward", "output", "postrouting")
 PRE, INPUT, FORWARD, OUTPUT, POST = range(5)
@@ -84,6 +84,11 @@ def _table_name(table: str, chain: str, nfproto: int, hook: int) -> str:
     return f"{table}/{chain}"
 
 
+def table_step_name(table: str, chain: str, nfproto: int, hook: int) -> str:
+    """What a path calls the table step of this nft base chain (TableStep.table)."""
+    return _table_name(table, chain, nfproto, hook)
+
+
 def _uses_conntrack(rule) -> bool:
     for e in rule.get_attr("NFTA_RULE_EXPRESSIONS") or ():
         name = e.get_attr("NFTA_EXPR_NAME")
@@ -115,6 +120,8 @@ def read_nft(ns: str | None) -> tuple[Registered, set[int]]:
     for c in chains:
         hook = c.get_attr("NFTA_CHAIN_HOOK")
         nfproto = c["nfgen_family"]
+        if (c.get_attr("NFTA_CHAIN_TABLE") or "").startswith(nftables.TABLE_PREFIX):
+            continue     # --rules' own tables: they change nothing, so no observer is owed to them
         if hook is None or nfproto not in NFT_FAMILIES:
             continue
         hooknum, prio = hook.get_attr("NFTA_HOOK_HOOKNUM"), hook.get_attr("NFTA_HOOK_PRIORITY")
@@ -130,6 +137,8 @@ def read_nft(ns: str | None) -> tuple[Registered, set[int]]:
         for fam in NFT_FAMILIES[nfproto]:
             reg.setdefault((fam, hooknum), []).append(Table(name, prio, nat, handle))
     for r in rules:
+        if (r.get_attr("NFTA_RULE_TABLE") or "").startswith(nftables.TABLE_PREFIX):
+            continue
         if r["nfgen_family"] in NFT_FAMILIES and _uses_conntrack(r):
             conntrack.update(NFT_FAMILIES[r["nfgen_family"]])
     return reg, conntrack

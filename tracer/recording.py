@@ -29,6 +29,13 @@ _LOC_OFF = events.PtRecord.drop_location.offset
 
 
 def _ctx_to_json(ctx: paths.Context, symbols: dict[int, str]) -> dict:
+    d = _ctx_rows(ctx, symbols)
+    if ctx.hidden_tables:       # --rules' own tables (fentry/kprobe see them run): only when there are some
+        d["hidden_tables"] = [[ino, h] for ino, h in sorted(ctx.hidden_tables)]
+    return d
+
+
+def _ctx_rows(ctx: paths.Context, symbols: dict[int, str]) -> dict:
     return {
         "ifnames": [[ino, idx, name] for (ino, idx), name in sorted(ctx.ifnames.items())],
         "netns_names": [[ino, name] for ino, name in sorted(ctx.netns_names.items())],
@@ -56,6 +63,7 @@ def _ctx_update(ctx: paths.Context, symbols: dict[int, str], d: dict) -> None:
     ctx.registered.update({tuple(row[:3]): [tuple(t) for t in row[3]] for row in d.get("registered", [])})
     ctx.rules.update({(ino, fam): [routing.rule_from_json(r) for r in rules] for ino, fam, rules in d.get("rules", [])})
     ctx.drop_reasons.update({v: n for v, n in d.get("drop_reasons", [])})
+    ctx.hidden_tables.update((ino, h) for ino, h in d.get("hidden_tables", []))
     symbols.update({a: s for a, s in d.get("symbols", [])})
     for ino, idx, h, kind, root in d.get("qdiscs", []):
         ctx.qdisc_kinds[(ino, idx, h)] = kind
@@ -168,6 +176,7 @@ _CONTEXT_ROWS = {
     "drop_reasons": _row(_I, _is_str),
     "symbols": _row(_I, _is_str),
     "qdiscs": _row(_I, _I, _I, _is_str, lambda v: type(v) is bool),
+    "hidden_tables": _row(_I, _I),
 }
 _RULE_TYPES = {
     "priority": _is_int, "table": _is_int, "action": _is_int, "src": _is_str_or_none, "dst": _is_str_or_none,

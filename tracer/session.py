@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from . import (backends, caps, collector, events, libbpf, model, names, netns, observers, paths, placement, probes,
-               routing, sysinfo, tcobservers, watch)
+               routing, rulejoin, ruletrace, sysinfo, tcobservers, watch)
 from .collector import Counters
 from .events import PtConfig
 from .filters import PacketFilter
@@ -59,6 +59,11 @@ class TraceOptions:
     follow_names: bool = False
     # copy each record's first header bytes (Packet.head): pcap-ng output (-w)
     snap: bool = False
+    # nftables rule detail (tracer.ruletrace): a temporary table per netns
+    # selects the filter's packets for nftables tracing, its events are
+    # joined to the paths (each table step gains `rules`)
+    rules: bool = False
+    rules_rate: int = ruletrace.LIMIT_RATE    # hook passes/s selected for nftables tracing, at most
 
 
 def _raise_fd_limit() -> None:
@@ -112,6 +117,9 @@ class Tracer:
         # set (e.g. from a signal handler) to end packets() between batches,
         # never in the middle of one: a batch taken from the ring is reported
         self.stopping = False
+        # --rules: the nftables tables and trace sockets, and the join stage
+        self.rules: ruletrace.RuleTracer | None = None
+        self.joiner: rulejoin.Joiner | None = None
 
     @property
     def _nf(self) -> observers.Observers:
@@ -169,9 +177,13 @@ class Tracer:
             raise TraceError(str(e)) from None
         self._gen_visible = self.names.read_kernel_btf()
         try:
+            if self.opts.rules:
+                # before the rulesets are read: the observers are placed
+                # with our table in (placement leaves it out)
+                self._start_rules()
             self._load()
             self._attach()
-        except (libbpf.BpfError, probes.AttachError, netns.NetnsError) as e:
+        except (libbpf.BpfError, probes.AttachError, netns.NetnsError, ruletrace.RulesError) as e:
             self.close()
             raise TraceError(str(e)) from None
         except BaseException:
@@ -183,6 +195,28 @@ class Tracer:
         self.ready_s = time.monotonic() - t0
         self.started_ns = time.monotonic_ns()
         return self
+
+    def _start_rules(self) -> None:
+        self.rules = ruletrace.RuleTracer(self.opts.filter, rate=self.opts.rules_rate)
+        self.joiner = rulejoin.Joiner(self.rules)
+        if self.rules.broad:
+            self._notice("--rules: the filter expression is not compiled into nftables: every packet the other "
+                         "options select is traced by nftables (at most "
+                         f"{self.opts.rules_rate}/s), and only those of the paths shown are kept")
+        for ns in self.opts.netns:
+            self._add_rules(ns)
+
+    def _add_rules(self, ns: str | None) -> None:
+        """Our nft table in ns; its handle told to the decoder (the fentry and
+        kprobe backends see its chains run, and must not take them for a
+        table the ruleset read did not have: a change)."""
+        assert self.rules is not None
+        for note in self.rules.add(ns):
+            self._notice(note)
+        r = self.rules.ns[ns]
+        handle = r.table_handle()
+        if handle is not None:
+            self.ctx.hidden_tables.add((r.ino, handle))
 
     def _load(self) -> None:
         obj = self.obj = libbpf.BpfObject(libbpf.object_path())
@@ -212,7 +246,8 @@ class Tracer:
         cfg = PtConfig.from_address(ptr)
         cfg.emit = 1 if self.opts.emit else 0
         cfg.count = 1 if self.opts.count else 0
-        cfg.snap = 1 if self.opts.snap else 0
+        # --rules joins on the IPv4 id too: the record keeps the first header bytes
+        cfg.snap = 1 if self.opts.snap or self.opts.rules else 0
         if self._plan.hook_slow:
             cfg.hook_slow_start, cfg.hook_slow_end = self._plan.hook_slow
         self.opts.filter.fill(cfg)
@@ -456,10 +491,12 @@ class Tracer:
         self._ns_inodes[ns] = ino
         self.gone.pop(ino, None)         # an inode number is reused for a new namespace
         try:
+            if self.rules is not None:
+                self._add_rules(ns)
             self._register(ino)
             self._attach_netns(ns, *observers.read_ruleset(ns))
             self.names.learn_netns(ns, ino)
-        except (probes.AttachError, netns.NetnsError, OSError) as e:
+        except (probes.AttachError, netns.NetnsError, OSError, ruletrace.RulesError) as e:
             self._drop_netns(ns)
             if ns is None or netns.current_inode(ns) == ino:   # not just gone again: a failure
                 self.attach_failures += 1
@@ -510,6 +547,8 @@ class Tracer:
             w.close()
         if self.tc is not None:
             self.tc.drop(ns)
+        if self.rules is not None:
+            self.rules.drop(ns)
         if ino is not None:
             self._unregister(ino)
             self._forget_paths(ino)
@@ -574,6 +613,9 @@ class Tracer:
         if now - self._last_age_scan >= min(1.0, self.opts.age_after / 2):
             self._last_age_scan = now
             out.extend(self.collect.age_out())
+        if self.joiner is not None:
+            # paths wait (bounded) for their nftables trace events
+            out = self.joiner.feed(out)
         self.collect.shown += len(out)
         return out
 
@@ -616,7 +658,12 @@ class Tracer:
                 after_batch()
 
     def counters(self) -> Counters:
-        return self.collect.counters(self.attach_failures)
+        c = self.collect.counters(self.attach_failures)
+        if self.rules is not None and self.joiner is not None:
+            c.rules = collector.RuleCounts(events=self.rules.events, joined=self.joiner.counts.joined,
+                                           without=self.joiner.counts.without + self.joiner.waiting(),
+                                           over_limit=self.rules.over_limit(), overruns=self.rules.overruns)
+        return c
 
     def inflight(self) -> int:
         """Records in flight: parked in the shared table, and in the CPUs' slots."""
@@ -628,7 +675,19 @@ class Tracer:
         """Detach, then hand over what the kernel had already reported
         (within `budget` seconds; the rest is counted as unread)."""
         self._detach()
-        return self.collect.finish(budget)
+        out = self.collect.finish(budget)
+        if self.joiner is not None:
+            if budget <= 0:
+                # past -c or a gone reader: the paths waiting for their
+                # rules are not printed either, counted like the ring's rest
+                self.collect.unread += self.joiner.discard()
+                return out
+            # the packets ended, so their events are queued already; the
+            # ones that waited are shown now (finish counted its own)
+            before = len(out)
+            out = self.joiner.feed(out, final=True)
+            self.collect.shown += len(out) - before
+        return out
 
     def _detach(self) -> None:
         if self.nf is not None:
@@ -647,6 +706,8 @@ class Tracer:
 
     def close(self) -> None:
         self._detach()
+        if self.rules is not None:
+            self.rules.close()            # the kernel deletes our tables with their sockets
         # the ring, the observer banks (second loads sharing the maps), then the object
         self.collect.close()
         for part in ("nf", "obj"):

@@ -11,10 +11,10 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 # bottom to top, as the README draws it; a module imports only from layers below its own
 LAYERS = [
     {"events", "libbpf", "netns", "inputs", "model", "sysinfo", "sdnotify", "version", "colour",
-     "caps", "webconfig", "pcapfilter"},                                           # facts, model; libpcap
+     "caps", "webconfig", "pcapfilter", "nftables"},                               # facts, model; libpcap; nf_tables netlink
     {"layout", "filters", "backends", "placement", "routing", "watch", "lab", "qdiscs"},   # what the kernel offers / has
-    {"probes", "paths"},                                                          # attach; bytes -> packets
-    {"observers", "tcobservers", "recording", "templates", "collector", "names"},          # observers; record/replay; collect
+    {"probes", "paths", "ruletrace"},                                             # attach; bytes -> packets; --rules' table
+    {"observers", "tcobservers", "recording", "templates", "collector", "names", "rulejoin"},   # observers; record/replay; collect
     {"session"},                                                                  # the lifecycle of a trace
     {"output", "exporter", "doctor", "api", "demo", "installer", "pcapng", "diagram"},         # sinks, library API
     {"page"},                                                                     # HTTP: /metrics, the live page
