@@ -293,7 +293,7 @@ def test_signal_during_start_stops_cleanly(lab, sig):
     proc = pkttrace("--netns", lab.router, *(["--tc", "classic"] if the_plan().tc else []))
     try:
         os.set_blocking(proc.stderr.fileno(), False)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60     # (a TCG guest's start takes seconds)
         while not loading(proc.pid):
             assert proc.poll() is None and time.monotonic() < deadline, "pkttrace never loaded its programs"
             time.sleep(0.01)
@@ -303,7 +303,9 @@ def test_signal_during_start_stops_cleanly(lab, sig):
             early = ""      # nothing written yet
         proc.send_signal(sig)
         os.set_blocking(proc.stderr.fileno(), True)
-        _, err = proc.communicate(timeout=15)
+        # the rest of the start, then the stop: 15 s were too few for
+        # Debian's 6.1 under qemu's TCG
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
