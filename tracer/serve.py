@@ -443,7 +443,7 @@ class Exporter:
         # service outlives the namespaces it watches
         self.tracer = Tracer(TraceOptions(netns=opts.netns, emit=False, count=True, age_after=opts.age_after,
                                           tc=opts.tc, max_paths=opts.max_paths, all_netns=opts.all_netns,
-                                          follow_names=True))
+                                          follow_names=True, parallel_load=False))
         self.lock = threading.Lock()
         self.collector: Collector | None = None
         self.httpd: MetricsServer | None = None

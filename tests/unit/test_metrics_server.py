@@ -285,3 +285,12 @@ def test_out_of_file_descriptors_sheds_connections_without_spinning():
             s.close()
         proc.kill()
         proc.wait()
+
+
+def test_serve_loads_its_programs_one_after_the_other():
+    """Parallel verification costs two parses of the kernel's BTF at once
+    (~15 MB more peak RSS); serve's budget is RSS, not ~180 ms of start."""
+    from tracer.serve import Exporter, ServeOptions
+    from tracer.session import TraceOptions
+    assert TraceOptions().parallel_load is True
+    assert Exporter(ServeOptions()).tracer.opts.parallel_load is False
