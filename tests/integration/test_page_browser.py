@@ -3,15 +3,11 @@ with traffic and drops, the page loaded in headless Chromium (Debian's
 `chromium`), and the DOM checked after real updates (issue 15)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -22,6 +18,7 @@ from tracer import demo, diagram
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from chromium import CHROMIUM, Chromium  # noqa: E402
+from servectl import serving  # noqa: E402
 
 pytestmark = pytest.mark.root
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,42 +26,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCREENSHOT = os.environ.get("PKTTRACE_SCREENSHOT")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(*netns: str):
-    """`pkttrace serve` on these namespaces, ready (systemd's READY=1) when entered: its port."""
-    port = free_port()
-    d = tempfile.mkdtemp()
-    sock_path = os.path.join(d, "notify")
-    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    ns.bind(sock_path)
-    ns.settimeout(30)
-    env = dict(os.environ, NOTIFY_SOCKET=sock_path, PKTTRACE_LISTEN=f"127.0.0.1:{port}", PKTTRACE_NETNS=" ".join(netns))
-    proc = subprocess.Popen([sys.executable, "-m", "tracer", "serve"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert "READY=1" in ns.recv(4096).decode()
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        ns.close()
-        shutil.rmtree(d, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def served(lab):
     """`pkttrace serve` on the lab router."""
     demo.setup(lab)
-    with serving(lab.router) as port:
+    with serving(lab.router) as (_, port):
         yield port
 
 
@@ -179,7 +145,7 @@ def choose(browser: Chromium, netns: str) -> None:
 
 
 def test_several_namespaces_get_a_selector(lab, traffic):
-    with serving(lab.router, lab.client) as port, Chromium() as browser:
+    with serving(lab.router, lab.client) as (_, port), Chromium() as browser:
         browser.goto(f"http://127.0.0.1:{port}/?interval=1")
         browser.wait_for("Number(document.body.getAttribute('data-updates')) >= 1", timeout=40)
         options = browser.evaluate("Array.from(document.getElementById('netns').options, (o) => o.value)")

@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tracemalloc
@@ -19,16 +18,11 @@ from tracer.serve import Exporter, ServeOptions
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from promtools import PROMETHEUS, PrometheusServer, dashboard_queries, promtool_check_metrics  # noqa: E402
+from servectl import free_port, serving  # noqa: E402
 
 pytestmark = pytest.mark.root
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> str:
@@ -50,30 +44,8 @@ def served(lab):
     """`pkttrace serve` on the lab router as users run it, with systemd's
     readiness protocol: the test is the NOTIFY_SOCKET."""
     demo.setup(lab)
-    port = free_port()
-    d = tempfile.mkdtemp()
-    sock_path = os.path.join(d, "notify")
-    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    ns.bind(sock_path)
-    ns.settimeout(30)
-    env = dict(os.environ, NOTIFY_SOCKET=sock_path, PKTTRACE_LISTEN=f"127.0.0.1:{port}",
-               PKTTRACE_NETNS=lab.router, PKTTRACE_BPF_STATS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tracer", "serve"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        msg = ns.recv(4096).decode()
-        assert "READY=1" in msg, msg
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        ns.close()
-        os.unlink(sock_path)
-        os.rmdir(d)
+    with serving(lab.router, PKTTRACE_BPF_STATS="1") as served_proc:
+        yield served_proc
 
 
 def all_kinds_of_traffic(lab):
