@@ -323,6 +323,7 @@ struct pkt_info {
 	__u8 pcap;      /* 0: not run yet, 1: no match, 2: match */
 	__u8 l3_at_data; /* the IP header is at skb->data (receive: its offset
 			    may not be set yet), else at network_header */
+	__u8 ext_hdrs;  /* PT_EXT_*: IPv6 extension headers walked */
 };
 
 static __always_inline void stat_inc(__u32 idx)
@@ -783,6 +784,11 @@ static __always_inline struct pt_record *rec_new(const void *skb, __u32 netns,
 	/* Only the header is reset: stages past n_stages, and head[] past
 	 * head_len, are never read. */
 	__builtin_memset(r, 0, offsetof(struct pt_record, head));
+	r->encap = 0;
+	r->decap = 0;
+	r->inner = 0;
+	r->tun_ifindex = 0;
+	r->ext_hdrs = pi->ext_hdrs;
 	r->id = id ? id : next_id();
 	r->first_ts = now;
 	r->last_ts = now;

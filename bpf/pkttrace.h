@@ -118,6 +118,8 @@ enum pt_fate {
 	PT_FATE_CONSUMED = 5,     /* consume_skb before any local delivery was seen */
 	PT_FATE_REDIRECTED = 6,   /* left on a device tc redirected it to */
 	PT_FATE_REASSEMBLED = 7,  /* an IP fragment absorbed by reassembly (pt_record.link) */
+	PT_FATE_ENCAPSULATED = 8, /* became the payload of an outer packet (pt_record.encap) */
+	PT_FATE_DECAPSULATED = 9, /* an outer packet whose payload went on (pt_record.inner) */
 };
 
 /* struct pt_record.seen: which hooks the packet crossed, for the fate */
@@ -125,6 +127,19 @@ enum pt_fate {
 #define PT_SEEN_FORWARD (1u << 1)
 #define PT_SEEN_OUTPUT  (1u << 2)
 #define PT_SEEN_RX      (1u << 3)   /* received on a device (not generated here) */
+#define PT_SEEN_LEFT    (1u << 4)   /* passed POSTROUTING or was handed to a device: seen
+				       at LOCAL_OUT again, it is being encapsulated */
+#define PT_SEEN_TUNNEL  (1u << 5)   /* taken by the local stack as a tunnel packet (UDP
+				       without a socket, GRE, IPIP, ESP...): it ends when
+				       its payload shows up decapsulated, or it is freed */
+
+/* struct pt_record.ext_hdrs: the IPv6 extension headers walked to reach the
+ * upper-layer protocol */
+#define PT_EXT_HOP      (1u << 0)   /* hop-by-hop options */
+#define PT_EXT_ROUTING  (1u << 1)
+#define PT_EXT_FRAG     (1u << 2)
+#define PT_EXT_DEST     (1u << 3)   /* destination options */
+#define PT_EXT_AH       (1u << 4)   /* authentication header (walked: its length is known) */
 
 /* Filter criteria.  A packet is shown when every active criterion matched at
  * some stage of its path (not necessarily the same stage): a mark set late
@@ -295,6 +310,15 @@ struct pt_record {
 	__u8 head_len;            /* bytes of head[] captured (cfg.snap; else 0) */
 	__u32 _pad1;
 	__u8 head[PT_HEAD_LEN];   /* the packet's first bytes from its IP header (-w) */
+	/* Tunnels (ids; 0: none), appended (recording format 3): an
+	 * encapsulated packet and the outer packet it travels in name each
+	 * other, as do an outer packet and the payload it delivered. */
+	__u64 encap;              /* encapsulated: the outer packet it became the payload of */
+	__u64 decap;              /* decapsulated: the outer packet that carried it */
+	__u64 inner;              /* an outer packet: the packet it carries */
+	__u32 tun_ifindex;        /* the tunnel's device (0: none, as for an xfrm policy) */
+	__u8 ext_hdrs;            /* PT_EXT_*: IPv6 extension headers walked */
+	__u8 _pad3[3];
 	struct pt_stage stages[PT_MAX_STAGES];
 };
 

@@ -330,6 +330,8 @@ class Sinks:
     def close(self) -> None:
         """The last packets out, and the pcap-ng file ended."""
         self.flush()
+        if self.printer is not None:
+            self.printer.flush(final=True)     # outer packets still waiting for their payload
         if self.writer is not None:
             self.writer.close()
 

@@ -63,6 +63,8 @@ class Fate(enum.IntEnum):
     CONSUMED = 5
     REDIRECTED = 6     # left on the device tc redirected it to
     REASSEMBLED = 7    # a fragment absorbed by reassembly (record.link: the packet it became)
+    ENCAPSULATED = 8   # became the payload of an outer packet (record.encap)
+    DECAPSULATED = 9   # an outer packet whose payload went on (record.inner)
 
 
 class Ct(enum.IntEnum):
@@ -119,7 +121,11 @@ class DeliverHow(enum.IntEnum):
     STACK = 4      # passed INPUT, freed by the stack without an event (TCP ACK)
 
 
-SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT, SEEN_RX = 1, 2, 4, 8
+SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT, SEEN_RX, SEEN_LEFT, SEEN_TUNNEL = 1, 2, 4, 8, 16, 32
+# pt_record.ext_hdrs: IPv6 extension headers walked, and their JSON names
+EXT_HOP, EXT_ROUTING, EXT_FRAG, EXT_DEST, EXT_AH = 1, 2, 4, 8, 16
+EXT_HDRS = ((EXT_HOP, "hop-by-hop"), (EXT_ROUTING, "routing"), (EXT_FRAG, "fragment"), (EXT_DEST, "dstopts"),
+            (EXT_AH, "ah"))
 F_MARK, F_SRC, F_DST, F_PROTO, F_PORT, F_IFACE, F_PCAP = 1, 2, 4, 8, 16, 32, 64
 # criteria judged from the IP packet alone (F_PCAP: the expression reads nothing else)
 F_HEADER = F_SRC | F_DST | F_PROTO | F_PORT | F_PCAP
@@ -254,6 +260,12 @@ class PtRecord(ctypes.Structure):
         ("head_len", u8),
         ("_pad1", u32),
         ("head", u8 * PT_HEAD_LEN),
+        ("encap", u64),
+        ("decap", u64),
+        ("inner", u64),
+        ("tun_ifindex", u32),
+        ("ext_hdrs", u8),
+        ("_pad3", u8 * 3),
         ("stages", PtStage * PT_MAX_STAGES),
     ]
 

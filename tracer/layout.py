@@ -71,3 +71,8 @@ LINKS_OFF, LINKS = pick(PtRecord, "cause", "prev", "next", "link", "next_netns",
 # the header line's facts, and the captured header bytes (HEAD_OFF, head_len of them)
 FACTS_OFF, FACTS = pick(PtRecord, "len", "tcp_flags", "icmp_type", "icmp_code", "head_len")
 HEAD_OFF = PtRecord.head.offset
+# tunnels: the outer/inner packet links, the tunnel device, IPv6 extension headers
+TUN_OFF, TUN = pick(PtRecord, "encap", "decap", "inner", "tun_ifindex", "ext_hdrs")
+# every field that holds another record's id, in the order templates fill them
+LINK_FIELDS = ("cause", "prev", "next", "link", "encap", "decap", "inner")
+LINK_OFFS = tuple(getattr(PtRecord, n).offset for n in LINK_FIELDS)

@@ -57,6 +57,8 @@ class FateName(_Name):
     CONSUMED = "consumed"
     REDIRECTED = "redirected"
     REASSEMBLED = "reassembled"
+    ENCAPSULATED = "encapsulated"    # became the payload of an outer packet (`encap`)
+    DECAPSULATED = "decapsulated"    # an outer packet whose payload went on (`inner`)
     UNKNOWN = "unknown"
 
 
@@ -313,6 +315,11 @@ class Values:
     prev_netns: str | None = None
     next_netns: str | None = None
     reassembled: int | None = None     # a fragment: the packet it became
+    encap: int | None = None           # encapsulated: the outer packet it travelled in
+    decap: int | None = None           # decapsulated: the outer packet that carried it
+    inner: int | None = None           # an outer packet: the packet it carried
+    tunnel: dict | None = None         # with any of those: {"dev", "kind"} of the tunnel
+    ext_hdrs: list | None = None       # IPv6 extension headers walked ("hop-by-hop", ...)
     # the header line's facts at first sight (None: unknown, e.g. a recording of format 1)
     length: int | None = None          # IP total length
     tcp_flags: int | None = None       # TCP's flag byte (TCP_FLAGS)
@@ -384,6 +391,11 @@ class Packet:
     prev_netns = _Field[Optional[str]]()
     next_netns = _Field[Optional[str]]()
     reassembled = _Field[Optional[int]]()
+    encap = _Field[Optional[int]]()
+    decap = _Field[Optional[int]]()
+    inner = _Field[Optional[int]]()
+    tunnel = _Field[Optional[dict]]()
+    ext_hdrs = _Field[Optional[list]]()
     length = _Field[Optional[int]]()
     tcp_flags = _Field[Optional[int]]()
     icmp_type = _Field[Optional[int]]()
@@ -509,9 +521,13 @@ class Packet:
             d["truncated"] = True
         if v.late_match:
             d["late_match"] = True
-        for k in ("cause", "prev", "next", "reassembled"):
+        for k in ("cause", "prev", "next", "reassembled", "encap", "decap", "inner"):
             if getattr(v, k) is not None:
                 d[k] = getattr(v, k)
+        if v.tunnel is not None:
+            d["tunnel"] = v.tunnel
+        if v.ext_hdrs:
+            d["ext_hdrs"] = v.ext_hdrs
         if v.prev is not None:
             d["prev_netns"] = v.prev_netns
         if v.next is not None:

@@ -73,14 +73,19 @@ class Names:
             self.ctx.shapes.clear()    # resolved path shapes hold qdisc kinds
             self.ctx.generation += 1   # recordings save the names again
 
-    def learn_devices(self, ns: str | None, ino: int, devices: dict[int, str] | None = None) -> None:
-        """The device names of ns (devices: ifindex -> name, already read)."""
+    def learn_devices(self, ns: str | None, ino: int,
+                      devices: tuple[dict[int, str], dict[int, str]] | None = None) -> None:
+        """The device names of ns, and which are tunnels (devices: as
+        netns.links_and_tunnels read them)."""
         self.ctx.shapes.clear()  # resolved path shapes hold device names
         try:
-            for idx, name in (netns.links(ns) if devices is None else devices).items():
-                self.ctx.ifnames[(ino, idx)] = name
+            names, tunnels = netns.links_and_tunnels(ns) if devices is None else devices
         except netns.NetnsError:
-            pass
+            return
+        for idx, name in names.items():
+            self.ctx.ifnames[(ino, idx)] = name
+        for idx, kind in tunnels.items():
+            self.ctx.if_kinds[(ino, idx)] = kind
 
     def relearn(self, traced: Iterable[tuple[str | None, int]]) -> None:
         """Every traced namespace's devices again (a device unknown so far)."""

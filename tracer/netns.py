@@ -257,13 +257,32 @@ def ipr(ns: str | None):
         return _ipr()
 
 
+# link kinds (IFLA_INFO_KIND) that are tunnels: an outer packet's payload
+# leaves or arrives by one of these
+TUNNEL_KINDS = frozenset({"vxlan", "geneve", "gre", "gretap", "ip6gre", "ip6gretap", "erspan", "ip6erspan",
+                          "ipip", "sit", "ip6tnl", "wireguard", "vti", "vti6", "xfrm", "bareudp", "ipvtap"})
+
+
 def links(ns: str | None) -> dict[int, str]:
     """ifindex -> ifname for every link in netns *ns* (None = current)."""
+    return links_and_tunnels(ns)[0]
+
+
+def links_and_tunnels(ns: str | None) -> tuple[dict[int, str], dict[int, str]]:
+    """(ifindex -> ifname of every link, ifindex -> kind of the tunnel
+    devices) in netns *ns* (None = current), from one dump."""
+    names, tunnels = {}, {}
     # The netlink socket is bound to the netns it was created in, so it is
     # enough to create it inside entered() and use it afterwards.
     with ipr(ns) as sock:
-        # get_attr: pyroute2 0.7's get("IFLA_IFNAME") returns None
-        return {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in sock.get_links()}
+        for msg in sock.get_links():
+            # get_attr: pyroute2 0.7's get("IFLA_IFNAME") returns None
+            names[msg["index"]] = msg.get_attr("IFLA_IFNAME")
+            info = msg.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            if kind in TUNNEL_KINDS:
+                tunnels[msg["index"]] = kind
+    return names, tunnels
 
 
 def ifindex(name_ns: str | None, ifname: str) -> int:

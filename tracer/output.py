@@ -76,6 +76,8 @@ def _header_extra(p: Packet) -> str:
     """TCP flags or ICMP type/code, and the IP length, where the kernel
     record has them (a packet of an older recording has none: nothing)."""
     bits = []
+    if p.ext_hdrs:
+        bits.append("ext " + ",".join(p.ext_hdrs))
     if p.tcp_flags is not None and p.proto == "tcp":
         bits.append(tcp_flags(p.tcp_flags))
     if p.icmp_type is not None and p.proto in ("icmp", "icmpv6"):
@@ -261,7 +263,15 @@ def _name(name) -> str:
 
 
 _FATE_COLOUR = {"dropped": RED, "forwarded": GREEN, "delivered": GREEN, "sent": GREEN, "unknown": YELLOW,
-                "redirected": CYAN}
+                "redirected": CYAN, "encapsulated": CYAN, "decapsulated": CYAN}
+
+
+def _tunnel(p: Packet) -> str:
+    t = p.tunnel or {}
+    return " ".join(str(x) for x in (t.get("kind"), t.get("dev")) if x) or "tunnel"
+
+
+OUTER_INDENT = "    "   # an outer packet's journey, under the packet it carries
 
 
 def _format_packet(p: Packet, v: _View = _PLAIN_VIEW) -> str:
@@ -275,6 +285,10 @@ def _format_packet(p: Packet, v: _View = _PLAIN_VIEW) -> str:
         head += f"  in reply to #{p.cause}"
     if p.prev is not None:
         head += f"  ← #{p.prev} from netns {_name(p.prev_netns)}"
+    if p.decap is not None:
+        head += f"  ⇐ decapsulated from #{p.decap} ({_tunnel(p)})"
+    if p.inner is not None:
+        head += f"  outer packet of #{p.inner} ({_tunnel(p)})"
     lines = [head]
     dst = p.dst                      # the destination a route stage looked up: after any DNAT before it
     for s in p.path:
@@ -307,6 +321,8 @@ def _format_packet(p: Packet, v: _View = _PLAIN_VIEW) -> str:
                                        + (f" (in {where})" if where else "")))
     if p.reassembled is not None:
         lines.append(f"  reassembled into #{p.reassembled}")
+    if p.encap is not None:
+        lines.append(f"  ⇒ encapsulated in #{p.encap} ({_tunnel(p)})")
     if p.next is not None:
         lines.append(f"  → #{p.next} in netns {_name(p.next_netns)}")
     if p.process:
@@ -321,6 +337,8 @@ def _format_packet(p: Packet, v: _View = _PLAIN_VIEW) -> str:
     # entry is one line, so no control character (a newline in a name
     # included) reaches the terminal, whatever field carries it; colour
     # marks survive escaping and become colour only now
+    if p.inner is not None:
+        lines = [OUTER_INDENT + line for line in lines]
     return paint.finish("\n".join(map(escape, lines)))
 
 
@@ -412,6 +430,10 @@ def summary(c: Counters) -> str:
     return line
 
 
+OUTER_WAIT_S = 1.0     # an outer packet's text waits this long for its payload's
+OUTER_WAIT_MAX = 256   # ... and no more of them than this
+
+
 class Printer:
     """Writes packets to a stream: JSON lines (--json), or the human view
     with an optional clock (-t...), colour and detail (-v)."""
@@ -426,6 +448,10 @@ class Printer:
         self._bin = getattr(out, "buffer", None) if as_json else None
         if self._bin is not None:
             out.flush()                         # anything written as text before goes first
+        # human view: an outer packet that delivered its payload ends before
+        # the payload does; its text waits to be printed under it
+        # (inner id -> (text, when it came)), for OUTER_WAIT_S at most
+        self._outer: dict[int, tuple[str, float]] = {}
 
     def render(self, p: Packet) -> str | bytes:
         """The text of one packet, as write() takes it."""
@@ -435,7 +461,25 @@ class Printer:
             return cast(str, format_json(p)) + "\n"
         # the time is the packet's own, never part of a template
         stamp = self.clock(p.wall_ns) if self.clock is not None else ""
-        return stamp + cast(str, self._human(p)) + "\n\n"
+        text = stamp + cast(str, self._human(p)) + "\n\n"
+        if p.inner is not None and p.fate == "decapsulated":
+            self._outer[p.inner] = (text, time.monotonic())
+            return self._overdue()
+        if self._outer:
+            held = self._outer.pop(p.id, None)
+            if held is not None:
+                text += held[0]
+            text += self._overdue()
+        return text
+
+    def _overdue(self, every: bool = False) -> str:
+        """The outer packets whose payload was not seen in time (or all)."""
+        now, out = time.monotonic(), ""
+        for k, (text, t) in list(self._outer.items()):
+            if every or now - t >= OUTER_WAIT_S or len(self._outer) > OUTER_WAIT_MAX:
+                out += text
+                del self._outer[k]
+        return out
 
     def write(self, text: str | bytes, flush: bool = True) -> None:
         if isinstance(text, bytes):
@@ -456,7 +500,11 @@ class Printer:
         """A packet of a batch: flushed by flush() when the batch is done."""
         self.packet(p, flush=False)
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
+        if self._outer:
+            held = self._overdue(every=final)
+            if held:
+                self.out.write(held)
         self.out.flush()
         if self._bin is not None:
             self._bin.flush()

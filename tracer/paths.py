@@ -22,14 +22,15 @@ from . import layout, routing
 from .model import (HOOK_NAMES as _HOOKS, TC_NAMES, Drop, FateName, Lookup, Observation, Packet, Qdisc, QdiscVerdict,
                     Route, Shape, Stage, StageName as S, TableStep, Values, Verdict, qdisc_handle)
 from .placement import CONNTRACK, PRI_CONNTRACK, shares_conntrack_observer
-from .events import (REC_L4, CT_REPLY, NF_STAGES, PT_NF_BANK, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
+from .events import (EXT_HDRS, REC_L4, CT_REPLY, NF_STAGES, PT_NF_BANK, REC_CAUSED, REC_FRAG, ROUTE_SRC_CHECK, PT_SHAPE_LEN, PT_SHAPE_OFF, REC_LATE,
                      REC_TRUNCATED, SLOT_EXIT, SLOT_TABLE, STF_CHANGING, STF_HOOK_SLOW, STF_NF_DROP, STF_NFT_TABLE, STF_REDIRECTED, AddrWhat, Ct, DeliverHow, Fate, PtRecord,
                      QdiscEvent, StageKind, TcVerdict)
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
 FATE_NAMES = {Fate.FORWARDED: FateName.FORWARDED, Fate.DELIVERED: FateName.DELIVERED, Fate.SENT: FateName.SENT,
               Fate.DROPPED: FateName.DROPPED, Fate.CONSUMED: FateName.CONSUMED, Fate.REDIRECTED: FateName.REDIRECTED,
-              Fate.REASSEMBLED: FateName.REASSEMBLED, Fate.NONE: FateName.UNKNOWN}
+              Fate.REASSEMBLED: FateName.REASSEMBLED, Fate.ENCAPSULATED: FateName.ENCAPSULATED,
+              Fate.DECAPSULATED: FateName.DECAPSULATED, Fate.NONE: FateName.UNKNOWN}
 # RTN_* of the route the kernel attached to a packet (struct rtable.rt_type)
 RTN_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
              7: "unreachable", 8: "prohibit"}
@@ -42,6 +43,7 @@ DROP_PREFIX = "SKB_DROP_REASON_"
 class Context:
     """What user space knows that the records do not carry."""
     ifnames: dict[tuple[int, int], str] = field(default_factory=dict)  # (netns inode, ifindex) -> name
+    if_kinds: dict[tuple[int, int], str] = field(default_factory=dict)  # ... -> kind, of tunnel devices
     netns_names: dict[int, str] = field(default_factory=dict)          # inode -> name ("" = host)
     slot_priority: dict[tuple[int, int, int, int], int] = field(default_factory=dict)  # (ino, fam, hook, slot)
     # (ino, fam, hook, slot) -> [(table, priority)] crossed just before that observer / right after it
@@ -73,6 +75,15 @@ class Context:
         if not ifindex:
             return None
         return self.ifnames.get((netns, ifindex), f"if{ifindex}")
+
+    def tunnel(self, netns: int, ifindex: int) -> dict:
+        """The tunnel a packet went through on device ifindex: its device and
+        kind, or xfrm (IPsec by policy: no tunnel device; ifindex is then
+        the device it left or arrived by)."""
+        kind = self.if_kinds.get((netns, ifindex))
+        if kind is None:
+            return {"kind": "xfrm"}
+        return {"dev": self.dev(netns, ifindex), "kind": kind}
 
     def drop_reason(self, value: int) -> str:
         name = self.drop_reasons.get(value)
@@ -134,7 +145,8 @@ _DELIVER_HOW = {DeliverHow.QUEUED: "queued to socket", DeliverHow.READ: "read by
                 DeliverHow.CONSUMED: "consumed after input", DeliverHow.STACK: "taken by the local stack"}
 
 _END_BY_FATE = {Fate.FORWARDED: "tx", Fate.SENT: "tx", Fate.REDIRECTED: "tx", Fate.DROPPED: "kfree_skb",
-                Fate.CONSUMED: "consume_skb", Fate.REASSEMBLED: "reassembled", Fate.NONE: "aged out"}
+                Fate.CONSUMED: "consume_skb", Fate.REASSEMBLED: "reassembled", Fate.NONE: "aged out",
+                Fate.ENCAPSULATED: "encapsulated", Fate.DECAPSULATED: "decapsulated"}
 
 
 # The record's layout (tracer.layout), under the short names this module reads it by
@@ -716,6 +728,7 @@ def _last_walk(lookups: list[Lookup]) -> list[Lookup]:
 _U64, _N_OFF, _FLAGS_OFF = layout.U64, layout.N_STAGES_OFF, layout.FLAGS_OFF
 _VALS, _TAIL, _TAIL_OFF = layout.VALS, layout.TAIL, layout.TAIL_OFF
 _LINKS, _LINKS_OFF = layout.LINKS, layout.LINKS_OFF
+_TUN, _TUN_OFF = layout.TUN, layout.TUN_OFF
 
 
 def _shape(raw: bytes, ctx: Context, aged: bool) -> Shape:
@@ -784,6 +797,13 @@ def _values(raw: bytes, sh: Shape, ctx: Context | None) -> Values:
             v.prev, v.prev_netns = prev, names.get(prev_ns, str(prev_ns))
         if nxt:
             v.next, v.next_netns = nxt, names.get(next_ns, str(next_ns))
+    if len(raw) >= _TUN_OFF + _TUN.size:
+        encap, decap, inner, tun_if, ext = _TUN.unpack_from(raw, _TUN_OFF)
+        v.encap, v.decap, v.inner = encap or None, decap or None, inner or None
+        if (encap or decap or inner) and ctx is not None:
+            v.tunnel = ctx.tunnel(sh.ino or 0, tun_if)
+        if ext:
+            v.ext_hdrs = [name for bit, name in EXT_HDRS if ext & bit]
     _facts(v, raw, sh, flags, ctx)
     if sh.drop_reason is not None:
         sym = ctx.symbolize if ctx is not None else None

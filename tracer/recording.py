@@ -21,8 +21,11 @@ from . import events, model, paths, routing
 #    its header), and the recording the wall-clock time of the kernel's clock
 #    zero.  Format 1 records are read by padding their header with zeros:
 #    every field added since reads 0, "unknown".
-FORMAT = 2
-_LAYOUTS = {1: (200, 32), 2: (events.RECORD_HEADER_SIZE, events.STAGE_SIZE)}
+# 3: the record carries tunnel links (encap, decap, inner), the tunnel device
+#    and the IPv6 extension headers walked, appended to its header: formats 1
+#    and 2 are padded as above.
+FORMAT = 3
+_LAYOUTS = {1: (200, 32), 2: (304, 32), 3: (events.RECORD_HEADER_SIZE, events.STAGE_SIZE)}
 _U64 = struct.Struct("=Q")
 _FATE_OFF = events.PtRecord.fate.offset
 _LOC_OFF = events.PtRecord.drop_location.offset
@@ -38,6 +41,8 @@ def _ctx_to_json(ctx: paths.Context, symbols: dict[int, str]) -> dict:
 def _ctx_rows(ctx: paths.Context, symbols: dict[int, str]) -> dict:
     return {
         "ifnames": [[ino, idx, name] for (ino, idx), name in sorted(ctx.ifnames.items())],
+        # [ino, ifindex, kind] of tunnel devices: absent in older recordings
+        "if_kinds": [[ino, idx, kind] for (ino, idx), kind in sorted(ctx.if_kinds.items())],
         "netns_names": [[ino, name] for ino, name in sorted(ctx.netns_names.items())],
         "slot_priority": [[*k, v] for k, v in sorted(ctx.slot_priority.items())],
         "slot_tables": [[*k, v] for k, v in sorted(ctx.slot_tables.items())],
@@ -55,6 +60,7 @@ def _ctx_rows(ctx: paths.Context, symbols: dict[int, str]) -> dict:
 
 def _ctx_update(ctx: paths.Context, symbols: dict[int, str], d: dict) -> None:
     ctx.ifnames.update({(ino, idx): name for ino, idx, name in d.get("ifnames", [])})
+    ctx.if_kinds.update({(ino, idx): kind for ino, idx, kind in d.get("if_kinds", [])})
     ctx.netns_names.update({ino: name for ino, name in d.get("netns_names", [])})
     ctx.slot_priority.update({tuple(row[:4]): row[4] for row in d.get("slot_priority", [])})
     ctx.slot_tables.update({tuple(row[:4]): [tuple(t) for t in row[4]] for row in d.get("slot_tables", [])})
@@ -88,7 +94,7 @@ class Recorder:
         if fate == events.Fate.DROPPED and loc not in self._symbols and self.ctx.symbolize:
             self._symbols[loc] = self.ctx.symbolize(loc)
         # names are only ever added: compare sizes, not the whole context, per record
-        sizes = (len(self.ctx.ifnames), len(self.ctx.netns_names), self.ctx.generation,
+        sizes = (len(self.ctx.ifnames) + len(self.ctx.if_kinds), len(self.ctx.netns_names), self.ctx.generation,
                  len(self.ctx.drop_reasons), len(self._symbols))
         if sizes != self._sizes:
             self._sizes = sizes
@@ -166,6 +172,7 @@ _I = _is_int
 # the rows of each kind of name a context line carries (as _ctx_to_json writes them)
 _CONTEXT_ROWS = {
     "ifnames": _row(_I, _I, _is_str),
+    "if_kinds": _row(_I, _I, _is_str),
     "netns_names": _row(_I, _is_str),
     "slot_priority": _row(_I, _I, _I, _I, _I),
     "slot_tables": _row(_I, _I, _I, _I, _TABLES),

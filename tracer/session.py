@@ -420,10 +420,10 @@ class Tracer:
         if ino is None:
             return
         try:
-            now = netns.links(ns)
+            now, tunnels = netns.links_and_tunnels(ns)
         except netns.NetnsError:
             return                           # the netns is going: check_netns says so
-        self.names.learn_devices(ns, ino, now)
+        self.names.learn_devices(ns, ino, (now, tunnels))
         if self.tc is not None:
             self.tc.follow(ns, now, deleted)
         self._set_iface(ns, now)

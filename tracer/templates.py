@@ -18,14 +18,14 @@ from operator import itemgetter, sub as _sub
 from typing import Callable
 
 from .events import PT_MAX_STAGES, StageKind
-from .layout import HEAD_OFF as _HEAD_OFF, HEADER_SIZE as _HDR_SIZE, LINKS_OFF as _LINKS_OFF, \
-    N_STAGES_OFF as _N_OFF, STAGE_SIZE as _STAGE_SIZE
+from .layout import HEAD_OFF as _HEAD_OFF, HEADER_SIZE as _HDR_SIZE, LINK_OFFS as _LINK_OFFS, \
+    LINKS_OFF as _LINKS_OFF, N_STAGES_OFF as _N_OFF, STAGE_SIZE as _STAGE_SIZE, TUN_OFF as _TUN_OFF
 from .model import Packet
 
 # Sentinels: the id, and the time of raw stage i (ns after the first stage),
 # chosen so that each renders as a token found nowhere else in the text.
 _SENT_ID = 7_100_000_000_000_000_000
-_SENT_LINK = 7_200_000_000_000_000_000          # + 0..3: cause, prev, next, reassembled
+_SENT_LINK = 7_200_000_000_000_000_000          # + 0..6: cause, prev, next, reassembled, encap, decap, inner
 _SENT_T = 7_000_000_000_000                     # + i * 1000: distinct at the human view's resolution
 _T_STEP = 1000
 # the wall-clock time (ns) the sentinel record's first stage gets: year 2201,
@@ -37,6 +37,11 @@ _U64 = struct.Struct("=Q")
 _LINKS4 = struct.Struct("=QQQQ")                # cause, prev, next, link: ids
 _LINK_BYTES = _LINKS4.size
 _NO_LINKS = bytes(_LINK_BYTES)
+_TUN3 = struct.Struct("=QQQ")                   # encap, decap, inner: ids (after the captured header bytes)
+_NO_TUN = bytes(_TUN3.size)
+_N_LINKS = len(_LINK_OFFS)
+_WALL = 1 + _N_LINKS                            # value index of the wall-clock time
+_T0 = _WALL + 1                                 # ... of the first stage time
 # how a template's holes take the values, in the two common orders
 _ID_TIMES = "id, times"
 _ID_WALL_TIMES = "id, wall-clock time, times"
@@ -65,7 +70,7 @@ class _Shape:
         self.stages = struct.Struct(fmt)
         self.size = _HDR_SIZE + n * _STAGE_SIZE
         # id, first_ts, then the link ids, then every timed stage's time
-        offs = [0, 8] + [_LINKS_OFF + 8 * k for k in range(4)] + \
+        offs = [0, 8] + list(_LINK_OFFS) + \
                [_HDR_SIZE + i * _STAGE_SIZE + _TS_OFF for i in self.timed]
         fmt, pos = "=", 0
         for off in offs:
@@ -79,8 +84,11 @@ class _Shape:
         # (not the captured header bytes, head[]: no view but pcap-ng's shows
         # them, and each packet's differ)
         links = raw[_LINKS_OFF:_LINKS_OFF + _LINK_BYTES]
+        tun = raw[_TUN_OFF:_TUN_OFF + _TUN3.size]
         return (raw[24:_LINKS_OFF], None if links == _NO_LINKS else tuple(map(bool, _LINKS4.unpack(links))),
-                raw[_LINKS_OFF + _LINK_BYTES:_HEAD_OFF], self.stages.unpack_from(raw, _HDR_SIZE))
+                raw[_LINKS_OFF + _LINK_BYTES:_HEAD_OFF],
+                None if tun == _NO_TUN else tuple(map(bool, _TUN3.unpack(tun))),
+                raw[_TUN_OFF + _TUN3.size:_HDR_SIZE], self.stages.unpack_from(raw, _HDR_SIZE))
 
     def sentinel_raw(self, raw: bytes, boot_wall_ns: int | None) -> bytes:
         b = bytearray(raw[:self.size])
@@ -88,9 +96,9 @@ class _Shape:
         # first_ts: the wall-clock sentinel (times after it are the stage sentinels)
         first = _SENT_WALL - boot_wall_ns if boot_wall_ns is not None else 0
         _U64.pack_into(b, 8, first)
-        for k in range(4):
-            if _U64.unpack_from(b, _LINKS_OFF + 8 * k)[0]:
-                _U64.pack_into(b, _LINKS_OFF + 8 * k, _SENT_LINK + k)
+        for k, off in enumerate(_LINK_OFFS):
+            if _U64.unpack_from(b, off)[0]:
+                _U64.pack_into(b, off, _SENT_LINK + k)
         for j, i in enumerate(self.timed):
             _U64.pack_into(b, _HDR_SIZE + i * _STAGE_SIZE + _TS_OFF, first + _SENT_T + j * _T_STEP)
         return bytes(b)
@@ -161,14 +169,14 @@ class Templates:
         probe = Packet._from_raw(meta.sentinel_raw(pkt._raw, boot), pkt._shape, ctx, pkt._decoder)
         text = self.render(probe)
         # each token stands for a value: (id, cause, prev, next, reassembled,
-        # wall-clock time, time of timed stage 0, 1, ...)
+        # encap, decap, inner, wall-clock time, time of timed stage 0, 1, ...)
         tokens = {str(_SENT_ID): 0}
-        for k in range(4):
+        for k in range(_N_LINKS):
             tokens[str(_SENT_LINK + k)] = 1 + k
         if boot is not None:
-            tokens[self.wall(_SENT_WALL)] = 5
+            tokens[self.wall(_SENT_WALL)] = _WALL
         for j in range(len(meta.timed)):
-            tokens[self.time(_SENT_T + j * _T_STEP)] = 6 + j
+            tokens[self.time(_SENT_T + j * _T_STEP)] = _T0 + j
         pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
         # holes in the order of the text, each picking from the values
         out, order = [], []
@@ -181,17 +189,17 @@ class Templates:
             pos = m.end()
         out.append(text[pos:].replace("%", "%%"))
         n_times = len(meta.timed)
-        times_in_order = [6 + j for j in range(n_times)]
+        times_in_order = [_T0 + j for j in range(n_times)]
         # the common cases: the id, (the wall-clock time,) then every time
         # in stage order, no link; else a pick from all the values
         pick: object
         if order == [0] + times_in_order:
             pick = _ID_TIMES
-        elif order == [0, 5] + times_in_order and self.wall is str:
+        elif order == [0, _WALL] + times_in_order and self.wall is str:
             pick = _ID_WALL_TIMES
-        elif len(order) > 2 and order[0] == 0 and min(order[1:]) >= 6:
+        elif len(order) > 2 and order[0] == 0 and min(order[1:]) >= _T0:
             # the id, then times, some twice (a hook and its table share one)
-            pick = (_ID_SOME_TIMES, itemgetter(*(i - 6 for i in order[1:])))
+            pick = (_ID_SOME_TIMES, itemgetter(*(i - _T0 for i in order[1:])))
         else:
             pick = itemgetter(*order) if len(order) > 1 else \
                 (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ())
@@ -208,7 +216,7 @@ class Templates:
         text, pick, boot = fmt
         v = meta.values.unpack_from(raw, 0)
         # id, links, then the times after the first stage (C loops: map)
-        times = map(_sub, v[6:], repeat(v[1]))
+        times = map(_sub, v[_T0:], repeat(v[1]))
         if self.fill is not str:      # (% writes ints as str() would, without a call each)
             times = map(self.fill, times)
         if pick is _ID_WALL_TIMES:    # JSON lines: "id", "time_ns", then the stages'
@@ -218,4 +226,4 @@ class Templates:
         if pick.__class__ is tuple:     # _ID_SOME_TIMES
             return text % (v[0], *pick[1](tuple(times)))
         wall = boot + v[1]
-        return text % pick(v[:1] + v[2:6] + (wall if self.wall is str else self.wall(wall),) + tuple(times))
+        return text % pick(v[:1] + v[2:_WALL + 1] + (wall if self.wall is str else self.wall(wall),) + tuple(times))
