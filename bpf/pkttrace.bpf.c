@@ -54,6 +54,7 @@
 /* A packet handed to a veth reaches the peer's backlog at once and is
  * received in the same or the next softirq run. */
 #define HANDOFF_MAX_AGE_NS (1000 * 1000 * 1000ULL)
+#define ARPHRD_NONE 0xFFFE   /* a device without link-layer header (WireGuard) */
 /* Records waiting in the ring before the reader is woken (~100 records). */
 #define RINGBUF_WAKEUP_BYTES (64 * 1024)
 
@@ -620,6 +621,21 @@ static __always_inline void rejected_forget(const void *skb)
  * and a packet that does not match gets no record at all (every later probe
  * then returns at once) -- unless NAT in its netns may make it match later:
  * then its whole path is kept and judged at its end.  False when rejected. */
+/* A packet whose payload a tunnel may deliver: its headers say little of
+ * what it carries, so a header filter does not judge it at first sight. */
+static __always_inline bool tunnel_carrier(const struct pkt_info *pi)
+{
+	if (pi->proto == IPPROTO_GRE || pi->proto == IPPROTO_IPIP || pi->proto == IPPROTO_IPV6 ||
+	    pi->proto == IPPROTO_ESP)
+		return true;
+	if (pi->proto != IPPROTO_UDP || !pi->dport)
+		return false;
+	for (int i = 0; i < PT_TUN_PORTS; i++)
+		if (cfg.tun_ports[i] == pi->dport)
+			return true;
+	return false;
+}
+
 static __always_inline bool first_sight_wanted(const void *skb, struct pkt_info *pi, __u32 netns)
 {
 	__u32 f = cfg.filter;
@@ -631,7 +647,7 @@ static __always_inline bool first_sight_wanted(const void *skb, struct pkt_info 
 	 * most (its verdict stays in pi for the record) */
 	if (((match_fields(pi) | PT_F_PCAP) & f) == f && (!(f & PT_F_PCAP) || match_pcap(skb, pi)))
 		return true;
-	if (netns_may_nat(netns))
+	if (netns_may_nat(netns) || tunnel_carrier(pi))
 		return true;
 	slot = rejected_slot();
 	if (slot)
@@ -1221,6 +1237,16 @@ static __always_inline struct pt_record *pending_take(__u64 *key)
 	return r;
 }
 
+/* A packet the local stack took without a sign (INPUT passed, no socket,
+ * no free): a tunnel's if it is one of their carriers.  It is kept: its
+ * payload shows up later (GRO cells, WireGuard's decryption worker), or it
+ * is freed. */
+static __always_inline bool decap_candidate(const struct pt_record *r)
+{
+	return r->proto == IPPROTO_UDP || r->proto == IPPROTO_GRE || r->proto == IPPROTO_IPIP ||
+	       r->proto == IPPROTO_IPV6 || r->proto == IPPROTO_ESP;
+}
+
 /* A new packet starts or the poll ended on this CPU: the packet pending at
  * LOCAL_IN passed INPUT and the local stack neither dropped it nor queued
  * it where we can see (a TCP ACK is freed without a tracepoint). */
@@ -1233,8 +1259,14 @@ static __always_inline void pending_resolve(const void *except)
 	if (!p || !p->skb || p->skb == (__u64)except)
 		return;
 	r = pending_take(&key);
-	if (r)
-		deliver((const void *)key, r, PT_DELIVER_STACK, 0);
+	if (!r)
+		return;
+	/* a tunnel's: in flight until its payload shows up (or it is freed) */
+	if (decap_candidate(r)) {
+		r->seen |= PT_SEEN_TUNNEL;
+		return;
+	}
+	deliver((const void *)key, r, PT_DELIVER_STACK, 0);
 }
 
 /* ---- route lookups: buffered per CPU, claimed by the packet whose flow they are ---- */
@@ -1622,6 +1654,142 @@ static __always_inline bool after_nat(const struct pt_record *r, __u8 family, __
 /* The fields of an skb an observation reads.  Filled by the caller: with
  * direct loads where skb is a BTF pointer (netfilter links, tracepoints,
  * fentry), with CO-RE reads where it is a plain address (kprobes). */
+/* ---- tunnels: an outer packet and the packet it carries, one journey ----
+ *
+ * Tunnels encapsulate and decapsulate in place: the skb that carried the
+ * payload carries the outer packet next (VXLAN, GENEVE, GRE, IPIP, SIT,
+ * WireGuard, xfrm), and the other way round.  A packet that already left
+ * (PT_SEEN_LEFT) and is seen at LOCAL_OUT or handed to a device again with
+ * other headers was encapsulated; a packet that passed INPUT and is
+ * received again with other headers was decapsulated.  Either's headers
+ * matching the filter shows both. */
+
+static __always_inline bool handoffs_waiting(void);
+static __always_inline void handoffs_add(__s64 d);
+
+/* Does the skb carry another packet than the one r follows? */
+static __always_inline bool hdr_differs(const struct pt_record *r, const struct pkt_info *pi)
+{
+	const __u32 *a = (const __u32 *)pi->saddr, *b = (const __u32 *)r->cur_saddr;
+	const __u32 *c = (const __u32 *)pi->daddr, *d = (const __u32 *)r->cur_daddr;
+
+	if (pi->family != r->family || pi->proto != r->proto)
+		return true;
+	return (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
+	       (c[0] ^ d[0]) | (c[1] ^ d[1]) | (c[2] ^ d[2]) | (c[3] ^ d[3]);
+}
+
+/* One packet's criteria matched, and the other's: each shows if either
+ * matched the whole filter (one journey, one verdict), else the criteria
+ * each matched count for both. */
+static __always_inline __u8 match_joined(__u8 m)
+{
+	return (m & cfg.filter) == cfg.filter ? (__u8)cfg.filter : m;
+}
+
+/* r, which already left by tunnel device tun (0: none, xfrm), is now the
+ * payload of the outer packet pi in the same skb: r ends encapsulated and
+ * the outer packet's record starts. */
+static __always_inline struct pt_record *encap_start(const void *skb, struct pt_record *r, struct pkt_info *pi,
+						     __u32 netns, __u32 tun, __u64 now)
+{
+	__u64 outer = next_id(), inner = r->id;
+	__u8 m;
+
+	r->match |= match_header(skb, pi);
+	m = match_joined(r->match);
+	r->match = m;
+	r->encap = outer;
+	r->tun_ifindex = tun;
+	rec_finish(skb, r, PT_FATE_ENCAPSULATED);
+	r = rec_new(skb, netns, pi, now, outer);
+	if (!r)
+		return NULL;
+	r->inner = inner;
+	r->tun_ifindex = tun;
+	r->match = match_joined(r->match | m);
+	return r;
+}
+
+/* r, an outer packet the local stack took, now carries its payload pi,
+ * received on ifindex: r ends decapsulated and the payload's record starts
+ * (as received: fate and links as for any received packet). */
+static __always_inline struct pt_record *decap_start(const void *skb, struct pt_record *r, struct pkt_info *pi,
+						     __u32 netns, __u32 ifindex, __u64 now)
+{
+	__u64 inner = next_id(), outer = r->id;
+	__u8 m;
+
+	r->match |= match_header(skb, pi);
+	m = match_joined(r->match);
+	r->match = m;
+	r->inner = inner;
+	r->tun_ifindex = ifindex;
+	rec_finish(skb, r, PT_FATE_DECAPSULATED);
+	r = rec_new(skb, netns, pi, now, inner);
+	if (!r)
+		return NULL;
+	r->decap = outer;
+	r->tun_ifindex = ifindex;
+	r->seen |= PT_SEEN_RX;
+	r->match = match_joined(r->match | m);
+	return r;
+}
+
+/* Received again after INPUT (r): decapsulated, if the headers at l3 are
+ * another packet's.  Returns the record to go on with. */
+static __always_inline struct pt_record *decap_check(const void *skb, struct pt_record *r, const void *l3,
+						     bool l3_at_data, __u8 family, __u32 netns, __u32 ifindex,
+						     __u64 now)
+{
+	struct pkt_info pi;
+
+	if (!family) {
+		/* a payload not traced (ARP through a VXLAN tunnel) */
+		r->tun_ifindex = ifindex;
+		rec_finish(skb, r, PT_FATE_DECAPSULATED);
+		return NULL;
+	}
+	if (parse_l3(l3, family, &pi))
+		return r;
+	pi.l3_at_data = l3_at_data;
+	if (!hdr_differs(r, &pi))
+		return r;
+	return decap_start(skb, r, &pi, netns, ifindex, now);
+}
+
+/* Handed to a device again after it left (r): encapsulated, if the headers
+ * are another packet's (where LOCAL_OUT is not observed: kprobes without
+ * a table there, tc egress before it). */
+static __always_inline struct pt_record *encap_check(const void *skb, struct pt_record *r, const void *l3,
+						     __u8 family, __u32 netns, __u64 now)
+{
+	struct pkt_info pi;
+
+	if (!(r->seen & PT_SEEN_LEFT) || !family || parse_l3(l3, family, &pi) || !hdr_differs(r, &pi))
+		return r;
+	return encap_start(skb, r, &pi, netns, r->out_ifindex, now);
+}
+
+/* The id reserved for the packet skb carries now, if any (h: what for). */
+static __always_inline __u64 handoff_take(const void *skb, __u64 now, struct pt_handoff *out)
+{
+	__u64 key = (__u64)skb, id = 0;
+	struct pt_handoff *h = handoffs_waiting() ? bpf_map_lookup_elem(&handoff, &key) : NULL;
+
+	if (!h)
+		return 0;
+	if (now - h->ts < HANDOFF_MAX_AGE_NS) {
+		*out = *h;
+		id = h->next;
+	} else {
+		stat_inc(PT_STAT_HANDOFF_LOST);
+	}
+	if (!bpf_map_delete_elem(&handoff, &key))
+		handoffs_add(-1);
+	return id;
+}
+
 struct skb_view {
 	__u32 mark;
 	__u64 nfct;
@@ -1693,21 +1861,54 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		r->flags |= PT_REC_LATE;
 		parsed = true;
 	} else if (!r) {
-		__u64 cause = 0;
+		struct pt_handoff h = {};
+		__u64 cause = 0, id = 0;
 
 		/* links are per netns: only traced namespaces reach here */
 		if (parse_l3(l3, family, &pi))
 			return NF_ACCEPT;
-		/* first seen at OUTPUT: generated here, maybe in reply */
-		if (kind == PT_STAGE_OUTPUT)
-			cause = cause_of(skb, &pi, now);
-		if (!first_sight_wanted(skb, &pi, netns))
+		/* first seen at OUTPUT: generated here, maybe in reply, or the
+		 * outer packet of a payload a tunnel sent from a worker */
+		if (kind == PT_STAGE_OUTPUT) {
+			id = handoff_take(skb, now, &h);
+			if (h.how != PT_HANDOFF_ENCAP)
+				id = 0;
+			if (!id)
+				cause = cause_of(skb, &pi, now);
+		}
+		if (!id && !first_sight_wanted(skb, &pi, netns))
 			return NF_ACCEPT;
-		r = rec_new(skb, netns, &pi, now, 0);
+		r = rec_new(skb, netns, &pi, now, id);
 		if (!r)
 			return NF_ACCEPT;
 		r->cause = cause;
+		if (id) {
+			r->inner = h.prev;
+			r->tun_ifindex = h.tun_ifindex;
+			r->match = match_joined(r->match | h.match);
+		}
 		parsed = true;
+	} else if (kind == PT_STAGE_OUTPUT && (r->seen & PT_SEEN_LEFT)) {
+		/* it left already: now the payload of an outer packet */
+		if (parse_l3(l3, family, &pi))
+			return NF_ACCEPT;
+		parsed = true;
+		if (hdr_differs(r, &pi)) {
+			r = encap_start(skb, r, &pi, netns, r->out_ifindex, now);
+			if (!r)
+				return NF_ACCEPT;
+		}
+	} else if (kind == PT_STAGE_PREROUTING && (r->seen & PT_SEEN_INPUT)) {
+		/* past INPUT already: its payload, decapsulated (xfrm
+		 * transport mode goes through PREROUTING again) */
+		if (parse_l3(l3, family, &pi))
+			return NF_ACCEPT;
+		parsed = true;
+		if (hdr_differs(r, &pi)) {
+			r = decap_start(skb, r, &pi, netns, in, now);
+			if (!r)
+				return NF_ACCEPT;
+		}
 	} else if (ct_reject(skb, r, nfct)) {
 		return NF_ACCEPT;
 	} else if ((r->flags & PT_REC_FRAG) ||
@@ -1753,6 +1954,8 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		r->seen |= PT_SEEN_FORWARD;
 	else if (kind == PT_STAGE_OUTPUT)
 		r->seen |= PT_SEEN_OUTPUT;
+	else if (kind == PT_STAGE_POSTROUTING)
+		r->seen |= PT_SEEN_LEFT;
 	if (in && !r->in_ifindex)
 		r->in_ifindex = in;
 	if (out)
@@ -2257,8 +2460,7 @@ static __always_inline void match_leaving(struct sk_buff *skb, struct pt_record 
 static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, const void *l3, bool l3_at_data,
 							__u8 family, __u32 netns, __u32 ifindex, __u64 now)
 {
-	__u64 key = (__u64)skb;
-	struct pt_handoff *h = handoffs_waiting() ? bpf_map_lookup_elem(&handoff, &key) : NULL;
+	struct pt_handoff h = {};
 	__u64 id = 0, prev = 0;
 	__u32 prev_netns = 0;
 	struct pt_record *r;
@@ -2267,16 +2469,12 @@ static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, con
 	if (parse_l3(l3, family, &pi))
 		return NULL;
 	pi.l3_at_data = l3_at_data;
-	if (h) {
-		if (now - h->ts < HANDOFF_MAX_AGE_NS) {
-			id = h->next;
-			prev = h->prev;
-			prev_netns = h->prev_netns;
-		} else {
-			stat_inc(PT_STAT_HANDOFF_LOST);
-		}
-		if (!bpf_map_delete_elem(&handoff, &key))
-			handoffs_add(-1);
+	id = handoff_take(skb, now, &h);
+	if (id && h.how == PT_HANDOFF_NETNS) {
+		prev = h.prev;
+		prev_netns = h.prev_netns;
+	} else {
+		id = 0;
 	}
 	tc_copy_seen(skb, ifindex);
 	/* a continuation is kept whatever the filter: its first part matched */
@@ -2314,7 +2512,9 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	mark = skb->mark;
 	r = rec_lookup(skb);
 	/* the network header is not reset yet here; data is at L3 */
-	if (!r)
+	if (r && (r->seen & PT_SEEN_INPUT))
+		r = decap_check(skb, r, skb->data, true, family, netns, ifindex, now);
+	else if (!r)
 		r = rx_first_sight(skb, skb->data, true, family, netns, ifindex, now);
 	if (!r)
 		return 0;
@@ -2367,6 +2567,13 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 	ifindex = skb->dev->ifindex;
 	mark = skb->mark;
 	redirected = skb_redirected(skb);
+	if (r->seen & PT_SEEN_LEFT) {
+		r = encap_check(skb, r, skb_l3(skb), family_of_ethertype(skb->protocol),
+				skb->dev->nd_net.net->ns.inum, bpf_ktime_get_ns());
+		if (!r)
+			return 0;
+	}
+	r->seen |= PT_SEEN_LEFT;
 	/* no hook took its route (fentry backend, a hook we could not see):
 	 * its lookups are still waiting */
 	if (!(r->seen & (PT_SEEN_INPUT | PT_SEEN_FORWARD | PT_SEEN_OUTPUT)) &&
@@ -2399,6 +2606,40 @@ static __always_inline bool dev_is_ifb(const struct net_device *dev)
 
 	return k && !bpf_probe_read_kernel(kind, sizeof(kind), k) &&
 	       kind[0] == 'i' && kind[1] == 'f' && kind[2] == 'b' && !kind[3];
+}
+
+/* A WireGuard device: it takes packets to encrypt in a worker, which
+ * sends each later, maybe on another CPU, in an outer UDP packet. */
+static __always_inline bool dev_is_wireguard(const struct net_device *dev)
+{
+	char kind[10] = {};
+	const char *k = BPF_CORE_READ(dev, rtnl_link_ops, kind);
+
+	return k && !bpf_probe_read_kernel(kind, sizeof(kind), k) && kind[0] == 'w' && kind[1] == 'i' &&
+	       kind[2] == 'r' && kind[3] == 'e' && kind[4] == 'g' && kind[5] == 'u' && kind[6] == 'a' &&
+	       kind[7] == 'r' && kind[8] == 'd' && !kind[9];
+}
+
+/* The payload r left by a tunnel device that sends it later: reserve the
+ * id of the outer packet, which takes it at LOCAL_OUT. */
+static __always_inline bool encap_reserve(const void *skb, struct pt_record *r, __u32 ifindex)
+{
+	struct pt_handoff h = {};
+	__u64 key = (__u64)skb;
+
+	h.prev = r->id;
+	h.next = next_id();
+	h.ts = bpf_ktime_get_ns();
+	h.prev_netns = r->netns;
+	h.tun_ifindex = ifindex;
+	h.how = PT_HANDOFF_ENCAP;
+	h.match = r->match;
+	if (bpf_map_update_elem(&handoff, &key, &h, BPF_ANY))
+		return false;
+	handoffs_add(1);
+	r->encap = h.next;
+	r->tun_ifindex = ifindex;
+	return true;
 }
 
 /* The driver took it: the packet left this netns on dev. */
@@ -2441,6 +2682,10 @@ int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, u
 		r->flags &= ~(PT_REC_QUEUED | PT_REC_REDIRECTED);
 		r->out_ifindex = 0;
 		rec_park(skb);
+		return 0;
+	}
+	if (dev->type == ARPHRD_NONE && dev_is_wireguard(dev) && encap_reserve(skb, r, dev->ifindex)) {
+		rec_finish(skb, r, PT_FATE_ENCAPSULATED);
 		return 0;
 	}
 	handoff_reserve(skb, r, dev);
@@ -3140,6 +3385,15 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 	}
 	now = bpf_ktime_get_ns();
 	r = rec_lookup(skb);
+	if (r && (ingress ? r->seen & PT_SEEN_INPUT : r->seen & PT_SEEN_LEFT)) {
+		__u8 family = family_of_ethertype(ctx->protocol);
+		__u32 netns = skb->dev->nd_net.net->ns.inum;
+
+		r = ingress ? decap_check(skb, r, skb_l3(skb), false, family, netns, ctx->ifindex, now) :
+			      encap_check(skb, r, skb_l3(skb), family, netns, now);
+		if (!r)
+			return;
+	}
 	if (!r) {
 		__u8 family = family_of_ethertype(ctx->protocol);
 		__u32 netns = skb->dev->nd_net.net->ns.inum;
@@ -3187,6 +3441,7 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 		match_leaving(skb, r);
 		r->out_ifindex = ctx->ifindex;
 		r->flags |= PT_REC_QUEUED;
+		r->seen |= PT_SEEN_LEFT;
 		if (dev_has_qdisc(skb->dev))
 			rec_park(skb);
 	}

@@ -10,6 +10,7 @@
 #define PKTTRACE_H
 
 #define PT_MAX_STAGES 32   /* stages kept per packet; more are counted, not kept */
+#define PT_TUN_PORTS 8     /* struct pt_config.tun_ports */
 #define PT_HEAD_LEN 96     /* header bytes a record can carry: IPv6 + TCP with 36 bytes of options */
 #define PT_MAX_NETNS 1024  /* network namespaces traced at once */
 #define PT_NS_SLOTS 4096   /* map traced_ns: slot = netns inode % PT_NS_SLOTS */
@@ -220,6 +221,10 @@ struct pt_config {
 	__u16 port;                    /* host order; matches sport or dport */
 	__u16 _pad0;
 	__u32 _pad2;
+	/* UDP ports tunnels listen on (0: unused): with a header-only filter, a
+	 * packet to one of them is not judged at first sight, since its payload
+	 * may match (VXLAN, GENEVE, WireGuard, ESP in UDP...) */
+	__u16 tun_ports[PT_TUN_PORTS];
 	/* nf_hook_slow's code (0, 0: unknown): a netfilter drop freed there is a
 	 * hook function's NF_DROP (conntrack, NAT, x_tables), not an nft
 	 * chain's, which frees its packet itself */
@@ -428,7 +433,17 @@ struct pt_handoff {
 	__u64 next;
 	__u64 ts;
 	__u32 prev_netns;
-	__u32 _pad;
+	__u32 tun_ifindex;        /* PT_HANDOFF_ENCAP: the tunnel device */
+	__u8 how;                 /* enum pt_handoff_how */
+	__u8 match;               /* PT_HANDOFF_ENCAP: the payload's PT_F_* matched */
+	__u8 _pad[6];
+};
+
+/* struct pt_handoff.how: what the packet that takes the reserved id is */
+enum pt_handoff_how {
+	PT_HANDOFF_NETNS = 0,     /* the same packet in the next netns (veth) */
+	PT_HANDOFF_ENCAP = 1,     /* the outer packet its payload is sent in later
+				     (WireGuard encrypts in a worker) */
 };
 
 /* Fragments of one datagram (key) and the id of the packet they become. */

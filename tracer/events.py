@@ -12,6 +12,7 @@ import enum
 
 PT_MAX_STAGES = 32
 PT_HEAD_LEN = 96      # header bytes a record can carry (cfg.snap)
+PT_TUN_PORTS = 8      # pt_config.tun_ports
 PT_MAX_NETNS = 1024  # namespaces traced at once
 PT_NS_SLOTS = 4096   # map traced_ns: slot = netns inode % PT_NS_SLOTS
 PT_SLOTS = 4          # per-CPU record slots
@@ -113,6 +114,12 @@ SLOT_TABLE = 0xFE     # pt_stage.slot, fentry backend: after the table at priori
 SLOT_EXIT = 0xFF      # ... after every hook function of the hook
 
 
+class HandoffHow(enum.IntEnum):
+    """pt_handoff.how: what the packet that takes a reserved id is."""
+    NETNS = 0      # the same packet in the next netns (veth)
+    ENCAP = 1      # the outer packet its payload is sent in later (WireGuard)
+
+
 class DeliverHow(enum.IntEnum):
     """pt_stage.aux2 of a DELIVER stage."""
     QUEUED = 1     # queued to a socket (aux = socket inode)
@@ -176,6 +183,7 @@ class PtConfig(ctypes.Structure):
         ("port", u16),
         ("_pad0", u16),
         ("_pad2", u32),
+        ("tun_ports", u16 * PT_TUN_PORTS),  # UDP ports of tunnels: not judged at first sight
         ("hook_slow_start", u64),   # nf_hook_slow's code: a netfilter drop freed there is not an nft chain's
         ("hook_slow_end", u64),
         ("pcap_len", u32),          # the filter expression's classic BPF (tracer/pcapfilter.py)
@@ -329,7 +337,8 @@ class PtActive(ctypes.Structure):
 
 
 class PtHandoff(ctypes.Structure):
-    _fields_ = [("prev", u64), ("next", u64), ("ts", u64), ("prev_netns", u32), ("_pad", u32)]
+    _fields_ = [("prev", u64), ("next", u64), ("ts", u64), ("prev_netns", u32), ("tun_ifindex", u32),
+                ("how", u8), ("match", u8), ("_pad", u8 * 6)]
 
 
 class PtFragKey(ctypes.Structure):

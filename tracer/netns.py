@@ -263,6 +263,11 @@ TUNNEL_KINDS = frozenset({"vxlan", "geneve", "gre", "gretap", "ip6gre", "ip6gret
                           "ipip", "sit", "ip6tnl", "wireguard", "vti", "vti6", "xfrm", "bareudp", "ipvtap"})
 
 
+# UDP ports tunnels listen on by default: VXLAN (IANA, and Linux's default),
+# GENEVE, ESP in UDP (NAT-T), WireGuard
+TUNNEL_UDP_PORTS = (4789, 8472, 6081, 4500, 51820)
+
+
 def links(ns: str | None) -> dict[int, str]:
     """ifindex -> ifname for every link in netns *ns* (None = current)."""
     return links_and_tunnels(ns)[0]

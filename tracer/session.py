@@ -258,6 +258,9 @@ class Tracer:
         self.opts.filter.fill(cfg)
         flags = self.opts.filter.flags
         cfg.early_reject = 1 if flags and not flags & ~events.F_HEADER else 0
+        # a header filter may match a tunnel's payload: its carriers are kept
+        for i, port in enumerate(netns.TUNNEL_UDP_PORTS[:events.PT_TUN_PORTS]):
+            cfg.tun_ports[i] = port
         # The verifier takes most of the start (~250 ms, in the kernel,
         # without the GIL): read the rulesets meanwhile (pyroute2's import
         # and netlink dumps, ~60-80 ms) in a thread.  (Not the other way
