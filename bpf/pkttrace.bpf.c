@@ -1898,9 +1898,11 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 			if (!r)
 				return NF_ACCEPT;
 		}
-	} else if (kind == PT_STAGE_PREROUTING && (r->seen & PT_SEEN_INPUT)) {
+	} else if ((kind == PT_STAGE_PREROUTING || (kind == PT_STAGE_INPUT && r->proto == IPPROTO_ESP)) &&
+		   (r->seen & PT_SEEN_INPUT)) {
 		/* past INPUT already: its payload, decapsulated (xfrm
-		 * transport mode goes through PREROUTING again) */
+		 * transport mode goes through PREROUTING again, or straight
+		 * to INPUT where PREROUTING has no table to observe) */
 		if (parse_l3(l3, family, &pi))
 			return NF_ACCEPT;
 		parsed = true;

@@ -6,7 +6,7 @@
 # (each names the kernel feature that is missing).
 #
 #   scripts/kernel-matrix.sh            # every integration test (~40 min under TCG)
-#   scripts/kernel-matrix.sh --subset   # the paths, backend and qdisc tests, each backend once (~25 min): what CI runs
+#   scripts/kernel-matrix.sh --subset   # the paths, backend, qdisc and tunnel tests, each backend once (~30 min): what CI runs
 #   scripts/kernel-matrix.sh --run 6.12:fentry --run 6.1:kprobe   # only these kernel:backend pairs
 #
 # Exit status: 1 if any test failed.  A VM that cannot boot here (no qemu,
@@ -22,7 +22,8 @@ SUBSET=
 ONLY=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --subset) TESTS=(tests/integration/test_paths.py tests/integration/test_backends.py tests/integration/test_qos.py) SUBSET=1 ;;
+    --subset) TESTS=(tests/integration/test_paths.py tests/integration/test_backends.py tests/integration/test_qos.py
+                      tests/integration/test_tunnels.py) SUBSET=1 ;;
     --strict) STRICT=1 ;;
     --run)
       case "${2:-}" in

@@ -30,4 +30,4 @@ echo "test-floor.sh: $($venv/bin/python -m pip list 2>/dev/null | grep -iE '^(cl
 # type-checks against both.
 exec $venv/bin/python -m pytest -q -p no:cacheprovider \
   tests/unit tests/integration/test_serve.py tests/integration/test_attach.py tests/integration/test_paths.py \
-  tests/integration/test_link_churn.py tests/integration/test_cli_process.py "$@"
+  tests/integration/test_link_churn.py tests/integration/test_cli_process.py tests/integration/test_tunnels.py "$@"
