@@ -1673,6 +1673,7 @@ static __always_inline bool after_nat(const struct pt_record *r, __u8 family, __
 
 static __always_inline bool handoffs_waiting(void);
 static __always_inline void handoffs_add(__s64 d);
+static __always_inline __u64 handoff_take(const void *skb, __u64 now, struct pt_handoff *out);
 
 /* Does the skb carry another packet than the one r follows? */
 static __always_inline bool hdr_differs(const struct pt_record *r, const struct pkt_info *pi)
@@ -1700,9 +1701,15 @@ static __always_inline __u8 match_joined(__u8 m)
 static __always_inline struct pt_record *encap_start(const void *skb, struct pt_record *r, struct pkt_info *pi,
 						     __u32 netns, __u32 tun, __u64 now)
 {
-	__u64 outer = next_id(), inner = r->id;
+	__u64 outer = r->encap, inner = r->id;
+	struct pt_handoff h;
 	__u8 m;
 
+	/* reserved already (a WireGuard device's payload): taken here */
+	if (outer)
+		handoff_take(skb, now, &h);
+	else
+		outer = next_id();
 	r->match |= match_header(skb, pi);
 	m = match_joined(r->match);
 	r->match = m;
@@ -2470,6 +2477,50 @@ static __always_inline void handoff_reserve(const void *skb, struct pt_record *r
 	r->next_netns = ino;
 }
 
+/* A WireGuard device: it takes packets to encrypt in a worker, which
+ * sends each later, maybe on another CPU, in an outer UDP packet. */
+static __always_inline bool dev_is_wireguard(const struct net_device *dev)
+{
+	char kind[10] = {};
+	const char *k = BPF_CORE_READ(dev, rtnl_link_ops, kind);
+
+	return k && !bpf_probe_read_kernel(kind, sizeof(kind), k) && kind[0] == 'w' && kind[1] == 'i' &&
+	       kind[2] == 'r' && kind[3] == 'e' && kind[4] == 'g' && kind[5] == 'u' && kind[6] == 'a' &&
+	       kind[7] == 'r' && kind[8] == 'd' && !kind[9];
+}
+
+/* The payload r is handed to a tunnel device that sends it later, from a
+ * worker that may run on another CPU before the hand-over returns: reserve
+ * the id of the outer packet now; it takes it at LOCAL_OUT.  r ends
+ * encapsulated when the device took it (net_dev_xmit). */
+static __always_inline bool encap_reserve(const void *skb, struct pt_record *r, __u32 ifindex)
+{
+	struct pt_handoff h = {};
+	__u64 key = (__u64)skb;
+
+	h.prev = r->id;
+	h.next = next_id();
+	h.ts = bpf_ktime_get_ns();
+	h.prev_netns = r->netns;
+	h.tun_ifindex = ifindex;
+	h.how = PT_HANDOFF_ENCAP;
+	h.match = r->match;
+	if (bpf_map_update_elem(&handoff, &key, &h, BPF_ANY))
+		return false;
+	handoffs_add(1);
+	r->encap = h.next;
+	r->tun_ifindex = ifindex;
+	return true;
+}
+
+/* Handed to dev: a WireGuard device's payload has its outer packet's id
+ * reserved (a device without link-layer header: one load for others). */
+static __always_inline void encap_handover(const void *skb, struct pt_record *r, const struct net_device *dev)
+{
+	if (!r->encap && dev->type == ARPHRD_NONE && dev_is_wireguard(dev))
+		encap_reserve(skb, r, dev->ifindex);
+}
+
 /* A packet handed to a device (tc egress, or net_dev_queue without tc):
  * the reply of a translated connection gets its addresses back in
  * POSTROUTING's NAT, where no observer may follow (nat chains only at
@@ -2606,6 +2657,7 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 			return 0;
 	}
 	r->seen |= PT_SEEN_LEFT;
+	encap_handover(skb, r, skb->dev);
 	/* no hook took its route (fentry backend, a hook we could not see):
 	 * its lookups are still waiting */
 	if (!(r->seen & (PT_SEEN_INPUT | PT_SEEN_FORWARD | PT_SEEN_OUTPUT)) &&
@@ -2638,40 +2690,6 @@ static __always_inline bool dev_is_ifb(const struct net_device *dev)
 
 	return k && !bpf_probe_read_kernel(kind, sizeof(kind), k) &&
 	       kind[0] == 'i' && kind[1] == 'f' && kind[2] == 'b' && !kind[3];
-}
-
-/* A WireGuard device: it takes packets to encrypt in a worker, which
- * sends each later, maybe on another CPU, in an outer UDP packet. */
-static __always_inline bool dev_is_wireguard(const struct net_device *dev)
-{
-	char kind[10] = {};
-	const char *k = BPF_CORE_READ(dev, rtnl_link_ops, kind);
-
-	return k && !bpf_probe_read_kernel(kind, sizeof(kind), k) && kind[0] == 'w' && kind[1] == 'i' &&
-	       kind[2] == 'r' && kind[3] == 'e' && kind[4] == 'g' && kind[5] == 'u' && kind[6] == 'a' &&
-	       kind[7] == 'r' && kind[8] == 'd' && !kind[9];
-}
-
-/* The payload r left by a tunnel device that sends it later: reserve the
- * id of the outer packet, which takes it at LOCAL_OUT. */
-static __always_inline bool encap_reserve(const void *skb, struct pt_record *r, __u32 ifindex)
-{
-	struct pt_handoff h = {};
-	__u64 key = (__u64)skb;
-
-	h.prev = r->id;
-	h.next = next_id();
-	h.ts = bpf_ktime_get_ns();
-	h.prev_netns = r->netns;
-	h.tun_ifindex = ifindex;
-	h.how = PT_HANDOFF_ENCAP;
-	h.match = r->match;
-	if (bpf_map_update_elem(&handoff, &key, &h, BPF_ANY))
-		return false;
-	handoffs_add(1);
-	r->encap = h.next;
-	r->tun_ifindex = ifindex;
-	return true;
 }
 
 /* The driver took it: the packet left this netns on dev. */
@@ -2716,7 +2734,8 @@ int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, u
 		rec_park(skb);
 		return 0;
 	}
-	if (dev->type == ARPHRD_NONE && dev_is_wireguard(dev) && encap_reserve(skb, r, dev->ifindex)) {
+	if (r->encap) {
+		/* a tunnel's worker sends its outer packet (id reserved) */
 		rec_finish(skb, r, PT_FATE_ENCAPSULATED);
 		return 0;
 	}
@@ -3476,6 +3495,7 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 		r->out_ifindex = ctx->ifindex;
 		r->flags |= PT_REC_QUEUED;
 		r->seen |= PT_SEEN_LEFT;
+		encap_handover(skb, r, skb->dev);
 		if (dev_has_qdisc(skb->dev))
 			rec_park(skb);
 	}

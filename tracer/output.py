@@ -449,9 +449,11 @@ class Printer:
         if self._bin is not None:
             out.flush()                         # anything written as text before goes first
         # human view: an outer packet that delivered its payload ends before
-        # the payload does; its text waits to be printed under it
-        # (inner id -> (text, when it came)), for OUTER_WAIT_S at most
+        # the payload does (and WireGuard's may leave before its payload's
+        # hand-over returns): its text waits to be printed under it (inner
+        # id -> (text, when it came)), for OUTER_WAIT_S at most
         self._outer: dict[int, tuple[str, float]] = {}
+        self._printed: dict[int, None] = {}     # ids of packets printed lately (bounded)
 
     def render(self, p: Packet) -> str | bytes:
         """The text of one packet, as write() takes it."""
@@ -462,9 +464,13 @@ class Printer:
         # the time is the packet's own, never part of a template
         stamp = self.clock(p.wall_ns) if self.clock is not None else ""
         text = stamp + cast(str, self._human(p)) + "\n\n"
-        if p.inner is not None and p.fate == "decapsulated":
+        if p.inner is not None and p.inner not in self._printed:
             self._outer[p.inner] = (text, time.monotonic())
             return self._overdue()
+        if p.encap is not None or p.decap is not None:
+            self._printed[p.id] = None
+            if len(self._printed) > OUTER_WAIT_MAX:
+                del self._printed[next(iter(self._printed))]
         if self._outer:
             held = self._outer.pop(p.id, None)
             if held is not None:

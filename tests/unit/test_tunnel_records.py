@@ -143,3 +143,21 @@ def test_tunnel_links_and_kinds_survive_a_recording():
         rec(bytes(r)[:events.RECORD_HEADER_SIZE + r.n_stages * events.STAGE_SIZE], False)
     p, o = (json.loads(packet_json(x)) for x in replay(io.StringIO(f.getvalue())))
     assert (p["encap"], o["inner"], o["tunnel"]) == (512, 256, {"dev": "vx0", "kind": "vxlan"})
+
+
+def test_an_outer_packet_that_ends_first_waits_for_its_payload():
+    """WireGuard's worker may send the outer packet before the payload's
+    hand-over returns: printed under the payload all the same."""
+    c = ctx()
+    out = io.StringIO()
+    pr = Printer(out, as_json=False)
+    pr.packet(assemble(outer(512, 256), c))
+    assert out.getvalue() == ""
+    pr.packet(assemble(payload(256, 512), c))
+    heads = [b.splitlines()[0] for b in out.getvalue().split("\n\n") if b.strip()]
+    assert [h.split()[0] for h in heads] == ["#256", "#512"] and heads[1].startswith(OUTER_INDENT)
+    # the usual order: printed as it comes
+    pr.packet(assemble(payload(1024, 1280), c))
+    pr.packet(assemble(outer(1280, 1024), c))
+    heads = [b.splitlines()[0] for b in out.getvalue().split("\n\n") if b.strip()]
+    assert [h.split()[0] for h in heads] == ["#256", "#512", "#1024", "#1280"]
