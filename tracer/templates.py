@@ -38,7 +38,7 @@ _LINKS4 = struct.Struct("=QQQQ")                # cause, prev, next, link: ids
 _LINK_BYTES = _LINKS4.size
 _NO_LINKS = bytes(_LINK_BYTES)
 _TUN3 = struct.Struct("=QQQ")                   # encap, decap, inner: ids (after the captured header bytes)
-_NO_TUN = bytes(_TUN3.size)
+_NO_TUN = bytes(_HDR_SIZE - _TUN_OFF)
 _N_LINKS = len(_LINK_OFFS)
 _WALL = 1 + _N_LINKS                            # value index of the wall-clock time
 _T0 = _WALL + 1                                 # ... of the first stage time
@@ -84,11 +84,11 @@ class _Shape:
         # (not the captured header bytes, head[]: no view but pcap-ng's shows
         # them, and each packet's differ)
         links = raw[_LINKS_OFF:_LINKS_OFF + _LINK_BYTES]
-        tun = raw[_TUN_OFF:_TUN_OFF + _TUN3.size]
+        tun = raw[_TUN_OFF:_HDR_SIZE]          # tunnel links, device, IPv6 extension headers: mostly none
         return (raw[24:_LINKS_OFF], None if links == _NO_LINKS else tuple(map(bool, _LINKS4.unpack(links))),
                 raw[_LINKS_OFF + _LINK_BYTES:_HEAD_OFF],
-                None if tun == _NO_TUN else tuple(map(bool, _TUN3.unpack(tun))),
-                raw[_TUN_OFF + _TUN3.size:_HDR_SIZE], self.stages.unpack_from(raw, _HDR_SIZE))
+                None if tun == _NO_TUN else (tuple(map(bool, _TUN3.unpack_from(tun))), tun[_TUN3.size:]),
+                self.stages.unpack_from(raw, _HDR_SIZE))
 
     def sentinel_raw(self, raw: bytes, boot_wall_ns: int | None) -> bytes:
         b = bytearray(raw[:self.size])
