@@ -1795,15 +1795,16 @@ static __always_inline struct pt_record *decap_late(const void *skb, struct pt_r
 	return r;
 }
 
-/* Handed to a device again after it left (r): encapsulated, if the headers
- * are another packet's (where LOCAL_OUT is not observed: kprobes without
- * a table there, tc egress before it). */
+/* Handed to a device again (r was already: PT_REC_QUEUED): encapsulated,
+ * if the headers are another packet's (where LOCAL_OUT is not observed:
+ * kprobes without a table there).  Not the first hand-over: POSTROUTING's
+ * NAT may have rewritten the headers unseen before it. */
 static __always_inline struct pt_record *encap_check(const void *skb, struct pt_record *r, const void *l3,
 						     __u8 family, __u32 netns, __u64 now)
 {
 	struct pkt_info pi;
 
-	if (!(r->seen & PT_SEEN_LEFT) || !family || parse_l3(l3, family, &pi) || !hdr_differs(r, &pi))
+	if (!family || parse_l3(l3, family, &pi) || !hdr_differs(r, &pi))
 		return r;
 	return encap_start(skb, r, &pi, netns, r->out_ifindex, now);
 }
@@ -2650,7 +2651,7 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 	ifindex = skb->dev->ifindex;
 	mark = skb->mark;
 	redirected = skb_redirected(skb);
-	if (r->seen & PT_SEEN_LEFT) {
+	if (r->flags & PT_REC_QUEUED) {
 		r = encap_check(skb, r, skb_l3(skb), family_of_ethertype(skb->protocol),
 				skb->dev->nd_net.net->ns.inum, bpf_ktime_get_ns());
 		if (!r)
@@ -3438,7 +3439,7 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 	}
 	now = bpf_ktime_get_ns();
 	r = rec_lookup(skb);
-	if (r && (ingress ? r->seen & PT_SEEN_INPUT : r->seen & PT_SEEN_LEFT)) {
+	if (r && (ingress ? r->seen & PT_SEEN_INPUT : r->flags & PT_REC_QUEUED)) {
 		__u8 family = family_of_ethertype(ctx->protocol);
 		__u32 netns = skb->dev->nd_net.net->ns.inum;
 
