@@ -110,6 +110,43 @@ def test_json_ports_only_for_tcp_and_udp(proto, has_ports):
         assert (d["sport"], d["dport"]) == (1234, 80)
 
 
+def _mld_report(ext_hdrs: int) -> events.PtRecord:
+    """A received MLDv2 report as the kernel records it: ICMPv6 type 143
+    found behind the extension headers in ext_hdrs (events.EXT_*)."""
+    rec = events.PtRecord()
+    rec.id, rec.family, rec.proto, rec.fate = 9, 6, 58, events.Fate.DELIVERED
+    rec.saddr[:16] = [0xfe, 0x80] + [0] * 13 + [2]
+    rec.daddr[:16] = [0xff, 0x02] + [0] * 13 + [0x16]
+    rec.flags, rec.len, rec.icmp_type, rec.ext_hdrs = events.REC_L4, 76, 143, ext_hdrs
+    rec.n_stages = 1
+    rec.stages[0].kind = events.StageKind.RX
+    return rec
+
+
+@pytest.mark.parametrize("bits, names", [
+    (events.EXT_HOP, ["hop-by-hop"]),
+    (events.EXT_FRAG | events.EXT_DEST, ["fragment", "dstopts"]),
+    (events.EXT_HOP | events.EXT_ROUTING | events.EXT_AH, ["hop-by-hop", "routing", "ah"]),
+])
+def test_extension_headers_in_json_and_on_the_header_line(bits, names):
+    p = assemble(_mld_report(bits), Context())
+    d = json.loads(output.format_json(p))
+    assert (d["proto"], d["icmp_type"], d["ext_hdrs"]) == ("icmpv6", 143, names)
+    head = output.format_packet(p).splitlines()[0]
+    assert head == (f"#9 ipv6 icmpv6 fe80::2 → ff02::16 ext {','.join(names)} multicast listener report v2, "
+                    "length 76  DELIVERED  netns 0")
+    # the JSON the CLI writes (filled templates) says the same
+    fmt = output.Templates(output.packet_json, str, as_bytes=True)
+    for _ in range(2):
+        assert fmt(assemble(_mld_report(bits), Context())) == output.packet_json(p).encode()
+
+
+def test_no_extension_headers_no_key_and_nothing_on_the_header_line():
+    p = assemble(_mld_report(0), Context())
+    assert "ext_hdrs" not in json.loads(output.format_json(p))
+    assert " ext " not in output.format_packet(p).splitlines()[0]
+
+
 # --- readable block ---------------------------------------------------------
 
 def _line(text: str, stage: str) -> str:
