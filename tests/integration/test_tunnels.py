@@ -391,8 +391,9 @@ def xfrm_tunnel(lab) -> None:
     for ns in (lab.router, lab.server):
         for src, dst, spi in ((r, s, "0x100"), (s, r, "0x200")):
             try:
+                # (the first state loads esp4 and the ciphers: slow in a TCG guest)
                 run_in(ns, "ip", "xfrm", "state", "add", "src", src, "dst", dst, "proto", "esp", "spi", spi,
-                       "mode", "tunnel", *ESP_ENC)
+                       "mode", "tunnel", *ESP_ENC, timeout=90)
             except SetupError as e:
                 if "Requested type not found" in str(e) or "not found" in str(e):
                     pytest.skip("this kernel has no ESP (module esp4) or its algorithms")
@@ -427,7 +428,7 @@ def test_xfrm_transport_mode_esp_is_linked(lab, trace):
         for src, dst, spi in ((r, s, "0x300"), (s, r, "0x400")):
             try:
                 run_in(ns, "ip", "xfrm", "state", "add", "src", src, "dst", dst, "proto", "esp", "spi", spi,
-                       "mode", "transport", *ESP_ENC)
+                       "mode", "transport", *ESP_ENC, timeout=90)
             except SetupError as e:
                 if "not found" in str(e):
                     pytest.skip("this kernel has no ESP (module esp4) or its algorithms")
