@@ -1782,59 +1782,62 @@ static __always_inline __u8 match_joined(__u8 m)
 	return (m & cfg.filter) == cfg.filter ? (__u8)cfg.filter : m;
 }
 
+/* The skb of r now carries another packet, pi, under id: r ends (fate) and
+ * the other packet's record starts, each naming the other.  encap: pi is
+ * r's outer packet (r.encap, outer.inner), else r's payload (r.inner,
+ * payload.decap; a received packet).  tun: the tunnel device (0: none,
+ * xfrm). */
+static __always_inline struct pt_record *tunnel_switch(const void *skb, struct pt_record *r, struct pkt_info *pi,
+						       __u32 netns, __u32 tun, __u64 now, __u64 id, bool encap)
+{
+	__u64 was = r->id;
+	__u8 m;
+
+	r->match |= match_header(skb, pi);
+	m = match_joined(r->match);
+	r->match = m;
+	if (encap)
+		r->encap = id;
+	else
+		r->inner = id;
+	r->tun_ifindex = tun;
+	rec_finish(skb, r, encap ? PT_FATE_ENCAPSULATED : PT_FATE_DECAPSULATED);
+	r = rec_new(skb, netns, pi, now, id);
+	if (!r)
+		return NULL;
+	if (encap) {
+		r->inner = was;
+	} else {
+		r->decap = was;
+		r->seen |= PT_SEEN_RX;
+	}
+	r->tun_ifindex = tun;
+	r->match = match_joined(r->match | m);
+	return r;
+}
+
 /* r, which already left by tunnel device tun (0: none, xfrm), is now the
- * payload of the outer packet pi in the same skb: r ends encapsulated and
- * the outer packet's record starts. */
+ * payload of the outer packet pi in the same skb. */
 static __always_inline struct pt_record *encap_start(const void *skb, struct pt_record *r, struct pkt_info *pi,
 						     __u32 netns, __u32 tun, __u64 now)
 {
-	__u64 outer = r->encap, inner = r->id;
+	__u64 outer = r->encap;
 	struct pt_handoff h;
-	__u8 m;
 
 	/* reserved already (a WireGuard device's payload): taken here */
 	if (outer)
 		handoff_take(skb, now, &h);
 	else
 		outer = next_id();
-	r->match |= match_header(skb, pi);
-	m = match_joined(r->match);
-	r->match = m;
-	r->encap = outer;
-	r->tun_ifindex = tun;
-	rec_finish(skb, r, PT_FATE_ENCAPSULATED);
-	r = rec_new(skb, netns, pi, now, outer);
-	if (!r)
-		return NULL;
-	r->inner = inner;
-	r->tun_ifindex = tun;
-	r->match = match_joined(r->match | m);
-	return r;
+	return tunnel_switch(skb, r, pi, netns, tun, now, outer, true);
 }
 
 /* r, an outer packet the local stack took, now carries its payload pi,
- * received on ifindex: r ends decapsulated and the payload's record starts
- * (as received: fate and links as for any received packet). */
+ * received on ifindex. */
 static __always_inline struct pt_record *decap_start(const void *skb, struct pt_record *r, struct pkt_info *pi,
 						     __u32 netns, __u32 ifindex, __u64 now)
 {
-	__u64 inner = next_id(), outer = r->id;
-	__u8 m;
-
-	r->match |= match_header(skb, pi);
-	m = match_joined(r->match);
-	r->match = m;
-	r->inner = inner;
-	r->tun_ifindex = ifindex;
-	rec_finish(skb, r, PT_FATE_DECAPSULATED);
-	r = rec_new(skb, netns, pi, now, inner);
-	if (!r)
-		return NULL;
-	r->decap = outer;
-	r->tun_ifindex = ifindex;
-	r->seen |= PT_SEEN_RX;
-	r->match = match_joined(r->match | m);
-	return r;
+	return tunnel_switch(skb, r, pi, netns, ifindex, now, next_id(), false);
 }
 
 /* Received again after INPUT (r): decapsulated, if the headers at l3 are
