@@ -260,7 +260,7 @@ def ipr(ns: str | None):
 # link kinds (IFLA_INFO_KIND) that are tunnels: an outer packet's payload
 # leaves or arrives by one of these
 TUNNEL_KINDS = frozenset({"vxlan", "geneve", "gre", "gretap", "ip6gre", "ip6gretap", "erspan", "ip6erspan",
-                          "ipip", "sit", "ip6tnl", "wireguard", "vti", "vti6", "xfrm", "bareudp", "ipvtap"})
+                          "ipip", "sit", "ip6tnl", "wireguard", "vti", "vti6", "xfrm", "bareudp"})
 
 
 # UDP ports tunnels listen on by default: VXLAN (IANA, and Linux's default),
