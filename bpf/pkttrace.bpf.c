@@ -704,25 +704,37 @@ static __always_inline void rejected_forget(const void *skb)
 		*slot = 0;
 }
 
-/* First sight of a packet: with a header-only filter it can be judged now,
- * and a packet that does not match gets no record at all (every later probe
- * then returns at once) -- unless NAT in its netns may make it match later:
- * then its whole path is kept and judged at its end.  False when rejected. */
-/* A packet whose payload a tunnel may deliver: its headers say little of
- * what it carries, so a header filter does not judge it at first sight. */
-static __always_inline bool tunnel_carrier(const struct pkt_info *pi)
+/* A packet whose payload a tunnel may deliver: by its protocol, or its UDP
+ * destination port (one of the tunnels' ports user space set). */
+static __always_inline bool carrier_of(__u8 proto, __u16 dport)
 {
-	if (pi->proto == IPPROTO_GRE || pi->proto == IPPROTO_IPIP || pi->proto == IPPROTO_IPV6 ||
-	    pi->proto == IPPROTO_ESP)
+	if (proto == IPPROTO_GRE || proto == IPPROTO_IPIP || proto == IPPROTO_IPV6 || proto == IPPROTO_ESP)
 		return true;
-	if (pi->proto != IPPROTO_UDP || !pi->dport)
+	if (proto != IPPROTO_UDP || !dport)
 		return false;
 	for (int i = 0; i < PT_TUN_PORTS; i++)
-		if (cfg.tun_ports[i] == pi->dport)
+		if (cfg.tun_ports[i] == dport)
 			return true;
 	return false;
 }
 
+/* Its headers say little of what it carries, so a header filter does not
+ * judge it at first sight. */
+static __always_inline bool tunnel_carrier(const struct pkt_info *pi)
+{
+	return carrier_of(pi->proto, pi->dport);
+}
+
+/* A record's packet, by its headers now (DNAT may have changed the port). */
+static __always_inline bool carrier_record(const struct pt_record *r)
+{
+	return carrier_of(r->proto, r->cur_dport);
+}
+
+/* First sight of a packet: with a header-only filter it can be judged now,
+ * and a packet that does not match gets no record at all (every later probe
+ * then returns at once) -- unless NAT in its netns may make it match later:
+ * then its whole path is kept and judged at its end.  False when rejected. */
 static __always_inline bool first_sight_wanted(const void *skb, struct pkt_info *pi, __u32 netns)
 {
 	__u32 f = cfg.filter;
@@ -2116,6 +2128,12 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		bpf_probe_read_kernel(b, 2, l3);
 		s->tos = (b[0] << 4) | (b[1] >> 4);
 	}
+	/* a tunnel's carrier taken locally: its payload may be received on
+	 * another CPU before this one's poll ends (WireGuard decrypts on
+	 * any CPU; so may async crypto for ESP), so it is shared now.
+	 * Last: r is not ours after this. */
+	if (kind == PT_STAGE_INPUT && carrier_record(r))
+		rec_park(skb);
 	return NF_ACCEPT;
 }
 

@@ -55,7 +55,7 @@ for run in "${RUNS[@]}"; do
   log="$LOGDIR/$kernel-$backend.log"
   echo "kernel-matrix: Linux $kernel, backend $backend ..." >&2
   KR_TIMEOUT=${KR_TIMEOUT:-3000} KR_ENV="PKTTRACE_BACKEND" PKTTRACE_BACKEND=$backend \
-    bash "$VM" "$kernel" -- .venv/bin/python -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" >"$log" 2>&1
+    bash "$VM" "$kernel" -- .venv/bin/python -m pytest -q -p no:cacheprovider -rfEs "${TESTS[@]}" >"$log" 2>&1
   rc=$?
   summary=$(grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|skipped).* =+$|(passed|failed|error).* in [0-9.]+s" "$log" | tail -1)
   p=$(grep -oE "[0-9]+ passed" <<<"$summary" | grep -oE "[0-9]+" || true)
