@@ -287,6 +287,9 @@ TUNNELS = {
     "gretap": (("local", "{local}", "remote", "{remote}", "ttl", "64"), 47, "GRETAP (module ip_gre)", True, 4),
     "ipip": (("local", "{local}", "remote", "{remote}", "ttl", "64"), 4, "IPIP tunnels (module ipip)", False, 4),
     "geneve": (("id", "5", "remote", "{remote}"), UDP, "GENEVE (module geneve)", True, 4),
+    # SIT in "any" mode carries IPv4 too (IPv4 in IPv4, like ipip, through sit's own handler)
+    "sit": (("mode", "any", "local", "{local}", "remote", "{remote}", "ttl", "64"), 4, "SIT tunnels (module sit)",
+            False, 4),
     # IPv4 in IPv6: the outer packet is IPv6, next header 4
     "ip6tnl": (("mode", "ipip6", "local", "{local}", "remote", "{remote}"), 4, "ip6tnl (module ip6_tunnel)", False,
                6),
