@@ -7,7 +7,7 @@
 #
 #   scripts/kernel-matrix.sh            # every integration test (~40 min under TCG)
 #   scripts/kernel-matrix.sh --subset   # the path tests under each backend; the backend, qdisc and tunnel
-#                                       # tests once per kernel (~30 min, two guests at a time): what CI runs
+#                                       # tests once per kernel (~40 min, two guests at a time): what CI runs
 #   scripts/kernel-matrix.sh --run 6.12:fentry --run 6.1:kprobe   # only these kernel:backend pairs
 #   PKTTRACE_MATRIX_JOBS=1 scripts/kernel-matrix.sh ...               # one guest at a time (default 2)
 #
@@ -81,10 +81,10 @@ run_one() {
 JOBS=${PKTTRACE_MATRIX_JOBS:-2}
 case "$JOBS" in ''|*[!0-9]*|0) echo "kernel-matrix.sh: PKTTRACE_MATRIX_JOBS wants a number >= 1, not '$JOBS'" >&2; exit 2 ;; esac
 # run-vm.sh fetches and unpacks a kernel on its first use, with no lock:
-# one short boot per kernel first, one after the other, so that runs side
-# by side find it unpacked
+# a kernel that more than one run boots gets one short boot first, alone,
+# so that its runs side by side find it unpacked
 if [ "$JOBS" -gt 1 ]; then
-  for k in $(printf '%s\n' "${RUNS[@]}" | cut -d' ' -f1 | sort -u); do
+  for k in $(printf '%s\n' "${RUNS[@]}" | cut -d' ' -f1 | sort | uniq -d); do
     KR_TIMEOUT=600 bash "$VM" "$k" -- true >"$LOGDIR/$k-warm-up.log" 2>&1 ||
       echo "kernel-matrix: Linux $k did not boot for its warm-up (see $LOGDIR/$k-warm-up.log)" >&2
   done
