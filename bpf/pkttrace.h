@@ -416,6 +416,8 @@ struct pt_nf_pos {
  * then its record is parked in the shared `inflight` table. */
 struct pt_slots {
 	__u64 skb[PT_SLOTS];
+	__u64 arg;       /* the skb a global function (rec_park_arg, rec_forget_arg)
+			    is for: the verifier takes no pointer as a scalar argument */
 };
 
 /* Per CPU: the packet whose processing this CPU is in (last stage seen), so

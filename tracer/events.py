@@ -329,7 +329,7 @@ class PtNfPos(ctypes.Structure):
 
 
 class PtSlots(ctypes.Structure):
-    _fields_ = [("skb", u64 * PT_SLOTS)]
+    _fields_ = [("skb", u64 * PT_SLOTS), ("arg", u64)]
 
 
 class PtActive(ctypes.Structure):
