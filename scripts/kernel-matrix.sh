@@ -7,7 +7,7 @@
 #
 #   scripts/kernel-matrix.sh            # every integration test (~40 min under TCG)
 #   scripts/kernel-matrix.sh --subset   # the path tests under each backend; the backend, qdisc and tunnel
-#                                       # tests once per kernel (~40 min, two guests at a time): what CI runs
+#                                       # tests once per kernel (~25 min, two guests at a time): what CI runs
 #   scripts/kernel-matrix.sh --run 6.12:fentry --run 6.1:kprobe   # only these kernel:backend pairs
 #   PKTTRACE_MATRIX_JOBS=1 scripts/kernel-matrix.sh ...               # one guest at a time (default 2)
 #
