@@ -1657,24 +1657,30 @@ SEC("tp_btf/fib6_table_lookup")
 int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *res,
 	     struct fib6_table *table, const struct flowi6 *flp)
 {
+	const struct fib6_nh *nh;
 	struct net_device *dev;
 	__u32 oif = 0;
 	__s32 err = 0;
 	__u8 gw_family = 0;
+	bool null_entry;
 	__u8 type;
 
 	if (!netns_traced(net->ns.inum))
 		return 0;
-	dev = res->nh ? res->nh->nh_common.nhc_dev : NULL;
+	/* pointer fields read once (see struct nf_ptrs) */
+	nh = res->nh;
+	barrier_var(nh);
+	null_entry = res->f6i == net->ipv6.fib6_null_entry;
+	dev = nh ? nh->nh_common.nhc_dev : NULL;
 	if (dev)
 		oif = dev->ifindex;
-	if (res->nh && res->nh->nh_common.nhc_gw_family == AF_INET6)
+	if (nh && nh->nh_common.nhc_gw_family == AF_INET6)
 		gw_family = 6;
 	/* fib6 reports failures as route types; map them to errnos like fib4.
 	 * Nothing found in this table is the null entry: like fib4's -EAGAIN
 	 * (the rules go on to the next table), not an unreachable route. */
 	type = res->fib6_type;
-	if (res->f6i == net->ipv6.fib6_null_entry)
+	if (null_entry)
 		err = -11; /* EAGAIN */
 	else if (type == RTN_UNREACHABLE)
 		err = -113; /* EHOSTUNREACH */
@@ -1683,7 +1689,7 @@ int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *re
 	else if (type == RTN_BLACKHOLE)
 		err = -22;  /* EINVAL */
 	route_push(6, table ? table->tb6_id : 0, err, oif, flp->__fl_common.flowic_mark, gw_family,
-		   gw_family ? &res->nh->nh_common.nhc_gw : NULL, &flp->daddr, &flp->saddr);
+		   gw_family && nh ? &nh->nh_common.nhc_gw : NULL, &flp->daddr, &flp->saddr);
 	return 0;
 }
 
@@ -3118,11 +3124,14 @@ static __always_inline void chain_dropped(struct sk_buff *skb, const struct net_
 SEC("tp_btf/kfree_skb")
 int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
 {
-	struct pt_record *r = rec_lookup(skb);
-	const struct net_device *dev;
+	/* read first, on the one path there is (see struct nf_ptrs) */
+	const struct net_device *dev = skb->dev;
+	struct pt_record *r;
 	struct pt_stage *s;
 	__u8 kind;
 
+	barrier_var(dev);
+	r = rec_lookup(skb);
 	nf_pos_forget(skb);
 	if (r)
 		r = decap_late(skb, r);
@@ -3130,9 +3139,6 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 		rejected_forget(skb);
 		return 0;
 	}
-	/* read once (see struct nf_ptrs) */
-	dev = skb->dev;
-	barrier_var(dev);
 	if ((r->flags & PT_REC_FRAG) && !frag_failed(reason)) {
 		frag_absorbed(skb, r);
 		return 0;
@@ -3229,6 +3235,7 @@ int BPF_PROG(on_copy_datagram, const struct sk_buff *skb, int len)
  * consume_skb, so this is where UDP delivery is seen. */
 static __always_inline void data_ready(const struct sock *sk, bool core)
 {
+	const struct socket *so;
 	struct pt_record *r;
 	__u64 key;
 	__u16 fam = core ? BPF_CORE_READ(sk, __sk_common.skc_family) : sk->__sk_common.skc_family;
@@ -3238,11 +3245,14 @@ static __always_inline void data_ready(const struct sock *sk, bool core)
 	 * not the packet's delivery */
 	if (fam != AF_INET && fam != AF_INET6)
 		return;
+	/* read before the branches (see struct nf_ptrs) */
+	so = core ? NULL : sk->sk_socket;
+	barrier_var(so);
 	r = pending_take(&key);
 	if (r)
 		deliver((const void *)key, r, PT_DELIVER_QUEUED,
 			core ? BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino) :
-			sk->sk_socket && sk->sk_socket->file ? sk->sk_socket->file->f_inode->i_ino : 0);
+			so && so->file ? so->file->f_inode->i_ino : 0);
 }
 
 SEC("tp_btf/sk_data_ready")
@@ -3650,15 +3660,17 @@ int BPF_PROG(on_napi_poll, struct napi_struct *napi, int work, int budget)
 static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 {
 	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
+	/* read first, on the one path there is (see struct nf_ptrs) */
+	const struct net_device *dev = skb->dev;
 	bool ingress = kind == PT_STAGE_TC_INGRESS;
 	struct pt_tc_last *t;
 	struct pt_record *r;
-	const struct net_device *dev;
 	struct pt_stage *s;
 	__u32 zero = 0;
 	__u8 redirected;
 	__u64 now;
 
+	barrier_var(dev);
 	if (ingress)
 		pending_resolve(skb);
 	if (is_rejected(skb)) {
@@ -3670,9 +3682,6 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 		rejected_forget(skb);
 	}
 	now = bpf_ktime_get_ns();
-	/* read once (see struct nf_ptrs) */
-	dev = skb->dev;
-	barrier_var(dev);
 	r = rec_lookup(skb);
 	if (r && (ingress ? r->seen & PT_SEEN_INPUT : r->flags & PT_REC_QUEUED)) {
 		__u8 family = family_of_ethertype(ctx->protocol);
