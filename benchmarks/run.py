@@ -653,8 +653,9 @@ BOUND_BY = {
                            "writing a ~700 B record to the ring costs ~400 ns at the tx tracepoint",
     "trace-all-paced-lost": "ring buffer full while the collector was descheduled: counted as lost",
     "collector-json-per-s": "a template per (path shape, record) is filled with the id and times as bytes",
-    "start-to-ready-s": "the verifier (~250 ms: the tracepoint programs and the observer program), TCX links "
-                        "(~12 ms each under the RTNL lock, 8 here) and ~100 ms of Python start-up",
+    "start-to-ready-s": "Python start-up and imports (~160-290 ms), probing the kernel (~90 ms: kallsyms, a "
+                        "test fentry load), the verifier (~0.3 s of CPU since 2026-12-03, 1.3 s before: "
+                        "python -m benchmarks.load_cost), TCX links (~10 ms each under the RTNL lock, 8 here)",
 }
 
 
