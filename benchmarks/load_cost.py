@@ -22,14 +22,7 @@ from tracer.events import PtConfig
 
 def _open(plan: backends.Plan, mode: str) -> libbpf.BpfObject:
     obj = libbpf.BpfObject(libbpf.object_path())
-    # as the session: the first observer bank only, where links exist
-    need = 1 if plan.netfilter == "nflink" else 0
-    for i, name in enumerate(observers.nf_programs()):
-        obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
-        if i >= need:
-            obj.program(name).set_autoload(False)
-    for name in plan.off:
-        obj.program(name).set_autoload(False)
+    observers.select_programs(obj, plan)     # as the session does
     ptr, _size = obj.map(".rodata").initial_value()
     cfg = PtConfig.from_address(ptr)
     if mode == "serve":

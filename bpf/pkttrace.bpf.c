@@ -839,8 +839,9 @@ static __always_inline bool slot_park(struct pt_slots *m, int i)
 
 /* Global, as are slot_take and rec_forget_arg: verified once, not at each
  * of their callers (inline, their loops over the slots were a third of
- * the observer program's verification once route_take's was gone).  The skb they are for comes in
- * m->arg: a pointer is no scalar argument to the verifier. */
+ * the observer program's verification once route_take's was gone).  The
+ * skb they are for comes in m->arg: a pointer is no scalar argument to the
+ * verifier. */
 __noinline int rec_park_arg(void)
 {
 	struct pt_slots *m = slots_of_cpu();
@@ -2222,9 +2223,6 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 	return NF_ACCEPT;
 }
 
-/* core: skb and state are plain addresses (kprobes), read with CO-RE; else
- * BTF pointers, read directly.  A constant at every call: the other branch
- * is compiled out. */
 /* The pointer fields of a trusted pointer (the hook state, the skb), read
  * once where a program starts: newer verifiers (6.18 here; not 6.1) search
  * the kernel's BTF by name, for a "__safe_trusted" variant of the type, at
@@ -2260,6 +2258,9 @@ static __always_inline int nf_observe_with(struct sk_buff *skb, const struct nf_
 			      p->out ? p->out->ifindex : 0, p->net->ns.inum, slot, first, prio, stflags, table);
 }
 
+/* core: skb and state are plain addresses (kprobes), read with CO-RE; else
+ * BTF pointers, read directly.  A constant at every call: the other branch
+ * is compiled out. */
 static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_hook_state *state, __u8 slot,
 					 bool first, __s32 prio, __u8 stflags, __u32 table, bool core)
 {
@@ -2277,7 +2278,6 @@ static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_ho
 	nf_ptrs_read(state, &p);
 	return nf_observe_with(skb, state, &p, slot, first, prio, stflags, table);
 }
-
 
 /* Forget where a freed packet was in its hook: its pointer will be reused. */
 static __always_inline void nf_pos_forget(const void *skb)

@@ -10,7 +10,7 @@ import platform
 import uuid
 from dataclasses import dataclass
 
-from . import backends, caps, libbpf, probes
+from . import backends, caps, libbpf, observers, probes
 
 TRACEPOINTS = tuple(tp for tp, _ in backends.TRACEPOINT_PROGRAMS.values())
 
@@ -142,11 +142,7 @@ def run() -> list[Check]:
         checks.append(Check("BPF object", False, str(e)))
         return checks
     try:
-        for p in obj.programs():
-            if p.name.startswith("nf_obs_"):
-                p.set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
-            if p.name in bplan.off or (p.name.startswith("nf_obs_") and p.name != "nf_obs_0"):
-                p.set_autoload(False)
+        observers.select_programs(obj, bplan)
         obj.load()
         checks.append(Check("BPF programs load", True, f"{object_path()}"))
         checks.extend(_attach_checks(obj, bplan))

@@ -23,6 +23,25 @@ def nf_programs() -> list[str]:
     return [f"nf_obs_{bank}" for bank in range(events.PT_NF_SLOTS // events.PT_NF_BANK)]
 
 
+def select_programs(obj: libbpf.BpfObject, plan: Plan) -> int:
+    """Before obj's load: the observers' program type, and autoload off for
+    what this kernel cannot run or plan's backend does not use.  Returns how
+    many observer banks load now: the first where netfilter links attach
+    them (~80 ms of verifier time each; the second is loaded at the first
+    re-placement, Observers.program_fd), none otherwise."""
+    need = 1 if plan.netfilter == "nflink" else 0
+    for i, name in enumerate(nf_programs()):
+        obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
+        if i >= need:
+            obj.program(name).set_autoload(False)
+    # tc observers mark the receive and the hand-over to a device in the
+    # traced namespaces only; the rx/queue tracepoints stand in for them
+    # without tc, at the cost of a program run per packet of the host
+    for name in plan.off:
+        obj.program(name).set_autoload(False)
+    return need
+
+
 def registered(ns: str | None) -> placement.Registered:
     try:
         return placement.registered(ns)

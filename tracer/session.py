@@ -225,19 +225,7 @@ class Tracer:
 
     def _load(self) -> None:
         obj = self.obj = libbpf.BpfObject(libbpf.object_path())
-        # Only the first bank's observer program now (~80 ms of verifier
-        # time each): the second is loaded at the first re-placement.
-        need = 1 if self._plan.netfilter == "nflink" else 0
-        for i, name in enumerate(observers.nf_programs()):
-            obj.program(name).set_type(libbpf.BPF_PROG_TYPE_NETFILTER, libbpf.BPF_NETFILTER)
-            if i >= need:
-                obj.program(name).set_autoload(False)
-        # what this kernel cannot run, or this backend does not use: tc
-        # observers mark the receive and the hand-over to a device in the
-        # traced namespaces only; the rx/queue tracepoints stand in for them
-        # without tc, at the cost of a program run per packet of the host
-        for name in self._plan.off:
-            obj.program(name).set_autoload(False)
+        need = observers.select_programs(obj, self._plan)
         obj.map("inflight").set_max_entries(self.opts.max_inflight)
         # the ring must exist; without emit it only needs one page
         obj.map("events").set_max_entries(self.opts.ringbuf_bytes if self.opts.emit else 4096)
