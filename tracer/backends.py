@@ -25,9 +25,10 @@ import os
 import platform
 import re
 import struct
+from collections.abc import Container
 from dataclasses import dataclass, field
 
-from . import libbpf
+from . import kallsyms, libbpf
 
 BACKENDS = ("auto", "nflink", "fentry", "kprobe")
 # how tc ingress/egress is observed (--tc): TCX links, classic cls_bpf, or not at all
@@ -121,7 +122,8 @@ class Features:
     sk_data_ready_tp: bool      # tracepoint sk:sk_data_ready, 6.3+
     fentry: str | None          # None if fentry loads, else why not
     kprobes: bool = False       # the kprobe PMU (or tracefs kprobe_events): kprobes attach
-    functions: frozenset = field(default_factory=frozenset)   # kernel functions present (kallsyms)
+    # kernel functions present (kallsyms.Functions: looked up when asked)
+    functions: Container[str] = field(default_factory=frozenset)
     hook_slow: tuple[int, int] | None = None    # nf_hook_slow's code [start, end), if kallsyms shows addresses
     qdisc_tp: bool = True       # tracepoints qdisc:qdisc_enqueue (5.16+) and qdisc_dequeue: the qdisc stage
 
@@ -148,43 +150,6 @@ class Plan:
 def _kernel_version() -> tuple[int, int]:
     m = re.match(r"(\d+)\.(\d+)", platform.release())
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-def _kallsyms(names) -> tuple[frozenset, tuple[int, int] | None]:
-    """Which of names are kernel functions (vmlinux or a loaded module), and
-    where nf_hook_slow's code is (None where kallsyms hides addresses).
-
-    One pass of a regular expression over the whole file: splitting its
-    ~120,000 lines in Python cost ~55 ms of every start."""
-    names = sorted(set(names))
-    if not names:
-        return frozenset(), None
-    # "address type name" then a tab and "[module]", or the end of the line
-    pattern = re.compile(rb" [tTwW] (" + b"|".join(re.escape(n.encode()) for n in names) + rb")[\t\n]")
-    try:
-        with open("/proc/kallsyms", "rb") as f:
-            text = f.read()
-    except OSError:
-        return frozenset(), None
-    return frozenset(m.decode() for m in pattern.findall(text)), _code_of(text, b"nf_hook_slow")
-
-
-def _code_of(kallsyms: bytes, name: bytes) -> tuple[int, int] | None:
-    """[start, end) of a vmlinux function: its address, and the next line's
-    (vmlinux's symbols are listed by address).  None where kallsyms hides
-    addresses.  A plain find, not a regular expression: ~30 ms less start."""
-    for kind in (b" T ", b" t "):
-        at = kallsyms.find(kind + name + b"\n")
-        if at < 0:
-            continue
-        line = kallsyms.rfind(b"\n", 0, at) + 1
-        nxt = at + len(kind) + len(name) + 1
-        try:
-            start, end = int(kallsyms[line:at], 16), int(kallsyms[nxt:kallsyms.index(b" ", nxt)], 16)
-        except ValueError:
-            return None
-        return (start, end) if 0 < start < end else None
-    return None
 
 
 def fentry_refusal(btf: libbpf.Btf) -> str | None:
@@ -223,8 +188,7 @@ def probe() -> Features:
     except libbpf.BpfError as e:
         raise BackendError(str(e)) from None
     try:
-        funcs = {*HOOK_PROGRAMS.values(), FENTRY_DATA_READY[1]}
-        functions, hook_slow = _kallsyms(funcs)
+        text = kallsyms.take()
         return Features(
             kernel=platform.release(),
             netfilter_link=btf.find("bpf_nf_ctx", BTF_KIND_STRUCT) is not None,
@@ -232,7 +196,7 @@ def probe() -> Features:
             sk_data_ready_tp=btf.has_type("btf_trace_sk_data_ready", libbpf.BTF_KIND_TYPEDEF),
             fentry=fentry_refusal(btf),
             kprobes=kprobes_available(),
-            functions=functions, hook_slow=hook_slow,
+            functions=kallsyms.Functions(text), hook_slow=kallsyms.code_of(text, b"nf_hook_slow"),
             qdisc_tp=all(btf.has_type(f"btf_trace_{tp}", libbpf.BTF_KIND_TYPEDEF)
                          for tp in ("qdisc_enqueue", "qdisc_dequeue")))
     finally:

@@ -528,6 +528,11 @@ class BpfObject:
             return self.load()
         for p in self.programs():
             p.set_autoload(False)
+        # Another thread runs Python meanwhile (the session's ruleset reader):
+        # each of the thousands of calls into libbpf here, and each of its
+        # callbacks, waits for the GIL, for up to the switch interval (5 ms)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0002)
         # the parts are opened first, here: nothing else runs libbpf meanwhile
         parts: list[BpfObject] = []
         try:
@@ -550,22 +555,19 @@ class BpfObject:
                 except BaseException as e:  # noqa: BLE001 -- raised below, in the caller's thread
                     failed.append(e)
             other = threading.Thread(target=load_other, name="pkttrace-verify")
-            # ~330 libbpf callbacks a load wait for the GIL while another
-            # thread runs Python (the ruleset reader): switch it often
-            interval = sys.getswitchinterval()
-            sys.setswitchinterval(0.0002)
             other.start()
             try:
                 parts[0].load()
             finally:
                 other.join()
-                sys.setswitchinterval(interval)
             if failed:
                 raise failed[0]
         except BaseException:
             for part in parts:
                 part.close()
             raise
+        finally:
+            sys.setswitchinterval(interval)
         self.parts = parts
 
     def close(self) -> None:

@@ -1,4 +1,6 @@
-"""sysinfo.Kallsyms: kernel address -> symbol+offset, from a fake /proc/kallsyms."""
+"""/proc/kallsyms, faked: sysinfo.Kallsyms (address -> symbol+offset) and
+tracer.kallsyms (what the backend probe reads: function code ranges, which
+functions exist, the read ahead of need)."""
 
 import pytest
 
@@ -67,12 +69,55 @@ def test_file_is_read_lazily_and_once(tmp_path):
 
 
 def test_code_range_of_a_function_for_telling_drops_apart():
-    """backends._code_of: nf_hook_slow's code, from its line and the next
+    """kallsyms.code_of: nf_hook_slow's code, from its line and the next
     one; None where kallsyms hides addresses (not root, kptr_restrict)."""
-    from tracer.backends import _code_of
+    from tracer.kallsyms import code_of as _code_of
     text = (b"ffffffff81f80840 T __pfx_nf_hook_slow\nffffffff81f80850 T nf_hook_slow\n"
             b"ffffffff81f80960 T __pfx_nf_hook_slow_list\n")
     assert _code_of(text, b"nf_hook_slow") == (0xffffffff81f80850, 0xffffffff81f80960)
     assert _code_of(text, b"nft_do_chain") is None
     zeros = b"0000000000000000 T nf_hook_slow\n0000000000000000 T nf_hook_slow_list\n"
     assert _code_of(zeros, b"nf_hook_slow") is None
+
+
+KALLSYMS = (b"ffffffff81f80840 T __pfx_nf_hook_slow\nffffffff81f80850 T nf_hook_slow\n"
+            b"ffffffff81f80960 T nf_hook_slow_list\nffffffff82000000 D nf_hooks_data\n"
+            b"ffffffff82000100 W weak_fn\nffffffffc0001000 t nft_do_chain\t[nf_tables]\n"
+            b"ffffffffc0002000 t nft_do_chain_ipv4\t[nf_tables]\n")
+
+
+@pytest.mark.parametrize("name, listed", [
+    ("nf_hook_slow", True),          # vmlinux, T
+    ("nft_do_chain", True),          # a module's: "\t[nf_tables]" after the name
+    ("weak_fn", True),               # W counts
+    ("nf_hooks_data", False),        # data, not a function
+    ("nf_hook", False),              # only a prefix of listed names
+    ("hook_slow", False),            # only a suffix
+    ("ipt_do_table", False),         # absent
+])
+def test_functions_are_found_by_whole_name_and_function_type(name, listed):
+    from tracer.kallsyms import Functions, defines
+    assert defines(KALLSYMS, name.encode()) is listed
+    fns = Functions(KALLSYMS)
+    assert (name in fns) is listed
+    assert (name in fns) is listed          # remembered, same answer
+    assert 42 not in fns
+
+
+def test_the_read_ahead_is_taken_once_then_read_again(tmp_path, monkeypatch):
+    """prefetch() reads in a thread; take() hands that text over and forgets
+    it (a service keeps no 5 MB copy), so the next take() reads the file anew."""
+    from tracer import kallsyms
+    p = tmp_path / "kallsyms"
+    p.write_bytes(KALLSYMS)
+    monkeypatch.setattr(kallsyms, "PATH", str(p))
+    kallsyms.prefetch()
+    reader = kallsyms._reader
+    kallsyms.prefetch()                     # once: no second reader
+    assert kallsyms._reader is reader
+    assert kallsyms.take() == KALLSYMS
+    assert kallsyms._prefetched is None and kallsyms._reader is None
+    p.write_bytes(b"ffffffff81000000 T changed\n")
+    assert kallsyms.take() == b"ffffffff81000000 T changed\n"   # the next take reads now
+    p.unlink()
+    assert kallsyms.take() == b""           # unreadable: empty, and the probe finds nothing

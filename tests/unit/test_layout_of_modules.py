@@ -11,7 +11,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 # bottom to top, as the README draws it; a module imports only from layers below its own
 LAYERS = [
     {"events", "libbpf", "netns", "inputs", "model", "sysinfo", "sdnotify", "version", "colour",
-     "caps", "webconfig", "pcapfilter", "nftables"},                               # facts, model; libpcap; nf_tables netlink
+     "caps", "webconfig", "pcapfilter", "nftables", "kallsyms"},                   # facts, model; libpcap; nf_tables netlink
     {"layout", "filters", "backends", "placement", "routing", "watch", "lab", "qdiscs"},   # what the kernel offers / has
     {"probes", "paths", "ruletrace"},                                             # attach; bytes -> packets; --rules' table
     {"observers", "tcobservers", "recording", "templates", "collector", "names", "rulejoin"},   # observers; record/replay; collect
