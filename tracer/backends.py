@@ -178,29 +178,35 @@ def kprobes_available() -> bool:
                                            "/sys/kernel/debug/tracing/kprobe_events"))
 
 
-def probe() -> Features:
-    """Probe this kernel; BackendError below Linux 5.8 or without BTF."""
+def require_kernel() -> None:
+    """BackendError below Linux 5.8: said before anything asks for BTF."""
     if _kernel_version() < MIN_KERNEL:
         raise BackendError(f"Linux {platform.release()} is too old: pkttrace needs 5.8 or later "
                            "(BPF ring buffer, BTF tracepoints)")
-    try:
-        btf = libbpf.Btf.vmlinux()
-    except libbpf.BpfError as e:
-        raise BackendError(str(e)) from None
-    try:
-        text = kallsyms.take()
-        return Features(
-            kernel=platform.release(),
-            netfilter_link=btf.find("bpf_nf_ctx", BTF_KIND_STRUCT) is not None,
-            cast_kfunc=btf.find("bpf_cast_to_kern_ctx", BTF_KIND_FUNC) is not None,
-            sk_data_ready_tp=btf.has_type("btf_trace_sk_data_ready", libbpf.BTF_KIND_TYPEDEF),
-            fentry=fentry_refusal(btf),
-            kprobes=kprobes_available(),
-            functions=kallsyms.Functions(text), hook_slow=kallsyms.code_of(text, b"nf_hook_slow"),
-            qdisc_tp=all(btf.has_type(f"btf_trace_{tp}", libbpf.BTF_KIND_TYPEDEF)
-                         for tp in ("qdisc_enqueue", "qdisc_dequeue")))
-    finally:
-        btf.close()
+
+
+def probe(btf: libbpf.Btf | None = None) -> Features:
+    """Probe this kernel; BackendError below Linux 5.8 or without BTF.
+    `btf`: the kernel's, already parsed (the session shares one parse with
+    names.read_kernel_btf: ~15 ms of start each); else parsed here."""
+    require_kernel()
+    if btf is None:
+        try:
+            with libbpf.Btf.vmlinux() as own:
+                return probe(own)
+        except libbpf.BpfError as e:
+            raise BackendError(str(e)) from None
+    text = kallsyms.take()
+    return Features(
+        kernel=platform.release(),
+        netfilter_link=btf.find("bpf_nf_ctx", BTF_KIND_STRUCT) is not None,
+        cast_kfunc=btf.find("bpf_cast_to_kern_ctx", BTF_KIND_FUNC) is not None,
+        sk_data_ready_tp=btf.has_type("btf_trace_sk_data_ready", libbpf.BTF_KIND_TYPEDEF),
+        fentry=fentry_refusal(btf),
+        kprobes=kprobes_available(),
+        functions=kallsyms.Functions(text), hook_slow=kallsyms.code_of(text, b"nf_hook_slow"),
+        qdisc_tp=all(btf.has_type(f"btf_trace_{tp}", libbpf.BTF_KIND_TYPEDEF)
+                     for tp in ("qdisc_enqueue", "qdisc_dequeue")))
 
 
 def plan(feat: Features, backend: str = "auto", tc: str = "auto") -> Plan:

@@ -611,6 +611,12 @@ class Btf:
             lib().btf__free(self.ptr)
         self.ptr = None
 
+    def __enter__(self) -> "Btf":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _type(self, tid: int) -> _BtfType:
         p = lib().btf__type_by_id(self.ptr, tid)
         return _BtfType.from_address(p)

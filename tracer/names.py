@@ -25,11 +25,12 @@ class Names:
         self._qdiscs_read: dict[int, float] = {}      # netns inode -> when its qdiscs were read
         ctx.qdisc_refresh = self.learn_qdiscs
 
-    def read_kernel_btf(self) -> bool:
+    def read_kernel_btf(self, kernel: libbpf.Btf | None = None) -> bool:
         """Drop reason names into the context; True if the programs can
-        read nftables' generation (net->nft.base_seq)."""
+        read nftables' generation (net->nft.base_seq).  `kernel`: the
+        kernel's BTF, already parsed (else parsed here, and freed)."""
         try:
-            btf = libbpf.Btf.vmlinux()
+            btf = kernel or libbpf.Btf.vmlinux()
         except libbpf.BpfError:
             return True   # names fall back to numbers; the doctor reports missing BTF
         try:
@@ -43,7 +44,8 @@ class Names:
         except libbpf.BpfError:
             return True
         finally:
-            btf.close()
+            if btf is not kernel:
+                btf.close()
 
     def learn_netns(self, ns: str | None, ino: int) -> None:
         """A traced namespace: its name ("" for the current one) and its devices'."""

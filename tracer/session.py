@@ -176,11 +176,14 @@ class Tracer:
         if len(self._ns_inodes) > events.PT_MAX_NETNS:
             raise TraceError(f"at most {events.PT_MAX_NETNS} network namespaces can be traced at once "
                              f"({len(self._ns_inodes)} asked for)")
+        # the kernel's BTF, parsed once for the probe and the names (~15 ms each)
         try:
-            self.plan = backends.plan(backends.probe(), self.opts.backend, self.opts.tc)
-        except backends.BackendError as e:
+            backends.require_kernel()
+            with libbpf.Btf.vmlinux() as kernel_btf:
+                self.plan = backends.plan(backends.probe(kernel_btf), self.opts.backend, self.opts.tc)
+                self._gen_visible = self.names.read_kernel_btf(kernel_btf)
+        except (backends.BackendError, libbpf.BpfError) as e:
             raise TraceError(str(e)) from None
-        self._gen_visible = self.names.read_kernel_btf()
         try:
             if self.opts.rules:
                 # before the rulesets are read: the observers are placed
