@@ -663,9 +663,10 @@ BOUND_BY = {
                            "writing a ~700 B record to the ring costs ~400 ns at the tx tracepoint",
     "trace-all-paced-lost": "ring buffer full while the collector was descheduled: counted as lost",
     "collector-json-per-s": "a template per (path shape, record) is filled with the id and times as bytes",
-    "start-to-ready-s": "Python start-up and imports (~160-290 ms), probing the kernel (~90 ms: kallsyms, a "
-                        "test fentry load), the verifier (~0.3 s of CPU since 2026-12-03, 1.3 s before: "
-                        "python -m benchmarks.load_cost), TCX links (~10 ms each under the RTNL lock, 8 here)",
+    "start-to-ready-s": "CPU on 2 cores (~0.8-1.0 s of it at ready): Python start-up and imports (~150 ms), "
+                        "pyroute2's import (~250 ms, in a thread beside the verifier), the verifier (~0.25 s "
+                        "of CPU: python -m benchmarks.load_cost) and libbpf's work per object; then TCX "
+                        "links (~10 ms each under the RTNL lock, 8 here)",
 }
 
 

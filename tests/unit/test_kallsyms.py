@@ -2,6 +2,8 @@
 tracer.kallsyms (what the backend probe reads: function code ranges, which
 functions exist, the read ahead of need)."""
 
+import sys
+
 import pytest
 
 from tracer.sysinfo import Kallsyms
@@ -121,3 +123,27 @@ def test_the_read_ahead_is_taken_once_then_read_again(tmp_path, monkeypatch):
     assert kallsyms.take() == b"ffffffff81000000 T changed\n"   # the next take reads now
     p.unlink()
     assert kallsyms.take() == b""           # unreadable: empty, and the probe finds nothing
+
+
+@pytest.mark.parametrize("argv, reads", [
+    (["--help"], False),
+    (["lab", "status"], False),
+    (["replay", "x.jsonl"], False),
+    (["-r", "x.jsonl"], False),
+    (["--mark", "0xZZ"], True),            # a trace: read ahead (the bad mark is said later, exit 2)
+    (["serve", "--listen", "nonsense"], True),
+])
+def test_the_command_line_reads_ahead_only_for_commands_that_probe(monkeypatch, tmp_path, argv, reads):
+    """`pkttrace` (tracer.__main__.main) starts the kallsyms read before its
+    imports for what may trace; not for help, the lab, replays."""
+    from tracer import __main__ as entry, kallsyms
+    p = tmp_path / "kallsyms"
+    p.write_bytes(KALLSYMS)
+    monkeypatch.setattr(kallsyms, "PATH", str(p))
+    monkeypatch.setattr(kallsyms, "_reader", None)
+    monkeypatch.setattr(sys, "argv", ["pkttrace", *argv])
+    started = []
+    monkeypatch.setattr(kallsyms, "prefetch", lambda: started.append(True))
+    monkeypatch.setattr("tracer.cli.run", lambda: 0)     # the command itself is test_cli's
+    assert entry.main() == 0
+    assert bool(started) is reads
