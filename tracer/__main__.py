@@ -12,7 +12,11 @@ def main() -> int:
     # read it beside the imports, which leave the other core idle.  (A run
     # that stops before probing, lacking root say, just drops the thread.)
     if not NOT_TRACING.intersection(sys.argv[1:]):
-        from . import kallsyms
+        from . import kallsyms, libbpf
+        # before the thread's first malloc: a thread that allocates before
+        # the limit gets an arena of its own, which glibc hands on to the
+        # next thread (load_split's verifier) with the RSS it keeps
+        libbpf.one_malloc_arena()
         kallsyms.prefetch()
     from .cli import run
     return run()

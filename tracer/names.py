@@ -30,7 +30,7 @@ class Names:
         read nftables' generation (net->nft.base_seq).  `kernel`: the
         kernel's BTF, already parsed (else parsed here, and freed)."""
         try:
-            btf = kernel or libbpf.Btf.vmlinux()
+            btf = kernel if kernel is not None else libbpf.Btf.vmlinux()
         except libbpf.BpfError:
             return True   # names fall back to numbers; the doctor reports missing BTF
         try:

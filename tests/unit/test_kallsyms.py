@@ -113,13 +113,16 @@ def test_the_read_ahead_is_taken_once_then_read_again(tmp_path, monkeypatch):
     p = tmp_path / "kallsyms"
     p.write_bytes(KALLSYMS)
     monkeypatch.setattr(kallsyms, "PATH", str(p))
+    monkeypatch.setattr(kallsyms, "_reader", None)
+    monkeypatch.setattr(kallsyms, "_prefetched", None)
     kallsyms.prefetch()
     reader = kallsyms._reader
     kallsyms.prefetch()                     # once: no second reader
     assert kallsyms._reader is reader
-    assert kallsyms.take() == KALLSYMS
-    assert kallsyms._prefetched is None and kallsyms._reader is None
+    reader.join()
     p.write_bytes(b"ffffffff81000000 T changed\n")
+    assert kallsyms.take() == KALLSYMS      # what was read ahead, not the file as it is now
+    assert kallsyms._prefetched is None and kallsyms._reader is None
     assert kallsyms.take() == b"ffffffff81000000 T changed\n"   # the next take reads now
     p.unlink()
     assert kallsyms.take() == b""           # unreadable: empty, and the probe finds nothing
@@ -143,7 +146,9 @@ def test_the_command_line_reads_ahead_only_for_commands_that_probe(monkeypatch, 
     monkeypatch.setattr(kallsyms, "_reader", None)
     monkeypatch.setattr(sys, "argv", ["pkttrace", *argv])
     started = []
-    monkeypatch.setattr(kallsyms, "prefetch", lambda: started.append(True))
+    monkeypatch.setattr(kallsyms, "prefetch", lambda: started.append("read ahead"))
+    # the thread must find one malloc arena, not make its own (RSS)
+    monkeypatch.setattr("tracer.libbpf.one_malloc_arena", lambda: started.append("one arena"))
     monkeypatch.setattr("tracer.cli.run", lambda: 0)     # the command itself is test_cli's
     assert entry.main() == 0
-    assert bool(started) is reads
+    assert started == (["one arena", "read ahead"] if reads else [])
