@@ -140,6 +140,15 @@ class Plan:
     # two can share an observer (placement.plan's merge_conntrack)
     hook_slow: tuple[int, int] | None = None
 
+    def counters_on_demand(self) -> bool:
+        """May count mode's per-CPU hashes take an element when a key first
+        comes (BPF_F_NO_PREALLOC) rather than all of them at load?  Where
+        netfilter links are (6.4+: per-CPU hashes allocate through
+        bpf_mem_alloc, from any context) and no kprobe program shares them
+        (for kprobes, kernels before it warn, WARN_ONCE, of run-time
+        allocated per-CPU hashes)."""
+        return self.netfilter == "nflink" and self.data_ready == "tp"
+
     def describe(self) -> str:
         nf = {"nflink": "netfilter BPF links", "fentry": "fentry on nf_hook_slow and each table",
               "kprobe": "kprobes on nf_hook_slow and each table"}[self.netfilter]

@@ -166,6 +166,8 @@ def lib():
         "bpf_link__fd": (I, [P]),
         "bpf_map__fd": (I, [P]),
         "bpf_map__set_max_entries": (I, [P, U]),
+        "bpf_map__set_map_flags": (I, [P, U]),
+        "bpf_map__map_flags": (U, [P]),
         "bpf_map__initial_value": (P, [P, ctypes.POINTER(ctypes.c_size_t)]),
         "bpf_map_lookup_elem": (I, [I, P, P]),
         "bpf_map_update_elem": (I, [I, P, P, ctypes.c_uint64]),
@@ -188,6 +190,7 @@ def lib():
     return L
 
 
+BPF_F_NO_PREALLOC = 1   # map_flags: elements allocated when inserted
 M_ARENA_MAX = -8   # mallopt(3)
 
 
@@ -291,6 +294,11 @@ class Map:
     def set_max_entries(self, n: int) -> None:
         if lib().bpf_map__set_max_entries(self.ptr, n):
             raise BpfError(_errmsg(f"resize map {self.name}", ctypes.get_errno()))
+
+    def add_flags(self, flags: int) -> None:
+        """Before load: map_flags |= flags (BPF_F_NO_PREALLOC, ...)."""
+        if lib().bpf_map__set_map_flags(self.ptr, lib().bpf_map__map_flags(self.ptr) | flags):
+            raise BpfError(_errmsg(f"set the flags of map {self.name}", ctypes.get_errno()))
 
     def initial_value(self) -> tuple[int, int]:
         """(address, size) of the map's initial data (.rodata: the config)."""
