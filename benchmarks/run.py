@@ -285,9 +285,10 @@ def parse_summary(lines: list[str]) -> dict | None:
 def compile_tracer() -> None:
     """Byte-compile the checkout's tracer package, as pip does when it
     installs the wheel: start-to-ready is then the installed command's, not
-    that of a Python compiling ~30 modules from source at every start
-    (~150 ms on our machines, where PYTHONDONTWRITEBYTECODE keeps it from
-    caching them; the children still read what is compiled here)."""
+    that of a Python compiling ~27 modules from source at every start
+    (~120 ms of compile() on our machines, where PYTHONDONTWRITEBYTECODE
+    keeps it from caching them; the children still read what is compiled
+    here)."""
     import compileall
     compileall.compile_dir(str(REPO / "tracer"), quiet=1)
 
