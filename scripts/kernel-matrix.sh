@@ -70,7 +70,9 @@ run_one() {
   local kernel=$1 backend=$2 log="$LOGDIR/$1-$2.log" tests=("${TESTS[@]}")
   [ -n "$SUBSET" ] && read -ra tests <<<"$(subset_tests "$kernel" "$backend")"
   echo "kernel-matrix: Linux $kernel, backend $backend ..." >&2
-  KR_TIMEOUT=${KR_TIMEOUT:-3000} KR_ENV="PKTTRACE_BACKEND" PKTTRACE_BACKEND=$backend \
+  # COLUMNS: pytest's summary line keeps the assertion's message only
+  # where the terminal is wide enough (the guest's has no width)
+  KR_TIMEOUT=${KR_TIMEOUT:-3000} KR_ENV="PKTTRACE_BACKEND COLUMNS" PKTTRACE_BACKEND=$backend COLUMNS=200 \
     bash "$VM" "$kernel" -- .venv/bin/python -m pytest -q -p no:cacheprovider -rfEs --durations=10 "${tests[@]}" >"$log" 2>&1
   echo $? >"$LOGDIR/$kernel-$backend.rc"
 }
@@ -125,6 +127,11 @@ for run in "${RUNS[@]}"; do
   grep -E "^SKIPPED" "$log" | sed "s/^/    [$kernel $backend] /" >&2 || true
   if [ "$state" = FAILED ]; then
     grep -E "^(FAILED|ERROR) " "$log" | sed "s/^/    [$kernel $backend] /" >&2 || true
+    # the failures themselves (assertion, captured output): CI keeps no
+    # log directory, and a failure that comes once in many runs must be
+    # readable from what CI printed
+    sed -n '/^=* FAILURES =*$/,/^=* short test summary/p; /^=* ERRORS =*$/,/^=* short test summary/p' "$log" |
+      tail -n 400 | sed "s/^/    [$kernel $backend] /" >&2 || true
   fi
 done
 
