@@ -1481,6 +1481,27 @@ static __always_inline void route_push(__u8 family, __u32 table, __s32 err, __u3
 	b->live += 1;
 }
 
+/* An input route lookup (its flow names the receiving device; output
+ * lookups and reverse-path checks name loopback) is made for the packet
+ * this CPU is receiving, after its first sight.  With no record in this
+ * CPU's slots and none parked, that packet has none (rejected at first
+ * sight by the filter, or in no traced netns): nothing would claim the
+ * lookup, and the filter that matches nothing skips recording it. */
+static __always_inline bool input_lookup_unclaimed(__u32 iif)
+{
+	struct pt_slots *m;
+
+	if (iif == 1) /* LOOPBACK_IFINDEX */
+		return false;
+	m = slots_of_cpu();
+	if (!m)
+		return false;
+	for (int i = 0; i < PT_SLOTS; i++)
+		if (m->skb[i])
+			return false;
+	return !any_parked();
+}
+
 /* Is lookup ev for the packet with these addresses?  The decision looks up
  * its destination from its source (a locally generated packet: from no
  * source yet); fib_validate_source looks up its source from its destination.
@@ -1636,7 +1657,7 @@ int BPF_PROG(on_fib_lookup, u32 tb_id, const struct flowi4 *flp,
 
 	/* no input interface, not even loopback: an address-type check
 	 * (inet_addr_type, for ICMP errors and xfrm), not a packet's route */
-	if (!flp->__fl_common.flowic_iif)
+	if (!flp->__fl_common.flowic_iif || input_lookup_unclaimed(flp->__fl_common.flowic_iif))
 		return 0;
 	if (nhc) {
 		struct net_device *dev = nhc->nhc_dev;
@@ -1666,7 +1687,7 @@ int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *re
 	bool null_entry;
 	__u8 type;
 
-	if (!netns_traced(net->ns.inum))
+	if (!netns_traced(net->ns.inum) || input_lookup_unclaimed(flp->__fl_common.flowic_iif))
 		return 0;
 	/* pointer fields read once (see struct nf_ptrs) */
 	nh = res->nh;

@@ -198,6 +198,27 @@ def test_port_and_iface_filters(lab, trace):
     assert [(p.dport, p.out_dev) for p in cap.packets] == [(5003, "rs")]
 
 
+def test_routes_of_selected_packets_sent_among_rejected_ones(lab, trace):
+    """The route lookups of packets the filter turned down (no record on the
+    CPU then) are not kept: the packets it selects, sent between them,
+    still get their own."""
+    cap = trace(filter=PacketFilter(proto=UDP, port=5011))
+    for _ in range(5):
+        lab.udp_send(lab.client, lab.addr["server4"], 5010, b"not selected", count=20)
+        lab.udp_send(lab.client, lab.addr["server4"], 5011, b"selected")
+    cap.until(lambda _: sum(p.dport == 5011 for p in cap.packets) >= 5)
+    cap.settle(0.3)
+    assert [p.dport for p in cap.packets] == [5011] * 5
+    for p in cap.packets:
+        names = p.stage_names()
+        assert p.fate == "forwarded" and "route" in names, (p.fate, names)
+        route = p.path[names.index("route")]
+        assert (route.lookups[-1].table, route.lookups[-1].err, route.dev) == ("main", None, "rs")
+    c = cap.tracer.counters()
+    # judged at first sight, or (with NAT in the netns) once conntrack had its NAT
+    assert c.rejected + c.filtered >= 100 and c.route_dropped == 0, c
+
+
 def test_header_filter_still_catches_a_packet_that_matches_only_after_dnat(lab, trace):
     """--dst names the DNAT target: the packet is sent to the router's address."""
     server = lab.addr["server4"]
