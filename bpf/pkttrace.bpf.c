@@ -1483,15 +1483,17 @@ static __always_inline void route_push(__u8 family, __u32 table, __s32 err, __u3
 
 /* An input route lookup (its flow names the receiving device; output
  * lookups and reverse-path checks name loopback) is made for the packet
- * this CPU is receiving, after its first sight.  With no record in this
- * CPU's slots and none parked, that packet has none (rejected at first
- * sight by the filter, or in no traced netns): nothing would claim the
- * lookup, and the filter that matches nothing skips recording it. */
+ * this CPU is receiving, after its first sight.  While this CPU processes
+ * a packet the filter turned down at first sight, with no record in its
+ * slots and none parked, that packet is the one: nothing would claim the
+ * lookup, and the filter that matches nothing skips recording it.  (Only
+ * then: a packet first seen after its lookup -- on a device the tc
+ * observers reach only at the next netns check -- claims it later.) */
 static __always_inline bool input_lookup_unclaimed(__u32 iif)
 {
 	struct pt_slots *m;
 
-	if (iif == 1) /* LOOPBACK_IFINDEX */
+	if (iif == 1 /* LOOPBACK_IFINDEX */ || !rejected_in_flight())
 		return false;
 	m = slots_of_cpu();
 	if (!m)
