@@ -130,7 +130,8 @@ for run in "${RUNS[@]}"; do
     # the failures themselves (assertion, captured output): CI keeps no
     # log directory, and a failure that comes once in many runs must be
     # readable from what CI printed
-    sed -n '/^=* FAILURES =*$/,/^=* short test summary/p; /^=* ERRORS =*$/,/^=* short test summary/p' "$log" |
+    # (pytest writes ERRORS before FAILURES: one range from the first)
+    sed -n '/^=* \(ERRORS\|FAILURES\) =*$/,/^=* short test summary/p' "$log" |
       tail -n 400 | sed "s/^/    [$kernel $backend] /" >&2 || true
   fi
 done
