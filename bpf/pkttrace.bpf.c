@@ -1466,6 +1466,20 @@ static __always_inline struct pt_route_buf *route_buffer(void)
 	return bpf_map_lookup_elem(&route_buf, &zero);
 }
 
+/* An IPv6 address from a BTF pointer, in 4-byte loads: 6.1's verifier
+ * takes a wider load inside a union (nhc_gw) as one past its first
+ * member's end. */
+static __always_inline void in6_copy(__u8 *dst, const struct in6_addr *a)
+{
+	__u32 w[4];
+
+	w[0] = a->in6_u.u6_addr32[0];
+	w[1] = a->in6_u.u6_addr32[1];
+	w[2] = a->in6_u.u6_addr32[2];
+	w[3] = a->in6_u.u6_addr32[3];
+	__builtin_memcpy(dst, w, 16);
+}
+
 /* A ring: lookups nobody claims (ARP's, those of packets without a record)
  * are overwritten by newer ones.  Returns the entry for the caller to fill
  * with the addresses (read directly from the tracepoint's BTF pointers: a
@@ -1714,9 +1728,7 @@ int BPF_PROG(on_fib_lookup, u32 tb_id, const struct flowi4 *flp,
 
 		__builtin_memcpy(ev->gw, &gw, 4);
 	} else if (gw_family == 6) {
-		struct in6_addr gw = nhc->nhc_gw.ipv6;
-
-		__builtin_memcpy(ev->gw, &gw, 16);
+		in6_copy(ev->gw, &nhc->nhc_gw.ipv6);
 	}
 	route_commit(b);
 	return 0;
@@ -1726,7 +1738,6 @@ SEC("tp_btf/fib6_table_lookup")
 int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *res,
 	     struct fib6_table *table, const struct flowi6 *flp)
 {
-	struct in6_addr daddr, saddr;
 	const struct fib6_nh *nh;
 	struct pt_route_buf *b;
 	struct pt_route_ev *ev;
@@ -1764,15 +1775,10 @@ int BPF_PROG(on_fib6_lookup, const struct net *net, const struct fib6_result *re
 	if (!b)
 		return 0;
 	ev = route_push(b, 6, table ? table->tb6_id : 0, err, oif, flp->__fl_common.flowic_mark, gw_family);
-	if (gw_family && nh) {
-		struct in6_addr gw = nh->nh_common.nhc_gw.ipv6;
-
-		__builtin_memcpy(ev->gw, &gw, 16);
-	}
-	daddr = flp->daddr;
-	saddr = flp->saddr;
-	__builtin_memcpy(ev->daddr, &daddr, 16);
-	__builtin_memcpy(ev->saddr, &saddr, 16);
+	if (gw_family && nh)
+		in6_copy(ev->gw, &nh->nh_common.nhc_gw.ipv6);
+	in6_copy(ev->daddr, &flp->daddr);
+	in6_copy(ev->saddr, &flp->saddr);
 	route_commit(b);
 	return 0;
 }
