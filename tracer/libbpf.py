@@ -676,20 +676,34 @@ class Btf:
         return self.find(name, kind) is not None
 
 
+def ring_record(data, off: int, ln: int) -> bytes:
+    """The ln bytes of the record whose 8-byte header is at off in a ring's
+    data area (mapped once, its size a power of two): the header never
+    crosses the end (records are 8-aligned), the record may."""
+    start, size = off + _RINGBUF_HDR, len(data)
+    start &= size - 1                      # a header in the last 8 bytes
+    end = start + ln
+    if end <= size:
+        return bytes(data[start:end])
+    return bytes(data[start:]) + bytes(data[:end - size])
+
+
 class RingBuffer:
     """Reads a BPF ring buffer map by mmap, in batches.
 
     libbpf's ring_buffer__poll calls back once per record; through ctypes
     that costs microseconds each.  The ring is simple enough to read here:
-    a consumer page we write, a producer page, and the data area mapped
-    twice so a record never wraps.
+    a consumer page we write, a producer page, and the data area.  libbpf
+    maps the data twice so that no record wraps; every mapped page counts
+    in the process's RSS, so the data is mapped once here and the few
+    records that cross its end are joined from two slices.
     """
 
     def __init__(self, map_fd: int, size: int):
         self.fd, self.size, self.mask = map_fd, size, size - 1
         page = mmap.PAGESIZE
         self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._prod = mmap.mmap(map_fd, page + size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data = memoryview(self._prod)[page:]
         self._ep = select.epoll()
         self._ep.register(map_fd, select.EPOLLIN)
@@ -715,7 +729,7 @@ class RingBuffer:
                 break  # reserved, not committed yet
             ln = hdr & ~(_RINGBUF_BUSY | _RINGBUF_DISCARD)
             if not hdr & _RINGBUF_DISCARD:
-                out.append(bytes(data[off + _RINGBUF_HDR: off + _RINGBUF_HDR + ln]))
+                out.append(ring_record(data, off, ln))
             cons += (ln + _RINGBUF_HDR + 7) & ~7
         struct.pack_into("=Q", self._cons, 0, cons)
         return out

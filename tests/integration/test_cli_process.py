@@ -243,9 +243,40 @@ def tx_packets(ns: str, dev: str) -> int:
     return json.loads(r.stdout)[0]["stats64"]["tx"]["packets"]
 
 
+def test_small_ring_records_cross_its_end_whole(lab, tmp_path):
+    """-B 128: a 128 KiB ring holds ~350 of these records, so 1,000 of them
+    wrap round it ~3 times and some cross its end (read from two slices):
+    every one comes out whole, with its own port and length."""
+    out_path = tmp_path / "out.jsonl"
+    with open(out_path, "w") as out_file:   # a file, not a pipe nobody reads while the flow runs
+        proc = subprocess.Popen([sys.executable, "-m", "tracer", "--netns", lab.router, "--json", "--proto", "udp",
+                                 "--dst", lab.addr["server4"], "-B", "128", "-c", "1000"],
+                                stdout=out_file, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_ready(proc)
+            for i in range(20):     # paced: the ring is small, nothing should be lost
+                lab.udp_send(lab.client, lab.addr["server4"], 6000 + i, b"y" * (10 + i), count=50)
+                time.sleep(0.03)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    assert "1000 packets shown" in err and " 0 lost" in err, err
+    got = {}
+    for line in out_path.read_text().splitlines():
+        d = json.loads(line)
+        assert (d["proto"], d["dst"], d["fate"]) == ("udp", lab.addr["server4"], "forwarded"), d
+        assert d["len"] == 20 + 8 + 10 + d["dport"] - 6000, d     # IPv4 + UDP headers + payload
+        got[d["dport"]] = got.get(d["dport"], 0) + 1
+    assert got == {6000 + i: 50 for i in range(20)}
+
+
 def test_stop_under_load_accounts_for_every_record(lab):
-    """SIGTERM while the ring is full: every record is printed or counted."""
-    proc = pkttrace("--netns", lab.router, "--json", "--proto", "udp", "--dst", lab.addr["server4"])
+    """SIGTERM while the ring is full: every record is printed or counted.
+    -B 256: the 3,000 records of the burst do not fit in it."""
+    proc = pkttrace("--netns", lab.router, "--json", "--proto", "udp", "--dst", lab.addr["server4"],
+                    "-B", "256")
     try:
         wait_ready(proc)
         sent = 3000

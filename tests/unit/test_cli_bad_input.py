@@ -62,6 +62,8 @@ def _table():
     add([], "--age-after", NOT_SECONDS + ["0", "0.05"])
     add([], "--tc", ["bogus", "", "TCX", "tcx "])
     add([], "--backend", ["bogus", "", "NFLINK"])
+    add([], "--buffer-size", NOT_A_COUNT + ["1048577", "99999999999"])
+    add([], "-B", ["0", "nan", "1_0", "５", "64k"])
     add([], "--record", _bad_paths())
     add([], "-w", _bad_paths())
     add([], "-r", ["/dev/zero", "{tmp}", "/nonexistent/trace.pcapng", "", "/proc/version", "{tmp}/file"])
@@ -274,8 +276,9 @@ def test_good_values_reach_the_tracer(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "run_trace", lambda opts, **kw: seen.update(opts=opts, **kw))
     rec = tmp_path / "rec.jsonl"
     assert cli.run(["--port", "053", "--mark", "0x1/0xF", "--proto", "0x11", "-c", "10", "--duration", ".5",
-                    "--age-after", "0.1", "--record", str(rec)]) == 0, capsys.readouterr().err
+                    "--age-after", "0.1", "--record", str(rec), "-B", "100"]) == 0, capsys.readouterr().err
     assert seen["opts"].filter.port == 53 and seen["opts"].filter.proto == 17 and seen["opts"].age_after == 0.1
+    assert seen["opts"].ringbuf_bytes == 128 << 10        # -B 100 KiB: a power of two, rounded up
     assert (seen["count"], seen["duration"], seen["record_path"]) == (10, 0.5, str(rec))
     assert not rec.exists()                 # created by run_trace, right before tracing starts
 
@@ -326,3 +329,14 @@ def test_netns_all_reaches_the_tracer(capsys, monkeypatch):
     monkeypatch.setattr(cli, "run_trace", lambda opts, **kw: seen.update(opts=opts))
     assert cli.run(["--netns", "all", "--proto", "udp"]) == 0, capsys.readouterr().err
     assert seen["opts"].all_netns and seen["opts"].netns == [None]
+
+
+def test_default_ring_is_8_mib_and_b_is_refused_with_r(capsys, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    seen = {}
+    monkeypatch.setattr(cli, "run_trace", lambda opts, **kw: seen.update(opts=opts))
+    assert cli.run(["--proto", "udp"]) == 0, capsys.readouterr().err
+    assert seen["opts"].ringbuf_bytes == 8 << 20
+    # -r reads packets traced before: there is no ring to size
+    assert cli.run(["-r", DATA, "-B", "1024"]) == 2
+    assert "-B means nothing" in one_line(capsys.readouterr().err)
