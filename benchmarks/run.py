@@ -662,8 +662,8 @@ BOUND_BY = {
                              "the runs themselves with bpf_stats on",
     "trace-all-udp-ratio": "the collector takes one of the 2 cores the sender, router and receiver share; "
                            "writing a ~700 B record to the ring costs ~400 ns at the tx tracepoint",
-    "trace-all-paced-lost": "writes the ring refused with room to spare (as many with a 4x larger ring; "
-                            "pkttrace retries once): counted as lost",
+    "trace-all-paced-lost": "a record is lost only when the ring is full: pkttrace descheduled longer than "
+                            "the ring holds (8 MiB: ~0.2 s of this flow; -B KiB for more)",
     "collector-json-per-s": "a template per (path shape, record) is filled with the id and times as bytes",
     "start-to-ready-s": "CPU on 2 cores (~0.8-1.0 s of it at ready): Python start-up and imports (~150 ms), "
                         "pyroute2's import (~250 ms, in a thread beside the verifier), the verifier (~0.25 s "

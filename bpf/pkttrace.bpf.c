@@ -1295,10 +1295,7 @@ __noinline int pt_emit(struct pt_record *r)
 		barrier_var(size);
 		if (size > sizeof(struct pt_record))
 			size = sizeof(struct pt_record);
-		/* once more on failure: on recent kernels the ring's lock can
-		 * refuse under contention (rqspinlock) with room to spare */
-		if (bpf_ringbuf_output(&events, r, size, wake) &&
-		    bpf_ringbuf_output(&events, r, size, BPF_RB_FORCE_WAKEUP))
+		if (bpf_ringbuf_output(&events, r, size, wake))
 			stat_inc(PT_STAT_LOST);
 		else
 			stat_inc(PT_STAT_EMITTED);

@@ -55,9 +55,8 @@ class TraceOptions:
     max_inflight: int = 8192           # packets followed at once
     # the ring between the kernel and the collector (a power of two, at
     # least a page): 8 MiB holds ~0.2 s of a 50,000 pps flow at ~750 B a
-    # record.  A 32 MiB ring lost as many records of the benchmark's paced
-    # flow (0-3 per 250,000), so those losses are not a full ring; the size
-    # is for bursts (-B), not for that.
+    # record: time to catch up after the machine descheduled the collector
+    # (-B for longer bursts).
     ringbuf_bytes: int = RINGBUF_DEFAULT
     age_after: float = 5.0             # seconds without a stage before a record is aged out
     tc: str = "auto"                   # auto | tcx | classic | off

@@ -2,11 +2,15 @@
 for, and records that cross the end of a data area mapped once."""
 from __future__ import annotations
 
+import mmap
+import multiprocessing
+import os
+import select
 import struct
 
 import pytest
 
-from tracer.libbpf import ring_record
+from tracer.libbpf import RingBuffer, ring_record
 from tracer.session import TraceError, TraceOptions, Tracer, ring_bytes
 
 
@@ -44,3 +48,93 @@ def test_a_record_crossing_the_end_is_joined_from_two_slices():
 def test_a_ring_size_the_kernel_refuses_is_refused_first(size):
     with pytest.raises(TraceError, match="power of two"):
         Tracer(TraceOptions(ringbuf_bytes=size))
+
+
+class _NoEpoll:
+    """A memfd cannot be registered with epoll; drain() needs none."""
+
+    def register(self, fd, events):
+        pass
+
+    def close(self):
+        pass
+
+
+def _fake_map(size: int, records: list[bytes], cons: int) -> int:
+    """A file laid out as a BPF ring map is mmapped: the consumer page, the
+    producer page, then the data area (mapped once, as RingBuffer maps it),
+    holding `records` written from position `cons` the way the kernel
+    writes them (8-byte header, 8-aligned, wrapping at the end)."""
+    page = mmap.PAGESIZE
+    fd = os.memfd_create("ring")
+    os.ftruncate(fd, 2 * page + size)
+    buf = bytearray(2 * page + size)
+    struct.pack_into("=Q", buf, 0, cons)
+    pos = cons
+    for rec in records:
+        off = pos & (size - 1)
+        struct.pack_into("=I", buf, 2 * page + off, len(rec))
+        for i, b in enumerate(rec):
+            buf[2 * page + (off + 8 + i) % size] = b
+        pos += (len(rec) + 8 + 7) & ~7
+    struct.pack_into("=Q", buf, page, pos)
+    os.pwrite(fd, bytes(buf), 0)
+    return fd
+
+
+def test_drain_reads_records_across_the_end_and_releases_them(monkeypatch):
+    monkeypatch.setattr(select, "epoll", _NoEpoll)
+    size = 4096
+    recs = [bytes([n]) * (100 + 50 * n) for n in range(1, 8)]
+    fd = _fake_map(size, recs, cons=3 * size - 300)     # the third record crosses the end
+    rb = RingBuffer(fd, size)
+    try:
+        assert rb.pending()
+        assert rb.drain(max_records=2) == recs[:2]
+        assert rb.drain() == recs[2:]
+        assert not rb.pending()
+        # the consumer position the kernel reads: every record released
+        prod = struct.unpack_from("=Q", os.pread(fd, 8, mmap.PAGESIZE))[0]
+        assert struct.unpack_from("=Q", os.pread(fd, 8, 0))[0] == prod
+    finally:
+        rb.close()
+        os.close(fd)
+
+
+def test_the_consumer_position_is_never_seen_torn(monkeypatch):
+    """The kernel reads the consumer position while we write it.
+    struct.pack_into zeroes its target before it writes the value byte by
+    byte: a producer then read 0 and refused records as if the ring were
+    full.  Another process (another core: no GIL between us) reads the
+    position while drain() stores it 200,000 times; it must only ever see
+    the value stored."""
+    monkeypatch.setattr(select, "epoll", _NoEpoll)
+    size, cons = 4096, 0x0123_4567_89AB_CDE0
+    fd = _fake_map(size, [], cons=cons)
+    rb = RingBuffer(fd, size)
+    seen = multiprocessing.get_context("fork").Queue()
+    go = multiprocessing.get_context("fork").Event()
+
+    def watch():
+        pos = memoryview(mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)).cast("Q")
+        bad = reads = 0
+        go.set()
+        while go.is_set():
+            for _ in range(1000):
+                bad += pos[0] != cons
+            reads += 1000
+        seen.put((bad, reads))
+
+    child = multiprocessing.get_context("fork").Process(target=watch)
+    child.start()
+    try:
+        assert go.wait(10)
+        for _ in range(200_000):
+            rb.drain()
+        go.clear()
+        bad, reads = seen.get(timeout=10)
+    finally:
+        child.join(10)
+        rb.close()
+        os.close(fd)
+    assert reads > 0 and bad == 0, f"{bad} of {reads} reads saw a torn consumer position"
