@@ -20,13 +20,19 @@ def test_b_rounds_up_to_a_power_of_two_of_at_least_a_page(kib, size):
     assert ring_bytes(kib) == size
 
 
-def _ring(size: int, off: int, payload: bytes) -> bytearray:
-    """A data area with one record (8-byte header at off) written as the
-    kernel writes it through its double mapping: wrapping at the end."""
-    data = bytearray(size)
-    struct.pack_into("=I", data, off, len(payload))
+def _put(data, base: int, size: int, off: int, payload: bytes) -> None:
+    """One record (8-byte header at off) in the data area of `size` bytes
+    at data[base:], written as the kernel writes it through its double
+    mapping: wrapping at the end."""
+    struct.pack_into("=I", data, base + off, len(payload))
     for i, b in enumerate(payload):
-        data[(off + 8 + i) % size] = b
+        data[base + (off + 8 + i) % size] = b
+
+
+def _ring(size: int, off: int, payload: bytes) -> bytearray:
+    """A data area holding one record at off."""
+    data = bytearray(size)
+    _put(data, 0, size, off, payload)
     return data
 
 
@@ -72,10 +78,7 @@ def _fake_map(size: int, records: list[bytes], cons: int) -> int:
     struct.pack_into("=Q", buf, 0, cons)
     pos = cons
     for rec in records:
-        off = pos & (size - 1)
-        struct.pack_into("=I", buf, 2 * page + off, len(rec))
-        for i, b in enumerate(rec):
-            buf[2 * page + (off + 8 + i) % size] = b
+        _put(buf, 2 * page, size, pos & (size - 1), rec)
         pos += (len(rec) + 8 + 7) & ~7
     struct.pack_into("=Q", buf, page, pos)
     os.pwrite(fd, bytes(buf), 0)
@@ -112,8 +115,8 @@ def test_the_consumer_position_is_never_seen_torn(monkeypatch):
     size, cons = 4096, 0x0123_4567_89AB_CDE0
     fd = _fake_map(size, [], cons=cons)
     rb = RingBuffer(fd, size)
-    seen = multiprocessing.get_context("fork").Queue()
-    go = multiprocessing.get_context("fork").Event()
+    fork = multiprocessing.get_context("fork")
+    seen, go = fork.Queue(), fork.Event()
 
     def watch():
         pos = memoryview(mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)).cast("Q")
@@ -125,7 +128,7 @@ def test_the_consumer_position_is_never_seen_torn(monkeypatch):
             reads += 1000
         seen.put((bad, reads))
 
-    child = multiprocessing.get_context("fork").Process(target=watch)
+    child = fork.Process(target=watch)
     child.start()
     try:
         assert go.wait(10)
