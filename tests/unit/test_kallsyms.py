@@ -45,6 +45,33 @@ def test_symbol_plus_offset(ksyms, addr, expected):
     assert ksyms(addr) == expected
 
 
+# As a kernel with BPF programs loaded lists them: vmlinux by address, the
+# modules above it, then BPF programs and trampolines last, below the modules.
+LOADED = """\
+ffffffff81000000 T _stext
+ffffffff81000100 t helper
+ffffffff82000000 T _etext
+ffffffffc0000000 t mod_fn\t[mymod]
+ffffffffc0000800 t mod_fn2\t[mymod]
+ffffffffa0001000 t bpf_prog_6deef7357e7b4530_nf_obs_0\t[bpf]
+ffffffffa0000000 t bpf_trampoline_6442491845\t[bpf]
+"""
+
+
+@pytest.mark.parametrize("addr, expected", [
+    (FIRST + 0x104, "helper+0x4"),
+    (0xFFFFFFFF82000010, "_etext+0x10"),
+    (0xFFFFFFFFA0000010, "bpf_trampoline_6442491845+0x10"),     # set aside, then found
+    (0xFFFFFFFFA0001044, "bpf_prog_6deef7357e7b4530_nf_obs_0+0x44"),
+    (0xFFFFFFFFC0000004, "mod_fn+0x4"),      # above the set-aside ones: the main table's
+    (0xFFFFFFFFC0000900, "mod_fn2+0x100"),
+])
+def test_symbols_listed_out_of_order_are_found_beside_the_sorted_ones(tmp_path, addr, expected):
+    p = tmp_path / "kallsyms"
+    p.write_text(LOADED)
+    assert Kallsyms(str(p))(addr) == expected
+
+
 @pytest.mark.parametrize("addr", [FIRST - 1, 0x1000, 0])
 def test_address_below_first_symbol_is_hex(ksyms, addr):
     assert ksyms(addr) == hex(addr)
