@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -368,23 +369,54 @@ class Baseline:
 
 
 class Pkttrace:
-    """Any tracer process that prints a 'tracing ...' ready line and pkttrace's summary."""
+    """Any tracer process that prints a 'tracing ...' ready line and pkttrace's summary.
 
-    def __init__(self, name: str, label: str, args: list[str], module: str = "tracer", ready=r"tracing"):
+    scrape: a URL (serve's /metrics) fetched at the start of the trial and
+    every SCRAPE_S during it, as a Prometheus would: a serve nobody scrapes
+    never builds its metrics (nor loads what naming a drop location needs),
+    and its RSS would say nothing of a deployed one's."""
+
+    def __init__(self, name: str, label: str, args: list[str], module: str = "tracer", ready=r"tracing",
+                 scrape: str | None = None):
         self.name, self.label, self.args, self.module, self.ready = name, label, args, module, ready
+        self.scrape = scrape
 
     @contextlib.contextmanager
     def active(self, lab):
         argv = [sys.executable, "-m", self.module, *[a.format(router=lab.router) for a in self.args]]
         tp = TracerProcess(argv, re.compile(self.ready))
         info = {"start_to_ready_s": tp.start()}
+        stop = threading.Event()
+        scraper = threading.Thread(target=_scrape, args=(self.scrape, stop, info), daemon=True)
+        if self.scrape:
+            scraper.start()
         try:
             yield info
         finally:
+            stop.set()
+            if self.scrape:
+                scraper.join(timeout=15)
             info.update(tp.stop())
             if ready := next((ln for ln in tp.lines if tp.ready.search(ln)), None):
                 m = re.search(r"ready in (\d+) ms", ready)
                 info["internal_ready_s"] = int(m.group(1)) / 1000 if m else None
+
+
+SCRAPE_S = 2.0
+
+
+def _scrape(url: str, stop: threading.Event, info: dict) -> None:
+    """GET url now and every SCRAPE_S until stop; counts in info (scrapes, scrape_errors)."""
+    info["scrapes"] = info["scrape_errors"] = 0
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                r.read()
+            info["scrapes"] += 1
+        except OSError:
+            info["scrape_errors"] += 1
+        if stop.wait(SCRAPE_S):
+            return
 
 
 class NftTrace:
@@ -472,13 +504,16 @@ def make_modes(selected: list[str], notes: list[str]) -> list:
             notes.append("serve: `python -m tracer serve --help` failed (no serve command yet): "
                          "mode skipped, count-only stands in for it")
         else:
-            args = ["serve", "--netns", "{router}"]
+            args, url = ["serve", "--netns", "{router}"], None
             if "--listen" in help_text:
                 with socket.socket() as sk:      # a free loopback port for the exporter
                     sk.bind(("127.0.0.1", 0))
                     args += ["--listen", f"127.0.0.1:{sk.getsockname()[1]}"]
-            modes["serve"] = Pkttrace("serve", "pkttrace serve", args, ready=r"tracing|listening|serving|ready")
-            notes.append(f"serve: detected, run as `python -m tracer {' '.join(args)}`")
+                url = f"http://{args[-1]}/metrics"
+            modes["serve"] = Pkttrace("serve", "pkttrace serve", args, ready=r"tracing|listening|serving|ready",
+                                      scrape=url)
+            notes.append(f"serve: detected, run as `python -m tracer {' '.join(args)}`"
+                         + (f", /metrics scraped every {SCRAPE_S:g} s" if url else ""))
     return [modes[n] for n in selected if n in modes]
 
 
@@ -515,6 +550,8 @@ def _trial_line(s: dict) -> str:
         return f"{s['mode']:<15} {s['workload']}  ERROR {s['error']}"
     val = f"{s['value']:,.0f} pps" if UNITS[s["workload"]] == "pps" else f"{s['value']:.2f} Gb/s"
     extra = f"  ready {s['start_to_ready_s']:.2f} s" if "start_to_ready_s" in s else ""
+    if "scrapes" in s:
+        extra += f"  {s['scrapes']} scrapes" + (f" ({s['scrape_errors']} failed)" if s["scrape_errors"] else "")
     if s.get("summary_line"):
         extra += f"  [{s['summary_line'].removeprefix('pkttrace: ')}]"
     return f"{s['mode']:<15} {s['workload']}  {val}{extra}"
