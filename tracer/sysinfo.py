@@ -72,10 +72,34 @@ class Kallsyms:
         self._tables: list[_Symbols] | None = None
 
     def _load(self) -> None:
-        # vmlinux lists its symbols by address and modules sit above it; BPF
-        # programs and trampolines come last, below the modules: those few
-        # are set aside in a second table (sorting them all would copy all)
-        main, aside = _Symbols(), []
+        # Two passes: the first counts, the second fills arrays made at
+        # their size.  Arrays grown symbol by symbol are copied as they grow,
+        # and in a process whose heap serves the large blocks (serve's, after
+        # libbpf's loads) the copies left ~8 MB above the final size at the
+        # peak.  vmlinux lists its symbols by address and modules sit above
+        # it; BPF programs and trampolines come last, below the modules:
+        # those few are set aside in a second table (sorting all would copy
+        # all).  The file may change between the passes (a module or BPF
+        # program loaded): what does not fit is appended, what is missing cut.
+        n = size = 0
+        for a, name in self._text_symbols():
+            n, size = n + 1, size + len(name)
+        main = _Symbols(n, size)
+        aside = []
+        for a, name in self._text_symbols():
+            if main.n and a < main.last:
+                aside.append((a, name))
+            else:
+                main.add(a, name)
+        main.cut()
+        more = _Symbols(len(aside), sum(len(name) for _, name in aside))
+        for a, name in sorted(aside):
+            more.add(a, name)
+        self._tables = [main, more]
+        _trim_heap()   # the lines read: back to the system
+
+    def _text_symbols(self):
+        """(address, name) of each text symbol, as kallsyms lists them."""
         try:
             with open(self.path, "rb") as f:
                 for line in f:
@@ -86,19 +110,10 @@ class Kallsyms:
                         a = int(parts[0], 16)
                     except ValueError:
                         continue
-                    if not a:            # zeroed: kallsyms hides addresses from this reader
-                        continue
-                    if main.addrs and a < main.addrs[-1]:
-                        aside.append((a, parts[2]))
-                    else:
-                        main.add(a, parts[2])
+                    if a:                # zeroed: kallsyms hides addresses from this reader
+                        yield a, parts[2]
         except OSError:
-            pass
-        more = _Symbols()
-        for a, name in sorted(aside):
-            more.add(a, name)
-        self._tables = [main, more]
-        _trim_heap()   # the growing arrays' old copies and the lines read: back to the system
+            return
 
     def __call__(self, addr: int) -> str:
         if self._tables is None:
@@ -115,15 +130,32 @@ class Kallsyms:
 
 
 class _Symbols:
-    """Symbols sorted by address: names[ends[i-1]:ends[i]] is symbol i's."""
+    """Symbols sorted by address, in arrays made for n symbols of size
+    bytes of names: names[ends[i-1]:ends[i]] is symbol i's."""
 
-    def __init__(self):
-        self.addrs, self.ends, self.names = array("Q"), array("I"), bytearray()
+    def __init__(self, n: int = 0, size: int = 0):
+        self.addrs, self.ends = array("Q", bytes(8)) * n, array("I", bytes(4)) * n
+        self.names = bytearray(size)
+        self.n = self.used = 0           # symbols and name bytes filled
+        self.last = 0                    # the last address added
 
     def add(self, addr: int, name: bytes) -> None:
-        self.addrs.append(addr)
-        self.names += name
-        self.ends.append(len(self.names))
+        i, end = self.n, self.used + len(name)
+        if i < len(self.addrs) and end <= len(self.names):
+            self.addrs[i], self.ends[i] = addr, end
+            self.names[self.used:end] = name
+        else:                            # more than counted: kallsyms grew between the passes
+            self.cut()
+            self.addrs.append(addr)
+            self.ends.append(end)
+            self.names += name
+        self.n, self.used, self.last = i + 1, end, addr
+
+    def cut(self) -> None:
+        """Drop the room counted but not filled."""
+        del self.addrs[self.n:]
+        del self.ends[self.n:]
+        del self.names[self.used:]
 
     def name(self, i: int) -> str:
         return self.names[self.ends[i - 1] if i else 0:self.ends[i]].decode(errors="replace")

@@ -179,3 +179,24 @@ def test_the_command_line_reads_ahead_only_for_commands_that_probe(monkeypatch, 
     monkeypatch.setattr("tracer.cli.run", lambda: 0)     # the command itself is test_cli's
     assert entry.main() == 0
     assert started == (["one arena", "read ahead"] if reads else [])
+
+
+@pytest.mark.parametrize("second", [
+    # a module loaded between the count and the fill: more symbols than counted
+    [(FIRST, b"_stext"), (FIRST + 0x100, b"helper"), (FIRST + 0x200, b"a_much_longer_name_than_counted"),
+     (0xFFFFFFFFC0000000, b"new_mod_fn")],
+    # one unloaded: fewer
+    [(FIRST, b"_stext")],
+])
+def test_kallsyms_changing_between_the_count_and_the_fill(monkeypatch, second):
+    """The symbols are counted in one pass and filled into arrays of that
+    size in a second: what changed between them still reads right."""
+    first = [(FIRST, b"_stext"), (FIRST + 0x100, b"helper")]
+    passes = iter([first, second])
+    monkeypatch.setattr(Kallsyms, "_text_symbols", lambda self: iter(next(passes)))
+    ks = Kallsyms("/nonexistent")
+    for a, name in second:
+        assert ks(a + 4) == f"{name.decode()}+0x4"
+    assert ks(FIRST - 1) == hex(FIRST - 1)
+    main = ks._tables[0]
+    assert len(main.addrs) == len(main.ends) == len(second) and len(main.names) == sum(len(n) for _, n in second)

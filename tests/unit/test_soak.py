@@ -65,3 +65,10 @@ def test_loss_and_overflow_are_summed_over_their_series():
             'pkttrace_map_overflow_total{map="inflight"} 5.0\n'
             'pkttrace_paths_total{netns="r",path="a"} 1.0\n')
     assert metrics_summary(text) == {"series": 4, "path_series": 1, "events_lost": 3.0, "map_overflow": 7.0}
+
+
+def test_the_peak_between_samples_counts():
+    # flat samples at 55 MB, but the process touched 63 MB once in between (VmHWM)
+    v = rss_verdict(_series(lambda t: 55.0), hwm_bytes=63 * MB)
+    assert v["flat_ok"] and not v["peak_ok"]
+    assert v["peak_mb"] == 63.0
