@@ -407,17 +407,24 @@ def enable_run_time_stats() -> int:
 _PROG_INFO: tuple[int, int, int] | None = None   # (size, run_time_ns offset, run_cnt offset)
 
 
+def learn_prog_info(btf: "Btf") -> None:
+    """bpf_prog_info's size and the offsets prog_run_stats reads, from the
+    kernel's BTF parsed already (a trace's start parses it once): parsing it
+    again at serve's first scrape took RSS ~11 MB above the service's size
+    for the moment it lasted (VmHWM 46.7 -> 58.0 MiB in one measured serve)."""
+    global _PROG_INFO
+    if _PROG_INFO is None:
+        lay = btf.struct_layout("bpf_prog_info")
+        _PROG_INFO = (btf.struct_size("bpf_prog_info"), lay["run_time_ns"][0], lay["run_cnt"][0])
+
+
 def prog_run_stats(prog_fd: int) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of a loaded program, from bpf_prog_info; the
     offsets come from the kernel's BTF, not from a copied header."""
-    global _PROG_INFO
     if _PROG_INFO is None:
-        btf = Btf.vmlinux()
-        try:
-            lay = btf.struct_layout("bpf_prog_info")
-            _PROG_INFO = (btf.struct_size("bpf_prog_info"), lay["run_time_ns"][0], lay["run_cnt"][0])
-        finally:
-            btf.close()
+        with Btf.vmlinux() as btf:
+            learn_prog_info(btf)
+    assert _PROG_INFO is not None
     size, off_t, off_c = _PROG_INFO
     buf = (ctypes.c_uint8 * size)()
     n = ctypes.c_uint32(size)

@@ -201,6 +201,7 @@ class Tracer:
             with libbpf.Btf.vmlinux() as kernel_btf:
                 self.plan = backends.plan(backends.probe(kernel_btf), self.opts.backend, self.opts.tc)
                 self._gen_visible = self.names.read_kernel_btf(kernel_btf)
+                libbpf.learn_prog_info(kernel_btf)     # for the run-time metrics, without a parse of its own
         except (backends.BackendError, libbpf.BpfError) as e:
             raise TraceError(str(e)) from None
         try:
