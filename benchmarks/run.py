@@ -120,15 +120,20 @@ def proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / HZ  # utime + stime
 
 
-def peak_rss_bytes(pid: int) -> int | None:
+def status_bytes(pid: int, field: str) -> int | None:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM ...) in bytes; None once the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+    return status_bytes(pid, "VmHWM")
 
 
 # ---- the lab -----------------------------------------------------------------
@@ -387,14 +392,15 @@ class Pkttrace:
         tp = TracerProcess(argv, re.compile(self.ready))
         info = {"start_to_ready_s": tp.start()}
         stop = threading.Event()
-        scraper = threading.Thread(target=_scrape, args=(self.scrape, stop, info), daemon=True)
+        scraper = None
         if self.scrape:
+            scraper = threading.Thread(target=_scrape, args=(self.scrape, stop, info), daemon=True)
             scraper.start()
         try:
             yield info
         finally:
             stop.set()
-            if self.scrape:
+            if scraper is not None:
                 scraper.join(timeout=15)
             info.update(tp.stop())
             if ready := next((ln for ln in tp.lines if tp.ready.search(ln)), None):

@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.run import (ROUTER_RULES, UDP_LEN, BenchError, TracerProcess, compile_tracer,  # noqa: E402
-                            machine, wait_listening)
+                            machine, status_bytes, wait_listening)
 
 LAB_PREFIX, LAB_NET_ID = "ptsoak", 86
 FLOW_PORT = 5301
@@ -95,17 +95,6 @@ def rss_verdict(samples: list[tuple[float, int]], max_mb: float = RSS_MAX_MB, fl
 
 
 # ---- serve's side ---------------------------------------------------------------
-
-def rss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
 
 METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
@@ -278,7 +267,7 @@ def soak(minutes: float, pps: int, log) -> dict:
         scraper.thread.start()
         deadline, next_log = t0 + minutes * 60, t0 + 300
         while time.monotonic() < deadline and tp.proc.poll() is None:
-            rss = rss_bytes(tp.proc.pid)
+            rss = status_bytes(tp.proc.pid, "VmRSS")
             if rss is not None:
                 samples.append((time.monotonic() - t0, rss))
             if scraper.last_metrics:
