@@ -53,7 +53,6 @@ class _Shape:
 
     def __init__(self, raw: bytes):
         n = min(raw[_N_OFF], PT_MAX_STAGES)
-        fmt = "="
         self.timed = []                         # raw indices of stages that carry a time
         # a qdisc stage prints a difference of two times (queued_ns): not a
         # hole a template can fill; such packets are rendered each
@@ -61,13 +60,9 @@ class _Shape:
         for i in range(n):
             kind = raw[_HDR_SIZE + i * _STAGE_SIZE + _KIND_OFF]
             self.untemplated |= kind == StageKind.QDISC
-            if kind == StageKind.ADDR:
-                fmt += f"{_STAGE_SIZE}s"        # an address where other stages have a time
-            else:
-                fmt += f"8x{_STAGE_SIZE - 8}s"
+            if kind != StageKind.ADDR:          # (an address where other stages have a time)
                 self.timed.append(i)
         self.n = n
-        self.stages = struct.Struct(fmt)
         self.size = _HDR_SIZE + n * _STAGE_SIZE
         # id, first_ts, then the link ids, then every timed stage's time
         offs = [0, 8] + list(_LINK_OFFS) + \
@@ -77,18 +72,32 @@ class _Shape:
             fmt += f"{off - pos}xQ"
             pos = off + 8
         self.values = struct.Struct(fmt)
+        # the bytes a template depends on, as runs picked by one struct and
+        # joined into one key: all from offset 24 on but the link ids, the
+        # captured header bytes (head[]: no view but pcap-ng's shows them,
+        # and each packet's differ), the tunnel links and the stage times
+        skip = [(_LINKS_OFF, _LINKS_OFF + _LINK_BYTES), (_HEAD_OFF, _HDR_SIZE)] + \
+               [(_HDR_SIZE + i * _STAGE_SIZE + _TS_OFF, _HDR_SIZE + i * _STAGE_SIZE + _TS_OFF + 8)
+                for i in self.timed]
+        fmt, pos = "=24x", 24
+        for a, b in skip:
+            fmt += f"{a - pos}s{b - a}x" if a > pos else f"{b - a}x"
+            pos = b
+        if self.size > pos:
+            fmt += f"{self.size - pos}s"
+        self.kept = struct.Struct(fmt)
+        self.texts: dict = {}                   # key -> (format, holes, boot) of this shape
 
-    def key(self, raw: bytes) -> tuple:
-        # everything but id, times and link ids (which links exist is kept):
-        # the header around them, and the stages
-        # (not the captured header bytes, head[]: no view but pcap-ng's shows
-        # them, and each packet's differ)
+    def key(self, raw: bytes) -> bytes | tuple:
+        # what the text depends on but the id, times and link ids: the kept
+        # bytes, and which links exist (mostly none: the bytes alone)
+        kept = b"".join(self.kept.unpack_from(raw))
         links = raw[_LINKS_OFF:_LINKS_OFF + _LINK_BYTES]
-        tun = raw[_TUN_OFF:_HDR_SIZE]          # tunnel links, device, IPv6 extension headers: mostly none
-        return (raw[24:_LINKS_OFF], None if links == _NO_LINKS else tuple(map(bool, _LINKS4.unpack(links))),
-                raw[_LINKS_OFF + _LINK_BYTES:_HEAD_OFF],
-                None if tun == _NO_TUN else (tuple(map(bool, _TUN3.unpack_from(tun))), tun[_TUN3.size:]),
-                self.stages.unpack_from(raw, _HDR_SIZE))
+        tun = raw[_TUN_OFF:_HDR_SIZE]          # tunnel links, device, IPv6 extension headers
+        if links == _NO_LINKS and tun == _NO_TUN:
+            return kept
+        return (kept, None if links == _NO_LINKS else tuple(map(bool, _LINKS4.unpack(links))),
+                None if tun == _NO_TUN else (tuple(map(bool, _TUN3.unpack_from(tun))), tun[_TUN3.size:]))
 
     def sentinel_raw(self, raw: bytes, boot_wall_ns: int | None) -> bytes:
         b = bytearray(raw[:self.size])
@@ -127,8 +136,8 @@ class Templates:
         self.as_bytes = as_bytes
         if as_bytes and (self.fill is not str or time is not str or wall is not str):
             raise ValueError("as_bytes templates hold integers only")
-        self._shapes: dict[int, tuple] = {}     # id(Shape) -> (Shape object, _Shape)
-        self._texts: dict[tuple, tuple] = {}    # key -> (Shape object, format string, holes)
+        self._shapes: dict[int, tuple] = {}     # id(Shape) -> (Shape object, _Shape with its texts)
+        self._n_texts = 0                       # texts held over all shapes
         self.hits = self.misses = 0
 
     def _render(self, pkt: Packet) -> str | bytes:
@@ -141,25 +150,32 @@ class Templates:
             return self._render(pkt)            # built or changed by hand: no template
         sh = self._shapes.get(id(shape))
         if sh is None or sh[0] is not shape:
+            if sh is not None:                  # another shape at a freed one's id
+                self._n_texts -= len(sh[1].texts)
             if len(self._shapes) >= self.max_entries:
                 self._shapes.clear()
+                self._n_texts = 0
             sh = self._shapes[id(shape)] = (shape, _Shape(raw))
         meta = sh[1]
         if len(raw) < meta.size or meta.untemplated:
             return self._render(pkt)
         key = meta.key(raw)
-        t = self._texts.get(key)
-        if t is None or t[0] is not shape:
+        t = meta.texts.get(key)
+        if t is None:
             t = self._compile(pkt, meta)
             if t is None:
                 return self._render(pkt)
-            if len(self._texts) >= self.max_entries:
-                self._texts.clear()
-            self._texts[key] = t
+            if self._n_texts >= self.max_entries:
+                self._shapes.clear()            # (and with them their texts)
+                self._n_texts = 0
+                self._shapes[id(shape)] = sh
+                meta.texts.clear()
+            meta.texts[key] = t
+            self._n_texts += 1
             self.misses += 1
         else:
             self.hits += 1
-        return self._fill(t[1], meta, raw)
+        return self._fill(t, meta, raw)
 
     def _compile(self, pkt: Packet, meta: _Shape):
         """The text of pkt with holes: rendered from a copy of its record
@@ -210,7 +226,7 @@ class Templates:
         # printing) would be wrong; check the packet itself against it
         if self._fill(fmt, meta, pkt._raw) != self._render(Packet._from_raw(pkt._raw, pkt._shape, ctx, pkt._decoder)):
             return None
-        return pkt._shape, fmt
+        return fmt
 
     def _fill(self, fmt: tuple, meta: _Shape, raw: bytes) -> str | bytes:
         text, pick, boot = fmt

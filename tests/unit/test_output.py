@@ -269,3 +269,38 @@ def test_printer_json_goes_to_the_binary_buffer_after_earlier_text():
     lines = raw.getvalue().decode().splitlines()
     assert lines[0] == "before"
     assert [json.loads(x)["id"] for x in lines[1:]] == [7, 7]
+
+
+def test_template_key_is_every_byte_but_the_id_times_links_and_captured_header():
+    # a byte the key leaves out (id, first_ts, a stage's time, head[]) must
+    # not change which template fills; any other must (a text from another
+    # record would be printed); a link's value is left out, not whether it is there
+    from tracer import layout, templates
+    ctx, raws = _recorded()
+    raw = next(r for r, _ in raws if r[layout.N_STAGES_OFF] >= 7 and
+               r[layout.LINKS_OFF:layout.LINKS_OFF + 32] == bytes(32))
+    meta = templates._Shape(raw)
+    times = {layout.HEADER_SIZE + i * layout.STAGE_SIZE + k for i in meta.timed for k in range(8)}
+    assert len(meta.timed) >= 6
+    base = meta.key(raw)
+    for off in range(meta.size):
+        b = bytearray(raw)
+        b[off] ^= 0x5A
+        ignored = off < 24 or layout.HEAD_OFF <= off < layout.TUN_OFF or off in times
+        assert (meta.key(bytes(b)) == base) == ignored, off
+    linked = [bytearray(raw), bytearray(raw)]
+    linked[0][layout.LINK_OFFS[0]] = 1
+    linked[1][layout.LINK_OFFS[0]] = 2
+    assert meta.key(bytes(linked[0])) == meta.key(bytes(linked[1])) != base
+
+
+def test_templates_hold_at_most_max_entries_texts():
+    ctx, raws = _recorded()
+    fmt = output.Templates(output.packet_json, str, as_bytes=True, max_entries=3)
+    for _ in range(2):
+        for raw, aged in raws:
+            pkt = assemble(raw, ctx, aged=aged)
+            assert fmt(pkt) == output.packet_json(assemble(raw, ctx, aged=aged)).encode()
+    held = sum(len(meta.texts) for _shape, meta in fmt._shapes.values())
+    assert 0 < held <= 3 and held == fmt._n_texts
+    assert fmt.misses > 3                       # more kinds than room: compiled again after a clear
