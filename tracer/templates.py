@@ -46,6 +46,7 @@ _T0 = _WALL + 1                                 # ... of the first stage time
 _ID_TIMES = "id, times"
 _ID_WALL_TIMES = "id, wall-clock time, times"
 _ID_SOME_TIMES = "id, times picked"
+_ID_SOME_TIMES_WALL = "id, times picked, wall-clock time"
 
 
 class _Shape:
@@ -216,6 +217,11 @@ class Templates:
         elif len(order) > 2 and order[0] == 0 and min(order[1:]) >= _T0:
             # the id, then times, some twice (a hook and its table share one)
             pick = (_ID_SOME_TIMES, itemgetter(*(i - _T0 for i in order[1:])))
+        elif len(order) > 3 and order[0] == 0 and order[-1] == _WALL and min(order[1:-1]) >= _T0 \
+                and self.wall is str:
+            # JSON lines as pkttrace writes them live: "id", the stages'
+            # times, some twice, and last "time_ns"
+            pick = (_ID_SOME_TIMES_WALL, itemgetter(*(i - _T0 for i in order[1:-1])))
         else:
             pick = itemgetter(*order) if len(order) > 1 else \
                 (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ())
@@ -239,7 +245,9 @@ class Templates:
             return text % (v[0], boot + v[1], *times)
         if pick is _ID_TIMES:
             return text % (v[0], *times)
-        if pick.__class__ is tuple:     # _ID_SOME_TIMES
+        if pick.__class__ is tuple:
+            if pick[0] is _ID_SOME_TIMES_WALL:
+                return text % (v[0], *pick[1](tuple(times)), boot + v[1])
             return text % (v[0], *pick[1](tuple(times)))
         wall = boot + v[1]
         return text % pick(v[:1] + v[2:_WALL + 1] + (wall if self.wall is str else self.wall(wall),) + tuple(times))

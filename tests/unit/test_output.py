@@ -304,3 +304,19 @@ def test_templates_hold_at_most_max_entries_texts():
     held = sum(len(meta.texts) for _shape, meta in fmt._shapes.values())
     assert 0 < held <= 3 and held == fmt._n_texts
     assert fmt.misses > 3                       # more kinds than room: compiled again after a clear
+
+
+def test_live_json_lines_fill_id_times_and_wall_clock_without_a_general_pick():
+    # pkttrace's own JSON lines (the wall clock known): "id", the stages'
+    # times (a hook and its table share one), "time_ns" last -- the fill
+    # made for them, not the pick from every value (which packets linked to
+    # others, e.g. an ICMP error to its cause, take)
+    from tracer import layout, templates
+    ctx, raws = _recorded()
+    ctx.boot_wall_ns = 1_764_672_000_123_456_789
+    fmt = output.Templates(output.packet_json, str, as_bytes=True)
+    for raw, aged in raws:
+        if raw[layout.LINKS_OFF:layout.LINKS_OFF + 32] == bytes(32):
+            fmt(assemble(raw, ctx, aged=aged))
+    picks = [t[1] for _s, meta in fmt._shapes.values() for t in meta.texts.values()]
+    assert picks and all(p.__class__ is tuple and p[0] is templates._ID_SOME_TIMES_WALL for p in picks)
