@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
 
+from benchmarks.run import held_prog_ids
 from tracer.filters import PacketFilter, parse_cidr
 from tracer.lab import Lab
 from tracer.session import TraceOptions, Tracer
@@ -50,6 +52,9 @@ def main() -> None:
             srv.wait(10)
             progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
                                               text=True, check=True).stdout)
+            # this session's programs: not those of another pkttrace on the host
+            own = held_prog_ids(os.getpid())
+            progs = [p for p in progs if p["id"] in own]
             print(f"mode {args.mode}: {out['end']['sum']['packets'] / args.duration:,.0f} UDP pps sent")
             for p in progs:
                 if p.get("run_cnt") and p.get("name", "").startswith(PREFIXES):

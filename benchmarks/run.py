@@ -222,11 +222,35 @@ PROG_PREFIXES = ("nf_obs_", "tc_ingress", "tc_egress", "on_")
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 
-def bpf_prog_times() -> dict[int, tuple[str, int, int]]:
-    """id -> (name, run_time_ns, run_cnt) of every loaded pkttrace program."""
+def fdinfo_prog_id(text: str) -> int | None:
+    """The program a bpf-prog or bpf_link fd stands for, from its fdinfo."""
+    m = re.search(r"^prog_id:\s*(\d+)$", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def held_prog_ids(pid: int) -> set[int]:
+    """Ids of the BPF programs process pid holds an fd of, or of a link to."""
+    ids: set[int] = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                prog = fdinfo_prog_id(f.read())
+        except OSError:
+            continue                # closed meanwhile
+        if prog is not None:
+            ids.add(prog)
+    return ids
+
+
+def bpf_prog_times(pid: int | None = None) -> dict[int, tuple[str, int, int]]:
+    """id -> (name, run_time_ns, run_cnt) of pkttrace's programs: those process
+    pid holds when given (not another pkttrace's on the host, e.g. a serve
+    left on), else every loaded one with a pkttrace program's name."""
     res = subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True, text=True)
+    own = held_prog_ids(pid) if pid is not None else None
     return {p["id"]: (p["name"], p.get("run_time_ns", 0), p.get("run_cnt", 0))
-            for p in json.loads(res.stdout) if p.get("name", "").startswith(PROG_PREFIXES)}
+            for p in json.loads(res.stdout)
+            if p.get("name", "").startswith(PROG_PREFIXES) and (own is None or p["id"] in own)}
 
 
 @contextlib.contextmanager
@@ -242,15 +266,16 @@ def bpf_stats_on():
             f.write(before)
 
 
-def bpf_cost_trial(lab, duration: float) -> dict:
+def bpf_cost_trial(lab, duration: float, pid: int | None = None) -> dict:
     """BPF time per forwarded packet: a separate UDP trial with
     kernel.bpf_stats_enabled on (it costs every program run ~25 ns, so the
     pps of the main trial is measured without it).  Packets = what the
-    server received, i.e. what the router forwarded."""
+    server received, i.e. what the router forwarded.  pid: the tracer
+    process, whose programs alone are summed."""
     with bpf_stats_on():
-        before = bpf_prog_times()
+        before = bpf_prog_times(pid)
         r = iperf_trial(lab, "udp", duration)
-        after = bpf_prog_times()
+        after = bpf_prog_times(pid)
     pkts = r["delivered"] or 1
     progs: dict[str, dict] = {}
     total = 0
@@ -390,7 +415,7 @@ class Pkttrace:
     def active(self, lab):
         argv = [sys.executable, "-m", self.module, *[a.format(router=lab.router) for a in self.args]]
         tp = TracerProcess(argv, re.compile(self.ready))
-        info = {"start_to_ready_s": tp.start()}
+        info = {"start_to_ready_s": tp.start(), "pid": tp.proc.pid}
         stop = threading.Event()
         scraper = None
         if self.scrape:
@@ -540,7 +565,7 @@ def run_traffic(modes: list, reps: int, duration: float, log) -> list[dict]:
                         with mode.active(lab) as info:
                             s.update(iperf_trial(lab, wl, duration))
                             if wl == "udp" and mode.name in PKTTRACE_MODES:
-                                s.update(bpf_cost_trial(lab, min(duration, 2.0)))
+                                s.update(bpf_cost_trial(lab, min(duration, 2.0), info.get("pid")))
                         s.update(info)
                     except Exception as e:  # noqa: BLE001 -- one failed trial must not end the run
                         s["error"] = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
