@@ -15,13 +15,12 @@ import os
 import subprocess
 import time
 
-from benchmarks.run import held_prog_ids
+from benchmarks.run import bpf_prog_times
 from tracer.filters import PacketFilter, parse_cidr
 from tracer.lab import Lab
 from tracer.session import TraceOptions, Tracer
 
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
-PREFIXES = ("nf_obs", "tc_", "on_")
 
 
 def main() -> None:
@@ -50,15 +49,12 @@ def main() -> None:
                 t.poll(0.05)
             out = json.loads(cli.stdout.read())
             srv.wait(10)
-            progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
-                                              text=True, check=True).stdout)
             # this session's programs: not those of another pkttrace on the host
-            own = held_prog_ids(os.getpid())
-            progs = [p for p in progs if p["id"] in own]
+            progs = bpf_prog_times(os.getpid())
             print(f"mode {args.mode}: {out['end']['sum']['packets'] / args.duration:,.0f} UDP pps sent")
-            for p in progs:
-                if p.get("run_cnt") and p.get("name", "").startswith(PREFIXES):
-                    print(f"  {p['name']:<20} runs {p['run_cnt']:>10,}  mean {p['run_time_ns'] / p['run_cnt']:6.0f} ns")
+            for name, ns, cnt in progs.values():
+                if cnt:
+                    print(f"  {name:<20} runs {cnt:>10,}  mean {ns / cnt:6.0f} ns")
             print(f"  {t.counters()}")
     finally:
         with open(STATS, "w") as f:

@@ -222,32 +222,13 @@ PROG_PREFIXES = ("nf_obs_", "tc_ingress", "tc_egress", "on_")
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 
-def fdinfo_prog_id(text: str) -> int | None:
-    """The program a bpf-prog or bpf_link fd stands for, from its fdinfo."""
-    m = re.search(r"^prog_id:\s*(\d+)$", text, re.M)
-    return int(m.group(1)) if m else None
-
-
-def held_prog_ids(pid: int) -> set[int]:
-    """Ids of the BPF programs process pid holds an fd of, or of a link to."""
-    ids: set[int] = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                prog = fdinfo_prog_id(f.read())
-        except OSError:
-            continue                # closed meanwhile
-        if prog is not None:
-            ids.add(prog)
-    return ids
-
-
 def bpf_prog_times(pid: int | None = None) -> dict[int, tuple[str, int, int]]:
     """id -> (name, run_time_ns, run_cnt) of pkttrace's programs: those process
     pid holds when given (not another pkttrace's on the host, e.g. a serve
     left on), else every loaded one with a pkttrace program's name."""
     res = subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True, text=True)
-    own = held_prog_ids(pid) if pid is not None else None
+    from tracer.probes import prog_ids_of
+    own = prog_ids_of(pid) if pid is not None else None
     return {p["id"]: (p["name"], p.get("run_time_ns", 0), p.get("run_cnt", 0))
             for p in json.loads(res.stdout)
             if p.get("name", "").startswith(PROG_PREFIXES) and (own is None or p["id"] in own)}

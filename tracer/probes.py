@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -403,36 +404,49 @@ class UnknownHolders(AttachError):
     """Some process's fds cannot be read: which programs are held is unknown."""
 
 
+def fdinfo_prog_id(text: str) -> int | None:
+    """The program a bpf-prog or bpf_link fd stands for, from its fdinfo."""
+    m = re.search(r"^prog_id:\s*(\d+)$", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def prog_ids_of(pid: int | str) -> set[int]:
+    """Ids of the BPF programs process pid holds an fd of, or of a link to
+    (fdinfo of bpf-prog and bpf_link fds).  OSError (PermissionError: another
+    user's process) when its fds cannot be listed."""
+    fd_dir = f"/proc/{pid}/fd"
+    ids: set[int] = set()
+    for fd in os.listdir(fd_dir):
+        try:
+            if not os.readlink(f"{fd_dir}/{fd}").startswith(("anon_inode:bpf-prog", "anon_inode:bpf_link")):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                prog = fdinfo_prog_id(f.read())
+        except OSError:
+            continue   # closed meanwhile
+        if prog is not None:
+            ids.add(prog)
+    return ids
+
+
 def held_prog_ids() -> set[int]:
-    """Ids of the BPF programs some process holds an fd of, or of a link to
-    (fdinfo of bpf-prog and bpf_link fds).  Only /proc/<pid>: a task that
-    unshared its fd table is not seen, and pkttrace never does that."""
+    """Ids of the BPF programs some process holds an fd of, or of a link to.
+    Only /proc/<pid>: a task that unshared its fd table is not seen, and
+    pkttrace never does that."""
     ids: set[int] = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        fd_dir = f"/proc/{pid}/fd"
         try:
-            fds = os.listdir(fd_dir)
+            ids |= prog_ids_of(pid)
         except PermissionError:
             # another user's process (pkttrace as a dynamic user without
             # CAP_SYS_PTRACE): what it holds is unknown, so no filter may be
             # judged dead
-            raise UnknownHolders(f"cannot read {fd_dir} (another user's process; needs root or "
+            raise UnknownHolders(f"cannot read /proc/{pid}/fd (another user's process; needs root or "
                                  "CAP_SYS_PTRACE): cannot tell which pkttrace filters are still in use") from None
         except OSError:
             continue   # gone, or a kernel thread
-        for fd in fds:
-            try:
-                if not os.readlink(f"{fd_dir}/{fd}").startswith(("anon_inode:bpf-prog", "anon_inode:bpf_link")):
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    for line in f:
-                        if line.startswith("prog_id:"):
-                            ids.add(int(line.split()[1]))
-                            break
-            except (OSError, ValueError, IndexError):
-                continue
     return ids
 
 

@@ -1,9 +1,10 @@
-"""benchmarks.run sums the BPF time of its own tracer's programs only: a
-pkttrace serve left on beside it (issue 12's point) runs programs of the
-same names, and their runs are not the benchmarked tracer's cost."""
+"""benchmarks.run sums the BPF time of its own tracer's programs only (those
+tracer.probes.prog_ids_of finds in the process): a pkttrace serve left on
+beside it (issue 12's point) runs programs of the same names, and their
+runs are not the benchmarked tracer's cost."""
 import os
 
-from benchmarks.run import fdinfo_prog_id, held_prog_ids
+from tracer.probes import fdinfo_prog_id, prog_ids_of
 
 # fdinfo texts recorded from a pkttrace serve (kernel 6.18)
 PROG_FD = """pos:\t0
@@ -60,4 +61,4 @@ def test_other_fds_name_none():
 
 
 def test_a_process_without_bpf_fds_holds_no_programs():
-    assert held_prog_ids(os.getpid()) == set()
+    assert prog_ids_of(os.getpid()) == set()
