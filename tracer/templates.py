@@ -138,8 +138,13 @@ class Templates:
         if as_bytes and (self.fill is not str or time is not str or wall is not str):
             raise ValueError("as_bytes templates hold integers only")
         self._shapes: dict[int, tuple] = {}     # id(Shape) -> (Shape object, _Shape with its texts)
-        self._n_texts = 0                       # texts held over all shapes
         self.hits = self.misses = 0
+
+    @property
+    def _n_texts(self) -> int:
+        """Texts held over all shapes (counted at a miss only: a miss
+        renders and compiles, far more than this sum)."""
+        return sum(len(meta.texts) for _shape, meta in self._shapes.values())
 
     def _render(self, pkt: Packet) -> str | bytes:
         text = self.render(pkt)
@@ -151,11 +156,8 @@ class Templates:
             return self._render(pkt)            # built or changed by hand: no template
         sh = self._shapes.get(id(shape))
         if sh is None or sh[0] is not shape:
-            if sh is not None:                  # another shape at a freed one's id
-                self._n_texts -= len(sh[1].texts)
             if len(self._shapes) >= self.max_entries:
                 self._shapes.clear()
-                self._n_texts = 0
             sh = self._shapes[id(shape)] = (shape, _Shape(raw))
         meta = sh[1]
         if len(raw) < meta.size or meta.untemplated:
@@ -167,12 +169,9 @@ class Templates:
             if t is None:
                 return self._render(pkt)
             if self._n_texts >= self.max_entries:
-                self._shapes.clear()            # (and with them their texts)
-                self._n_texts = 0
-                self._shapes[id(shape)] = sh
-                meta.texts.clear()
+                for _shape, m in self._shapes.values():
+                    m.texts.clear()
             meta.texts[key] = t
-            self._n_texts += 1
             self.misses += 1
         else:
             self.hits += 1
