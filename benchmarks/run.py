@@ -718,10 +718,10 @@ BOUND_BY = {
     "trace-all-paced-lost": "a record is lost only when the ring is full: pkttrace descheduled longer than "
                             "the ring holds (8 MiB: ~0.2 s of this flow; -B KiB for more)",
     "collector-json-per-s": "a template per (path shape, record) is filled with the id and times as bytes",
-    "start-to-ready-s": "CPU on 2 cores (~0.8-1.0 s of it at ready): Python start-up and imports (~150 ms), "
-                        "pyroute2's import (~250 ms, in a thread beside the verifier), the verifier (~0.25 s "
-                        "of CPU: python -m benchmarks.load_cost) and libbpf's work per object; then TCX "
-                        "links (~10 ms each under the RTNL lock, 8 here)",
+    "start-to-ready-s": "CPU on 2 cores: Python start-up and imports (~150 ms), pyroute2's import "
+                        "(~100-250 ms, in a thread beside the verifier), the verifier (~0.2 s of CPU: "
+                        "python -m benchmarks.load_cost) and libbpf's work per object; the TCX links "
+                        "(~10 ms each under the RTNL lock) are made beside the verifier",
 }
 
 

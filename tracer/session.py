@@ -128,6 +128,7 @@ class Tracer:
         self._watches: dict[str | None, watch.NetnsWatch] = {}   # ns -> its netlink announcements
         # tc observers per netns and device (followed as devices come and go)
         self.tc: tcobservers.TcObservers | None = None
+        self._early_tcx: tcobservers.EarlyTcx | None = None   # TCX links made during the load
         self._iface_index = 0                        # what iface_want holds
         # the programs read net->nft.base_seq (else they see 0, and are told 0)
         self._gen_visible = True
@@ -204,6 +205,9 @@ class Tracer:
                 libbpf.learn_prog_info(kernel_btf)     # for the run-time metrics, without a parse of its own
         except (backends.BackendError, libbpf.BpfError) as e:
             raise TraceError(str(e)) from None
+        if self._plan.tc and self.opts.tc != "classic":
+            # the tc links are slow to make, not to run: made beside the verifier
+            self._early_tcx = tcobservers.EarlyTcx(self.opts.netns)
         try:
             if self.opts.rules:
                 # before the rulesets are read: the observers are placed
@@ -313,7 +317,7 @@ class Tracer:
                                       inode_of=self._ns_inodes.get, index_of=self._ns_index.__getitem__)
         self.nf.gen_visible = self._gen_visible
         if self._plan.tc:
-            self.tc = tcobservers.TcObservers(obj, self.opts.tc, self._notice)
+            self.tc = tcobservers.TcObservers(obj, self.opts.tc, self._notice, self._early_tcx)
         self.collect.bind(obj)
 
     def _attach(self) -> None:
@@ -352,6 +356,15 @@ class Tracer:
         self._set_iface(self.opts.netns[0])
         for ns in self.opts.netns:
             self._attach_netns(ns, *self._initial.pop(ns))
+        self._end_early_tcx()
+
+    def _end_early_tcx(self) -> None:
+        """The early TCX links not taken closed, and their placeholder program."""
+        if self._early_tcx is not None:
+            self._early_tcx.close()
+            self._early_tcx = None
+        if self.tc is not None:
+            self.tc.early = None
 
     def _attach_netns(self, ns: str | None, gen: int, reg: placement.Registered) -> None:
         """Observers, tc and the netlink watch of one netns, placed for the
@@ -718,6 +731,7 @@ class Tracer:
         return out
 
     def _detach(self) -> None:
+        self._end_early_tcx()
         if self.nf is not None:
             self.nf.detach()
         for w in self._watches.values():

@@ -4,6 +4,9 @@ cls_bpf filters shared politely with other tools (probes.py).  Devices come
 and go while tracing: the session tells this which ones are there now."""
 from __future__ import annotations
 
+import os
+import socket
+import threading
 from collections.abc import Callable
 
 from . import libbpf, netns, probes
@@ -20,14 +23,84 @@ def _release(atts: list[probes.Attachment]) -> None:
             a.close()
 
 
+class EarlyTcx:
+    """TCX links made while the kernel verifies the programs.
+
+    Each new TCX link waits for an RCU grace period under the RTNL lock
+    (~10-14 ms here, one after the other: ~110 ms for the 8 links of a
+    router with 4 devices), sleeping, not working.  So a thread makes them
+    during the verifier's ~200 ms, running a placeholder that returns
+    TCX_NEXT; once tc_ingress/tc_egress are loaded, TcObservers.attach()
+    swaps them in (BPF_LINK_UPDATE: in place, microseconds) and compares
+    the devices with a fresh dump.  Anything that goes wrong here (no TCX
+    before 6.6, a namespace gone) leaves the namespace to the usual attach,
+    which says why."""
+
+    def __init__(self, namespaces: list[str | None]):
+        # ns -> [(ifindex, ingress, link fd)], placeholder still running
+        self._links: dict[str | None, list[tuple[int, bool, int]]] = {}
+        self._placeholder = -1
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._run, args=(list(namespaces),), name="pkttrace-tcx", daemon=True)
+        self._thread.start()
+
+    def _run(self, namespaces: list[str | None]) -> None:
+        try:
+            self._placeholder = libbpf.load_tc_next()
+        except OSError:
+            return
+        for ns in namespaces:
+            made: list[tuple[int, bool, int]] = []
+            try:
+                with netns.entered(ns):
+                    # glibc's if_nameindex: one netlink dump in this thread's
+                    # netns, without pyroute2 (its import is ~100 ms of GIL)
+                    for ifindex, _name in sorted(socket.if_nameindex()):
+                        for ingress in (True, False):
+                            at = libbpf.BPF_TCX_INGRESS if ingress else libbpf.BPF_TCX_EGRESS
+                            made.append((ifindex, ingress,
+                                         libbpf.link_tcx(self._placeholder, ifindex, at, libbpf.BPF_F_BEFORE)))
+            except (OSError, netns.NetnsError) as e:
+                for _i, _ing, fd in made:
+                    os.close(fd)
+                if isinstance(e, OSError) and not made:
+                    return               # no TCX here (or not allowed): the usual attach finds out
+                continue
+            self._links[ns] = made
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def take(self, ns: str | None) -> list[tuple[int, bool, int]]:
+        """The (ifindex, ingress, link fd) made in ns, handed over (the caller
+        closes them); [] if none."""
+        self._join()
+        return self._links.pop(ns, [])
+
+    def close(self) -> None:
+        """Close every link not taken, and the placeholder."""
+        self._join()
+        for made in self._links.values():
+            for _i, _ing, fd in made:
+                os.close(fd)
+        self._links.clear()
+        if self._placeholder >= 0:
+            os.close(self._placeholder)
+            self._placeholder = -1
+
+
 class TcObservers:
     """The tc attachments of each traced netns, by device."""
 
-    def __init__(self, obj: libbpf.BpfObject, mode: str, notice: Callable[[str], None]):
+    def __init__(self, obj: libbpf.BpfObject, mode: str, notice: Callable[[str], None],
+                 early: EarlyTcx | None = None):
         self.ingress, self.egress = obj.program("tc_ingress").fd, obj.program("tc_egress").fd
         self.mode = mode                     # auto | tcx | classic: tcx or classic once decided
         self.notice = notice
         self.by_netns: dict[str | None, dict[int, list[probes.Attachment]]] = {}
+        self.early = early
 
     def attachments(self) -> list[probes.Attachment]:
         return [a for per_dev in self.by_netns.values() for atts in per_dev.values() for a in atts]
@@ -37,6 +110,8 @@ class TcObservers:
         if devices is None:
             devices = netns.links(ns)
         per_dev = self.by_netns.setdefault(ns, {})
+        if self.early is not None and self.mode != "classic":
+            devices = self._adopt(ns, devices, per_dev)
         points = [(prog_fd, ifindex, ifname, ingress) for ifindex, ifname in sorted(devices.items())
                   for prog_fd, ingress in ((self.ingress, True), (self.egress, False))]
         if not points:
@@ -70,6 +145,33 @@ class TcObservers:
                     self.notice(done.summary())
         for prog_fd, ifindex, ifname, ingress in points:
             per_dev.setdefault(ifindex, []).append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns))
+
+    def _adopt(self, ns: str | None, devices: dict[int, str],
+               per_dev: dict[int, list[probes.Attachment]]) -> dict[int, str]:
+        """Take over the early links of ns on devices that are still there,
+        running our programs from now on; returns the devices left to attach."""
+        adopted = set()
+        for ifindex, ingress, fd in self.early.take(ns):     # type: ignore[union-attr]
+            name = devices.get(ifindex)
+            if name is None:                  # the device went
+                os.close(fd)
+                continue
+            try:
+                libbpf.link_update(fd, self.ingress if ingress else self.egress)
+            except OSError:
+                # a device deleted and another made with its index: the link
+                # went with the first (ENOLINK); the new one is attached anew
+                os.close(fd)
+                continue
+            self.mode = "tcx"
+            adopted.add(ifindex)
+            per_dev.setdefault(ifindex, []).append(
+                probes.FdLink("tcx", f"{'ingress' if ingress else 'egress'} {name}", fd, ns))
+        # a device with both links is done; one with a single link lost the
+        # other: its link is closed and the device attached whole
+        for ifindex in [i for i in adopted if len(per_dev[i]) != 2]:
+            _release(per_dev.pop(ifindex))
+        return {i: n for i, n in devices.items() if i not in per_dev}
 
     def follow(self, ns: str | None, now: dict[int, str], deleted: set[int]) -> None:
         """The devices of ns are `now` (and `deleted` went, maybe to come back
