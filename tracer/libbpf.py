@@ -169,6 +169,7 @@ def lib():
         "bpf_link__fd": (I, [P]),
         "bpf_map__fd": (I, [P]),
         "bpf_map__set_max_entries": (I, [P, U]),
+        "bpf_map__max_entries": (U, [P]),
         "bpf_map__set_map_flags": (I, [P, U]),
         "bpf_map__map_flags": (U, [P]),
         "bpf_map__initial_value": (P, [P, ctypes.POINTER(ctypes.c_size_t)]),
@@ -495,6 +496,7 @@ class BpfObject:
         self.path = path
         self.loaded = False
         self.parts: list[BpfObject] = []     # load_split's objects, which hold the programs
+        self._maps_of: BpfObject | None = None   # whose maps this one uses (share_maps_of)
 
     def program(self, name: str) -> Program:
         for part in self.parts:
@@ -537,6 +539,7 @@ class BpfObject:
         for m in self.maps():
             if lib().bpf_map__reuse_fd(m.ptr, other.map(m.name).fd):
                 raise BpfError(_errmsg(f"share map {m.name}", ctypes.get_errno()))
+        self._maps_of = other
 
     def btf(self) -> "Btf":
         p = lib().bpf_object__btf(self.ptr)
@@ -545,14 +548,53 @@ class BpfObject:
         return Btf(p, owned=False)
 
     def load(self) -> None:
-        _log.clear()
-        r = lib().bpf_object__load(self.ptr)
+        # Quietly: a load makes ~2,700 debug callbacks, and each must take
+        # the GIL; with another thread running Python meanwhile (the
+        # session's ruleset reader, ~100 ms of pyroute2 and parsing) the
+        # load took ~60-100 ms longer.  Only a failure's messages are wanted,
+        # and libbpf never loads an object twice: a failed load is repeated
+        # on a replica of this object, with the messages on, for its reason.
+        L = lib()
+        L.libbpf_set_print(_NO_PRINT)
+        try:
+            r = L.bpf_object__load(self.ptr)
+        finally:
+            L.libbpf_set_print(_print_cb)
         if r:
-            hint = _last_log(3)
+            hint = self._why_not_loaded()
             if abs(r) == errno.EPERM:
                 hint = "pkttrace needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON); " + hint
             raise BpfError(_errmsg("load BPF programs", r, hint))
         self.loaded = True
+
+    def _why_not_loaded(self) -> str:
+        """libbpf's last messages from loading a new object of the same file
+        with this one's settings: which programs, their types, the maps'
+        sizes and flags, the config, the maps shared."""
+        replica = BpfObject(self.path)
+        try:
+            each_prog = lib().bpf_object__next_program
+            for mine, its in zip(self._each(each_prog, lambda p: Program(self, p)),
+                                 replica._each(each_prog, lambda p: Program(replica, p))):
+                its.set_autoload(mine.autoload)
+                its.set_type(lib().bpf_program__type(mine.ptr), lib().bpf_program__expected_attach_type(mine.ptr))
+            for mine_m, its_m in zip(self.maps(), replica.maps()):
+                its_m.set_max_entries(lib().bpf_map__max_entries(mine_m.ptr))
+                lib().bpf_map__set_map_flags(its_m.ptr, lib().bpf_map__map_flags(mine_m.ptr))
+                try:
+                    (src, size), (dst, dst_size) = mine_m.initial_value(), its_m.initial_value()
+                except BpfError:
+                    continue                 # no initial data (not a .rodata/.data)
+                ctypes.memmove(dst, src, min(size, dst_size))
+            if self._maps_of is not None:
+                replica.share_maps_of(self._maps_of)
+            _log.clear()
+            lib().bpf_object__load(replica.ptr)
+            return _last_log(3)
+        except BpfError as e:
+            return str(e)
+        finally:
+            replica.close()
 
     def load_split(self, first: set[str]) -> None:
         """Load as load() does, but verify the programs named in `first` and
@@ -574,8 +616,8 @@ class BpfObject:
         for p in self.programs():
             p.set_autoload(False)
         # Another thread runs Python meanwhile (the session's ruleset reader):
-        # each of the thousands of calls into libbpf here, and each of its
-        # callbacks, waits for the GIL, for up to the switch interval (5 ms)
+        # each of the thousands of calls into libbpf here waits for the GIL,
+        # for up to the switch interval (5 ms); the loads make no callbacks
         interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0002)
         # the parts are opened first, here: nothing else runs libbpf meanwhile
