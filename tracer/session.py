@@ -168,7 +168,12 @@ class Tracer:
 
     # ---- set-up ----
 
-    def start(self) -> "Tracer":
+    def start(self, meanwhile: Callable[[], object] | None = None) -> "Tracer":
+        """Load and attach everything, or raise TraceError with nothing left.
+
+        meanwhile: work of the caller's to do while the kernel verifies the
+        programs (~200 ms without the GIL), in the thread that reads the
+        rulesets then; an exception from it is raised here."""
         t0 = time.monotonic()
         # the effective capabilities, not uid 0: a service runs as a
         # DynamicUser= with exactly these (tracer/caps.py says why each)
@@ -213,7 +218,7 @@ class Tracer:
                 # before the rulesets are read: the observers are placed
                 # with our table in (placement leaves it out)
                 self._start_rules()
-            self._load()
+            self._load(meanwhile)
             self._attach()
         except (libbpf.BpfError, probes.AttachError, netns.NetnsError, ruletrace.RulesError) as e:
             self.close()
@@ -250,7 +255,7 @@ class Tracer:
         if handle is not None:
             self.ctx.hidden_tables.add((r.ino, handle))
 
-    def _load(self) -> None:
+    def _load(self, meanwhile: Callable[[], object] | None = None) -> None:
         obj = self.obj = libbpf.BpfObject(libbpf.object_path())
         need = observers.select_programs(obj, self._plan)
         obj.map("inflight").set_max_entries(self.opts.max_inflight)
@@ -293,6 +298,8 @@ class Tracer:
         def read_rulesets():
             try:
                 initial.update((ns, observers.read_ruleset(ns)) for ns in self.opts.netns)
+                if meanwhile is not None:
+                    meanwhile()
             except BaseException as e:  # noqa: BLE001 -- raised again below, in the caller's thread
                 failure.append(e)
         reader = threading.Thread(target=read_rulesets, name="pkttrace-rulesets")

@@ -17,7 +17,7 @@ LAYERS = [
     {"observers", "tcobservers", "recording", "templates", "collector", "names", "rulejoin"},   # observers; record/replay; collect
     {"session"},                                                                  # the lifecycle of a trace
     {"output", "exporter", "doctor", "api", "demo", "installer", "pcapng", "diagram"},         # sinks, library API
-    {"page"},                                                                     # HTTP: /metrics, the live page
+    {"page", "httpd"},                                                            # HTTP: the live page, the server
     {"serve"},                                                                    # the service
     {"cli"},                                                                      # the command line
     {"__main__", "__init__", "manpage"},                                          # python -m tracer; import tracer; pkttrace(1)

@@ -16,7 +16,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, Counter, make_wsgi_app, start_http_server
 
-from tracer.serve import MetricsServer
+from tracer.httpd import MetricsServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -216,7 +216,7 @@ def test_close_joins_every_thread(registry):
 OUT_OF_FDS = textwrap.dedent("""
     import os, resource, sys, time
     from prometheus_client import CollectorRegistry, make_wsgi_app
-    from tracer.serve import MetricsServer
+    from tracer.httpd import MetricsServer
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
     srv = MetricsServer("127.0.0.1", 0, make_wsgi_app(CollectorRegistry()), max_connections=1000,
                         idle_timeout=60).start()

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 
 from tracer import webconfig
-from tracer.serve import MetricsServer
+from tracer.httpd import MetricsServer
 from tracer.webconfig import WebConfigError
 
 OPENSSL = shutil.which("openssl")
