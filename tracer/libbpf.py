@@ -8,6 +8,7 @@ types in BTF.  Every failure becomes a BpfError with one readable line.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from importlib import resources
 import ctypes.util
@@ -113,6 +114,40 @@ _print_bufs = threading.local()
 
 
 _NO_PRINT = _PRINT_FN()    # a NULL callback: libbpf then formats nothing
+# libbpf's print callback is one for the process, and opens and loads may
+# run in two threads at once (load_split): the messages stay off while any
+# of them asks, back on once none does
+_print_lock = threading.Lock()
+_quiet_depth = 0
+
+
+@contextlib.contextmanager
+def _messages_off() -> Iterator[None]:
+    global _quiet_depth
+    with _print_lock:
+        _quiet_depth += 1
+        lib().libbpf_set_print(_NO_PRINT)
+    try:
+        yield
+    finally:
+        with _print_lock:
+            _quiet_depth -= 1
+            if not _quiet_depth:
+                lib().libbpf_set_print(_print_cb)
+
+
+@contextlib.contextmanager
+def _messages_on() -> Iterator[None]:
+    """For repeating a failure with its reason, even while another thread's
+    open or load runs quietly (its callbacks then come here: slower only)."""
+    with _print_lock:
+        lib().libbpf_set_print(_print_cb)
+    try:
+        yield
+    finally:
+        with _print_lock:
+            if _quiet_depth:
+                lib().libbpf_set_print(_NO_PRINT)
 
 
 @_PRINT_FN
@@ -481,14 +516,12 @@ class BpfObject:
         # with another thread running Python that is ~100 ms instead of ~10.
         # Open quietly; only a failure's message is wanted, so a failed open
         # is repeated with the messages on (an open changes nothing).
-        L.libbpf_set_print(_NO_PRINT)
-        try:
+        with _messages_off():
             ptr = L.bpf_object__open_file(os.fsencode(path), None)
-        finally:
-            L.libbpf_set_print(_print_cb)
         err = L.libbpf_get_error(ptr)
         if not ptr or err:
-            ptr = L.bpf_object__open_file(os.fsencode(path), None)
+            with _messages_on():
+                ptr = L.bpf_object__open_file(os.fsencode(path), None)
             err = L.libbpf_get_error(ptr)
         if not ptr or err:
             raise BpfError(_errmsg(f"open {path}", err or ctypes.get_errno(), _last_log(1)))
@@ -554,12 +587,8 @@ class BpfObject:
         # load took ~60-100 ms longer.  Only a failure's messages are wanted,
         # and libbpf never loads an object twice: a failed load is repeated
         # on a replica of this object, with the messages on, for its reason.
-        L = lib()
-        L.libbpf_set_print(_NO_PRINT)
-        try:
-            r = L.bpf_object__load(self.ptr)
-        finally:
-            L.libbpf_set_print(_print_cb)
+        with _messages_off():
+            r = lib().bpf_object__load(self.ptr)
         if r:
             hint = self._why_not_loaded()
             if abs(r) == errno.EPERM:
@@ -589,7 +618,8 @@ class BpfObject:
             if self._maps_of is not None:
                 replica.share_maps_of(self._maps_of)
             _log.clear()
-            lib().bpf_object__load(replica.ptr)
+            with _messages_on():
+                lib().bpf_object__load(replica.ptr)
             return _last_log(3)
         except BpfError as e:
             return str(e)

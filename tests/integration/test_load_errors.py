@@ -8,11 +8,12 @@ itself, and the error must carry the reason, as it did with the messages on.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import pytest
 
-from tracer import backends, libbpf
+from tracer import backends, libbpf, observers
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root")]
@@ -66,3 +67,28 @@ def test_a_replica_keeps_the_settings_that_made_the_load_succeed():
         assert obj._why_not_loaded() == ""      # the replica loads: nothing to say
     finally:
         obj.close()
+
+
+def _print_fn_now() -> int | None:
+    """The address of libbpf's print callback now (libbpf_set_print returns
+    the one it replaces; it is put back at once)."""
+    lib = libbpf.lib()
+    old = lib.libbpf_set_print(libbpf._print_cb)
+    lib.libbpf_set_print(ctypes.cast(old, libbpf._PRINT_FN) if old else libbpf._NO_PRINT)
+    return old
+
+
+def test_messages_are_on_again_after_loads_in_two_threads():
+    """load_split loads two objects at once, each quietly: the callback is
+    the process's, so it must come back only after both, and come back (an
+    attach failure says why through it)."""
+    with libbpf.Btf.vmlinux() as kb:
+        plan = backends.plan(backends.probe(kb), "auto", "auto")
+    obj = libbpf.BpfObject(libbpf.object_path())
+    try:
+        observers.select_programs(obj, plan)
+        obj.load_split({*observers.nf_programs(), *backends.HOOK_PROGRAMS})
+        assert len(obj.parts) == 2
+    finally:
+        obj.close()
+    assert _print_fn_now() == ctypes.cast(libbpf._print_cb, ctypes.c_void_p).value
