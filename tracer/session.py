@@ -324,7 +324,7 @@ class Tracer:
                                       inode_of=self._ns_inodes.get, index_of=self._ns_index.__getitem__)
         self.nf.gen_visible = self._gen_visible
         if self._plan.tc:
-            self.tc = tcobservers.TcObservers(obj, self.opts.tc, self._notice, self._early_tcx)
+            self.tc = tcobservers.TcObservers(obj, self.opts.tc, self._notice)
         self.collect.bind(obj)
 
     def _attach(self) -> None:
@@ -370,8 +370,6 @@ class Tracer:
         if self._early_tcx is not None:
             self._early_tcx.close()
             self._early_tcx = None
-        if self.tc is not None:
-            self.tc.early = None
 
     def _attach_netns(self, ns: str | None, gen: int, reg: placement.Registered) -> None:
         """Observers, tc and the netlink watch of one netns, placed for the
@@ -383,7 +381,7 @@ class Tracer:
         nf.placed[ns] = nf.place(ns, 0, reg)
         self._learn_rules(ns)
         if self.tc is not None:
-            self.tc.attach(ns)
+            self.tc.attach(ns, early=self._early_tcx)
         nf.set_hooks(ns, events.HOOKS_LEARN, gen)
         if watch.nft_generation(ns) != gen:
             nf.recheck(ns, signalled=True)   # committed to since it was read: read again

@@ -37,8 +37,8 @@ class EarlyTcx:
     which says why."""
 
     def __init__(self, namespaces: list[str | None]):
-        # ns -> [(ifindex, ingress, link fd)], placeholder still running
-        self._links: dict[str | None, list[tuple[int, bool, int]]] = {}
+        # ns -> [(ifindex, ingress, link)], the placeholder still running
+        self._links: dict[str | None, list[tuple[int, bool, probes.FdLink]]] = {}
         self._placeholder = -1
         self._thread: threading.Thread | None = threading.Thread(
             target=self._run, args=(list(namespaces),), name="pkttrace-tcx", daemon=True)
@@ -50,20 +50,20 @@ class EarlyTcx:
         except OSError:
             return
         for ns in namespaces:
-            made: list[tuple[int, bool, int]] = []
+            made: list[tuple[int, bool, probes.FdLink]] = []
             try:
                 with netns.entered(ns):
                     # glibc's if_nameindex: one netlink dump in this thread's
                     # netns, without pyroute2 (its import is ~100 ms of GIL)
-                    for ifindex, _name in sorted(socket.if_nameindex()):
-                        for ingress in (True, False):
-                            at = libbpf.BPF_TCX_INGRESS if ingress else libbpf.BPF_TCX_EGRESS
-                            made.append((ifindex, ingress,
-                                         libbpf.link_tcx(self._placeholder, ifindex, at, libbpf.BPF_F_BEFORE)))
-            except (OSError, netns.NetnsError) as e:
-                for _i, _ing, fd in made:
-                    os.close(fd)
-                if isinstance(e, OSError) and not made:
+                    devices = sorted(socket.if_nameindex())
+                for ifindex, name in devices:
+                    for ingress in (True, False):
+                        made.append((ifindex, ingress,
+                                     probes.attach_tcx(self._placeholder, ifindex, name, ingress, ns)))
+            except (probes.AttachError, OSError, netns.NetnsError) as e:
+                for _i, _ing, link in made:
+                    link.close()
+                if isinstance(e, probes.AttachError) and not made:
                     return               # no TCX here (or not allowed): the usual attach finds out
                 continue
             self._links[ns] = made
@@ -73,8 +73,8 @@ class EarlyTcx:
             self._thread.join()
             self._thread = None
 
-    def take(self, ns: str | None) -> list[tuple[int, bool, int]]:
-        """The (ifindex, ingress, link fd) made in ns, handed over (the caller
+    def take(self, ns: str | None) -> list[tuple[int, bool, probes.FdLink]]:
+        """The (ifindex, ingress, link) made in ns, handed over (the caller
         closes them); [] if none."""
         self._join()
         return self._links.pop(ns, [])
@@ -83,8 +83,8 @@ class EarlyTcx:
         """Close every link not taken, and the placeholder."""
         self._join()
         for made in self._links.values():
-            for _i, _ing, fd in made:
-                os.close(fd)
+            for _i, _ing, link in made:
+                link.close()
         self._links.clear()
         if self._placeholder >= 0:
             os.close(self._placeholder)
@@ -94,24 +94,24 @@ class EarlyTcx:
 class TcObservers:
     """The tc attachments of each traced netns, by device."""
 
-    def __init__(self, obj: libbpf.BpfObject, mode: str, notice: Callable[[str], None],
-                 early: EarlyTcx | None = None):
+    def __init__(self, obj: libbpf.BpfObject, mode: str, notice: Callable[[str], None]):
         self.ingress, self.egress = obj.program("tc_ingress").fd, obj.program("tc_egress").fd
         self.mode = mode                     # auto | tcx | classic: tcx or classic once decided
         self.notice = notice
         self.by_netns: dict[str | None, dict[int, list[probes.Attachment]]] = {}
-        self.early = early
 
     def attachments(self) -> list[probes.Attachment]:
         return [a for per_dev in self.by_netns.values() for atts in per_dev.values() for a in atts]
 
-    def attach(self, ns: str | None, devices: dict[int, str] | None = None) -> None:
-        """tc observers on every device of ns (or on `devices`, new ones)."""
+    def attach(self, ns: str | None, devices: dict[int, str] | None = None,
+               early: EarlyTcx | None = None) -> None:
+        """tc observers on every device of ns (or on `devices`, new ones);
+        TCX links `early` made there are taken over first."""
         if devices is None:
             devices = netns.links(ns)
         per_dev = self.by_netns.setdefault(ns, {})
-        if self.early is not None and self.mode != "classic":
-            devices = self._adopt(ns, devices, per_dev)
+        if early is not None and self.mode != "classic":
+            devices = self._adopt(ns, devices, per_dev, early.take(ns))
         points = [(prog_fd, ifindex, ifname, ingress) for ifindex, ifname in sorted(devices.items())
                   for prog_fd, ingress in ((self.ingress, True), (self.egress, False))]
         if not points:
@@ -146,27 +146,27 @@ class TcObservers:
         for prog_fd, ifindex, ifname, ingress in points:
             per_dev.setdefault(ifindex, []).append(probes.attach_classic_tc(prog_fd, ifindex, ifname, ingress, ns))
 
-    def _adopt(self, ns: str | None, devices: dict[int, str],
-               per_dev: dict[int, list[probes.Attachment]]) -> dict[int, str]:
+    def _adopt(self, ns: str | None, devices: dict[int, str], per_dev: dict[int, list[probes.Attachment]],
+               early: list[tuple[int, bool, probes.FdLink]]) -> dict[int, str]:
         """Take over the early links of ns on devices that are still there,
         running our programs from now on; returns the devices left to attach."""
         adopted = set()
-        for ifindex, ingress, fd in self.early.take(ns):     # type: ignore[union-attr]
+        for ifindex, ingress, link in early:
             name = devices.get(ifindex)
             if name is None:                  # the device went
-                os.close(fd)
+                link.close()
                 continue
             try:
-                libbpf.link_update(fd, self.ingress if ingress else self.egress)
+                libbpf.link_update(link.fd, self.ingress if ingress else self.egress)
             except OSError:
                 # a device deleted and another made with its index: the link
                 # went with the first (ENOLINK); the new one is attached anew
-                os.close(fd)
+                link.close()
                 continue
             self.mode = "tcx"
             adopted.add(ifindex)
-            per_dev.setdefault(ifindex, []).append(
-                probes.FdLink("tcx", f"{'ingress' if ingress else 'egress'} {name}", fd, ns))
+            link.what = f"{'ingress' if ingress else 'egress'} {name}"   # (renamed meanwhile)
+            per_dev.setdefault(ifindex, []).append(link)
         # a device with both links is done; one with a single link lost the
         # other: its link is closed and the device attached whole
         for ifindex in [i for i in adopted if len(per_dev[i]) != 2]:

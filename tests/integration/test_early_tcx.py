@@ -71,11 +71,11 @@ def held_prog_names() -> set[str]:
 
 def test_early_links_are_swapped_to_our_programs(lab, tc_obj):
     early = tcobservers.EarlyTcx([lab.router])
-    tc = tcobservers.TcObservers(tc_obj, "auto", print, early)
+    tc = tcobservers.TcObservers(tc_obj, "auto", print)
     try:
         early._join()                                   # the early links exist now
         assert "pt_tc_wait" in held_prog_names()       # the placeholder, while links wait for it
-        tc.attach(lab.router)
+        tc.attach(lab.router, early=early)
         assert tc.mode == "tcx"
         assert_running_ours(tc, lab.router, tc_obj)
         early.close()
@@ -95,14 +95,14 @@ def test_devices_that_changed_before_the_swap(lab, tc_obj):
         lab.ip(ns, "link", "add", name, "type", "veth", "peer", "name", name + "p")
     again = netns.ifindex(ns, "again0")
     early = tcobservers.EarlyTcx([ns])
-    tc = tcobservers.TcObservers(tc_obj, "auto", print, early)
+    tc = tcobservers.TcObservers(tc_obj, "auto", print)
     try:
         early._join()                                   # the early links exist now
         lab.ip(ns, "link", "del", "gone0")
         lab.ip(ns, "link", "del", "again0")
         lab.ip(ns, "link", "add", "again1", "index", str(again), "type", "veth", "peer", "name", "again1p")
         lab.ip(ns, "link", "add", "new0", "type", "veth", "peer", "name", "new0p")
-        tc.attach(ns)
+        tc.attach(ns, early=early)
         assert_running_ours(tc, ns, tc_obj)
         assert again in tc.by_netns[ns] and netns.ifindex(ns, "new0") in tc.by_netns[ns]
         assert {a.what for a in tc.by_netns[ns][again]} == {"ingress again1", "egress again1"}
