@@ -450,7 +450,8 @@ class Collector(Registered):
 
 
 # bpf_link_info (uapi/linux/bpf.h): type, id, prog_id, then a per-type union
-# at offset 16; for TCX its first field is the ifindex (0 once detached).
+# at offset 16; for TCX its fields are the ifindex (0 once detached) and the
+# attach type.
 BPF_LINK_TYPE_TCX = 11
 
 
@@ -460,6 +461,7 @@ class LinkInfo:
     id: int
     prog_id: int
     ifindex: int
+    attach_type: int = 0      # TCX: BPF_TCX_INGRESS or BPF_TCX_EGRESS
 
 
 def link_info(fd: int) -> LinkInfo | None:
@@ -475,7 +477,7 @@ def link_info(fd: int) -> LinkInfo | None:
         return None
     raw = bytes(info)
     typ, lid, prog_id = struct.unpack_from("=III", raw, 0)
-    return LinkInfo(typ, lid, prog_id, struct.unpack_from("=I", raw, 16)[0])
+    return LinkInfo(typ, lid, prog_id, *struct.unpack_from("=II", raw, 16))
 
 
 def _libbpf_link_fd(link: libbpf.Link) -> int:

@@ -10,32 +10,16 @@ nothing of the placeholder stays behind.
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import struct
 
 import pytest
 
 from tracer import backends, libbpf, netns, probes, tcobservers
+from tracer.exporter import BPF_LINK_TYPE_TCX, link_info
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0 or backends._kernel_version() < (6, 6),
                                  reason="TCX links need Linux 6.6+ (and root)")]
-
-BPF_LINK_TYPE_TCX = 11
-
-
-def link_info(fd: int) -> tuple[int, int, int, int]:
-    """(type, prog_id, ifindex, attach_type) of a link: struct bpf_link_info
-    is type, id, prog_id, then the per-type union at offset 16 (tcx: ifindex,
-    attach_type).  A TCX link whose device went reads ifindex 0."""
-    info = (ctypes.c_ubyte * 64)()
-    attr = (ctypes.c_ubyte * 16)()            # bpf_fd, info_len, info
-    struct.pack_into("=IIQ", attr, 0, fd, len(info), ctypes.addressof(info))
-    libbpf.bpf_syscall(libbpf.BPF_OBJ_GET_INFO_BY_FD, attr)
-    typ, _id, prog_id = struct.unpack_from("=III", info, 0)
-    ifindex, attach_type = struct.unpack_from("=II", info, 16)
-    return typ, prog_id, ifindex, attach_type
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +45,7 @@ def assert_running_ours(tc, ns, obj):
     per_dev = tc.by_netns[ns]
     assert set(per_dev) == set(netns.links(ns))
     for ifindex, atts in per_dev.items():
-        infos = sorted(link_info(a.fd) for a in atts)
+        infos = sorted((i.type, i.prog_id, i.ifindex, i.attach_type) for i in (link_info(a.fd) for a in atts))
         assert infos == sorted((BPF_LINK_TYPE_TCX, want[at], ifindex, at) for at in want), (ifindex, infos)
 
 
