@@ -18,6 +18,7 @@ import threading
 import time
 from wsgiref.simple_server import WSGIRequestHandler
 
+
 class _SocketWriter(io.BufferedIOBase):
     """wfile of a request: every write is one sendall (bounded by the socket timeout)."""
 
