@@ -8,6 +8,8 @@ everything else in its record) is rendered by the one renderer
 place of those; the sentinels in the text become template holes, and every
 later packet of the same kind fills them.  Nothing but the id, times and
 links is ever taken from the template, so the text is the renderer's own.
+A record with neither links nor a tunnel (a flood's, mostly) is read by one
+struct unpack that gives both the key of its text and the values to fill.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ _ID_TIMES = "id, times"
 _ID_WALL_TIMES = "id, wall-clock time, times"
 _ID_SOME_TIMES = "id, times picked"
 _ID_SOME_TIMES_WALL = "id, times picked, wall-clock time"
+# where a plain fill puts the wall-clock time
+_PLAIN_NO_WALL, _PLAIN_WALL_FIRST, _PLAIN_WALL_LAST = 0, 1, 2
 
 
 class _Shape:
@@ -87,7 +91,50 @@ class _Shape:
         if self.size > pos:
             fmt += f"{self.size - pos}s"
         self.kept = struct.Struct(fmt)
-        self.texts: dict = {}                   # key -> (format, holes, boot) of this shape
+        self._plain_struct()
+        self.texts: dict = {}                   # key -> (format, holes, boot, times) of this shape
+
+    def _plain_struct(self) -> None:
+        """One struct for a record with no link and no tunnel (a flood's
+        records, mostly): one unpack gives the key's bytes and every value
+        a template fills, where key() and values take two and slices.
+
+        plain.unpack_from(raw): the id, first_ts, then in the record's
+        order the kept runs, the link ids' bytes (plain_links), the tunnel
+        bytes (plain_tun) and each timed stage's time."""
+        items, pos, fmt = 0, 0, "="
+        kept, times = [], {}
+
+        def take(off: int, code: str, size: int) -> int:
+            nonlocal items, pos, fmt
+            fmt += (f"{off - pos}x" if off > pos else "") + code
+            pos = off + size
+            items += 1
+            return items - 1
+
+        take(0, "Q", 8)
+        take(8, "Q", 8)
+        run = 24                                # a kept run open since this offset
+        cuts = [(_LINKS_OFF, _LINKS_OFF + _LINK_BYTES, "links"), (_HEAD_OFF, _TUN_OFF, None),
+                (_TUN_OFF, _HDR_SIZE, "tun")] + \
+               [(_HDR_SIZE + i * _STAGE_SIZE + _TS_OFF, _HDR_SIZE + i * _STAGE_SIZE + _TS_OFF + 8, i)
+                for i in self.timed]
+        for a, b, what in cuts:
+            if a > run:
+                kept.append(take(run, f"{a - run}s", a - run))
+            if what == "links":
+                self.plain_links = take(a, f"{b - a}s", b - a)
+            elif what == "tun":
+                self.plain_tun = take(a, f"{b - a}s", b - a)
+            elif what is not None:
+                times[what] = take(a, "Q", 8)
+            run = b
+        if self.size > run:
+            kept.append(take(run, f"{self.size - run}s", self.size - run))
+        self.plain = struct.Struct(fmt)
+        # the key's runs (a tuple even of one); the item of timed stage j
+        self.plain_kept = itemgetter(*kept) if len(kept) > 1 else (lambda t, i=kept[0]: (t[i],))
+        self.plain_times = [times[i] for i in self.timed]
 
     def key(self, raw: bytes) -> bytes | tuple:
         # what the text depends on but the id, times and link ids: the kept
@@ -162,20 +209,28 @@ class Templates:
         meta = sh[1]
         if len(raw) < meta.size or meta.untemplated:
             return self._render(pkt)
-        key = meta.key(raw)
-        t = meta.texts.get(key)
-        if t is None:
-            t = self._compile(pkt, meta)
-            if t is None:
+        v = meta.plain.unpack_from(raw)
+        if v[meta.plain_links] == _NO_LINKS and v[meta.plain_tun] == _NO_TUN:
+            key = b"".join(meta.plain_kept(v))     # = meta.key(raw), from the one unpack
+            fmt = meta.texts.get(key)
+            if fmt is not None and fmt[3] is not None:
+                self.hits += 1                  # a flood's packet: filled from v alone
+                return self._fill_plain(fmt, v)
+        else:
+            key = meta.key(raw)
+        fmt = meta.texts.get(key)
+        if fmt is None:
+            fmt = self._compile(pkt, meta)
+            if fmt is None:
                 return self._render(pkt)
             if self._n_texts >= self.max_entries:
                 for _shape, m in self._shapes.values():
                     m.texts.clear()
-            meta.texts[key] = t
+            meta.texts[key] = fmt
             self.misses += 1
         else:
             self.hits += 1
-        return self._fill(t, meta, raw)
+        return self._fill(fmt, meta, raw)
 
     def _compile(self, pkt: Packet, meta: _Shape):
         """The text of pkt with holes: rendered from a copy of its record
@@ -225,16 +280,53 @@ class Templates:
             pick = itemgetter(*order) if len(order) > 1 else \
                 (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ())
         joined = "".join(out)
-        fmt = (joined.encode() if self.as_bytes else joined, pick, boot or 0)
+        fmt = (joined.encode() if self.as_bytes else joined, pick, boot or 0,
+               self._plain_holes(order, meta))
         # the sentinels must stand for values only: a text that renders
         # differently with them (a time or id used for anything but
         # printing) would be wrong; check the packet itself against it
-        if self._fill(fmt, meta, pkt._raw) != self._render(Packet._from_raw(pkt._raw, pkt._shape, ctx, pkt._decoder)):
+        want = self._render(Packet._from_raw(pkt._raw, pkt._shape, ctx, pkt._decoder))
+        if self._fill(fmt, meta, pkt._raw) != want:
             return None
+        v = meta.plain.unpack_from(pkt._raw)
+        if fmt[3] is not None and v[meta.plain_links] == _NO_LINKS and v[meta.plain_tun] == _NO_TUN \
+                and self._fill_plain(fmt, v) != want:
+            fmt = fmt[:3] + (None,)             # (never seen) the general fill, which is right
         return fmt
 
+    def _plain_holes(self, order: list[int], meta: _Shape) -> tuple | None:
+        """How a record with no link and no tunnel fills the holes straight
+        from meta.plain's items: (where the wall-clock time goes, the
+        getter of the times in the text's order), or None (other holes:
+        _fill's general way)."""
+        if not order or order[0] != 0 or (_WALL in order and self.wall is not str):
+            return None
+        rest = order[1:]
+        where = _PLAIN_NO_WALL
+        if rest and rest[0] == _WALL:
+            where, rest = _PLAIN_WALL_FIRST, rest[1:]
+        elif rest and rest[-1] == _WALL:
+            where, rest = _PLAIN_WALL_LAST, rest[:-1]
+        if not rest or min(rest) < _T0:
+            return None
+        idx = [meta.plain_times[i - _T0] for i in rest]
+        return where, itemgetter(*idx) if len(idx) > 1 else (lambda t, i=idx[0]: (t[i],))
+
+    def _fill_plain(self, fmt: tuple, v: tuple) -> str | bytes:
+        """fmt filled from v, a plain record's meta.plain items (fmt[3] set)."""
+        text, _pick, boot, (where, times_of) = fmt
+        first = v[1]
+        times = map(_sub, times_of(v), repeat(first))
+        if self.fill is not str:
+            times = map(self.fill, times)
+        if where == _PLAIN_WALL_LAST:           # JSON lines as pkttrace writes them live
+            return text % (v[0], *times, boot + first)
+        if where == _PLAIN_NO_WALL:
+            return text % (v[0], *times)
+        return text % (v[0], boot + first, *times)
+
     def _fill(self, fmt: tuple, meta: _Shape, raw: bytes) -> str | bytes:
-        text, pick, boot = fmt
+        text, pick, boot, _plain = fmt
         v = meta.values.unpack_from(raw, 0)
         # id, links, then the times after the first stage (C loops: map)
         times = map(_sub, v[_T0:], repeat(v[1]))

@@ -2,6 +2,7 @@
 
 import io
 import json
+import struct
 
 import pytest
 
@@ -292,6 +293,48 @@ def test_template_key_is_every_byte_but_the_id_times_links_and_captured_header()
     linked[0][layout.LINK_OFFS[0]] = 1
     linked[1][layout.LINK_OFFS[0]] = 2
     assert meta.key(bytes(linked[0])) == meta.key(bytes(linked[1])) != base
+
+
+def test_plain_key_is_the_key_for_records_without_links_or_tunnel():
+    # the one-unpack key of a plain record is byte for byte key(): the same
+    # texts are found whichever way a record comes
+    from tracer import layout, templates
+    ctx, raws = _recorded()
+    plain = [r for r, _ in raws if r[layout.LINKS_OFF:layout.LINKS_OFF + 32] == bytes(32)
+             and r[layout.TUN_OFF:layout.HEADER_SIZE] == bytes(layout.HEADER_SIZE - layout.TUN_OFF)]
+    assert len(plain) >= 10
+    for raw in plain:
+        meta = templates._Shape(raw)
+        v = meta.plain.unpack_from(raw)
+        assert v[meta.plain_links] == templates._NO_LINKS and v[meta.plain_tun] == templates._NO_TUN
+        assert b"".join(meta.plain_kept(v)) == meta.key(raw)
+        assert (v[0], v[1]) == struct.unpack_from("=QQ", raw)
+        assert [v[j] for j in meta.plain_times] == \
+            [struct.unpack_from("=Q", raw, layout.HEADER_SIZE + i * layout.STAGE_SIZE)[0] for i in meta.timed]
+
+
+@pytest.mark.parametrize("renderer", ["json", "human", "colour"])
+def test_plain_records_fill_from_one_unpack_without_the_general_fill(renderer, monkeypatch):
+    # a flood's records (no link, no tunnel) take the short fill; with the
+    # general one broken they still print as the renderer does
+    from tracer import layout
+    ctx, raws = _recorded()
+    ctx.boot_wall_ns = 1_764_672_000_123_456_789
+    fmt = {"json": output.Templates(output.packet_json, str, as_bytes=True),
+           "human": output.Templates(output._format_packet, output._time, output._time_col),
+           "colour": output.packet_renderer(colour=True)}[renderer]
+    direct = {"json": lambda p: output.packet_json(p).encode(), "human": output._format_packet,
+              "colour": output.packet_renderer(colour=True)}[renderer]
+    plain = [(r, a) for r, a in raws if r[layout.LINKS_OFF:layout.LINKS_OFF + 32] == bytes(32)]
+    for raw, aged in plain:
+        fmt(assemble(raw, ctx, aged=aged))
+    monkeypatch.setattr(fmt, "_fill", lambda *a: pytest.fail("the general fill for a plain record"))
+    hits = fmt.hits
+    for raw, aged in plain:
+        by_hand = assemble(raw, ctx, aged=aged)
+        by_hand._path = list(by_hand.path)
+        assert fmt(assemble(raw, ctx, aged=aged)) == direct(by_hand)
+    assert fmt.hits - hits >= len(plain) - 2
 
 
 def test_templates_hold_at_most_max_entries_texts():
