@@ -598,7 +598,7 @@ def collector_bench(n: int) -> dict:
     +values: addresses, ports and the other per-packet values decoded too;
     +json: the JSON line `pkttrace --json` prints (the path built as text).
     """
-    from tracer.output import format_json_bytes, format_packet
+    from tracer.output import format_json_line, format_packet
     from tracer.paths import assemble
     ctx, raws = load_recording(RECORDING)
     if ctx.boot_wall_ns is None:
@@ -617,7 +617,7 @@ def collector_bench(n: int) -> dict:
 
     def run_json():
         for raw, aged in stream:
-            format_json_bytes(assemble(raw, ctx, aged=aged))
+            format_json_line(assemble(raw, ctx, aged=aged))
 
     def run_human():
         for raw, aged in stream:
@@ -842,7 +842,7 @@ def render(res: dict) -> str:
         parts.append(f"\n### Collector (one core, {c['records']:,} records replayed from "
                      f"{c['distinct_records']} recorded ones)\n\n" + md_table(["stage", "records/s"], rows)
                      + "\n\nPer record, from the raw ring-buffer bytes: `paths.assemble` (path shape resolved, "
-                     "cached by the kernel's path signature), then the per-packet values, then the JSON line as `pkttrace --json` writes it (`output.format_json_bytes`).")
+                     "cached by the kernel's path signature), then the per-packet values, then the JSON line as `pkttrace --json` writes it (`output.format_json_line`).")
     rows = [[t["description"], t["threshold"], _num(t["value"]),
              t["verdict"], t["note"], t["bound_by"] if t["verdict"] == "MISS" else None] for t in res["targets"]]
     parts.append("\n### Targets\n\n" + md_table(["target", "threshold", "measured", "verdict", "note", "bound by"],

@@ -346,8 +346,9 @@ def _format_packet(p: Packet, v: _View = _PLAIN_VIEW) -> str:
 # renderer keeps its texts as templates (tracer/templates.py).
 format_packet = Templates(_format_packet, _time, _time_col)
 format_json = Templates(packet_json, str)
-# what `pkttrace --json` writes: the same lines as UTF-8 bytes
-format_json_bytes = Templates(packet_json, str, as_bytes=True)
+# what `pkttrace --json` writes: the same lines as UTF-8 bytes, each with
+# its newline (in the template: not a copy of every line to add it)
+format_json_line = Templates(lambda p: packet_json(p) + "\n", str, as_bytes=True)
 
 
 def packet_renderer(colour: bool = False, verbose: int = 0) -> Callable[[Packet], str | bytes]:
@@ -432,6 +433,10 @@ def summary(c: Counters) -> str:
 
 OUTER_WAIT_S = 1.0     # an outer packet's text waits this long for its payload's
 OUTER_WAIT_MAX = 256   # ... and no more of them than this
+# a batch's texts are written together, in pieces of about this size (a
+# pipe's buffer): one write() for many packets, even where the stream
+# passes every write to the kernel (python -u, PYTHONUNBUFFERED=1)
+BATCH_WRITE_BYTES = 65536
 
 
 class Printer:
@@ -454,11 +459,13 @@ class Printer:
         # id -> (text, when it came)), for OUTER_WAIT_S at most
         self._outer: dict[int, tuple[str, float]] = {}
         self._printed: dict[int, None] = {}     # ids of packets printed lately (bounded)
+        self._pending: list = []                # texts of the batch not written yet (all bytes, or all str)
+        self._pending_size = 0
 
     def render(self, p: Packet) -> str | bytes:
         """The text of one packet, as write() takes it."""
         if self._bin is not None:
-            return cast(bytes, format_json_bytes(p)) + b"\n"
+            return format_json_line(p)
         if self.as_json:
             return cast(str, format_json(p)) + "\n"
         # the time is the packet's own, never part of a template
@@ -500,13 +507,26 @@ class Printer:
             self.flush()
 
     def packet(self, p: Packet, flush: bool = True) -> None:
+        self._write_pending()                   # a batch's packets first
         self.write(self.render(p), flush)
 
     def batch(self, p: Packet) -> None:
-        """A packet of a batch: flushed by flush() when the batch is done."""
-        self.packet(p, flush=False)
+        """A packet of a batch: written by flush() when the batch is done
+        (or once BATCH_WRITE_BYTES are waiting)."""
+        text = self.render(p)
+        if text:
+            self._pending.append(text)
+            self._pending_size += len(text)
+            if self._pending_size >= BATCH_WRITE_BYTES:
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            texts, self._pending, self._pending_size = self._pending, [], 0
+            self.write((b"" if isinstance(texts[0], bytes) else "").join(texts), flush=False)
 
     def flush(self, final: bool = False) -> None:
+        self._write_pending()
         if self._outer:
             held = self._overdue(every=final)
             if held:

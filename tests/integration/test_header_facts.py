@@ -12,7 +12,7 @@ import pytest
 
 from tracer.filters import PacketFilter, parse_cidr
 from tracer.model import tcp_flags_text
-from tracer.output import format_json_bytes, packet_json
+from tracer.output import format_json_line, packet_json
 
 pytestmark = pytest.mark.root
 
@@ -89,7 +89,7 @@ def test_json_lines_from_templates_carry_each_packets_own_time(lab, trace):
         time.sleep(0.02)
     cap.until(lambda p: sum(q.dport == 7005 for q in cap.packets) >= 3)
     pkts = [p for p in cap.packets if p.dport == 7005]
-    lines = [format_json_bytes(p) for p in pkts]
-    assert lines == [packet_json(p).encode() for p in pkts]
+    lines = [format_json_line(p) for p in pkts]
+    assert lines == [packet_json(p).encode() + b"\n" for p in pkts]
     times = [p.to_json()["time_ns"] for p in pkts]
     assert len(set(times)) == 3 and times == sorted(times)

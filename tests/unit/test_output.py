@@ -272,6 +272,58 @@ def test_printer_json_goes_to_the_binary_buffer_after_earlier_text():
     assert [json.loads(x)["id"] for x in lines[1:]] == [7, 7]
 
 
+class _Writes(io.RawIOBase):
+    """A stream that passes every write on (as stdout under python -u):
+    what each write() was given."""
+
+    def __init__(self):
+        self.calls: list[bytes] = []
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.calls.append(bytes(b))
+        return len(b)
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_batch_is_written_in_one_write_even_to_a_stream_that_passes_each_on(as_json):
+    raw = _Writes()
+    out = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    p = output.Printer(out, as_json=as_json)
+    for _ in range(20):
+        p.batch(forwarded_icmp())
+    assert raw.calls == []                      # nothing before the batch is done
+    p.flush()
+    assert len(raw.calls) == 1
+    one = output.Printer(io.StringIO(), as_json=as_json).render(forwarded_icmp())
+    assert raw.calls[0] == one.encode() * 20
+
+
+def test_a_large_batch_goes_out_in_pieces_in_order():
+    raw = _Writes()
+    p = output.Printer(io.TextIOWrapper(raw, encoding="utf-8", write_through=True), as_json=True)
+    n = 3 * output.BATCH_WRITE_BYTES // len(p.render(forwarded_icmp())) + 5
+    for i in range(n):
+        pkt = forwarded_icmp()
+        pkt.id = i
+        p.batch(pkt)
+    p.flush()
+    assert 3 <= len(raw.calls) <= 5
+    assert all(len(c) < output.BATCH_WRITE_BYTES + 4096 for c in raw.calls)
+    assert [json.loads(x)["id"] for x in b"".join(raw.calls).decode().splitlines()] == list(range(n))
+
+
+def test_a_packet_written_at_once_comes_after_the_batch_before_it():
+    raw = _Writes()
+    p = output.Printer(io.TextIOWrapper(raw, encoding="utf-8", write_through=True), as_json=True)
+    first, second = forwarded_icmp(), dropped_udp()
+    p.batch(first)
+    p.packet(second)
+    assert [json.loads(x)["id"] for x in b"".join(raw.calls).decode().splitlines()] == [first.id, second.id]
+
+
 def test_template_key_is_every_byte_but_the_id_times_links_and_captured_header():
     # a byte the key leaves out (id, first_ts, a stage's time, head[]) must
     # not change which template fills; any other must (a text from another

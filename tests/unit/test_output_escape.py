@@ -65,8 +65,8 @@ def test_json_stays_valid_and_exact(name):
     assert "\n" not in line and _raw_control(line) == []
     d = json.loads(line)
     assert d["netns"] == "ns" + name and d["in_dev"] == "in" + name
-    b = output.format_json_bytes(p)
-    assert json.loads(b) == d
+    b = output.format_json_line(p)
+    assert b.endswith(b"\n") and b"\n" not in b[:-1] and json.loads(b) == d
 
 
 def _recording_with_names(ifname: str, nsname: str) -> io.StringIO:
