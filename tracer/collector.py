@@ -121,7 +121,7 @@ class Collector:
 
     def packet(self, rec: PtRecord | bytes, aged: bool = False) -> model.Packet:
         pkt = paths.assemble(rec, self.ctx, aged=aged)
-        if any(d is not None and d.startswith("if") for d in (pkt.in_dev, pkt.out_dev)):
+        if pkt.unnamed_device():
             # a device created after start: learn names again (at most once a second)
             now = time.monotonic()
             if now - self._last_relearn >= 1.0:

@@ -295,6 +295,7 @@ class Shape:
     local_out: bool = False             # locally generated: its first hook is output
     ino: int | None = None              # netns inode (rules are kept per netns)
     hooks: bool | None = None           # a netfilter hook stage in the path (None: not looked at yet)
+    unnamed: bool | None = None         # in_dev or out_dev by number only, "if7" (None: not looked at yet)
 
 
 @dataclass
@@ -418,6 +419,14 @@ class Packet:
             self._shape.hooks = any(s.is_hook for s in self.reader().path)
         return self._shape.hooks
 
+    def unnamed_device(self) -> bool:
+        """It came in or left by a device known by its number only ("if7":
+        named after the start; known once per path shape)."""
+        sh = self._shape
+        if sh.unnamed is None:
+            sh.unnamed = any(d is not None and d.startswith("if") for d in (sh.in_dev, sh.out_dev))
+        return sh.unnamed
+
     @property
     def netns_inode(self) -> int | None:
         """The traced netns's inode (None for a packet not decoded from a record)."""
@@ -450,8 +459,9 @@ class Packet:
         return self._vals
 
     def _set_shape(self, name: str, value) -> None:
-        # shapes are shared between packets: copy on write
-        self._shape = dataclasses.replace(self._shape, **{name: value})
+        # shapes are shared between packets: copy on write (what is known
+        # of the devices' names is looked at again)
+        self._shape = dataclasses.replace(self._shape, **{name: value, "unnamed": None})
 
     @property
     def path(self) -> list[Stage]:

@@ -324,6 +324,19 @@ def test_a_packet_written_at_once_comes_after_the_batch_before_it():
     assert [json.loads(x)["id"] for x in b"".join(raw.calls).decode().splitlines()] == [first.id, second.id]
 
 
+def test_a_device_by_number_only_is_seen_once_per_shape_and_again_when_set():
+    pkt = forwarded_icmp()
+    assert not pkt.unnamed_device()
+    pkt.in_dev = "if7"                          # copies the shape: looked at again
+    assert pkt.unnamed_device() and pkt._shape.unnamed is True
+    pkt.in_dev = "r0"
+    assert not pkt.unnamed_device()
+    ctx, raws = _recorded()
+    a, b = (assemble(raws[0][0], ctx) for _ in range(2))
+    assert a._shape is b._shape and a._shape.unnamed is None
+    assert not a.unnamed_device() and b._shape.unnamed is False
+
+
 def test_template_key_is_every_byte_but_the_id_times_links_and_captured_header():
     # a byte the key leaves out (id, first_ts, a stage's time, head[]) must
     # not change which template fills; any other must (a text from another
