@@ -713,8 +713,8 @@ BOUND_BY = {
                                 "(netfilter links and TCX are per netns, not per flow): ~12 runs",
     "filter-nomatch-bpf-ns": "~12 runs x 27-28 ns is ~330 ns before any work: 250 ns is below the floor of "
                              "the runs themselves with bpf_stats on",
-    "trace-all-udp-ratio": "the collector takes one of the 2 cores the sender, router and receiver share; "
-                           "writing a ~700 B record to the ring costs ~400 ns at the tx tracepoint",
+    "trace-all-udp-ratio": "the sender's core, where the path and its BPF run (writing a ~700 B record to "
+                           "the ring costs ~400 ns at the tx tracepoint); the collector shares the 2 cores",
     "trace-all-paced-lost": "a record is lost only when the ring is full: pkttrace descheduled longer than "
                             "the ring holds (8 MiB: ~0.2 s of this flow; -B KiB for more)",
     "collector-json-per-s": "a template per (path shape, record) is filled with the id and times as bytes",
