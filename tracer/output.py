@@ -1,8 +1,9 @@
 """Sinks: packets as readable blocks, or as JSON lines for tools."""
 from __future__ import annotations
 
+import select
 import time
-from typing import Callable, TextIO, cast
+from typing import BinaryIO, Callable, TextIO, cast
 
 from .colour import BOLD, CYAN, GREEN, PLAIN, RED, YELLOW, Paint
 from .inputs import escape
@@ -439,6 +440,20 @@ OUTER_WAIT_MAX = 256   # ... and no more of them than this
 BATCH_WRITE_BYTES = 65536
 
 
+def write_all(stream: BinaryIO, data: bytes) -> None:
+    """data written whole to a binary stream. A buffered one does it (or
+    raises); a raw one returns how much it took, which can be part of it: a
+    pipe's write interrupted by a signal (SIGTERM at the end of a trace)
+    returns what went through, None when non-blocking and full."""
+    view = memoryview(data)
+    while view:
+        n = stream.write(view)
+        if n is None:
+            select.select([], [stream], [])
+            continue
+        view = view[n:]
+
+
 class Printer:
     """Writes packets to a stream: JSON lines (--json), or the human view
     with an optional clock (-t...), colour and detail (-v)."""
@@ -448,9 +463,15 @@ class Printer:
         self.out, self.as_json = out, as_json
         self.clock = None if as_json else clock
         self._human = packet_renderer(colour, verbose)
-        # JSON lines go to the binary buffer under the text stream (when it
-        # has one), so the text layer never re-encodes them
-        self._bin = getattr(out, "buffer", None) if as_json else None
+        # Packets go to the binary buffer under the text stream (when it has
+        # one): JSON lines are bytes already, and the human view is encoded
+        # as the text layer would. Written whole by write_all: under python
+        # -u that buffer is the raw file, whose write() of a pipe may take
+        # part of a batch when a signal comes, and the text layer would drop
+        # the rest unsaid.
+        self._bin = getattr(out, "buffer", None)
+        self._encoding = getattr(out, "encoding", None) or "utf-8"
+        self._errors = getattr(out, "errors", None) or "strict"
         if self._bin is not None:
             out.flush()                         # anything written as text before goes first
         # human view: an outer packet that delivered its payload ends before
@@ -464,9 +485,9 @@ class Printer:
 
     def render(self, p: Packet) -> str | bytes:
         """The text of one packet, as write() takes it."""
-        if self._bin is not None:
-            return format_json_line(p)
         if self.as_json:
+            if self._bin is not None:
+                return format_json_line(p)
             return cast(str, format_json(p)) + "\n"
         # the time is the packet's own, never part of a template
         stamp = self.clock(p.wall_ns) if self.clock is not None else ""
@@ -495,14 +516,12 @@ class Printer:
         return out
 
     def write(self, text: str | bytes, flush: bool = True) -> None:
-        if isinstance(text, bytes):
-            # (render() gives bytes only where the binary buffer exists)
-            if self._bin is not None:
-                self._bin.write(text)
-            else:
-                self.out.write(text.decode())
+        if self._bin is not None:
+            self.out.flush()                    # what others wrote as text (the demo's story) goes first
+            write_all(self._bin, text if isinstance(text, bytes) else text.encode(self._encoding, self._errors))
         else:
-            self.out.write(text)
+            # (render() gives bytes only where the binary buffer exists)
+            self.out.write(text.decode() if isinstance(text, bytes) else text)
         if flush:
             self.flush()
 
@@ -530,7 +549,7 @@ class Printer:
         if self._outer:
             held = self._overdue(every=final)
             if held:
-                self.out.write(held)
+                self.write(held, flush=False)
         self.out.flush()
         if self._bin is not None:
             self._bin.flush()

@@ -2,7 +2,9 @@
 
 import io
 import json
+import os
 import struct
+import threading
 
 import pytest
 
@@ -274,17 +276,75 @@ def test_printer_json_goes_to_the_binary_buffer_after_earlier_text():
 
 class _Writes(io.RawIOBase):
     """A stream that passes every write on (as stdout under python -u):
-    what each write() was given."""
+    what each write() was given; `most`: takes at most that many bytes a
+    call, as a pipe's write interrupted by a signal does."""
 
-    def __init__(self):
+    def __init__(self, most: int | None = None):
         self.calls: list[bytes] = []
+        self.most = most
 
     def writable(self):
         return True
 
     def write(self, b):
-        self.calls.append(bytes(b))
+        b = bytes(b)[:self.most]
+        self.calls.append(b)
         return len(b)
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_raw_stream_taking_part_of_each_write_gets_every_byte_in_order(as_json):
+    # under python -u a pipe's write() cut short by SIGTERM takes part of a
+    # batch and says so: the rest is written, not dropped (nor the text
+    # layer's, which ignores how much went)
+    raw = _Writes(most=1000)
+    p = output.Printer(io.TextIOWrapper(raw, encoding="utf-8", write_through=True), as_json=as_json)
+    ids = list(range(40))
+    for i in ids:
+        pkt = forwarded_icmp()
+        pkt.id = i
+        p.batch(pkt)
+    p.flush()
+    assert len(raw.calls) > 10 and all(len(c) <= 1000 for c in raw.calls)
+    text = b"".join(raw.calls).decode()
+    if as_json:
+        assert [json.loads(x)["id"] for x in text.splitlines()] == ids
+    else:
+        one = output.Printer(io.StringIO(), as_json=False).render(forwarded_icmp())
+        assert text == "".join(one.replace("#7 ", f"#{i} ", 1) for i in ids)
+
+
+def test_write_all_waits_on_a_full_non_blocking_stream():
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    data = bytes(range(256)) * 1024                 # 256 KiB: more than a pipe holds
+    got = bytearray()
+
+    def read_all():
+        while len(got) < len(data):
+            got.extend(os.read(r, 65536))
+    reader = threading.Thread(target=read_all)
+    with open(w, "wb", buffering=0) as f:
+        reader.start()
+        output.write_all(f, data)
+    reader.join(timeout=10)
+    os.close(r)
+    assert bytes(got) == data
+
+
+def test_text_written_before_a_packet_comes_before_it():
+    # the demo tells its story on the text layer and prints packets through
+    # the binary one: the story is not held back behind them
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8")
+    p = output.Printer(out, as_json=False)
+    out.write("step 1\n")
+    p.packet(forwarded_icmp())
+    out.write("step 2\n")
+    p.packet(dropped_udp())
+    lines = raw.getvalue().decode().splitlines()
+    assert lines[0] == "step 1" and "step 2" in lines
+    assert lines.index("step 2") > next(i for i, x in enumerate(lines) if "#7 " in x)
 
 
 @pytest.mark.parametrize("as_json", [True, False])
