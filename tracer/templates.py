@@ -210,17 +210,12 @@ class Templates:
         if len(raw) < meta.size or meta.untemplated:
             return self._render(pkt)
         v = meta.plain.unpack_from(raw)
-        if v[meta.plain_links] == _NO_LINKS and v[meta.plain_tun] == _NO_TUN:
-            key = b"".join(meta.plain_kept(v))     # = meta.key(raw), from the one unpack
-            fmt = meta.texts.get(key)
-            if fmt is not None and fmt[3] is not None:
-                self.hits += 1                  # a flood's packet: filled from v alone
-                return self._fill_plain(fmt, v)
-        else:
-            key = meta.key(raw)
+        plain = v[meta.plain_links] == _NO_LINKS and v[meta.plain_tun] == _NO_TUN
+        # (a plain record's key is meta.key(raw), from the one unpack)
+        key = b"".join(meta.plain_kept(v)) if plain else meta.key(raw)
         fmt = meta.texts.get(key)
         if fmt is None:
-            fmt = self._compile(pkt, meta)
+            fmt = self._compile(pkt, meta, v if plain else None)
             if fmt is None:
                 return self._render(pkt)
             if self._n_texts >= self.max_entries:
@@ -230,11 +225,14 @@ class Templates:
             self.misses += 1
         else:
             self.hits += 1
+        if plain and fmt[3] is not None:
+            return self._fill_plain(fmt, v)     # a flood's packet: filled from v alone
         return self._fill(fmt, meta, raw)
 
-    def _compile(self, pkt: Packet, meta: _Shape):
+    def _compile(self, pkt: Packet, meta: _Shape, plain: tuple | None):
         """The text of pkt with holes: rendered from a copy of its record
-        whose id, times and links are sentinels."""
+        whose id, times and links are sentinels (plain: the record's
+        meta.plain items, if it has no link and no tunnel)."""
         ctx = pkt._ctx
         boot = ctx.boot_wall_ns if ctx is not None else None
         probe = Packet._from_raw(meta.sentinel_raw(pkt._raw, boot), pkt._shape, ctx, pkt._decoder)
@@ -288,9 +286,7 @@ class Templates:
         want = self._render(Packet._from_raw(pkt._raw, pkt._shape, ctx, pkt._decoder))
         if self._fill(fmt, meta, pkt._raw) != want:
             return None
-        v = meta.plain.unpack_from(pkt._raw)
-        if fmt[3] is not None and v[meta.plain_links] == _NO_LINKS and v[meta.plain_tun] == _NO_TUN \
-                and self._fill_plain(fmt, v) != want:
+        if fmt[3] is not None and plain is not None and self._fill_plain(fmt, plain) != want:
             fmt = fmt[:3] + (None,)             # (never seen) the general fill, which is right
         return fmt
 
