@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import select
 import stat
+from typing import IO
 
 import click
 
@@ -247,6 +249,22 @@ def open_output(path: str, what: str = "output file"):
         os.close(fd)
         raise
     return os.fdopen(fd, "w", encoding="utf-8")
+
+
+# Output streams may be raw files (stdout under python -u, PYTHONUNBUFFERED=1),
+# whose write() can take part of what it is given.
+def write_all(stream: IO[bytes], data: bytes) -> None:
+    """data written whole to a binary stream. A buffered one does it (or
+    raises); a raw one returns how much it took, which can be part of it: a
+    pipe's write interrupted by a signal (SIGTERM at the end of a trace)
+    returns what went through, None when non-blocking and full."""
+    view = memoryview(data)
+    while view:
+        n = stream.write(view)
+        if n is None:
+            select.select([], [stream], [])
+            continue
+        view = view[n:]
 
 
 def check_input_path(path: str, what: str = "input file") -> str:

@@ -1,12 +1,11 @@
 """Sinks: packets as readable blocks, or as JSON lines for tools."""
 from __future__ import annotations
 
-import select
 import time
-from typing import BinaryIO, Callable, TextIO, cast
+from typing import Callable, TextIO, cast
 
 from .colour import BOLD, CYAN, GREEN, PLAIN, RED, YELLOW, Paint
-from .inputs import escape
+from .inputs import escape, write_all
 from .collector import Counters
 from .model import Packet, Stage, TableStep, _endpoint_addr, packet_json, tcp_flags_text
 from .templates import Templates
@@ -438,20 +437,6 @@ OUTER_WAIT_MAX = 256   # ... and no more of them than this
 # pipe's buffer): one write() for many packets, even where the stream
 # passes every write to the kernel (python -u, PYTHONUNBUFFERED=1)
 BATCH_WRITE_BYTES = 65536
-
-
-def write_all(stream: BinaryIO, data: bytes) -> None:
-    """data written whole to a binary stream. A buffered one does it (or
-    raises); a raw one returns how much it took, which can be part of it: a
-    pipe's write interrupted by a signal (SIGTERM at the end of a trace)
-    returns what went through, None when non-blocking and full."""
-    view = memoryview(data)
-    while view:
-        n = stream.write(view)
-        if n is None:
-            select.select([], [stream], [])
-            continue
-        view = view[n:]
 
 
 class Printer:

@@ -41,6 +41,7 @@ import struct
 from typing import IO, Callable, Iterator, cast
 
 from . import events, paths, recording
+from .inputs import write_all
 from .model import Packet
 from .version import __version__
 
@@ -231,7 +232,7 @@ class Writer:
             # being written keep none.  (Read back, they get that made-up time:
             # recording format 2 has no way to say "unknown" yet.)
             ctx.boot_wall_ns = None
-        self.out.write(section_header(buf.getvalue().rstrip("\n")))
+        write_all(self.out, section_header(buf.getvalue().rstrip("\n")))
         buf.seek(0)
         buf.truncate()
         self._rec, self._ifaces = (ctx, buf, rec), {}
@@ -245,8 +246,8 @@ class Writer:
         if key not in self._ifaces:
             self._ifaces[key] = len(self._ifaces)
             where = f"network namespace {ns}" if ns else "the current network namespace"
-            self.out.write(interface(f"{dev}@{ns}" if ns else dev,
-                                     f"{dev} in {where}: packets first seen there (pkttrace)"))
+            write_all(self.out, interface(f"{dev}@{ns}" if ns else dev,
+                                          f"{dev} in {where}: packets first seen there (pkttrace)"))
         return self._ifaces[key]
 
     def _record_lines(self, p: Packet, rec: recording.Recorder) -> str:
@@ -283,7 +284,7 @@ class Writer:
         ts = (p.wall_ns + 500) // 1000 if p.wall_ns is not None else 0
         lines = self._record_lines(p, rec)
         comments = [self.describe(p)] + [TAG + lines[i:i + _CHUNK] for i in range(0, len(lines), _CHUNK)]
-        self.out.write(packet_block(if_id, ts, sll + data, orig + len(sll), comments))
+        write_all(self.out, packet_block(if_id, ts, sll + data, orig + len(sll), comments))
         self.packets += 1
 
     def flush(self) -> None:
@@ -294,7 +295,7 @@ class Writer:
             # nothing was traced: still a file tcpdump reads (libpcap wants an
             # interface after the section header, even with no packet on it)
             self._section(self._own_ctx)
-            self.out.write(interface("-", "no packet was traced (pkttrace)"))
+            write_all(self.out, interface("-", "no packet was traced (pkttrace)"))
         self.out.flush()
 
 

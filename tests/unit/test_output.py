@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tracer import events, output
+from tracer import events, inputs, output
 from tracer.model import Lookup, Observation, Packet, Stage
 from tracer.paths import Context, assemble
 from tracer.session import Counters
@@ -326,7 +326,7 @@ def test_write_all_waits_on_a_full_non_blocking_stream():
     reader = threading.Thread(target=read_all)
     with open(w, "wb", buffering=0) as f:
         reader.start()
-        output.write_all(f, data)
+        inputs.write_all(f, data)
     reader.join(timeout=10)
     os.close(r)
     assert bytes(got) == data

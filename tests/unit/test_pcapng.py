@@ -45,6 +45,33 @@ def write(packets, path) -> None:
         w.close()
 
 
+class _Partial(io.RawIOBase):
+    """A raw stream that takes at most 500 bytes a write (as a pipe under
+    python -u when a signal comes) and says so."""
+
+    def __init__(self):
+        self.got = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        b = bytes(b)[:500]
+        self.got += b
+        return len(b)
+
+
+def test_a_stream_taking_part_of_each_write_gets_the_whole_file(packets):
+    # -w - under python -u: stdout's binary layer is the raw file
+    whole, part = io.BytesIO(), _Partial()
+    for out in (whole, part):
+        w = pcapng.Writer(out, output.plain_text)
+        for p in packets[:20]:
+            w.packet(p)
+        w.close()
+    assert len(whole.getvalue()) > 5000 and bytes(part.got) == whole.getvalue()
+
+
 @pytest.fixture(scope="module")
 def demo_file(packets, tmp_path_factory):
     path = tmp_path_factory.mktemp("pcapng") / "demo.pcapng"
