@@ -1261,6 +1261,32 @@ static __always_inline struct pt_stage *last_stage(struct pt_record *r)
 	return &r->stages[(n - 1) & (PT_MAX_STAGES - 1)];
 }
 
+/* Make the stage times relative to the first: every view prints them so,
+ * and a subtraction here is cheaper than one per time in Python, where it
+ * was a quarter of the cost of a JSON line.  The record is emitted and
+ * forgotten right after: nothing reads its times again.
+ * Global, verified once on its own: inline, each of the loop's 32 ways out
+ * had the rest of pt_emit verified again (+15,000 instructions a program,
+ * the start 0.2 -> 0.33 s). */
+__noinline int pt_rel_times(struct pt_record *r, __u32 n)
+{
+	__u64 first;
+	__u32 i;
+
+	if (!r)
+		return 0;
+	first = r->first_ts;
+	for (i = 0; i < PT_MAX_STAGES; i++) {
+		if (i >= n)
+			break;
+		/* (an address stage holds an address where others have a time) */
+		if (r->stages[i].kind != PT_STAGE_ADDR)
+			r->stages[i].ts -= first;
+	}
+	r->rel_ts = 1;
+	return 0;
+}
+
 /* A record is complete: count or emit it if it matched the filter.
  * Global (verified once, not at every caller): it is the heaviest piece. */
 __noinline int pt_emit(struct pt_record *r)
@@ -1289,6 +1315,7 @@ __noinline int pt_emit(struct pt_record *r)
 		__u64 size;
 
 		r->path_sig = path_signature(r, n);
+		pt_rel_times(r, n);
 		/* Send only the stages used: most paths need a third of them.
 		 * (Bounded again right here: older verifiers lose n's bound.) */
 		size = offsetof(struct pt_record, stages) + n * sizeof(struct pt_stage);

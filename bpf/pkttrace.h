@@ -285,7 +285,9 @@ struct pt_record {
 	__u8 match;               /* PT_F_* criteria matched so far */
 	__u8 seen;                /* PT_SEEN_* */
 	__u8 flags;               /* PT_REC_* */
-	__u8 _pad_ns;
+	__u8 rel_ts;              /* 1: each stage's ts is ns after first_ts (pt_emit
+				     writes them so: the reader need not subtract);
+				     0: absolute, as in the in-flight map */
 	__u16 sport;              /* host order */
 	__u16 dport;
 	__u8 saddr[16];           /* addresses and ports at first sight */

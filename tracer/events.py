@@ -242,7 +242,7 @@ class PtRecord(ctypes.Structure):
         ("match", u8),
         ("seen", u8),
         ("flags", u8),
-        ("_pad_ns", u8),
+        ("rel_ts", u8),
         ("sport", u16),
         ("dport", u16),
         ("saddr", u8 * 16),

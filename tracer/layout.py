@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import struct
 
-from .events import PtAddrStage, PtRecord, PtStage
+from .events import PT_MAX_STAGES, PtAddrStage, PtRecord, PtStage, StageKind
 
 _CT_FMT = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_int32: "i",
            ctypes.c_uint64: "Q", ctypes.c_char: "c"}
@@ -54,6 +54,9 @@ assert HEADER.size == HEADER_SIZE and STAGE.size == STAGE_SIZE == ADDR.size
 N_STAGES_OFF = PtRecord.n_stages.offset
 FLAGS_OFF = PtRecord.flags.offset
 FIRST_TS_OFF = PtRecord.first_ts.offset
+# nonzero: the stage times are ns after first_ts (as emitted), else absolute
+# (the in-flight map's records, and recordings made before format 4)
+REL_TS_OFF = PtRecord.rel_ts.offset
 U64 = struct.Struct("=Q")
 # a stage as a tuple: the indices of its fields (STAGE.unpack order)
 ST_TS, ST_IFINDEX, ST_MARK, ST_AUX, ST_AUX2, ST_KIND, ST_SLOT, ST_TOS, ST_FAMILY, ST_CT, ST_FLAGS = \
@@ -65,7 +68,7 @@ TS_OFF = PtStage.ts.offset
 
 # per-packet values
 VALS_OFF, VALS = pick(PtRecord, "id", "drop_location")
-TAIL_OFF, TAIL = pick(PtRecord, "match", "seen", "flags", "_pad_ns", "sport", "dport", "saddr", "daddr", "pid",
+TAIL_OFF, TAIL = pick(PtRecord, "match", "seen", "flags", "rel_ts", "sport", "dport", "saddr", "daddr", "pid",
                       "comm")
 LINKS_OFF, LINKS = pick(PtRecord, "cause", "prev", "next", "link", "next_netns", "prev_netns")
 # the header line's facts, and the captured header bytes (HEAD_OFF, head_len of them)
@@ -76,3 +79,20 @@ TUN_OFF, TUN = pick(PtRecord, "encap", "decap", "inner", "tun_ifindex", "ext_hdr
 # every field that holds another record's id, in the order templates fill them
 LINK_FIELDS = ("cause", "prev", "next", "link", "encap", "decap", "inner")
 LINK_OFFS = tuple(getattr(PtRecord, n).offset for n in LINK_FIELDS)
+
+
+def relative_times(raw: bytes) -> bytes:
+    """raw as pt_emit sends it: every timed stage's time made ns after
+    first_ts, and rel_ts set (a record already so: unchanged).  For records
+    read otherwise (recordings before format 4, tests, the benchmark's
+    stream) that should take the live path."""
+    if raw[REL_TS_OFF]:
+        return raw
+    b = bytearray(raw)
+    first = U64.unpack_from(b, FIRST_TS_OFF)[0]
+    for i in range(min(b[N_STAGES_OFF], PT_MAX_STAGES)):
+        off = HEADER_SIZE + i * STAGE_SIZE
+        if b[off + KIND_OFF] != StageKind.ADDR:  # (an address stage holds no time)
+            U64.pack_into(b, off + TS_OFF, (U64.unpack_from(b, off + TS_OFF)[0] - first) % (1 << 64))
+    b[REL_TS_OFF] = 1
+    return bytes(b)

@@ -853,8 +853,10 @@ class _RecordDecoder:
     @staticmethod
     def path(raw: bytes, shape: Shape, values: Values, ctx: Context | None) -> list[Stage]:
         n = raw[_N_OFF]
-        first_ts = _U64.unpack_from(raw, layout.FIRST_TS_OFF)[0]
-        return _materialize(shape, raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE], first_ts, values, ctx)
+        # the stages' times are printed after the first: emitted records
+        # carry them so already, others are absolute
+        base = 0 if raw[layout.REL_TS_OFF] else _U64.unpack_from(raw, layout.FIRST_TS_OFF)[0]
+        return _materialize(shape, raw[_HDR_SIZE:_HDR_SIZE + n * _STAGE_SIZE], base, values, ctx)
 
 
 _DECODER = _RecordDecoder()

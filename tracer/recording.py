@@ -24,8 +24,13 @@ from . import events, model, paths, routing
 # 3: the record carries tunnel links (encap, decap, inner), the tunnel device
 #    and the IPv6 extension headers walked, appended to its header: formats 1
 #    and 2 are padded as above.
-FORMAT = 3
-_LAYOUTS = {1: (200, 32), 2: (304, 32), 3: (events.RECORD_HEADER_SIZE, events.STAGE_SIZE)}
+# 4: a record the kernel emitted carries its stage times after first_ts
+#    (rel_ts set, a byte that was padding); older records read as before,
+#    absolute.  Bumped so that an older pkttrace refuses such a recording
+#    instead of printing its times as absolute.
+FORMAT = 4
+_LAYOUTS = {1: (200, 32), 2: (304, 32), 3: (events.RECORD_HEADER_SIZE, events.STAGE_SIZE),
+            4: (events.RECORD_HEADER_SIZE, events.STAGE_SIZE)}
 _U64 = struct.Struct("=Q")
 _FATE_OFF = events.PtRecord.fate.offset
 _LOC_OFF = events.PtRecord.drop_location.offset

@@ -9,7 +9,9 @@ place of those; the sentinels in the text become template holes, and every
 later packet of the same kind fills them.  Nothing but the id, times and
 links is ever taken from the template, so the text is the renderer's own.
 A record with neither links nor a tunnel (a flood's, mostly) is read by one
-struct unpack that gives both the key of its text and the values to fill.
+struct unpack that gives both the key of its text and the values to fill;
+its stage times come after its first already (the kernel makes them so as
+it emits the record), so a JSON line is one getter and one `bytes %`.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from typing import Callable
 
 from .events import PT_MAX_STAGES, StageKind
 from .layout import HEAD_OFF as _HEAD_OFF, HEADER_SIZE as _HDR_SIZE, LINK_OFFS as _LINK_OFFS, \
-    LINKS_OFF as _LINKS_OFF, N_STAGES_OFF as _N_OFF, STAGE_SIZE as _STAGE_SIZE, TUN_OFF as _TUN_OFF
+    LINKS_OFF as _LINKS_OFF, N_STAGES_OFF as _N_OFF, REL_TS_OFF as _REL_TS_OFF, STAGE_SIZE as _STAGE_SIZE, \
+    TUN_OFF as _TUN_OFF
 from .model import Packet
 
 # Sentinels: the id, and the time of raw stage i (ns after the first stage),
@@ -92,7 +95,7 @@ class _Shape:
             fmt += f"{self.size - pos}s"
         self.kept = struct.Struct(fmt)
         self._plain_struct()
-        self.texts: dict = {}                   # key -> (format, holes, boot, times) of this shape
+        self.texts: dict = {}                   # key -> (text, pick, boot, plain fill or None, rel)
 
     def _plain_struct(self) -> None:
         """One struct for a record with no link and no tunnel (a flood's
@@ -156,8 +159,9 @@ class _Shape:
         for k, off in enumerate(_LINK_OFFS):
             if _U64.unpack_from(b, off)[0]:
                 _U64.pack_into(b, off, _SENT_LINK + k)
+        base = 0 if raw[_REL_TS_OFF] else first  # (emitted records' times are after first_ts)
         for j, i in enumerate(self.timed):
-            _U64.pack_into(b, _HDR_SIZE + i * _STAGE_SIZE + _TS_OFF, first + _SENT_T + j * _T_STEP)
+            _U64.pack_into(b, _HDR_SIZE + i * _STAGE_SIZE + _TS_OFF, base + _SENT_T + j * _T_STEP)
         return bytes(b)
 
 
@@ -226,7 +230,7 @@ class Templates:
         else:
             self.hits += 1
         if plain and fmt[3] is not None:
-            return self._fill_plain(fmt, v)     # a flood's packet: filled from v alone
+            return fmt[3](v)                    # a flood's packet: filled from v alone
         return self._fill(fmt, meta, raw)
 
     def _compile(self, pkt: Packet, meta: _Shape, plain: tuple | None):
@@ -278,23 +282,28 @@ class Templates:
             pick = itemgetter(*order) if len(order) > 1 else \
                 (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ())
         joined = "".join(out)
-        fmt = (joined.encode() if self.as_bytes else joined, pick, boot or 0,
-               self._plain_holes(order, meta))
+        holed: str | bytes = joined.encode() if self.as_bytes else joined
+        # rel: the record's stage times are after its first already (as
+        # the kernel emits them: nothing to subtract); the byte is in the key
+        rel = bool(pkt._raw[_REL_TS_OFF])
+        fmt = (holed, pick, boot or 0, self._plain_fill(holed, boot or 0, rel, order, meta), rel)
         # the sentinels must stand for values only: a text that renders
         # differently with them (a time or id used for anything but
         # printing) would be wrong; check the packet itself against it
         want = self._render(Packet._from_raw(pkt._raw, pkt._shape, ctx, pkt._decoder))
         if self._fill(fmt, meta, pkt._raw) != want:
             return None
-        if fmt[3] is not None and plain is not None and self._fill_plain(fmt, plain) != want:
-            fmt = fmt[:3] + (None,)             # (never seen) the general fill, which is right
+        if fmt[3] is not None and plain is not None and fmt[3](plain) != want:
+            fmt = fmt[:3] + (None,) + fmt[4:]   # (never seen) the general fill, which is right
         return fmt
 
-    def _plain_holes(self, order: list[int], meta: _Shape) -> tuple | None:
-        """How a record with no link and no tunnel fills the holes straight
-        from meta.plain's items: (where the wall-clock time goes, the
-        getter of the times in the text's order), or None (other holes:
-        _fill's general way)."""
+    def _plain_fill(self, text: str | bytes, boot: int, rel: bool, order: list[int],
+                    meta: _Shape) -> Callable[[tuple], str | bytes] | None:
+        """A function filling text's holes straight from a record's
+        meta.plain items (one with no link and no tunnel), or None (other
+        holes: _fill's general way).  Made for its case: a flood's line is
+        one call, one getter and one format (JSON lines as pkttrace writes
+        them live: the id, the stages' times as emitted, "time_ns" last)."""
         if not order or order[0] != 0 or (_WALL in order and self.wall is not str):
             return None
         rest = order[1:]
@@ -306,26 +315,33 @@ class Templates:
         if not rest or min(rest) < _T0:
             return None
         idx = [meta.plain_times[i - _T0] for i in rest]
-        return where, itemgetter(*idx) if len(idx) > 1 else (lambda t, i=idx[0]: (t[i],))
+        if rel and self.fill is str:
+            # the id and the times as they are: one getter gives the tuple
+            id_times = itemgetter(0, *idx)
+            if where == _PLAIN_WALL_LAST:
+                return lambda v: text % (id_times(v) + (boot + v[1],))
+            if where == _PLAIN_NO_WALL:
+                return lambda v: text % id_times(v)
+        times_of = itemgetter(*idx) if len(idx) > 1 else (lambda t, i=idx[0]: (t[i],))
+        fill = self.fill
 
-    def _fill_plain(self, fmt: tuple, v: tuple) -> str | bytes:
-        """fmt filled from v, a plain record's meta.plain items (fmt[3] set)."""
-        text, _pick, boot, (where, times_of) = fmt
-        first = v[1]
-        times = map(_sub, times_of(v), repeat(first))
-        if self.fill is not str:
-            times = map(self.fill, times)
-        if where == _PLAIN_WALL_LAST:           # JSON lines as pkttrace writes them live
-            return text % (v[0], *times, boot + first)
-        if where == _PLAIN_NO_WALL:
-            return text % (v[0], *times)
-        return text % (v[0], boot + first, *times)
+        def fill_plain(v: tuple) -> str | bytes:
+            first = v[1]
+            times = times_of(v) if rel else map(_sub, times_of(v), repeat(first))
+            if fill is not str:
+                times = map(fill, times)
+            if where == _PLAIN_WALL_LAST:
+                return text % (v[0], *times, boot + first)
+            if where == _PLAIN_NO_WALL:
+                return text % (v[0], *times)
+            return text % (v[0], boot + first, *times)
+        return fill_plain
 
     def _fill(self, fmt: tuple, meta: _Shape, raw: bytes) -> str | bytes:
-        text, pick, boot, _plain = fmt
+        text, pick, boot, _plain, rel = fmt
         v = meta.values.unpack_from(raw, 0)
         # id, links, then the times after the first stage (C loops: map)
-        times = map(_sub, v[_T0:], repeat(v[1]))
+        times = v[_T0:] if rel else map(_sub, v[_T0:], repeat(v[1]))
         if self.fill is not str:      # (% writes ints as str() would, without a call each)
             times = map(self.fill, times)
         if pick is _ID_WALL_TIMES:    # JSON lines: "id", "time_ns", then the stages'

@@ -13,7 +13,8 @@ import time
 import pytest
 
 import tracer
-from tracer import exporter
+from tracer import exporter, layout
+from tracer.events import StageKind
 from tracer.filters import PacketFilter
 from tracer.recording import Recorder
 
@@ -89,3 +90,28 @@ def test_a_live_trace_is_an_iterator(lab):
         lab.udp_send(lab.client, lab.addr["server4"], 5009, count=2)
         got = list(itertools.islice(live, 2))
     assert [(p.dport, p.fate) for p in got] == [(5009, "dropped")] * 2
+
+
+def test_emitted_records_carry_their_stage_times_after_the_first(lab, trace):
+    # pt_emit makes the times relative (rel_ts): no subtraction per time in
+    # user space.  Both halves or neither: times left absolute would print as
+    # the host's uptime, subtracted twice as negative.
+    cap = trace(filter=tracer.Filter.parse(proto="udp", port="5001"))
+    sent = time.time_ns()
+    lab.udp_send(lab.client, lab.addr["server4"], 5001, count=2)
+    got = [p for p in _collect(cap.tracer, 2) if p.dport == 5001]
+    assert len(got) == 2
+    for p in got:
+        assert p._raw[layout.REL_TS_OFF] == 1
+        t = [s.t_ns for s in p.path]
+        assert min(t) == 0 and max(t) < 1_000_000_000, t      # forwarded within a second
+        assert abs(p.wall_ns - sent) < 10_000_000_000           # the wall clock from first_ts, still absolute
+    # the same times the kernel took, made relative in Python from the absolute form
+    absolute = bytearray(got[0]._raw)
+    absolute[layout.REL_TS_OFF] = 0
+    first = layout.U64.unpack_from(absolute, layout.FIRST_TS_OFF)[0]
+    for i in range(absolute[layout.N_STAGES_OFF]):
+        off = layout.HEADER_SIZE + i * layout.STAGE_SIZE
+        if absolute[off + layout.KIND_OFF] != StageKind.ADDR:
+            layout.U64.pack_into(absolute, off, layout.U64.unpack_from(absolute, off)[0] + first)
+    assert layout.relative_times(bytes(absolute)) == got[0]._raw

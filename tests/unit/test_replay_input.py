@@ -28,7 +28,7 @@ def ids(data: bytes) -> list[int]:
 def test_the_fixture_declares_this_format():
     # the fixture is of format 1 (records without the header line's facts):
     # still read, its records padded to this format's layout
-    assert json.loads(LINES[0])["pkttrace_recording"] == 1 and FORMAT == 3
+    assert json.loads(LINES[0])["pkttrace_recording"] == 1 and FORMAT == 4
     assert len(ids(BASE)) == ALL
 
 
@@ -71,7 +71,7 @@ def test_header_only_is_an_empty_recording():
     (b"\x89PNG\r\n\x1a\n\0\0", "not UTF-8"),
     (b"[1, 2]\n", "no header"),
     (b'{"context": {}}\n', "no header"),
-    (b'{"pkttrace_recording": 4, "record_size": 200, "stage_size": 32}\n', "format 4 is newer"),
+    (b'{"pkttrace_recording": 5, "record_size": 200, "stage_size": 32}\n', "format 5 is newer"),
     (b'{"pkttrace_recording": true, "record_size": 200, "stage_size": 32}\n', "format True"),
     (b'{"pkttrace_recording": "1", "record_size": 200, "stage_size": 32}\n', "format '1'"),
     (b'{"pkttrace_recording": 1, "record_size": 208, "stage_size": 32}\n', "another record layout"),
@@ -177,7 +177,7 @@ def test_format_1_records_read_with_unknown_facts_and_format_2_keeps_them():
         else:
             raw, aged = _check_raw(d, 200)    # format 1's header size: padded to this layout
             rec(_with_facts(raw), aged)
-    assert json.loads(out.getvalue().splitlines()[0])["pkttrace_recording"] == FORMAT == 3
+    assert json.loads(out.getvalue().splitlines()[0])["pkttrace_recording"] == FORMAT == 4
     new = list(replay(io.StringIO(out.getvalue())))
     assert [p.id for p in new] == [p.id for p in old]
     tcp = [p for p in new if p.proto_num == 6]
