@@ -261,24 +261,24 @@ class Templates:
             order.append(tokens[m.group(0)])
             pos = m.end()
         out.append(text[pos:].replace("%", "%%"))
-        n_times = len(meta.timed)
-        times_in_order = [_T0 + j for j in range(n_times)]
-        # the common cases: the id, (the wall-clock time,) then every time
-        # in stage order, no link; else a pick from all the values
-        pick: object
-        if order == [0] + times_in_order:
-            pick = _ID_TIMES
-        elif order == [0, _WALL] + times_in_order and self.wall is str:
-            pick = _ID_WALL_TIMES
-        elif len(order) > 2 and order[0] == 0 and min(order[1:]) >= _T0:
-            # the id, then times, some twice (a hook and its table share one)
-            pick = (_ID_SOME_TIMES, itemgetter(*(i - _T0 for i in order[1:])))
-        elif len(order) > 3 and order[0] == 0 and order[-1] == _WALL and min(order[1:-1]) >= _T0 \
-                and self.wall is str:
-            # JSON lines as pkttrace writes them live: "id", the stages'
-            # times, some twice, and last "time_ns"
-            pick = (_ID_SOME_TIMES_WALL, itemgetter(*(i - _T0 for i in order[1:-1])))
-        else:
+        # the common cases, decided once for both fills: the id, the
+        # wall-clock time first, last or not at all, and stage times (in
+        # stage order, or some twice: a hook and its table share one), no
+        # link; else a pick from all the values
+        holes = self._id_wall_times(order)
+        pick: object = None
+        if holes is not None:
+            where, times = holes
+            in_order = times == list(range(len(meta.timed)))
+            if where == _PLAIN_NO_WALL:
+                pick = _ID_TIMES if in_order else (_ID_SOME_TIMES, itemgetter(*times)) if len(times) > 1 else None
+            elif where == _PLAIN_WALL_FIRST:
+                pick = _ID_WALL_TIMES if in_order else None
+            elif len(times) > 1:
+                # JSON lines as pkttrace writes them live: "id", the
+                # stages' times, some twice, and last "time_ns"
+                pick = (_ID_SOME_TIMES_WALL, itemgetter(*times))
+        if pick is None:
             pick = itemgetter(*order) if len(order) > 1 else \
                 (lambda vals, i=order[0]: (vals[i],)) if order else (lambda vals: ())
         joined = "".join(out)
@@ -286,7 +286,7 @@ class Templates:
         # rel: the record's stage times are after its first already (as
         # the kernel emits them: nothing to subtract); the byte is in the key
         rel = bool(pkt._raw[_REL_TS_OFF])
-        fmt = (holed, pick, boot or 0, self._plain_fill(holed, boot or 0, rel, order, meta), rel)
+        fmt = (holed, pick, boot or 0, self._plain_fill(holed, boot or 0, rel, holes, meta), rel)
         # the sentinels must stand for values only: a text that renders
         # differently with them (a time or id used for anything but
         # printing) would be wrong; check the packet itself against it
@@ -297,13 +297,11 @@ class Templates:
             fmt = fmt[:3] + (None,) + fmt[4:]   # (never seen) the general fill, which is right
         return fmt
 
-    def _plain_fill(self, text: str | bytes, boot: int, rel: bool, order: list[int],
-                    meta: _Shape) -> Callable[[tuple], str | bytes] | None:
-        """A function filling text's holes straight from a record's
-        meta.plain items (one with no link and no tunnel), or None (other
-        holes: _fill's general way).  Made for its case: a flood's line is
-        one call, one getter and one format (JSON lines as pkttrace writes
-        them live: the id, the stages' times as emitted, "time_ns" last)."""
+    def _id_wall_times(self, order: list[int]) -> tuple[int, list[int]] | None:
+        """(where the wall-clock time is: _PLAIN_*, the timed stages whose
+        times fill the other holes, in the text's order) for a text whose
+        holes are the id, then stage times, with the wall-clock time as
+        str() writes it first, last or nowhere; None for any other (links)."""
         if not order or order[0] != 0 or (_WALL in order and self.wall is not str):
             return None
         rest = order[1:]
@@ -312,9 +310,21 @@ class Templates:
             where, rest = _PLAIN_WALL_FIRST, rest[1:]
         elif rest and rest[-1] == _WALL:
             where, rest = _PLAIN_WALL_LAST, rest[:-1]
-        if not rest or min(rest) < _T0:
+        if rest and min(rest) < _T0:
             return None
-        idx = [meta.plain_times[i - _T0] for i in rest]
+        return where, [i - _T0 for i in rest]
+
+    def _plain_fill(self, text: str | bytes, boot: int, rel: bool, holes: tuple[int, list[int]] | None,
+                    meta: _Shape) -> Callable[[tuple], str | bytes] | None:
+        """A function filling text's holes straight from a record's
+        meta.plain items (one with no link and no tunnel), or None (other
+        holes: _fill's general way).  Made for its case: a flood's line is
+        one call, one getter and one format (JSON lines as pkttrace writes
+        them live: the id, the stages' times as emitted, "time_ns" last)."""
+        if holes is None or not holes[1]:
+            return None
+        where, times = holes
+        idx = [meta.plain_times[j] for j in times]
         if rel and self.fill is str:
             # the id and the times as they are: one getter gives the tuple
             id_times = itemgetter(0, *idx)
