@@ -40,11 +40,20 @@ class EarlyTcx:
         # ns -> [(ifindex, ingress, link)], the placeholder still running
         self._links: dict[str | None, list[tuple[int, bool, probes.FdLink]]] = {}
         self._placeholder = -1
-        self._thread: threading.Thread | None = threading.Thread(
-            target=self._run, args=(list(namespaces),), name="pkttrace-tcx", daemon=True)
-        self._thread.start()
+        # set when the thread is done with _links: waited for instead of
+        # Thread.join, which a Ctrl-C during the wait leaves marking the
+        # thread stopped while it runs (CPython 3.11's bpo-45274 handling),
+        # so that close() would miss links made after it
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(list(namespaces),), name="pkttrace-tcx", daemon=True).start()
 
     def _run(self, namespaces: list[str | None]) -> None:
+        try:
+            self._make(namespaces)
+        finally:
+            self._done.set()
+
+    def _make(self, namespaces: list[str | None]) -> None:
         try:
             self._placeholder = libbpf.load_tc_next()
         except OSError:
@@ -69,9 +78,7 @@ class EarlyTcx:
             self._links[ns] = made
 
     def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._done.wait()
 
     def take(self, ns: str | None) -> list[tuple[int, bool, probes.FdLink]]:
         """The (ifindex, ingress, link) made in ns, handed over (the caller
