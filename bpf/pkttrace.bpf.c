@@ -1273,8 +1273,8 @@ __noinline int pt_rel_times(struct pt_record *r, __u32 n)
 	__u64 first;
 	__u32 i;
 
-	if (!r)
-		return 0;
+	if (!r || r->rel_ts)
+		return 0;       /* (never twice: the times would go below zero) */
 	first = r->first_ts;
 	for (i = 0; i < PT_MAX_STAGES; i++) {
 		if (i >= n)

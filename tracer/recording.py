@@ -33,6 +33,7 @@ _LAYOUTS = {1: (200, 32), 2: (304, 32), 3: (events.RECORD_HEADER_SIZE, events.ST
             4: (events.RECORD_HEADER_SIZE, events.STAGE_SIZE)}
 _U64 = struct.Struct("=Q")
 _FATE_OFF = events.PtRecord.fate.offset
+_REL_TS_OFF = events.PtRecord.rel_ts.offset
 _LOC_OFF = events.PtRecord.drop_location.offset
 
 
@@ -220,7 +221,7 @@ def _check_context(d) -> dict:
     return dict(d, rules=rules)
 
 
-def _check_raw(d: dict, header_size: int) -> tuple[bytes, bool]:
+def _check_raw(d: dict, header_size: int, version: int = FORMAT) -> tuple[bytes, bool]:
     raw, aged = d["raw"], d.get("aged", False)
     if not _is_str(raw) or len(raw) % 2 or not _HEX.fullmatch(raw) or type(aged) is not bool:
         raise ValueError("not a record")
@@ -231,11 +232,15 @@ def _check_raw(d: dict, header_size: int) -> tuple[bytes, bool]:
         raise ValueError(f"a record of {len(b)} bytes")
     if header_size < events.RECORD_HEADER_SIZE:      # an older format: its header grew at the end since
         b = b[:header_size] + bytes(events.RECORD_HEADER_SIZE - header_size) + b[header_size:]
+    if version < 4 and b[_REL_TS_OFF]:
+        # times absolute before format 4, whatever the byte: format 1 had
+        # a netns index there for a while (nonzero but for the first netns)
+        b = b[:_REL_TS_OFF] + b"\0" + b[_REL_TS_OFF + 1:]
     return b, aged
 
 
-def _check_header(d, n: int) -> tuple[int, int | None]:
-    """(the records' header size, boot_wall_ns) of a recording's first line."""
+def _check_header(d, n: int) -> tuple[int, int | None, int]:
+    """(the records' header size, boot_wall_ns, format) of a recording's first line."""
     if type(d) is not dict or "pkttrace_recording" not in d:
         raise RecordingError(f"line {n}: not a pkttrace recording (no header)")
     version = d["pkttrace_recording"]
@@ -247,13 +252,13 @@ def _check_header(d, n: int) -> tuple[int, int | None]:
     if (d.get("record_size"), d.get("stage_size")) != _LAYOUTS[version]:
         raise RecordingError("recorded with another record layout (another pkttrace version)")
     if version < 2:
-        return _LAYOUTS[version][0], None
+        return _LAYOUTS[version][0], None, version
     wall = d.get("boot_wall_ns")
     if wall is None:                     # a format 1 recording rewritten: times unknown
-        return _LAYOUTS[version][0], None
+        return _LAYOUTS[version][0], None, version
     if not isinstance(wall, int) or not _is_int(wall) or wall < 0:
         raise RecordingError(f"line {n}: boot_wall_ns is not a time")
-    return _LAYOUTS[version][0], wall
+    return _LAYOUTS[version][0], wall, version
 
 
 def _lines(source: IO) -> Iterator[tuple[int, str | bytes, bool]]:
@@ -300,7 +305,7 @@ def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, dict | tuple[bytes,
 
     A last line without its newline that does not parse is a cut tail:
     counted in `cut`, not read."""
-    header, header_size = False, 0
+    header, header_size, version = False, 0, FORMAT
     for n, line, complete in _lines(source):
         size = len(line) if isinstance(line, bytes) else len(line.encode("utf-8", "surrogateescape"))
         try:
@@ -320,7 +325,7 @@ def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, dict | tuple[bytes,
             what = "not JSON" if text is not None else "not UTF-8 text"
             raise RecordingError(f"line {n}: {what}: is this a pkttrace recording?") from None
         if not header:
-            header_size, wall = _check_header(d, n)
+            header_size, wall, version = _check_header(d, n)
             header = True
             yield n, "header", wall
             continue
@@ -330,7 +335,7 @@ def _items(source: IO, cut: Cut) -> Iterator[tuple[int, str, dict | tuple[bytes,
             if "context" in d:
                 yield n, "context", _check_context(d["context"])
             elif "raw" in d:
-                yield n, "raw", _check_raw(d, header_size)
+                yield n, "raw", _check_raw(d, header_size, version)
             else:
                 raise ValueError("neither a record nor names")
         except (ValueError, TypeError, RecursionError) as e:
