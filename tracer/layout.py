@@ -81,6 +81,17 @@ LINK_FIELDS = ("cause", "prev", "next", "link", "encap", "decap", "inner")
 LINK_OFFS = tuple(getattr(PtRecord, n).offset for n in LINK_FIELDS)
 
 
+def stage_kinds(raw: bytes) -> list[int]:
+    """The kind of each of the record's stages (PT_STAGE_*), in order."""
+    return [raw[HEADER_SIZE + i * STAGE_SIZE + KIND_OFF] for i in range(min(raw[N_STAGES_OFF], PT_MAX_STAGES))]
+
+
+def timed_stages(kinds: list[int]) -> list[int]:
+    """The indices of the stages that carry a time: all but address stages,
+    whose address lies where the others hold their time."""
+    return [i for i, kind in enumerate(kinds) if kind != StageKind.ADDR]
+
+
 def relative_times(raw: bytes) -> bytes:
     """raw as pt_emit sends it: every timed stage's time made ns after
     first_ts, and rel_ts set (a record already so: unchanged).  For records
@@ -90,9 +101,8 @@ def relative_times(raw: bytes) -> bytes:
         return raw
     b = bytearray(raw)
     first = U64.unpack_from(b, FIRST_TS_OFF)[0]
-    for i in range(min(b[N_STAGES_OFF], PT_MAX_STAGES)):
-        off = HEADER_SIZE + i * STAGE_SIZE
-        if b[off + KIND_OFF] != StageKind.ADDR:  # (an address stage holds no time)
-            U64.pack_into(b, off + TS_OFF, (U64.unpack_from(b, off + TS_OFF)[0] - first) % (1 << 64))
+    for i in timed_stages(stage_kinds(raw)):
+        off = HEADER_SIZE + i * STAGE_SIZE + TS_OFF
+        U64.pack_into(b, off, (U64.unpack_from(b, off)[0] - first) % (1 << 64))
     b[REL_TS_OFF] = 1
     return bytes(b)

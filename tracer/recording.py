@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator
 
-from . import events, model, paths, routing
+from . import events, layout, model, paths, routing
 
 # 2: the record carries the header line's facts and header bytes (appended to
 #    its header), and the recording the wall-clock time of the kernel's clock
@@ -33,7 +33,6 @@ _LAYOUTS = {1: (200, 32), 2: (304, 32), 3: (events.RECORD_HEADER_SIZE, events.ST
             4: (events.RECORD_HEADER_SIZE, events.STAGE_SIZE)}
 _U64 = struct.Struct("=Q")
 _FATE_OFF = events.PtRecord.fate.offset
-_REL_TS_OFF = events.PtRecord.rel_ts.offset
 _LOC_OFF = events.PtRecord.drop_location.offset
 
 
@@ -232,10 +231,10 @@ def _check_raw(d: dict, header_size: int, version: int = FORMAT) -> tuple[bytes,
         raise ValueError(f"a record of {len(b)} bytes")
     if header_size < events.RECORD_HEADER_SIZE:      # an older format: its header grew at the end since
         b = b[:header_size] + bytes(events.RECORD_HEADER_SIZE - header_size) + b[header_size:]
-    if version < 4 and b[_REL_TS_OFF]:
+    if version < 4 and b[layout.REL_TS_OFF]:
         # times absolute before format 4, whatever the byte: format 1 had
         # a netns index there for a while (nonzero but for the first netns)
-        b = b[:_REL_TS_OFF] + b"\0" + b[_REL_TS_OFF + 1:]
+        b = b[:layout.REL_TS_OFF] + b"\0" + b[layout.REL_TS_OFF + 1:]
     return b, aged
 
 

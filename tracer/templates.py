@@ -21,10 +21,10 @@ from itertools import repeat
 from operator import itemgetter, sub as _sub
 from typing import Callable
 
-from .events import PT_MAX_STAGES, StageKind
+from .events import StageKind
 from .layout import HEAD_OFF as _HEAD_OFF, HEADER_SIZE as _HDR_SIZE, LINK_OFFS as _LINK_OFFS, \
-    LINKS_OFF as _LINKS_OFF, N_STAGES_OFF as _N_OFF, REL_TS_OFF as _REL_TS_OFF, STAGE_SIZE as _STAGE_SIZE, \
-    TUN_OFF as _TUN_OFF
+    LINKS_OFF as _LINKS_OFF, REL_TS_OFF as _REL_TS_OFF, STAGE_SIZE as _STAGE_SIZE, TS_OFF as _TS_OFF, \
+    TUN_OFF as _TUN_OFF, stage_kinds, timed_stages
 from .model import Packet
 
 # Sentinels: the id, and the time of raw stage i (ns after the first stage),
@@ -36,8 +36,6 @@ _T_STEP = 1000
 # the wall-clock time (ns) the sentinel record's first stage gets: year 2201,
 # a value no real packet has (its first_ts is set to this minus boot_wall_ns)
 _SENT_WALL = 7_300_000_000_000_000_000
-_TS_OFF = 0                                     # a stage's time is its first 8 bytes
-_KIND_OFF = 24
 _U64 = struct.Struct("=Q")
 _LINKS4 = struct.Struct("=QQQQ")                # cause, prev, next, link: ids
 _LINK_BYTES = _LINKS4.size
@@ -60,16 +58,12 @@ class _Shape:
     """Per path shape: how to read the parts of a record that are not times."""
 
     def __init__(self, raw: bytes):
-        n = min(raw[_N_OFF], PT_MAX_STAGES)
-        self.timed = []                         # raw indices of stages that carry a time
+        kinds = stage_kinds(raw)
+        n = len(kinds)
+        self.timed = timed_stages(kinds)        # raw indices of stages that carry a time
         # a qdisc stage prints a difference of two times (queued_ns): not a
         # hole a template can fill; such packets are rendered each
-        self.untemplated = False
-        for i in range(n):
-            kind = raw[_HDR_SIZE + i * _STAGE_SIZE + _KIND_OFF]
-            self.untemplated |= kind == StageKind.QDISC
-            if kind != StageKind.ADDR:          # (an address where other stages have a time)
-                self.timed.append(i)
+        self.untemplated = StageKind.QDISC in kinds
         self.n = n
         self.size = _HDR_SIZE + n * _STAGE_SIZE
         # id, first_ts, then the link ids, then every timed stage's time
