@@ -301,6 +301,20 @@ struct {
 
 /* 6.2+: weak, so the object loads on older kernels (without tc observers) */
 extern void *bpf_cast_to_kern_ctx(void *) __ksym __weak;
+/* 6.2+, weak likewise: a kernel address as a read-only, untrusted pointer
+ * to a type.  Loads through it are inlined fault-safe loads (the verifier
+ * makes the cast a register move), where bpf_probe_read_kernel is a helper
+ * call: ~20-25 ns each on the AMD machine (SRSO return thunks), 24 ns of
+ * the netfilter observer's ~200 for the one byte of DSCP alone.  Used only
+ * in programs that load where the kfuncs are: netfilter links (6.4+) and
+ * tc observers (which need bpf_cast_to_kern_ctx anyway); the shared code
+ * takes a constant `cast` that compiles the other reads out of them.  Only
+ * for types in vmlinux: a type-id relocation has no module BTF to go to
+ * (nf_conn, whose kernel BTF also has nf_conn___init, is read by CO-RE). */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+
+/* p (any kernel address) as a read-only pointer to TYPE */
+#define CAST(TYPE, p) ((TYPE *)bpf_rdonly_cast((const void *)(p), bpf_core_type_id_kernel(TYPE)))
 
 /* Addresses, protocol and ports read from an IP header. */
 struct pkt_info {
@@ -456,12 +470,11 @@ __noinline __u64 ipv6_ext_walk(__u64 l3, __u32 nexthdr)
 	return (__u64)id << 32 | (off & 0xffff) << 16 | ext << 8 | nexthdr;
 }
 
-/* Parse the IP header at kernel address l3.  Returns 0 on success. */
 /* The L4 facts parse_l3 takes from the first 4 bytes: TCP's and UDP's
  * ports, or ICMP's type and code (user space picks what the protocol has).
  * TCP's flag byte, 13 bytes in, is read on its own (the stack of the
  * kprobe and netfilter programs has no room for a bigger buffer). */
-static __always_inline void l4_facts(struct pkt_info *pi, const __u8 *b, const void *l4)
+static __always_inline void l4_facts(struct pkt_info *pi, const __u8 *b, const void *l4, bool cast)
 {
 	pi->l4 = 1;
 	pi->icmp_type = b[0];
@@ -470,8 +483,69 @@ static __always_inline void l4_facts(struct pkt_info *pi, const __u8 *b, const v
 		pi->sport = (b[0] << 8) | b[1];
 		pi->dport = (b[2] << 8) | b[3];
 	}
-	if (pi->proto == IPPROTO_TCP)
+	if (pi->proto == IPPROTO_TCP && cast)
+		pi->tcp_flags = *((const __u8 *)CAST(struct tcphdr, l4) + 13); /* fin..cwr */
+	else if (pi->proto == IPPROTO_TCP)
 		bpf_probe_read_kernel(&pi->tcp_flags, 1, l4 + 13);
+}
+
+/* An IP header and the 4 bytes after it (the first 4 of any L4 header). */
+struct ip4_head {
+	struct iphdr iph;
+	__u8 l4[4];
+};
+
+struct ip6_head {
+	struct ipv6hdr ip6;
+	__u8 l4[4];
+};
+
+/* The first 4 bytes of the L4 header at l4, as inlined loads (CAST): read
+ * as UDP's two ports, which is where TCP has its ports and ICMP its type,
+ * code and checksum. */
+static __always_inline void l4_word_cast(__u8 *b, const void *l4)
+{
+	const struct udphdr *u = CAST(struct udphdr, l4);
+	__u16 sport = u->source, dport = u->dest;
+
+	__builtin_memcpy(b, &sport, 2);
+	__builtin_memcpy(b + 2, &dport, 2);
+}
+
+/* The fields parse_l3 reads of the IPv4 header at l3 (the first byte holds
+ * version and ihl) and the 4 bytes after it, as inlined loads (CAST); the
+ * rest of h is zero. */
+static __always_inline void ip4_head_cast(struct ip4_head *h, const void *l3)
+{
+	const struct iphdr *ip = CAST(struct iphdr, l3);
+
+	__builtin_memset(h, 0, sizeof(*h));
+	*(__u8 *)&h->iph = *(const __u8 *)ip;
+	h->iph.tos = ip->tos;
+	h->iph.tot_len = ip->tot_len;
+	h->iph.id = ip->id;
+	h->iph.frag_off = ip->frag_off;
+	h->iph.protocol = ip->protocol;
+	h->iph.saddr = ip->saddr;
+	h->iph.daddr = ip->daddr;
+	l4_word_cast(h->l4, l3 + sizeof(struct iphdr));
+}
+
+/* The same for IPv6 (the first byte: version and priority). */
+static __always_inline void ip6_head_cast(struct ip6_head *h, const void *l3)
+{
+	const struct ipv6hdr *ip = CAST(struct ipv6hdr, l3);
+
+	__builtin_memset(h, 0, sizeof(*h));
+	*(__u8 *)&h->ip6 = *(const __u8 *)ip;
+	h->ip6.flow_lbl[0] = ip->flow_lbl[0];
+	h->ip6.payload_len = ip->payload_len;
+	h->ip6.nexthdr = ip->nexthdr;
+	for (int i = 0; i < 4; i++) {
+		h->ip6.saddr.in6_u.u6_addr32[i] = ip->saddr.in6_u.u6_addr32[i];
+		h->ip6.daddr.in6_u.u6_addr32[i] = ip->daddr.in6_u.u6_addr32[i];
+	}
+	l4_word_cast(h->l4, l3 + sizeof(struct ipv6hdr));
 }
 
 static __always_inline bool l4_known(__u8 proto)
@@ -479,24 +553,27 @@ static __always_inline bool l4_known(__u8 proto)
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6;
 }
 
-/* The header and the L4 facts after it in one read where they follow each
+/* Parse the IP header at kernel address l3.  Returns 0 on success.
+ * The header and the L4 facts after it in one read where they follow each
  * other (no IPv4 options, no IPv6 extension headers: nearly every packet):
- * each probe read costs ~9 ns, and this runs at every packet's first
- * sight.  Past a short packet's end the read takes the skb's own buffer
- * (tailroom, shared info), as rec_new's head copy does; user space reads
- * only what the protocol has. */
-static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info *pi)
+ * each probe read costs ~9 ns (~20 on the AMD machine), and this runs at
+ * every packet's first sight; cast (a program with the kfuncs): inlined
+ * loads instead.  Past a short packet's end the read takes the skb's own
+ * buffer (tailroom, shared info), as rec_new's head copy does; user space
+ * reads only what the protocol has. */
+static __always_inline int parse_l3_by(const void *l3, __u8 family, struct pkt_info *pi, bool cast)
 {
 	const void *l4;
 
 	__builtin_memset(pi, 0, sizeof(*pi));
 	if (family == 4) {
-		struct {
-			struct iphdr iph;
-			__u8 l4[4];
-		} h;
+		struct ip4_head h;
 
-		if (bpf_probe_read_kernel(&h, sizeof(h), l3) || h.iph.version != 4)
+		if (cast)
+			ip4_head_cast(&h, l3);
+		else if (bpf_probe_read_kernel(&h, sizeof(h), l3))
+			return -1;
+		if (h.iph.version != 4)
 			return -1;
 		pi->family = 4;
 		pi->len = bpf_ntohs(h.iph.tot_len);
@@ -513,18 +590,19 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 			return 0;
 		if (h.iph.ihl == 5) {
 			if (l4_known(pi->proto))
-				l4_facts(pi, h.l4, l3 + sizeof(h.iph));
+				l4_facts(pi, h.l4, l3 + sizeof(h.iph), cast);
 			return 0;
 		}
 		l4 = l3 + h.iph.ihl * 4;
 	} else if (family == 6) {
-		struct {
-			struct ipv6hdr ip6;
-			__u8 l4[4];
-		} h;
+		struct ip6_head h;
 		__u64 w;
 
-		if (bpf_probe_read_kernel(&h, sizeof(h), l3) || h.ip6.version != 6)
+		if (cast)
+			ip6_head_cast(&h, l3);
+		else if (bpf_probe_read_kernel(&h, sizeof(h), l3))
+			return -1;
+		if (h.ip6.version != 6)
 			return -1;
 		pi->family = 6;
 		pi->len = bpf_ntohs(h.ip6.payload_len) + sizeof(h.ip6);
@@ -536,7 +614,7 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 		 * before): a packet without extension headers pays nothing */
 		if (!(h.ip6.nexthdr < 64 && ((PT_EXT_NEXTHDRS >> h.ip6.nexthdr) & 1))) {
 			if (l4_known(pi->proto))
-				l4_facts(pi, h.l4, l3 + sizeof(h.ip6));
+				l4_facts(pi, h.l4, l3 + sizeof(h.ip6), cast);
 			return 0;
 		}
 		/* l3 as a number: newer verifiers type skb->head a pointer
@@ -563,9 +641,15 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 		__u8 b[4];
 
 		if (!bpf_probe_read_kernel(b, sizeof(b), l4))
-			l4_facts(pi, b, l4);
+			l4_facts(pi, b, l4, false);
 	}
 	return 0;
+}
+
+/* Parse the IP header at kernel address l3 with helper calls: any program. */
+static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info *pi)
+{
+	return parse_l3_by(l3, family, pi, false);
 }
 
 static __always_inline const void *skb_l3(const struct sk_buff *skb)
@@ -1027,6 +1111,7 @@ static __always_inline void rec_forget(__u64 key)
 
 int route_take(struct pt_record *r, __u8 kind, __u64 since, __u32 how);
 int route_result(struct pt_record *r, __u64 refdst, __u64 ts);
+int route_result_cast(struct pt_record *r, __u64 refdst, __u64 ts);
 static __always_inline struct pt_stage *last_stage(struct pt_record *r);
 
 /* The route attached to a packet no observer of INPUT/FORWARD saw (their
@@ -1678,7 +1763,10 @@ __noinline int route_take(struct pt_record *r, __u8 kind, __u64 since, __u32 how
  * chose (one of an ECMP group), its device and the route type (local, even
  * where the lookup reported the merged local/main table as main).
  * Returns that type (RTN_*, 0: none). */
-__noinline int route_result(struct pt_record *r, __u64 refdst, __u64 ts)
+/* One dst field, read by CO-RE or, cast, by an inlined load. */
+#define DST_READ(cast, TYPE, p, field) ((cast) ? CAST(TYPE, p)->field : BPF_CORE_READ((TYPE *)(p), field))
+
+static __always_inline int route_result_by(struct pt_record *r, __u64 refdst, __u64 ts, bool cast)
 {
 	struct dst_entry *dst = (struct dst_entry *)(refdst & ~1UL);
 	struct pt_addr_stage *a;
@@ -1691,27 +1779,47 @@ __noinline int route_result(struct pt_record *r, __u64 refdst, __u64 ts)
 	__builtin_memset(a->addr, 0, sizeof(a->addr)); /* stage_add put the time there */
 	a->what = PT_ADDR_NEXTHOP;
 	a->family = r->family;
-	a->ifindex = BPF_CORE_READ(dst, dev, ifindex);
+	a->ifindex = cast ? CAST(struct dst_entry, dst)->dev->ifindex : BPF_CORE_READ(dst, dev, ifindex);
 	if (r->family == 4) {
 		struct rtable *rt = (struct rtable *)dst;
-		__u8 gwf = BPF_CORE_READ(rt, rt_gw_family);
+		__u8 gwf = DST_READ(cast, struct rtable, rt, rt_gw_family);
 
-		a->rtype = BPF_CORE_READ(rt, rt_type);
+		a->rtype = DST_READ(cast, struct rtable, rt, rt_type);
 		if (gwf == AF_INET) {
-			bpf_core_read(a->addr, 4, &rt->rt_gw4);
+			__u32 gw4 = DST_READ(cast, struct rtable, rt, rt_gw4);
+
+			__builtin_memcpy(a->addr, &gw4, 4);
 		} else if (gwf == AF_INET6) {
-			bpf_core_read(a->addr, 16, &rt->rt_gw6);
+			if (cast)
+				__builtin_memcpy(a->addr, CAST(struct rtable, rt)->rt_gw6.in6_u.u6_addr8, 16);
+			else
+				bpf_core_read(a->addr, 16, &rt->rt_gw6);
 			a->family = 6;
 		}
 	} else {
 		struct rt6_info *rt = (struct rt6_info *)dst;
-		__u32 flags = BPF_CORE_READ(rt, rt6i_flags);
+		__u32 flags = DST_READ(cast, struct rt6_info, rt, rt6i_flags);
 
 		a->rtype = (flags & RTF_LOCAL) ? RTN_LOCAL : RTN_UNICAST;
-		if (flags & RTF_GATEWAY)
-			bpf_core_read(a->addr, 16, &rt->rt6i_gateway);
+		if (flags & RTF_GATEWAY) {
+			if (cast)
+				__builtin_memcpy(a->addr, CAST(struct rt6_info, rt)->rt6i_gateway.in6_u.u6_addr8, 16);
+			else
+				bpf_core_read(a->addr, 16, &rt->rt6i_gateway);
+		}
 	}
 	return a->rtype;
+}
+
+__noinline int route_result(struct pt_record *r, __u64 refdst, __u64 ts)
+{
+	return route_result_by(r, refdst, ts, false);
+}
+
+/* The same, for programs that have the kfuncs (CAST). */
+__noinline int route_result_cast(struct pt_record *r, __u64 refdst, __u64 ts)
+{
+	return route_result_by(r, refdst, ts, true);
 }
 
 SEC("tp_btf/fib_table_lookup")
@@ -2134,6 +2242,7 @@ struct skb_view {
 	__u64 nfct;
 	const void *l3;
 	__u64 refdst;
+	bool cast;      /* a constant: the program has the kfuncs (CAST) */
 };
 
 static __always_inline void skb_view_direct(const struct sk_buff *skb, struct skb_view *v)
@@ -2142,6 +2251,7 @@ static __always_inline void skb_view_direct(const struct sk_buff *skb, struct sk
 	v->nfct = skb->_nfct;
 	v->l3 = skb_l3(skb);
 	v->refdst = skb->_skb_refdst;
+	v->cast = false;
 }
 
 static __always_inline void skb_view_core(const struct sk_buff *skb, struct skb_view *v)
@@ -2150,6 +2260,7 @@ static __always_inline void skb_view_core(const struct sk_buff *skb, struct skb_
 	v->nfct = BPF_CORE_READ(skb, _nfct);
 	v->l3 = BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, network_header);
 	v->refdst = BPF_CORE_READ(skb, _skb_refdst);
+	v->cast = false;
 }
 
 /* One observation of a packet at a netfilter hook.  first: an observation
@@ -2181,7 +2292,9 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 			     (kind != PT_STAGE_PREROUTING && kind != PT_STAGE_OUTPUT &&
 			      kind != PT_STAGE_POSTROUTING)))
 		return NF_ACCEPT;
-	now = bpf_ktime_get_ns();
+	/* the clock (~36 ns on the AMD machine) only for a packet followed on:
+	 * taken where the branches below know, else after them */
+	now = 0;
 	r = rejected_pkt ? NULL : rec_lookup(skb);
 	if (rejected_pkt) {
 		/* Judged at first sight; only NAT can make it match since (a
@@ -2190,10 +2303,11 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		 * and claimable only by a packet of their flow. */
 		if (!ct_natted(nfct))
 			return NF_ACCEPT;
-		if (parse_l3(l3, family, &pi) || (match_header(skb, &pi) & cfg.filter) != cfg.filter)
+		if (parse_l3_by(l3, family, &pi, v->cast) || (match_header(skb, &pi) & cfg.filter) != cfg.filter)
 			return NF_ACCEPT;
 		rejected_forget(skb);
 		stat_inc(PT_STAT_LATE);
+		now = bpf_ktime_get_ns();
 		r = rec_new(skb, netns, &pi, now, 0);
 		if (!r)
 			return NF_ACCEPT;
@@ -2204,11 +2318,12 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		__u64 cause = 0, id = 0;
 
 		/* links are per netns: only traced namespaces reach here */
-		if (parse_l3(l3, family, &pi))
+		if (parse_l3_by(l3, family, &pi, v->cast))
 			return NF_ACCEPT;
 		/* first seen at OUTPUT: generated here, maybe in reply, or the
 		 * outer packet of a payload a tunnel sent from a worker */
 		if (kind == PT_STAGE_OUTPUT) {
+			now = bpf_ktime_get_ns();
 			id = handoff_take(skb, now, &h);
 			if (h.how != PT_HANDOFF_ENCAP)
 				id = 0;
@@ -2217,6 +2332,8 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		}
 		if (!id && !first_sight_wanted(skb, &pi, netns))
 			return NF_ACCEPT;
+		if (!now)
+			now = bpf_ktime_get_ns();
 		r = rec_new(skb, netns, &pi, now, id);
 		if (!r)
 			return NF_ACCEPT;
@@ -2229,9 +2346,10 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		parsed = true;
 	} else if (kind == PT_STAGE_OUTPUT && (r->seen & PT_SEEN_LEFT)) {
 		/* it left already: now the payload of an outer packet */
-		if (parse_l3(l3, family, &pi))
+		if (parse_l3_by(l3, family, &pi, v->cast))
 			return NF_ACCEPT;
 		parsed = true;
+		now = bpf_ktime_get_ns();
 		if (hdr_differs(r, &pi)) {
 			r = encap_start(skb, r, &pi, netns, r->out_ifindex, now);
 			if (!r)
@@ -2242,9 +2360,10 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		/* past INPUT already: its payload, decapsulated (xfrm
 		 * transport mode goes through PREROUTING again, or straight
 		 * to INPUT where PREROUTING has no table to observe) */
-		if (parse_l3(l3, family, &pi))
+		if (parse_l3_by(l3, family, &pi, v->cast))
 			return NF_ACCEPT;
 		parsed = true;
+		now = bpf_ktime_get_ns();
 		if (hdr_differs(r, &pi)) {
 			r = decap_start(skb, r, &pi, netns, in, now);
 			if (!r)
@@ -2254,7 +2373,7 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		return NF_ACCEPT;
 	} else if ((r->flags & PT_REC_FRAG) ||
 		   ((r->flags & PT_REC_NAT_NS) && after_nat(r, family, hook, slot) && ct_natted(nfct))) {
-		if (!parse_l3(l3, family, &pi)) {
+		if (!parse_l3_by(l3, family, &pi, v->cast)) {
 			parsed = true;
 			if (!pi.frag && (r->flags & PT_REC_FRAG)) {
 				/* reassembled: this skb now carries the whole
@@ -2262,6 +2381,7 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 				__u8 match = r->match;
 				__u64 into = frag_absorbed(skb, r);
 
+				now = bpf_ktime_get_ns();
 				r = rec_new(skb, netns, &pi, now, into);
 				if (!r)
 					return NF_ACCEPT;
@@ -2272,6 +2392,8 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 				r->match |= match_header(skb, &pi);
 		}
 	}
+	if (!now)
+		now = bpf_ktime_get_ns();
 	if (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD || kind == PT_STAGE_OUTPUT) {
 		bool local = kind == PT_STAGE_OUTPUT || (r->seen & PT_SEEN_OUTPUT);
 
@@ -2279,8 +2401,12 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		 * first observer of INPUT/FORWARD may come after a table */
 		if (route_take(r, first || kind != PT_STAGE_OUTPUT ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
 			       r->n_stages ? r->last_ts : now - ROUTE_MAX_AGE_NS,
-			       ROUTE_CHECKS | (local ? ROUTE_LOCAL_OUT : 0)))
-			route_result(r, v->refdst, now);
+			       ROUTE_CHECKS | (local ? ROUTE_LOCAL_OUT : 0))) {
+			if (v->cast)
+				route_result_cast(r, v->refdst, now);
+			else
+				route_result(r, v->refdst, now);
+		}
 	}
 	if (kind == PT_STAGE_INPUT) {
 		struct pt_pending *p = pending();
@@ -2319,6 +2445,12 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 	if (parsed) {
 		s->tos = pi.tos;
 		nat_check(r, &pi, slot, now);
+	} else if (v->cast && family == 4) {
+		s->tos = CAST(struct iphdr, l3)->tos;
+	} else if (v->cast) {
+		const struct ipv6hdr *ip6 = CAST(struct ipv6hdr, l3);
+
+		s->tos = (BPF_CORE_READ_BITFIELD(ip6, priority) << 4) | (ip6->flow_lbl[0] >> 4);
 	} else if (family == 4) {
 		bpf_probe_read_kernel(&s->tos, 1, l3 + 1);
 	} else {
@@ -2362,11 +2494,12 @@ static __always_inline void nf_ptrs_read(const struct nf_hook_state *state, stru
 /* nf_observe_at with the state's pointers read already. */
 static __always_inline int nf_observe_with(struct sk_buff *skb, const struct nf_hook_state *state,
 					   const struct nf_ptrs *p, __u8 slot, bool first, __s32 prio,
-					   __u8 stflags, __u32 table)
+					   __u8 stflags, __u32 table, bool cast)
 {
 	struct skb_view v;
 
 	skb_view_direct(skb, &v);
+	v.cast = cast;
 	return nf_observe_dev(skb, &v, state->pf, state->hook, p->in ? p->in->ifindex : 0,
 			      p->out ? p->out->ifindex : 0, p->net->ns.inum, slot, first, prio, stflags, table);
 }
@@ -2389,7 +2522,7 @@ static __always_inline int nf_observe_at(struct sk_buff *skb, const struct nf_ho
 				      BPF_CORE_READ(state, net, ns.inum), slot, first, prio, stflags, table);
 	}
 	nf_ptrs_read(state, &p);
-	return nf_observe_with(skb, state, &p, slot, first, prio, stflags, table);
+	return nf_observe_with(skb, state, &p, slot, first, prio, stflags, table, false);
 }
 
 /* Forget where a freed packet was in its hook: its pointer will be reused. */
@@ -2547,7 +2680,7 @@ static __always_inline int nf_observe(struct bpf_nf_ctx *ctx, __u8 bank)
 	if (i == 0 && entry && ctx->state->hook == NF_INET_LOCAL_OUT)
 		rejected_forget(ctx->skb);
 	return nf_observe_with(ctx->skb, ctx->state, &p, bank * PT_NF_BANK + (i & (PT_NF_BANK - 1)), entry, 0,
-			       changing, 0);
+			       changing, 0, true);
 }
 
 /* A packet netfilter dropped: was any hook of its netns that has no
@@ -2890,8 +3023,11 @@ static __always_inline void match_leaving(struct sk_buff *skb, struct pt_record 
 /* First sight of a packet entering a traced netns on a device: a packet
  * handed over by a veth from another traced netns takes the id reserved for
  * it; a copy tc made is named on the original; else the filter decides. */
+/* now: the time of this observation, 0 until taken -- only once the packet
+ * is to be followed (a clock read is ~36 ns on the AMD machine, where a
+ * packet the filter rejects costs ~170 in all). */
 static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, const void *l3, bool l3_at_data,
-							__u8 family, __u32 netns, __u32 ifindex, __u64 now)
+							__u8 family, __u32 netns, __u32 ifindex, __u64 *now, bool cast)
 {
 	struct pt_handoff h = {};
 	__u64 id = 0, prev = 0;
@@ -2899,10 +3035,14 @@ static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, con
 	struct pt_record *r;
 	struct pkt_info pi;
 
-	if (parse_l3(l3, family, &pi))
+	if (parse_l3_by(l3, family, &pi, cast))
 		return NULL;
 	pi.l3_at_data = l3_at_data;
-	id = handoff_take(skb, now, &h);
+	if (handoffs_waiting()) {
+		if (!*now)
+			*now = bpf_ktime_get_ns();
+		id = handoff_take(skb, *now, &h);
+	}
 	if (id && h.how == PT_HANDOFF_NETNS) {
 		prev = h.prev;
 		prev_netns = h.prev_netns;
@@ -2913,7 +3053,9 @@ static __always_inline struct pt_record *rx_first_sight(struct sk_buff *skb, con
 	/* a continuation is kept whatever the filter: its first part matched */
 	if (!prev && !first_sight_wanted(skb, &pi, netns))
 		return NULL;
-	r = rec_new(skb, netns, &pi, now, id);
+	if (!*now)
+		*now = bpf_ktime_get_ns();
+	r = rec_new(skb, netns, &pi, *now, id);
 	if (r)
 		r->seen |= PT_SEEN_RX;
 	if (r && prev) {
@@ -2933,14 +3075,15 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	struct net_device *dev = skb->dev;
 	__u32 netns = dev->nd_net.net->ns.inum;
 	__u8 family = family_of_ethertype(skb->protocol);
-	__u64 now = bpf_ktime_get_ns();
 	__u32 ifindex, mark;
 	struct pt_record *r;
 	struct pt_stage *s;
+	__u64 now;
 
 	pending_resolve(skb);
 	if (!family || !netns_traced(netns))
 		return 0;
+	now = bpf_ktime_get_ns();
 	ifindex = dev->ifindex;
 	mark = skb->mark;
 	r = rec_lookup(skb);
@@ -2948,7 +3091,7 @@ int BPF_PROG(on_rx, struct sk_buff *skb)
 	if (r && (r->seen & PT_SEEN_INPUT))
 		r = decap_check(skb, r, skb->data, true, family, netns, ifindex, now);
 	else if (!r)
-		r = rx_first_sight(skb, skb->data, true, family, netns, ifindex, now);
+		r = rx_first_sight(skb, skb->data, true, family, netns, ifindex, &now, false);
 	if (!r)
 		return 0;
 	if (!r->in_ifindex)
@@ -3798,8 +3941,9 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 		 * its rejection at net_dev_xmit); judged at first sight */
 		rejected_forget(skb);
 	}
-	now = bpf_ktime_get_ns();
 	r = rec_lookup(skb);
+	/* a packet without a record: the clock once it is wanted */
+	now = r ? bpf_ktime_get_ns() : 0;
 	if (r && (ingress ? r->seen & PT_SEEN_INPUT : r->flags & PT_REC_QUEUED)) {
 		__u8 family = family_of_ethertype(ctx->protocol);
 		__u32 netns = dev->nd_net.net->ns.inum;
@@ -3818,14 +3962,15 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 			return;
 		if (ingress) {
 			/* (tc programs run with data at the MAC header) */
-			r = rx_first_sight(skb, skb_l3(skb), false, family, netns, ctx->ifindex, now);
+			r = rx_first_sight(skb, skb_l3(skb), false, family, netns, ctx->ifindex, &now, true);
 		} else {
 			struct pkt_info pi;
 
 			/* a copy tc made of the packet it saw last (mirred to egress) */
 			tc_copy_seen(skb, ctx->ifindex);
-			if (parse_l3(skb_l3(skb), family, &pi) || !first_sight_wanted(skb, &pi, netns))
+			if (parse_l3_by(skb_l3(skb), family, &pi, true) || !first_sight_wanted(skb, &pi, netns))
 				return;
+			now = bpf_ktime_get_ns();
 			r = rec_new(skb, netns, &pi, now, 0);
 		}
 		if (!r)
