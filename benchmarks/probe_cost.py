@@ -1,6 +1,12 @@
 """BPF time per program under a UDP flood: where a traced packet's cost goes.
 
-    python -m benchmarks.probe_cost [all|nomatch|count] [--duration S]
+    python -m benchmarks.probe_cost [all|nomatch|nomatch-expr|count|serve] [--duration S]
+
+Modes: all (every packet followed and emitted, as `pkttrace` with no
+filter), nomatch and nomatch-expr (a filter matching nothing, as options
+and as an expression), count (every packet followed, nothing emitted or
+counted: the following alone), serve (every packet followed and counted by
+path and drop reason, as `pkttrace serve`).
 
 Turns kernel.bpf_stats_enabled on for the run (and back off), floods UDP
 64 B through its own lab router with iperf3, and prints run count and mean
@@ -25,7 +31,7 @@ STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", nargs="?", default="all", choices=("all", "nomatch", "nomatch-expr", "count"))
+    ap.add_argument("mode", nargs="?", default="all", choices=("all", "nomatch", "nomatch-expr", "count", "serve"))
     ap.add_argument("--duration", type=int, default=3)
     args = ap.parse_args()
     lab = Lab("ptcost", 62)
@@ -38,7 +44,8 @@ def main() -> None:
         flt = {"nomatch": PacketFilter(dst=parse_cidr("192.0.2.1/32")),
                # the same criterion as a tcpdump expression: the interpreter's cost
                "nomatch-expr": PacketFilter(expression="dst host 192.0.2.1")}.get(args.mode, PacketFilter())
-        with Tracer(TraceOptions(netns=[lab.router], filter=flt, emit=args.mode != "count")) as t:
+        with Tracer(TraceOptions(netns=[lab.router], filter=flt, emit=args.mode not in ("count", "serve"),
+                                 count=args.mode == "serve")) as t:
             srv = subprocess.Popen(["ip", "netns", "exec", lab.server, "iperf3", "-s", "-1", "-B",
                                     lab.addr["server4"]], stdout=subprocess.DEVNULL)
             time.sleep(0.5)  # iperf3 retries its connect; a slow listener costs nothing here
