@@ -5,8 +5,11 @@ may sit between the ones a test names.
 """
 from __future__ import annotations
 
+import socket
+
 import pytest
 
+from tracer import netns
 from tracer.filters import Mark, PacketFilter, parse_cidr
 
 pytestmark = pytest.mark.root
@@ -217,6 +220,45 @@ def test_routes_of_selected_packets_sent_among_rejected_ones(lab, trace):
     c = cap.tracer.counters()
     # judged at first sight, or (with NAT in the netns) once conntrack had its NAT
     assert c.rejected + c.filtered >= 100 and c.route_dropped == 0, c
+
+
+def test_another_namespaces_rule_walks_leave_the_route_ring_alone(lab, trace):
+    """A namespace nobody traces (the client) with a rule to table 200: each
+    of its sends walks the rules, missing the local table and table 200
+    before main.  A miss names no device, so no netns: it is pushed to the
+    CPU's ring of lookups, and taken back when the walk's result turns out
+    to be in a netns nobody traces.  A burst of them to a host on the
+    client's own link (the router never sees those packets, so nothing of
+    the traced netns claims lookups in between) counts no route lookup as
+    lost, and the router's packets sent after it get their own route."""
+    cap = trace()
+    # table 200 exists (a rule to a table that does not is skipped unlooked)
+    lab.ip(lab.client, "route", "add", "blackhole", "198.51.100.0/24", "table", "200")
+    lab.ip(lab.client, "rule", "add", "pref", "100", "lookup", "200")
+    neighbour = lab.addr["router_c4"].rsplit(".", 1)[0] + ".200"   # on the client's link, nobody there
+    try:
+        with netns.entered(lab.client):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            for _ in range(200):   # queued for ARP, never answered: under the socket's 256
+                sock.sendto(b"burst", (neighbour, 5012))
+        with lab.udp_server(lab.server, lab.addr["server4"], 5013):
+            lab.udp_send(lab.client, lab.addr["server4"], 5013, b"after", count=5)
+            cap.until(lambda _: sum(p.dport == 5013 for p in cap.packets) >= 5)
+            cap.settle(0.3)
+    finally:
+        lab.ip(lab.client, "rule", "del", "pref", "100")
+        lab.ip(lab.client, "route", "flush", "table", "200")
+    after = [p for p in cap.packets if p.dport == 5013]
+    assert len(after) == 5 and not [p for p in cap.packets if p.dport == 5012]
+    for p in after:
+        names = p.stage_names()
+        assert p.fate == "forwarded" and "route" in names, (p.fate, names)
+        route = p.path[names.index("route")]
+        tables = [lk.table for lk in route.lookups]
+        assert "200" not in tables and (tables[-1], route.dev) == ("main", "rs"), tables
+    c = cap.tracer.counters()
+    assert c.route_dropped == 0, c
 
 
 def test_header_filter_still_catches_a_packet_that_matches_only_after_dnat(lab, trace):
