@@ -121,6 +121,21 @@ def test_dscp_set_in_mangle_forward(lab, trace):
     assert all(t.dscp == 0 for t in p.stage("prerouting").tables)
 
 
+def test_dscp_set_in_mangle_forward_ipv6(lab, trace):
+    """IPv6 keeps DSCP in the traffic class, split over the header's first two
+    bytes: the observers read it from there (with inlined loads where the
+    netfilter links are, helper reads under fentry and kprobes)."""
+    lab.iptables("-t", "mangle", "-A", "FORWARD", "-p", "udp", "--dport", "5014", "-j", "DSCP", "--set-dscp", "46",
+                 v6=True)
+    cap = trace(filter=PacketFilter(proto=17))
+    udp_from_client(lab, 5014, dst=lab.addr["server6"])
+    p = cap.until(lambda p: p.dport == 5014 and p.fate == "forwarded")
+    assert p.family == "ipv6"
+    fwd = p.stage("forward")
+    assert [(t.table, t.dscp_in, t.dscp) for t in fwd.tables] == [("mangle", 0, 46)]
+    assert (fwd.tos, fwd.tos_out) == (0, 46 << 2)
+
+
 def test_raw_notrack_is_untracked_from_then_on(lab, trace):
     lab.iptables("-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", "5005", "-j", "NOTRACK")
     # a conntrack user, so that conntrack runs in this netns
