@@ -652,6 +652,30 @@ static __always_inline int parse_l3(const void *l3, __u8 family, struct pkt_info
 	return parse_l3_by(l3, family, pi, false);
 }
 
+/* The DSCP/ECN byte of the IP header at l3: IPv4's TOS, or IPv6's traffic
+ * class, split over the first two bytes (after the version, before the flow
+ * label).  One helper read, or (cast) inlined loads. */
+static __always_inline __u8 l3_tos(const void *l3, __u8 family, bool cast)
+{
+	__u8 b[2] = {};
+
+	if (family == 4) {
+		if (cast)
+			return CAST(struct iphdr, l3)->tos;
+		bpf_probe_read_kernel(b, 1, l3 + 1);
+		return b[0];
+	}
+	if (cast) {
+		const struct ipv6hdr *ip6 = CAST(struct ipv6hdr, l3);
+
+		b[0] = *(const __u8 *)ip6;      /* version, priority */
+		b[1] = ip6->flow_lbl[0];
+	} else {
+		bpf_probe_read_kernel(b, 2, l3);
+	}
+	return (b[0] << 4) | (b[1] >> 4);
+}
+
 static __always_inline const void *skb_l3(const struct sk_buff *skb)
 {
 	return skb->head + skb->network_header;
@@ -1759,13 +1783,13 @@ __noinline int route_take(struct pt_record *r, __u8 kind, __u64 since, __u32 how
 	return decisions;
 }
 
+/* One dst field, read by CO-RE or, cast, by an inlined load. */
+#define DST_READ(cast, TYPE, p, field) ((cast) ? CAST(TYPE, p)->field : BPF_CORE_READ((TYPE *)(p), field))
+
 /* What routing attached to the packet (skb dst): the nexthop the kernel
  * chose (one of an ECMP group), its device and the route type (local, even
  * where the lookup reported the merged local/main table as main).
  * Returns that type (RTN_*, 0: none). */
-/* One dst field, read by CO-RE or, cast, by an inlined load. */
-#define DST_READ(cast, TYPE, p, field) ((cast) ? CAST(TYPE, p)->field : BPF_CORE_READ((TYPE *)(p), field))
-
 static __always_inline int route_result_by(struct pt_record *r, __u64 refdst, __u64 ts, bool cast)
 {
 	struct dst_entry *dst = (struct dst_entry *)(refdst & ~1UL);
@@ -2475,23 +2499,12 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 	s->mark = mark;
 	s->slot = slot;
 	s->ct = ct_state(nfct);
-	/* DSCP/ECN byte: IPv4 TOS, or the IPv6 traffic class split over two bytes */
+	/* DSCP/ECN byte: from the parse, if there was one */
 	if (parsed) {
 		s->tos = pi.tos;
 		nat_check(r, &pi, slot, now);
-	} else if (v->cast && family == 4) {
-		s->tos = CAST(struct iphdr, l3)->tos;
-	} else if (v->cast) {
-		const struct ipv6hdr *ip6 = CAST(struct ipv6hdr, l3);
-
-		s->tos = (BPF_CORE_READ_BITFIELD(ip6, priority) << 4) | (ip6->flow_lbl[0] >> 4);
-	} else if (family == 4) {
-		bpf_probe_read_kernel(&s->tos, 1, l3 + 1);
 	} else {
-		__u8 b[2] = {};
-
-		bpf_probe_read_kernel(b, 2, l3);
-		s->tos = (b[0] << 4) | (b[1] >> 4);
+		s->tos = l3_tos(l3, family, v->cast);
 	}
 	/* a tunnel's carrier taken locally: its payload may be received on
 	 * another CPU before this one's poll ends (WireGuard decrypts on

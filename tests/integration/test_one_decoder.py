@@ -111,9 +111,9 @@ def test_emitted_records_carry_their_stage_times_after_the_first(lab, trace):
     # 16 bytes; made "relative" its zeros would read as a borrow's 0xff)
     addr_stages = 0
     for p in got:
-        for i in range(p._raw[layout.N_STAGES_OFF]):
+        for i, kind in enumerate(layout.stage_kinds(p._raw)):
             off = layout.HEADER_SIZE + i * layout.STAGE_SIZE
-            if p._raw[off + layout.KIND_OFF] == StageKind.ADDR:
+            if kind == StageKind.ADDR:
                 addr_stages += 1
                 assert p._raw[off + 4:off + 16] == bytes(12), p._raw[off:off + 16].hex()
     assert addr_stages > 0
