@@ -961,6 +961,7 @@ static __always_inline bool slot_park(struct pt_slots *m, int i)
 	key = m->skb[i];
 	if (!key)
 		return false;
+	r->seen |= PT_SEEN_SHARED;
 	if (bpf_map_update_elem(&inflight, &key, r, BPF_ANY)) {
 		stat_inc(PT_STAT_CREATE_FAILED);
 		return false;
@@ -1335,6 +1336,31 @@ static __always_inline void count_path(const struct pt_record *r)
 		bpf_map_update_elem(&path_examples, &k, ex, BPF_NOEXIST);
 }
 
+/* The time of a stage of r taken now.  Counting (serve), no stage's time
+ * is shown: times only order a packet's stages against the route lookups
+ * of its CPU (route_take's window: the lookups since its previous stage)
+ * and age what it may have caused (cause_of).  A record still in this
+ * CPU's slot is in the same pass through the stack as its last stage
+ * (slots are parked at the end of each poll and where a packet is queued),
+ * so there its last time does: never later than the true time, so no
+ * lookup made since is missed, and no clocksource read (kvm-clock's costs
+ * ~36 ns on the AMD machine; bpf_ktime_get_coarse_ns is refused to
+ * netfilter and tracing programs).  A record taken from the shared table
+ * may have waited: the clock. */
+static __always_inline __u64 stage_time(const struct pt_record *r)
+{
+	if (cfg.count && !(r->seen & PT_SEEN_SHARED))
+		return r->last_ts;
+	return bpf_ktime_get_ns();
+}
+
+/* The time of the stage that ends r (sent, delivered, dropped): counting,
+ * nothing is ordered after it, so r's last time does. */
+static __always_inline __u64 end_time(const struct pt_record *r)
+{
+	return cfg.count ? r->last_ts : bpf_ktime_get_ns();
+}
+
 static __always_inline struct pt_stage *stage_add(struct pt_record *r, __u8 kind, __u64 ts)
 {
 	__u32 n = r->n_stages;
@@ -1522,7 +1548,7 @@ static __always_inline void deliver(const void *skb, struct pt_record *r, __s32 
 	r = decap_late(skb, r);
 	if (!r)
 		return;
-	s = stage_add(r, PT_STAGE_DELIVER, bpf_ktime_get_ns());
+	s = stage_add(r, PT_STAGE_DELIVER, end_time(r));
 
 	if (s) {
 		s->mark = BPF_CORE_READ((struct sk_buff *)skb, mark);
@@ -2451,7 +2477,7 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 		}
 	}
 	if (!now)
-		now = bpf_ktime_get_ns();
+		now = stage_time(r);
 	if (kind == PT_STAGE_INPUT || kind == PT_STAGE_FORWARD || kind == PT_STAGE_OUTPUT) {
 		bool local = kind == PT_STAGE_OUTPUT || (r->seen & PT_SEEN_OUTPUT);
 
@@ -3258,7 +3284,8 @@ int BPF_PROG(on_dev_xmit, struct sk_buff *skb, int rc, struct net_device *dev, u
 		 * the mark is the one it had at the device, at tc egress) */
 		__u32 mark = s ? s->mark : 0;
 
-		s = stage_add(r, PT_STAGE_TX, bpf_ktime_get_ns());
+		/* its end here, unless an IFB device or a tunnel sends it on */
+		s = stage_add(r, PT_STAGE_TX, ifb || r->encap ? bpf_ktime_get_ns() : end_time(r));
 		if (s) {
 			s->ifindex = dev->ifindex;
 			s->mark = mark;
@@ -3475,7 +3502,7 @@ int BPF_PROG(on_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_re
 		chain_dropped(skb, dev, r, kind);
 	r->drop_reason = reason;
 	r->drop_location = (__u64)location;
-	s = stage_add(r, PT_STAGE_DROP, bpf_ktime_get_ns());
+	s = stage_add(r, PT_STAGE_DROP, end_time(r));
 	if (s) {
 		s->ifindex = dev ? dev->ifindex : 0;
 		s->mark = skb->mark;
@@ -3990,7 +4017,7 @@ static __always_inline void tc_observe(struct __sk_buff *ctx, __u8 kind)
 	}
 	r = rec_lookup(skb);
 	/* a packet without a record: the clock once it is wanted */
-	now = r ? bpf_ktime_get_ns() : 0;
+	now = r ? stage_time(r) : 0;
 	if (r && (ingress ? r->seen & PT_SEEN_INPUT : r->flags & PT_REC_QUEUED)) {
 		__u8 family = family_of_ethertype(ctx->protocol);
 		__u32 netns = dev->nd_net.net->ns.inum;

@@ -133,6 +133,8 @@ enum pt_fate {
 #define PT_SEEN_TUNNEL  (1u << 5)   /* taken by the local stack as a tunnel packet (UDP
 				       without a socket, GRE, IPIP, ESP...): it ends when
 				       its payload shows up decapsulated, or it is freed */
+#define PT_SEEN_SHARED  (1u << 6)   /* its record was parked in the shared table: it may
+				       go on later or on another CPU (stage_time) */
 
 /* struct pt_record.ext_hdrs: the IPv6 extension headers walked to reach the
  * upper-layer protocol */

@@ -128,7 +128,7 @@ class DeliverHow(enum.IntEnum):
     STACK = 4      # passed INPUT, freed by the stack without an event (TCP ACK)
 
 
-SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT, SEEN_RX, SEEN_LEFT, SEEN_TUNNEL = 1, 2, 4, 8, 16, 32
+SEEN_INPUT, SEEN_FORWARD, SEEN_OUTPUT, SEEN_RX, SEEN_LEFT, SEEN_TUNNEL, SEEN_SHARED = 1, 2, 4, 8, 16, 32, 64
 # pt_record.ext_hdrs: IPv6 extension headers walked, and their JSON names
 EXT_HOP, EXT_ROUTING, EXT_FRAG, EXT_DEST, EXT_AH = 1, 2, 4, 8, 16
 EXT_HDRS = ((EXT_HOP, "hop-by-hop"), (EXT_ROUTING, "routing"), (EXT_FRAG, "fragment"), (EXT_DEST, "dstopts"),

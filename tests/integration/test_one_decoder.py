@@ -75,6 +75,57 @@ def test_live_replay_and_exporter_read_the_same_paths(lab, trace):
         assert counted.get(k) == n, (k, counted)
 
 
+def _send_answered(lab) -> None:
+    """Packets the router answers (an echo reply, a port unreachable),
+    and pings it routes both ways."""
+    a = lab.addr
+    lab.ping(lab.client, a["router_c4"], count=2)
+    lab.udp_send(lab.client, a["router_c4"], 5555, count=2)
+    lab.ping(lab.client, a["server4"], count=2)
+
+
+def _answered_paths(packets) -> dict:
+    out: dict = {}
+    for p in packets:
+        if p.family == "ipv4" and p.proto in ("icmp", "udp"):
+            k = _key(exporter.resolve(p))
+            out[k] = out.get(k, 0) + 1
+    return out
+
+
+def test_counted_paths_keep_their_route_lookups_and_replies(lab, trace):
+    # Counting, a stage in the same pass as its record's last one takes that
+    # time instead of reading the clock (stage_time): the route lookups
+    # taken since the previous stage, and the replies the kernel made while
+    # a packet was being processed, must still be each packet's, as traced
+    # (once untraced first: the router's first answer to a new peer takes
+    # another route lookup than the next ones, in either mode)
+    _send_answered(lab)
+    cap = trace()
+    _send_answered(lab)
+    live = _collect(cap.tracer, 12) + cap.tracer.stop()
+    routed = [p for p in live if p.family == "ipv4" and p.fate == "forwarded"]
+    assert len(routed) == 4 and all(_route_tables(p) for p in routed), routed
+    assert sum(1 for p in live if p.family == "ipv4" and p.cause) == 4, [(p.proto, p.fate, p.cause) for p in live]
+    want = _answered_paths(live)
+    assert sum(want.values()) == 12, want
+
+    counting = trace(emit=False, count=True)
+    _send_answered(lab)
+    time.sleep(0.5)
+    counted = {_key(lb): n for lb, n in exporter.PathCounts(counting.tracer).read()
+               if lb.family == "ipv4" and lb.proto in ("icmp", "udp")}
+    assert counted == want, "counted:\n" + _listing(counted) + "\ntraced:\n" + _listing(want)
+
+
+def _route_tables(p) -> list:
+    return [lk.table for s in p.path for lk in s.lookups]
+
+
+def _listing(paths: dict) -> str:
+    return "\n".join(sorted(f"{n} {k}" for k, n in paths.items()))
+
+
 def test_the_library_traces_live_as_a_context_manager(lab):
     with tracer.trace(netns=[lab.router], filter=tracer.Filter.parse(proto="udp", port="5009")) as live:
         lab.udp_send(lab.client, lab.addr["server4"], 5009)
