@@ -1336,7 +1336,8 @@ static __always_inline void count_path(const struct pt_record *r)
 		bpf_map_update_elem(&path_examples, &k, ex, BPF_NOEXIST);
 }
 
-/* The time of a stage of r taken now.  Counting (serve), no stage's time
+/* The time of a stage of r taken now.  Where records are not emitted
+ * (serve counts them; the library may only follow them), no stage's time
  * is shown: times only order a packet's stages against the route lookups
  * of its CPU (route_take's window: the lookups since its previous stage)
  * and age what it may have caused (cause_of).  A record still in this
@@ -1349,16 +1350,16 @@ static __always_inline void count_path(const struct pt_record *r)
  * may have waited: the clock. */
 static __always_inline __u64 stage_time(const struct pt_record *r)
 {
-	if (cfg.count && !(r->seen & PT_SEEN_SHARED))
+	if (!cfg.emit && !(r->seen & PT_SEEN_SHARED))
 		return r->last_ts;
 	return bpf_ktime_get_ns();
 }
 
-/* The time of the stage that ends r (sent, delivered, dropped): counting,
- * nothing is ordered after it, so r's last time does. */
+/* The time of the stage that ends r (sent, delivered, dropped): not
+ * emitted, nothing is ordered after it, so r's last time does. */
 static __always_inline __u64 end_time(const struct pt_record *r)
 {
-	return cfg.count ? r->last_ts : bpf_ktime_get_ns();
+	return cfg.emit ? bpf_ktime_get_ns() : r->last_ts;
 }
 
 static __always_inline struct pt_stage *stage_add(struct pt_record *r, __u8 kind, __u64 ts)
