@@ -1208,82 +1208,88 @@ static __always_inline __u64 cause_of(const void *skb, const struct pkt_info *pi
 	return p->id;
 }
 
-/* FNV-1a step: the path signature identifies a path's shape, so user space
- * resolves names once per shape and the kernel can count paths by it. */
-static __always_inline __u32 sig_mix(__u32 h, __u32 v)
+/* FNV-1a step over 64-bit words.  The path signature identifies a path's
+ * shape, so user space resolves names once per shape and the kernel can
+ * count paths by it. */
+static __always_inline __u64 sig_mix(__u64 h, __u64 v)
 {
 	h ^= v;
-	return h * 16777619u;
+	return h * 1099511628211ULL;
 }
 
-/* What path_signature carries from stage to stage. */
-struct sig_state {
-	__u32 h;
-	__u32 prev_mark;
-	__u8 prev_kind;
-	__u8 prev_tos;
-	__u8 _pad[2];
-};
-
-/* One stage's part of the path signature.  Global: verified once in each
- * program that ends records, not once per stage of its loop (inline, the
- * loop was ~30 ms of verifier time in each of the nine such programs). */
-__noinline int sig_stage(const struct pt_stage *s, struct sig_state *st)
+/* 1 if d (< 2^63) is not zero, without a branch: BPF has no setcc, so a
+ * compare is a jump, which the verifier would walk both ways at every
+ * stage of path_signature's loop.  (The barrier keeps clang from making
+ * the compare of it again.) */
+static __always_inline __u64 nonzero(__u64 d)
 {
-	__u32 h, changed = 0;
-
-	if (!s || !st)
-		return 0;
-	h = st->h;
-	if (s->kind == PT_STAGE_ADDR) {
-		const struct pt_addr_stage *a = (const void *)s;
-
-		/* NAT: which side, where; gateway: none of its bytes;
-		 * nexthop: route type and device */
-		h = sig_mix(h, s->kind | (s->slot << 8) | (a->what << 16) | (a->rtype << 24));
-		if (a->what == PT_ADDR_NEXTHOP)
-			h = sig_mix(h, a->ifindex);
-		st->h = h;
-		return 0;
-	}
-	if (s->kind >= PT_STAGE_PREROUTING && s->kind <= PT_STAGE_POSTROUTING) {
-		/* against the last observation of any hook: a hook's
-		 * first observer may come after its first table */
-		if (st->prev_kind)
-			changed = (s->mark != st->prev_mark) | ((s->tos != st->prev_tos) << 1);
-		st->prev_kind = s->kind;
-		st->prev_mark = s->mark;
-		st->prev_tos = s->tos;
-	}
-	h = sig_mix(h, s->kind | (s->slot << 8) | (changed << 16) | (s->flags << 24));
-	h = sig_mix(h, s->ifindex);
-	/* a deliver stage's aux is the socket inode, a qdisc stage's
-	 * aux2 the queue length: per packet */
-	h = sig_mix(h, s->kind == PT_STAGE_DELIVER ? 0 : s->aux);
-	h = sig_mix(h, s->kind == PT_STAGE_QDISC ? 0 : (__u32)s->aux2);
-	st->h = h;
-	return 0;
+	d |= -d;
+	barrier_var(d);
+	return d >> 63;
 }
+
+/* Stage kinds as bits, for tests by shift and mask (no branch) */
+#define SIG_HOOKS ((1u << PT_STAGE_PREROUTING) | (1u << PT_STAGE_INPUT) | (1u << PT_STAGE_FORWARD) | \
+		   (1u << PT_STAGE_OUTPUT) | (1u << PT_STAGE_POSTROUTING))
 
 /* Over what names a path: never times, addresses or other per-packet
- * values, but whether a table changed the mark or DSCP (a path that
- * mangle marks is another path than one it lets by).  (Not a bpf_loop:
- * 6.18's verifier took its callback as converged while the previous
- * hook's mark was still the initial 0, never saw the "changed" branch
- * taken, and removed it as dead code.) */
+ * values (conntrack state, a deliver stage's socket inode, a qdisc stage's
+ * queue length, a NAT's port), but whether a table changed the mark or
+ * DSCP against the last observation of any hook (a path that mangle marks
+ * is another path than one it lets by; a hook's first observer may come
+ * after its first table).  A stage is three words of struct pt_stage
+ * (bytes 8-31: device and mark; aux and aux2; kind, slot, tos, family, ct,
+ * flags), masked by kind; an address stage keeps its kind, slot, what,
+ * route type and device (zero but for a next hop).  Branch-free but for
+ * the loop's end, so the verifier walks it once a program: a loop calling
+ * a global function per stage (to spare the verifier the branches) cost
+ * ~10 ns a stage in calls and in the state passed through memory. */
+_Static_assert(sizeof(struct pt_stage) == 32 && sizeof(struct pt_addr_stage) == 32 &&
+	       __builtin_offsetof(struct pt_record, stages) % 8 == 0, "path_signature reads a stage as 4 words");
+_Static_assert(__builtin_offsetof(struct pt_stage, ifindex) == 8 && __builtin_offsetof(struct pt_stage, mark) == 12 &&
+	       __builtin_offsetof(struct pt_stage, aux) == 16 && __builtin_offsetof(struct pt_stage, aux2) == 20 &&
+	       __builtin_offsetof(struct pt_stage, kind) == 24 && __builtin_offsetof(struct pt_stage, slot) == 25 &&
+	       __builtin_offsetof(struct pt_stage, tos) == 26 && __builtin_offsetof(struct pt_stage, flags) == 29,
+	       "path_signature's masks");
+_Static_assert(__builtin_offsetof(struct pt_addr_stage, port) == 16 && __builtin_offsetof(struct pt_addr_stage, what) == 18 &&
+	       __builtin_offsetof(struct pt_addr_stage, ifindex) == 20 && __builtin_offsetof(struct pt_addr_stage, kind) == 24 &&
+	       __builtin_offsetof(struct pt_addr_stage, _pad3) == 28, "path_signature's masks of an address stage");
 static __always_inline __u32 path_signature(const struct pt_record *r, __u32 n)
 {
-	struct sig_state st = { .h = 2166136261u };
+	__u64 h = 14695981039346656037ULL, pmark = 0, ptos = 0, seen_hook = 0;
 
-	st.h = sig_mix(st.h, r->fate | (r->family << 8) | (r->proto << 16) |
-		       ((r->flags & PT_REC_CAUSED) << 24));
-	st.h = sig_mix(st.h, r->drop_reason);
+	h = sig_mix(h, r->fate | (r->family << 8) | (r->proto << 16) | ((r->flags & PT_REC_CAUSED) << 24) |
+		       (__u64)r->drop_reason << 32);
 	for (int i = 0; i < PT_MAX_STAGES; i++) {
+		const __u64 *w;
+		__u64 w1, w2, w3, kind, hook, addr, mark, tos, ch, m2;
+
 		if (i >= n)
 			break;
-		sig_stage(&r->stages[i], &st);
+		w = (const __u64 *)&r->stages[i];
+		w1 = w[1];
+		w2 = w[2];
+		w3 = w[3];
+		kind = w3 & 15;
+		hook = (SIG_HOOKS >> kind) & 1;
+		addr = ((1u << PT_STAGE_ADDR) >> kind) & 1;
+		mark = w1 >> 32;
+		tos = (w3 >> 16) & 0xff;
+		ch = (nonzero(mark ^ pmark) | nonzero(tos ^ ptos) << 1) & -(hook & seen_hook);
+		seen_hook |= hook;
+		pmark ^= (pmark ^ mark) & -hook;
+		ptos ^= (ptos ^ tos) & -hook;
+		m2 = ~(0xffffffffULL * (((1u << PT_STAGE_DELIVER) >> kind) & 1)) &
+		     ~(0xffffffff00000000ULL * (((1u << PT_STAGE_QDISC) >> kind) & 1)) &
+		     ~(0xffffULL * addr);
+		/* kind, slot, flags; the changes where tos was */
+		h = sig_mix(h, (w3 & 0x0000ff000000ffffULL) | ch << 16);
+		/* the device (an address stage: address bytes, not hashed) */
+		h = sig_mix(h, w1 & (0xffffffffULL & (addr - 1)));
+		h = sig_mix(h, w2 & m2);
 	}
-	return st.h;
+	/* a product's low bits depend on the inputs' low bits only */
+	return (__u32)(h ^ (h >> 32));
 }
 
 /* Count mode: one more in a per-CPU u64 counter map.  1 if this added the

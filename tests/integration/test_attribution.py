@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tracer import placement
+from tracer import exporter, placement
 from tracer.filters import PacketFilter
 from tracer.model import packet_json
 
@@ -108,6 +108,21 @@ def test_dnat_at_prerouting_and_masquerade_at_postrouting(lab, trace):
     assert p.addresses("dst") == [a["router_c4"], a["server4"]]
     # the routing decision used the translated destination
     assert p.stage("route").route.dev == "rs"
+
+
+def test_counted_nat_paths_are_one_path_whatever_the_ports(lab, trace):
+    # a NAT rewrite's address stage says which side and where, not the
+    # address or port it wrote: three connections masqueraded from three
+    # source ports are one path in the kernel's counters (serve)
+    a = lab.addr
+    lab.iptables("-t", "nat", "-A", "POSTROUTING", "-o", "rs", "-p", "udp", "-j", "MASQUERADE")
+    counting = trace(filter=PacketFilter(proto=17), emit=False, count=True)
+    for sport in (40001, 40002, 40003):
+        lab.udp_send(lab.client, a["server4"], 5002, sport=sport)
+    time.sleep(0.5)
+    paths = [(lb.nat, n) for lb, n in exporter.PathCounts(counting.tracer).read()
+             if lb.proto == "udp" and lb.fate == "forwarded"]
+    assert paths == [([("postrouting", "src")], 3)], paths
 
 
 def test_dscp_set_in_mangle_forward(lab, trace):

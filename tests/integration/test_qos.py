@@ -288,3 +288,7 @@ def test_serve_counts_queue_time_and_qdisc_drops_as_tc_does(lab):
     assert 0.016 * sent / 4 < total < 1.0 * sent, total
     # the same drops in the drops total, at stage qdisc
     assert sum(s.value for s in samples(text, "pkttrace_drops_total", netns=lab.router, stage="qdisc")) == dropped
+    # one path for the packets the qdisc sent, whatever its queue held: the
+    # queue length each found is in its stage, not in the path's signature
+    paths = samples(text, "pkttrace_paths_total", netns=lab.router, family="ipv4", proto="udp", fate="forwarded")
+    assert [s.value for s in paths] == [sent - leftover], [(s.labels["path"], s.value) for s in paths]

@@ -110,14 +110,6 @@ def test_qdisc_kinds_survive_a_recording():
     assert json.loads(packet_json(p))["path"][2]["qdisc"] == {"kind": "tbf", "handle": "8004:"}
 
 
-def test_the_path_signature_ignores_the_queue_length():
-    """The kernel keeps aux2 (qlen) out of the signature: packets of one
-    path share one shape whatever the queue held."""
-    with open("bpf/pkttrace.bpf.c") as f:
-        src = f.read()
-    assert "s->kind == PT_STAGE_QDISC ? 0 : (__u32)s->aux2" in src
-
-
 @pytest.mark.parametrize("h, text", [(0x80040000, "8004:"), (0x10010, "1:10"), (0xFFFF0000, "ffff:")])
 def test_handles_are_written_as_tc_writes_them(h, text):
     assert qdisc_handle(h) == text
