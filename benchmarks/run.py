@@ -710,8 +710,9 @@ BOUND_BY = {
                        "each run costs its invocation before any work (an empty program reads 27-28 ns a run "
                        "with bpf_stats on: benchmarks/floor)",
     "serve-bpf-ns": "~12 runs x 27-28 ns (the measured floor of an empty program with bpf_stats on) is ~330 ns "
-                    "before any work; the observer's work (~70 ns a run: record, stage, route, NAT check) and "
-                    "counting the path at the end (signature + per-CPU hash, ~100 ns) make the rest",
+                    "before any work; the observer's work (~90 ns a run: record, stage, NAT check; the route "
+                    "lookups' attribution ~22 of it on average), the record's start at tc ingress (~155) and "
+                    "counting the path at the end (per-CPU hash ~52, signature) make the rest",
     "filter-nomatch-udp-ratio": "a packet judged at first sight (with NAT: once conntrack knows its NAT) returns "
                                 "at once from every later program, but every attached program still runs "
                                 "(netfilter links and TCX are per netns, not per flow): ~12 runs",
