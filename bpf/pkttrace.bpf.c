@@ -2490,9 +2490,13 @@ static __always_inline int nf_observe_dev(struct sk_buff *skb, const struct skb_
 
 		/* only OUTPUT routes again inside the hook (mangle, DNAT); the
 		 * first observer of INPUT/FORWARD may come after a table */
+		/* a packet routed for output has no source check (that is
+		 * input routing's, fib_validate_source): a lookup with its
+		 * addresses reversed is another packet's -- the one it answers,
+		 * or ARP's for its peer at a first contact */
 		if (route_take(r, first || kind != PT_STAGE_OUTPUT ? PT_STAGE_ROUTE : PT_STAGE_REROUTE,
 			       r->n_stages ? r->last_ts : now - ROUTE_MAX_AGE_NS,
-			       ROUTE_CHECKS | (local ? ROUTE_LOCAL_OUT : 0))) {
+			       (kind == PT_STAGE_OUTPUT ? 0 : ROUTE_CHECKS) | (local ? ROUTE_LOCAL_OUT : 0))) {
 			if (v->cast)
 				route_result_cast(r, v->refdst, now);
 			else
@@ -3234,7 +3238,7 @@ int BPF_PROG(on_dev_queue, struct sk_buff *skb)
 	/* no hook took its route (fentry backend, a hook we could not see):
 	 * its lookups are still waiting */
 	if (!(r->seen & (PT_SEEN_INPUT | PT_SEEN_FORWARD | PT_SEEN_OUTPUT)) &&
-	    route_take(r, PT_STAGE_ROUTE, r->first_ts, ROUTE_CHECKS | ((r->seen & PT_SEEN_RX) ? 0 : ROUTE_LOCAL_OUT)))
+	    route_take(r, PT_STAGE_ROUTE, r->first_ts, (r->seen & PT_SEEN_RX) ? ROUTE_CHECKS : ROUTE_LOCAL_OUT))
 		route_result(r, skb->_skb_refdst, bpf_ktime_get_ns());
 	r->out_ifindex = ifindex;
 	r->match |= match_stage(mark, 0, ifindex);

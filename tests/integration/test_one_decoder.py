@@ -98,9 +98,9 @@ def test_counted_paths_keep_their_route_lookups_and_replies(lab, trace):
     # time instead of reading the clock (stage_time): the route lookups
     # taken since the previous stage, and the replies the kernel made while
     # a packet was being processed, must still be each packet's, as traced
-    # (once untraced first: the router's first answer to a new peer takes
-    # another route lookup than the next ones, in either mode)
-    _send_answered(lab)
+    # (from a first contact: test_paths' first_answer tests)
+    for ns in (lab.client, lab.router):
+        lab.ip(ns, "neigh", "flush", "all")
     cap = trace()
     _send_answered(lab)
     live = _collect(cap.tracer, 12) + cap.tracer.stop()

@@ -34,6 +34,32 @@ def test_local_delivery_to_router_address(lab, trace):
     assert p.in_dev == "rc"
 
 
+@pytest.mark.parametrize("answer", ["echo reply", "port unreachable"])
+def test_the_first_answer_to_a_new_peer_is_routed_by_its_own_lookup(lab, trace, answer):
+    """At a first contact the router resolves the peer's address (ARP) before
+    the packet it answers arrives; a lookup made then has the answer's
+    addresses reversed.  The answer's route is its own lookups (main, the
+    decision), not that one taken for a source check: an output route has
+    none."""
+    a = lab.addr
+    for ns in (lab.client, lab.router):
+        lab.ip(ns, "neigh", "flush", "all")
+    # (with a filter that turns down what it answers, or without)
+    cap = trace(filter=PacketFilter(proto=ICMP) if answer == "port unreachable" else PacketFilter())
+    if answer == "echo reply":
+        assert lab.ping(lab.client, a["router_c4"]) == 1
+    else:
+        lab.udp_send(lab.client, a["router_c4"], 5555)
+    p = cap.until(lambda p: _from_to(p, a["router_c4"], a["client4"], ICMP))
+    assert p.fate == "sent", p.fate
+    assert p.cause or answer == "port unreachable", "what it answers has a record: it names it"
+    route = p.path[p.stage_names().index("route")]
+    # (an ICMP error's route is looked up twice: icmp_route_lookup)
+    assert route.lookups and {(lk.table, lk.src_check) for lk in route.lookups} == {("main", False)}, \
+        [(lk.table, lk.src_check, lk.dev) for lk in route.lookups]
+    assert route.dev == "rc"
+
+
 def test_udp_delivery_names_the_reading_process(lab, trace):
     cap = trace(filter=PacketFilter(proto=UDP, port=7001))
     with lab.udp_server(lab.router, lab.addr["router_c4"], 7001) as srv:
