@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import time
+from collections import Counter
 
 import pytest
 
@@ -32,6 +33,11 @@ def _send(lab) -> None:
 
 def _key(labels) -> str:
     return json.dumps(dataclasses.asdict(labels), sort_keys=True)
+
+
+def _paths_of(packets) -> Counter:
+    """Packets per path, by the labels the exporter gives the path."""
+    return Counter(_key(exporter.resolve(p)) for p in packets)
 
 
 def _collect(t, want: int, timeout: float = 5.0) -> list:
@@ -67,10 +73,7 @@ def test_live_replay_and_exporter_read_the_same_paths(lab, trace):
     _send(lab)
     time.sleep(0.5)
     counted = {_key(lb): n for lb, n in exporter.PathCounts(counting.tracer).read()}
-    want: dict = {}
-    for p in ours:
-        k = _key(exporter.resolve(p))
-        want[k] = want.get(k, 0) + 1
+    want = _paths_of(ours)
     for k, n in want.items():
         assert counted.get(k) == n, (k, counted)
 
@@ -84,13 +87,6 @@ def _send_answered(lab) -> None:
     lab.ping(lab.client, a["server4"], count=2)
 
 
-def _answered_paths(packets) -> dict:
-    out: dict = {}
-    for p in packets:
-        if p.family == "ipv4" and p.proto in ("icmp", "udp"):
-            k = _key(exporter.resolve(p))
-            out[k] = out.get(k, 0) + 1
-    return out
 
 
 def test_counted_paths_keep_their_route_lookups_and_replies(lab, trace):
@@ -107,7 +103,7 @@ def test_counted_paths_keep_their_route_lookups_and_replies(lab, trace):
     routed = [p for p in live if p.family == "ipv4" and p.fate == "forwarded"]
     assert len(routed) == 4 and all(_route_tables(p) for p in routed), routed
     assert sum(1 for p in live if p.family == "ipv4" and p.cause) == 4, [(p.proto, p.fate, p.cause) for p in live]
-    want = _answered_paths(live)
+    want = _paths_of(p for p in live if p.family == "ipv4" and p.proto in ("icmp", "udp"))
     assert sum(want.values()) == 12, want
 
     counting = trace(emit=False, count=True)
